@@ -1,0 +1,13 @@
+//! npm-agent: the userspace half of the npm NetworkPolicy enforcer.
+//!
+//! Data flows one way: source (`source/`, `k8s/`) -> [`state::ClusterSnapshot`] ->
+//! [`compiler`] (pure) -> [`programmer`] (diff + apply) -> the eBPF maps of [`datapath`].
+//! See ARCHITECTURE.md.
+
+pub mod compiler;
+pub mod datapath;
+pub mod k8s;
+pub mod model;
+pub mod netns;
+pub mod programmer;
+pub mod state;

@@ -1,0 +1,196 @@
+//! The cluster objects the compiler understands, free of the Kubernetes wire types.
+//!
+//! `k8s/convert.rs` is the only code that turns k8s-openapi objects into these.
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// namespace/name of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => npm_common::maps::PROTO_TCP,
+            Protocol::Udp => npm_common::maps::PROTO_UDP,
+            Protocol::Sctp => npm_common::maps::PROTO_SCTP,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A port a container declares (`spec.containers[].ports[]`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    /// status.podIPs (or status.podIP); empty while the pod has no IP yet.
+    pub ips: Vec<IpAddr>,
+    pub node_name: Option<String>,
+    pub host_network: bool,
+    /// deletionTimestamp set, or phase Succeeded/Failed: not a selectable endpoint.
+    pub terminating: bool,
+    pub ports: Vec<ContainerPort>,
+}
+
+impl Pod {
+    pub fn obj_ref(&self) -> ObjRef {
+        ObjRef::new(&self.namespace, &self.name)
+    }
+    /// A pod that policies can select and that peers can address: has an IP, is not on the
+    /// host network and is not terminating.
+    pub fn is_endpoint(&self) -> bool {
+        !self.ips.is_empty() && !self.host_network && !self.terminating
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SelectorOp {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Requirement {
+    pub key: String,
+    pub op: SelectorOp,
+    pub values: BTreeSet<String>,
+}
+
+/// A label selector. The empty selector matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Selector {
+    pub match_labels: Labels,
+    pub match_expressions: Vec<Requirement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Peer {
+    /// podSelector and/or namespaceSelector. `namespace_selector: None` means the policy's own
+    /// namespace; `pod_selector: None` means every pod of the selected namespaces.
+    Pods {
+        namespace_selector: Option<Selector>,
+        pod_selector: Option<Selector>,
+    },
+    /// ipBlock: `cidr` minus every `except`.
+    IpBlock { cidr: IpNet, except: Vec<IpNet> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortSpec {
+    /// Defaults to TCP when the manifest leaves it out.
+    pub protocol: Protocol,
+    /// None: every port of `protocol`.
+    pub port: Option<PortRef>,
+    /// endPort: with a numeric `port`, the inclusive range port..=end_port.
+    pub end_port: Option<u16>,
+}
+
+/// One ingress or egress rule. An empty `peers` list means every peer; an empty `ports`
+/// list means every protocol and port (ICMP included).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rule {
+    pub peers: Vec<Peer>,
+    pub ports: Vec<PortSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub namespace: String,
+    pub name: String,
+    pub pod_selector: Selector,
+    /// Some(rules) when the policy isolates ingress (policyTypes given or inferred).
+    pub ingress: Option<Vec<Rule>>,
+    /// Some(rules) when the policy isolates egress.
+    pub egress: Option<Vec<Rule>>,
+}
+
+impl Policy {
+    pub fn obj_ref(&self) -> ObjRef {
+        ObjRef::new(&self.namespace, &self.name)
+    }
+}
+
+/// A problem with one object: reported, the object skipped (or failed closed), the rest enforced.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Diagnostic {
+    /// Where the object came from (a file path, or "api"), when known.
+    pub source: Option<String>,
+    /// `Kind namespace/name` (or `Kind name` for cluster-scoped objects).
+    pub object: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(s) => write!(f, "{s}: {}: {}", self.object, self.message),
+            None => write!(f, "{}: {}", self.object, self.message),
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Map names, sizes, keys and values of the datapath.
+//!
+//! Addresses are always 16 bytes in network byte order: IPv6 as is, IPv4 as an IPv4-mapped
+//! IPv6 address (`::ffff:a.b.c.d`), so one map and one code path serve both families. An IPv4
+//! CIDR `a.b.c.d/n` is stored with prefix length `96 + n`. (The compiler keeps IPv6 CIDRs such
+//! as `::/0` from matching IPv4 traffic by excluding `::ffff:0:0/96` from them.)
+//!
+//! Lookups per packet are fixed: `ENDPOINTS` (by interface), `CONNTRACK` (one lookup),
+//! `IDENTITIES` (peer pod IP), `CIDRS` (LPM, peer IP) and at most two `POLICY` LPM lookups.
+
+/// A 16-byte address in network byte order (IPv4 mapped into IPv6).
+pub type Addr16 = [u8; 16];
+
+/// The IPv4-mapped prefix `::ffff:0:0/96`.
+pub const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+/// Prefix length of `::ffff:0:0/96`: an IPv4 `/n` becomes `/(96 + n)`.
+pub const V4_MAPPED_PREFIX_LEN: u32 = 96;
+
+/// Maps an IPv4 address given as its four bytes (network order) into an [`Addr16`].
+#[inline(always)]
+pub const fn addr_from_v4(b: [u8; 4]) -> Addr16 {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
+}
+
+/// True when `a` is an IPv4-mapped address.
+#[inline(always)]
+pub const fn is_v4_mapped(a: &Addr16) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
+// ---- map names (also the pin file names under the pin directory) ----
+pub const MAP_ENDPOINTS: &str = "NPM_ENDPOINTS";
+pub const MAP_IDENTITIES: &str = "NPM_IDENTITIES";
+pub const MAP_CIDRS: &str = "NPM_CIDRS";
+pub const MAP_POLICY: &str = "NPM_POLICY";
+pub const MAP_CONNTRACK: &str = "NPM_CT";
+pub const MAP_METRICS: &str = "NPM_METRICS";
+
+/// Program names in the object file.
+pub const PROG_FROM_POD: &str = "npm_from_pod";
+pub const PROG_TO_POD: &str = "npm_to_pod";
+
+// ---- sizes ----
+pub const ENDPOINTS_MAX: u32 = 16_384;
+pub const IDENTITIES_MAX: u32 = 262_144;
+pub const CIDRS_MAX: u32 = 65_536;
+pub const POLICY_MAX: u32 = 1_048_576;
+pub const CONNTRACK_MAX: u32 = 262_144;
+pub const METRICS_MAX: u32 = 65_536;
+
+// ---- ENDPOINTS: host-side ifindex (u32) -> EndpointInfo ----
+
+/// The endpoint is isolated for ingress: new inbound connections need a POLICY entry.
+pub const EP_ISOLATE_INGRESS: u32 = 1 << 0;
+/// The endpoint is isolated for egress: new outbound connections need a POLICY entry.
+pub const EP_ISOLATE_EGRESS: u32 = 1 << 1;
+
+/// A local pod, found by the host-side interface its traffic crosses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointInfo {
+    /// The pod's identity (namespace, labels, named ports): the `local_id` of its POLICY entries.
+    pub id: u32,
+    /// `EP_ISOLATE_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 8);
+
+// ---- IDENTITIES: pod or node IP (Addr16) -> PeerInfo ----
+
+/// The address belongs to this node: traffic from/to it is always allowed.
+pub const PEER_HOST: u32 = 1 << 0;
+
+/// What an IP address is, as a peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerInfo {
+    /// Pod identity (1..=`POD_ID_MAX`), or 0 for a node address.
+    pub id: u32,
+    /// Host-side ifindex when the pod is local to this node, else 0 (used to let a pod reach itself).
+    pub ifindex: u32,
+    /// `PEER_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<PeerInfo>() == 12);
+
+/// Pod identities are `1..=POD_ID_MAX`; CIDR classes have `CIDR_CLASS_BIT` set. 0 is "none".
+pub const POD_ID_MAX: u32 = 0x7fff_ffff;
+/// Set on every CIDR class id so the two id spaces never collide in POLICY keys.
+pub const CIDR_CLASS_BIT: u32 = 0x8000_0000;
+
+// ---- CIDRS: LPM trie, Addr16 -> CIDR class id (u32, with CIDR_CLASS_BIT) ----
+// The class of an address is the set of ipBlock peers (cidr minus excepts) that contain it; the
+// compiler assigns one id per distinct set, so a single longest-prefix match gives it exactly.
+
+// ---- POLICY: LPM trie, PolicyKey -> PolicyValue ----
+
+/// Key of the POLICY trie. Fixed fields first and protocol, then port last, so the trie can
+/// wildcard "any protocol" (prefix `POLICY_PREFIX_ANY_PROTO`), "any port of one protocol"
+/// (`POLICY_PREFIX_ANY_PORT`), and port ranges (split into power-of-two blocks).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    /// Identity of the local (selected) pod.
+    pub local_id: u32,
+    /// Pod identity or CIDR class of the remote side.
+    pub peer_id: u32,
+    /// `DIR_INGRESS` or `DIR_EGRESS`.
+    pub dir: u8,
+    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP, 1 ICMP, 58 ICMPv6).
+    pub proto: u8,
+    /// Destination port in network byte order (0 for protocols without ports).
+    pub dport_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+
+/// Prefix length that matches every protocol and port (local_id, peer_id, dir).
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+/// Prefix length that matches every port of one protocol.
+pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
+/// Prefix length of an exact key.
+pub const POLICY_PREFIX_FULL: u32 = (core::mem::size_of::<PolicyKey>() * 8) as u32;
+const _: () = assert!(POLICY_PREFIX_FULL == 96);
+
+/// Value of a POLICY entry: presence means "allow".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyValue {
+    /// Index of the first policy rule that produced the entry (userspace table, for explain).
+    pub rule_ref: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+
+// ---- CONNTRACK: LRU hash, CtKey -> CtValue ----
+
+/// A flow as seen at one endpoint. Both directions of a flow share one key: the two
+/// (address, port) pairs are stored in sorted order (`lo` <= `hi`), so one lookup finds the
+/// entry for the original direction and for replies alike.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtKey {
+    pub addr_lo: Addr16,
+    pub addr_hi: Addr16,
+    /// Host-side ifindex of the endpoint that tracked the flow.
+    pub ifindex: u32,
+    /// Ports in network byte order; for ICMP echo both are the echo identifier.
+    pub port_lo_be: u16,
+    pub port_hi_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
+
+/// `CtValue::flags`: the originator of the flow is the `lo` side of the key.
+pub const CT_ORIGIN_LO: u8 = 1 << 0;
+/// `CtValue::flags`: a TCP FIN or RST was seen; the entry lives only `CT_TIMEOUT_TCP_CLOSING_NS`.
+pub const CT_TCP_CLOSING: u8 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` after which the entry is dead.
+    pub expires_ns: u64,
+    /// Direction the flow was first seen in at this endpoint (`DIR_*`).
+    pub origin_dir: u8,
+    /// `CT_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
+
+pub const CT_TIMEOUT_TCP_SYN_NS: u64 = 60 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
+pub const CT_TIMEOUT_OTHER_NS: u64 = 30 * 1_000_000_000;
+
+// ---- IP protocol numbers ----
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;

@@ -1,0 +1,16 @@
+//! The only place that declares map types plain-old-data for aya (userspace side).
+//!
+//! SAFETY (all impls): every type is `#[repr(C)]`, `Copy`, made only of integers and byte
+//! arrays, has no implicit padding (checked by the size assertions next to each type), and
+//! every bit pattern is a valid value.
+use crate::maps::{CtKey, CtValue, EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use crate::metrics::{MetricsKey, MetricsValue};
+
+unsafe impl aya::Pod for EndpointInfo {}
+unsafe impl aya::Pod for PeerInfo {}
+unsafe impl aya::Pod for PolicyKey {}
+unsafe impl aya::Pod for PolicyValue {}
+unsafe impl aya::Pod for CtKey {}
+unsafe impl aya::Pod for CtValue {}
+unsafe impl aya::Pod for MetricsKey {}
+unsafe impl aya::Pod for MetricsValue {}

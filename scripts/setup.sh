@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what building and testing npm needs on a fresh Debian 12 machine (root).
+# Idempotent: every step checks first and does nothing when its part is present.
+set -euo pipefail
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+need_apt=()
+for pkg in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev bpftool iproute2 iputils-ping \
+           netcat-openbsd iperf3 sockperf; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if ! rustup toolchain list | grep -q '^nightly'; then
+  log "rustup toolchain install nightly"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+  log "rustup component add rust-src --toolchain nightly"
+  rustup component add rust-src --toolchain nightly
+fi
+
+if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q '0.13.0'; then
+  log "cargo install bpf-linker 0.13.0 (LLVM 22)"
+  PATH=/usr/lib/llvm-22/bin:$PATH cargo install bpf-linker --version 0.13.0 --locked \
+    --no-default-features --features llvm-22
+fi
+
+if ! mountpoint -q /sys/fs/bpf; then
+  log "mount bpffs on /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
+fi
+log "ready"
