@@ -7,7 +7,9 @@
 pub mod compiler;
 pub mod datapath;
 pub mod k8s;
+pub mod lab;
 pub mod model;
 pub mod netns;
 pub mod programmer;
+pub mod source;
 pub mod state;

@@ -1,0 +1,1 @@
+//! The lab: a throw-away node in network namespaces (to be written)

@@ -1,0 +1,1 @@
+//! Cluster-state sources (to be written)
