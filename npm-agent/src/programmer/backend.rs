@@ -1,0 +1,158 @@
+//! Where plans are applied: the kernel maps through aya, or [`super::fake::FakeBackend`].
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap, Map, MapData, MapError};
+use npm_common::maps::{
+    Addr16, EndpointInfo, MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_POLICY, PeerInfo,
+    PolicyKey, PolicyValue,
+};
+
+use super::plan::Op;
+use crate::compiler::DesiredMaps;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProgrammerError {
+    #[error("map {map}: cannot open it as the expected type")]
+    Open {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map}: cannot read its entries")]
+    Dump {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map}: {op} failed")]
+    Update {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+impl ProgrammerError {
+    /// Short label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ProgrammerError::Open { .. } => "open",
+            ProgrammerError::Dump { .. } => "dump",
+            ProgrammerError::Update { .. } => "update",
+        }
+    }
+}
+
+/// Reads and writes the four policy maps.
+pub trait MapBackend {
+    /// The maps' present contents.
+    fn dump(&self) -> Result<DesiredMaps, ProgrammerError>;
+    /// Applies one operation.
+    fn apply(&mut self, op: &Op) -> Result<(), ProgrammerError>;
+}
+
+/// The kernel maps, through aya.
+pub struct AyaBackend {
+    endpoints: HashMap<MapData, u32, EndpointInfo>,
+    identities: HashMap<MapData, Addr16, PeerInfo>,
+    cidrs: LpmTrie<MapData, Addr16, u32>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+}
+
+impl AyaBackend {
+    /// Wraps the maps taken from the loaded datapath.
+    pub fn new(
+        endpoints: Map,
+        identities: Map,
+        cidrs: Map,
+        policy: Map,
+    ) -> Result<Self, ProgrammerError> {
+        Ok(Self {
+            endpoints: HashMap::try_from(endpoints).map_err(|source| ProgrammerError::Open {
+                map: MAP_ENDPOINTS,
+                source,
+            })?,
+            identities: HashMap::try_from(identities).map_err(|source| ProgrammerError::Open {
+                map: MAP_IDENTITIES,
+                source,
+            })?,
+            cidrs: LpmTrie::try_from(cidrs).map_err(|source| ProgrammerError::Open {
+                map: MAP_CIDRS,
+                source,
+            })?,
+            policy: LpmTrie::try_from(policy).map_err(|source| ProgrammerError::Open {
+                map: MAP_POLICY,
+                source,
+            })?,
+        })
+    }
+}
+
+fn dump_err(map: &'static str) -> impl Fn(MapError) -> ProgrammerError {
+    move |source| ProgrammerError::Dump { map, source }
+}
+
+fn update_err(map: &'static str, op: &'static str) -> impl Fn(MapError) -> ProgrammerError {
+    move |source| ProgrammerError::Update { map, op, source }
+}
+
+impl MapBackend for AyaBackend {
+    fn dump(&self) -> Result<DesiredMaps, ProgrammerError> {
+        let mut out = DesiredMaps::default();
+        for item in self.endpoints.iter() {
+            let (k, v) = item.map_err(dump_err(MAP_ENDPOINTS))?;
+            out.endpoints.insert(k, v);
+        }
+        for item in self.identities.iter() {
+            let (k, v) = item.map_err(dump_err(MAP_IDENTITIES))?;
+            out.identities.insert(k, v);
+        }
+        for item in self.cidrs.iter() {
+            let (k, v) = item.map_err(dump_err(MAP_CIDRS))?;
+            out.cidrs.insert((k.prefix_len(), k.data()), v);
+        }
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(dump_err(MAP_POLICY))?;
+            out.policy.insert((k.prefix_len(), k.data()), v);
+        }
+        Ok(out)
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), ProgrammerError> {
+        match op {
+            Op::UpsertPolicy((len, k), v) => self
+                .policy
+                .insert(&Key::new(*len, *k), *v, 0)
+                .map_err(update_err(MAP_POLICY, "insert")),
+            Op::UpsertCidr((len, k), v) => self
+                .cidrs
+                .insert(&Key::new(*len, *k), *v, 0)
+                .map_err(update_err(MAP_CIDRS, "insert")),
+            Op::UpsertIdentity(k, v) => self
+                .identities
+                .insert(*k, *v, 0)
+                .map_err(update_err(MAP_IDENTITIES, "insert")),
+            Op::UpsertEndpoint(k, v) => self
+                .endpoints
+                .insert(*k, *v, 0)
+                .map_err(update_err(MAP_ENDPOINTS, "insert")),
+            Op::DeleteEndpoint(k) => ignore_missing(self.endpoints.remove(k))
+                .map_err(update_err(MAP_ENDPOINTS, "remove")),
+            Op::DeleteIdentity(k) => ignore_missing(self.identities.remove(k))
+                .map_err(update_err(MAP_IDENTITIES, "remove")),
+            Op::DeleteCidr((len, k)) => ignore_missing(self.cidrs.remove(&Key::new(*len, *k)))
+                .map_err(update_err(MAP_CIDRS, "remove")),
+            Op::DeletePolicy((len, k)) => ignore_missing(self.policy.remove(&Key::new(*len, *k)))
+                .map_err(update_err(MAP_POLICY, "remove")),
+        }
+    }
+}
+
+/// Removing an entry that is already gone is success: the map holds what we want.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,262 @@
+//! A pure diff between two [`DesiredMaps`], ordered make-before-break.
+//!
+//! Order, and why:
+//! 1. POLICY upserts: allow entries for identities/classes that are about to appear exist
+//!    before anything points at them.
+//! 2. CIDRS upserts, 3. IDENTITIES upserts: an address switches to its new class/identity in
+//!    one atomic map update, and the entries of the new one are already there.
+//! 4. ENDPOINTS upserts: isolation flags and local identities switch last, when every entry
+//!    they need is present (a newly isolated pod never loses an allowed path mid-update).
+//! 5. ENDPOINTS, 6. IDENTITIES, 7. CIDRS, 8. POLICY deletes: nothing points at what is removed.
+//!
+//! Identity and class ids are never reused while an entry may still hold them (the compiler's
+//! allocator guarantees it), so stale entries left during the window never grant anything new.
+use std::collections::BTreeMap;
+
+use npm_common::maps::{Addr16, EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+
+use crate::compiler::DesiredMaps;
+use crate::compiler::desired::Lpm;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    UpsertPolicy(Lpm<PolicyKey>, PolicyValue),
+    UpsertCidr(Lpm<Addr16>, u32),
+    UpsertIdentity(Addr16, PeerInfo),
+    UpsertEndpoint(u32, EndpointInfo),
+    DeleteEndpoint(u32),
+    DeleteIdentity(Addr16),
+    DeleteCidr(Lpm<Addr16>),
+    DeletePolicy(Lpm<PolicyKey>),
+}
+
+impl Op {
+    pub fn is_delete(&self) -> bool {
+        matches!(
+            self,
+            Op::DeleteEndpoint(_) | Op::DeleteIdentity(_) | Op::DeleteCidr(_) | Op::DeletePolicy(_)
+        )
+    }
+
+    /// Applies the operation to an in-memory copy of the maps.
+    pub fn apply_to(&self, maps: &mut DesiredMaps) {
+        match self {
+            Op::UpsertPolicy(k, v) => {
+                maps.policy.insert(*k, *v);
+            }
+            Op::UpsertCidr(k, v) => {
+                maps.cidrs.insert(*k, *v);
+            }
+            Op::UpsertIdentity(k, v) => {
+                maps.identities.insert(*k, *v);
+            }
+            Op::UpsertEndpoint(k, v) => {
+                maps.endpoints.insert(*k, *v);
+            }
+            Op::DeleteEndpoint(k) => {
+                maps.endpoints.remove(k);
+            }
+            Op::DeleteIdentity(k) => {
+                maps.identities.remove(k);
+            }
+            Op::DeleteCidr(k) => {
+                maps.cidrs.remove(k);
+            }
+            Op::DeletePolicy(k) => {
+                maps.policy.remove(k);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Entries of `desired` that `current` lacks or holds with another value, and keys of
+/// `current` that `desired` lacks.
+fn diff<K: Ord + Copy, V: PartialEq + Copy>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> (Vec<(K, V)>, Vec<K>) {
+    let upserts = desired
+        .iter()
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    let deletes = current
+        .keys()
+        .filter(|k| !desired.contains_key(k))
+        .copied()
+        .collect();
+    (upserts, deletes)
+}
+
+/// The ordered operations that turn `current` into `desired`.
+pub fn plan(current: &DesiredMaps, desired: &DesiredMaps) -> Plan {
+    let (pol_up, pol_del) = diff(&current.policy, &desired.policy);
+    let (cidr_up, cidr_del) = diff(&current.cidrs, &desired.cidrs);
+    let (id_up, id_del) = diff(&current.identities, &desired.identities);
+    let (ep_up, ep_del) = diff(&current.endpoints, &desired.endpoints);
+
+    let mut ops = Vec::with_capacity(
+        pol_up.len()
+            + pol_del.len()
+            + cidr_up.len()
+            + cidr_del.len()
+            + id_up.len()
+            + id_del.len()
+            + ep_up.len()
+            + ep_del.len(),
+    );
+    ops.extend(pol_up.into_iter().map(|(k, v)| Op::UpsertPolicy(k, v)));
+    ops.extend(cidr_up.into_iter().map(|(k, v)| Op::UpsertCidr(k, v)));
+    ops.extend(id_up.into_iter().map(|(k, v)| Op::UpsertIdentity(k, v)));
+    ops.extend(ep_up.into_iter().map(|(k, v)| Op::UpsertEndpoint(k, v)));
+    ops.extend(ep_del.into_iter().map(Op::DeleteEndpoint));
+    ops.extend(id_del.into_iter().map(Op::DeleteIdentity));
+    ops.extend(cidr_del.into_iter().map(Op::DeleteCidr));
+    ops.extend(pol_del.into_iter().map(Op::DeletePolicy));
+    Plan { ops }
+}
+
+#[cfg(test)]
+mod tests {
+    use npm_common::maps::{EP_ISOLATE_INGRESS, POLICY_PREFIX_FULL, addr_from_v4};
+
+    use super::*;
+
+    fn pkey(local: u32, peer: u32, port: u16) -> Lpm<PolicyKey> {
+        (
+            POLICY_PREFIX_FULL,
+            PolicyKey {
+                local_id: local,
+                peer_id: peer,
+                dir: 0,
+                proto: 6,
+                dport_be: port.to_be(),
+            },
+        )
+    }
+
+    fn sample() -> DesiredMaps {
+        let mut m = DesiredMaps::default();
+        m.endpoints.insert(
+            7,
+            EndpointInfo {
+                id: 1,
+                flags: EP_ISOLATE_INGRESS,
+            },
+        );
+        m.identities.insert(
+            addr_from_v4([10, 0, 0, 1]),
+            PeerInfo {
+                id: 1,
+                ifindex: 7,
+                flags: 0,
+            },
+        );
+        m.identities.insert(
+            addr_from_v4([10, 0, 0, 2]),
+            PeerInfo {
+                id: 2,
+                ifindex: 0,
+                flags: 0,
+            },
+        );
+        m.policy.insert(pkey(1, 2, 80), PolicyValue::default());
+        m
+    }
+
+    #[test]
+    fn identical_maps_give_an_empty_plan() {
+        assert!(plan(&sample(), &sample()).is_empty());
+    }
+
+    #[test]
+    fn applying_the_plan_reaches_the_desired_state() {
+        let current = sample();
+        let mut desired = sample();
+        desired.policy.remove(&pkey(1, 2, 80));
+        desired
+            .policy
+            .insert(pkey(1, 3, 443), PolicyValue::default());
+        desired.identities.insert(
+            addr_from_v4([10, 0, 0, 2]),
+            PeerInfo {
+                id: 3,
+                ifindex: 0,
+                flags: 0,
+            },
+        );
+        desired
+            .endpoints
+            .insert(8, EndpointInfo { id: 3, flags: 0 });
+        let p = plan(&current, &desired);
+        let mut state = current.clone();
+        for op in &p.ops {
+            op.apply_to(&mut state);
+        }
+        assert_eq!(state, desired);
+    }
+
+    #[test]
+    fn new_allow_entries_come_before_the_identity_switch_and_deletes_come_last() {
+        // 10.0.0.2 changes identity 2 -> 3: the entry for 3 must exist before the address
+        // points at 3, and the entry for 2 may only go after.
+        let current = sample();
+        let mut desired = sample();
+        desired.policy.remove(&pkey(1, 2, 80));
+        desired
+            .policy
+            .insert(pkey(1, 3, 80), PolicyValue::default());
+        desired.identities.insert(
+            addr_from_v4([10, 0, 0, 2]),
+            PeerInfo {
+                id: 3,
+                ifindex: 0,
+                flags: 0,
+            },
+        );
+        let ops = plan(&current, &desired).ops;
+        let pos = |want: &Op| ops.iter().position(|o| o == want).expect("op present");
+        let add = pos(&Op::UpsertPolicy(pkey(1, 3, 80), PolicyValue::default()));
+        let switch = pos(&Op::UpsertIdentity(
+            addr_from_v4([10, 0, 0, 2]),
+            PeerInfo {
+                id: 3,
+                ifindex: 0,
+                flags: 0,
+            },
+        ));
+        let del = pos(&Op::DeletePolicy(pkey(1, 2, 80)));
+        assert!(add < switch && switch < del, "order was {ops:?}");
+    }
+
+    #[test]
+    fn isolation_is_switched_on_only_after_its_allow_entries() {
+        let mut current = sample();
+        current
+            .endpoints
+            .insert(7, EndpointInfo { id: 1, flags: 0 });
+        current.policy.clear();
+        let desired = sample();
+        let ops = plan(&current, &desired).ops;
+        let add = ops
+            .iter()
+            .position(|o| matches!(o, Op::UpsertPolicy(..)))
+            .expect("add");
+        let iso = ops
+            .iter()
+            .position(|o| matches!(o, Op::UpsertEndpoint(..)))
+            .expect("iso");
+        assert!(add < iso, "order was {ops:?}");
+    }
+}
