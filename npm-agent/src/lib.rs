@@ -10,6 +10,7 @@ pub mod k8s;
 pub mod lab;
 pub mod model;
 pub mod netns;
+pub mod node;
 pub mod programmer;
 pub mod source;
 pub mod state;
