@@ -1,3 +1,112 @@
-fn main() -> anyhow::Result<()> {
+//! Developer commands: `cargo xtask <verb>`. Each verb first runs scripts/setup.sh, which
+//! installs whatever a fresh machine lacks (idempotently), so every verb works unaided.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Install the prerequisites (LLVM 22, bpf-linker, nightly rust-src, bpftool, ...).
+    Setup,
+    /// Build the eBPF object alone (the agent's build.rs builds and embeds it too).
+    BuildEbpf,
+    /// Set up, build, and run the lab on the built-in example (the seed documents' policies).
+    Demo,
+    /// Set up and run every check and test: fmt, clippy (userspace and eBPF), all tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn cargo_home_bin() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|h| h.join("bin"))
+}
+
+/// Runs a command in the workspace root, with ~/.cargo/bin on PATH (bpf-linker lives there).
+fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let mut cmd = Command::new(program);
+    cmd.args(args).current_dir(root());
+    if let Some(bin) = cargo_home_bin() {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut parts: Vec<PathBuf> = std::env::split_paths(&path).collect();
+        if !parts.contains(&bin) {
+            parts.insert(0, bin);
+        }
+        cmd.env("PATH", std::env::join_paths(parts)?);
+    }
+    eprintln!("+ {program} {}", args.join(" "));
+    let status = cmd.status().with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed with {status}", args.join(" "));
+    }
     Ok(())
+}
+
+fn setup() -> anyhow::Result<()> {
+    sh("bash", &["scripts/setup.sh"])
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Verb::Setup => setup(),
+        Verb::BuildEbpf => {
+            setup()?;
+            sh(
+                "cargo",
+                &[
+                    "+nightly",
+                    "build",
+                    "--release",
+                    "--package",
+                    "npm-ebpf",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                ],
+            )?;
+            eprintln!("built target/bpfel-unknown-none/release/npm");
+            Ok(())
+        }
+        Verb::Demo => {
+            setup()?;
+            sh("cargo", &["build", "--release", "--package", "npm-agent"])?;
+            sh(
+                "target/release/npm-agent",
+                &[
+                    "lab",
+                    "--manifests",
+                    "examples/azure-npm",
+                    "--expect",
+                    "examples/azure-npm/expect",
+                ],
+            )
+        }
+        Verb::Test { args } => {
+            setup()?;
+            sh("cargo", &["fmt", "--all", "--", "--check"])?;
+            sh("cargo", &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            let mut test: Vec<&str> = vec!["test", "--all-targets"];
+            test.extend(args.iter().map(String::as_str));
+            sh("cargo", &test)
+        }
+    }
 }

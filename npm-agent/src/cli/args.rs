@@ -1,0 +1,139 @@
+//! Command-line arguments (clap).
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::Protocol;
+
+#[derive(Debug, Parser)]
+#[command(name = "npm-agent", version, about = "eBPF Kubernetes NetworkPolicy enforcer")]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `npm_agent=debug`.
+    #[arg(long, global = true, env = "NPM_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Enforce policies on this node (the DaemonSet's job).
+    Run(RunArgs),
+    /// Build a throw-away node in network namespaces, enforce the manifests' policies there
+    /// and probe every pod and port with real packets.
+    Lab(LabArgs),
+    /// Compile manifests offline: report problems and what the maps would hold.
+    Compile(CompileArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Standalone source: a directory of Kubernetes YAML (Namespaces, Pods, NetworkPolicies),
+    /// re-read when it changes.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    /// This node's name; pods whose spec.nodeName names another node are never local.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// bpffs directory for pinned maps (a version subdirectory is added).
+    #[arg(long, default_value = "/sys/fs/bpf/npm", value_name = "DIR")]
+    pub bpffs_dir: PathBuf,
+    /// How often to look for changed manifests and new pod interfaces, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+    /// Full re-read of the kernel maps and repair of any drift, in minutes (Azure NPM's
+    /// ResyncPeriodInMinutes).
+    #[arg(long, default_value_t = 15)]
+    pub resync_period_minutes: u64,
+    /// Apply once and exit (enforcement stays in place).
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// A directory of Kubernetes YAML (Namespaces, Pods, NetworkPolicies).
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    /// A host outside the node: `IP` or `IP=PORT/PROTO,...` (PROTO: TCP, UDP or SCTP; default
+    /// TCP). Without ports it serves every port/protocol any pod declares. Repeatable.
+    #[arg(long = "external", value_name = "IP[=PORT/PROTO,...]", value_parser = parse_external)]
+    pub externals: Vec<ExternalArg>,
+    /// Print the results as JSON: a list of {from, to, port, protocol, allowed}.
+    #[arg(long)]
+    pub json: bool,
+    /// Check the results against an expectation file (`external` and `allow|deny FROM -> TO
+    /// PORT/PROTO` lines, the last matching line wins); exit 1 on any mismatch. Its `external`
+    /// lines add to --external.
+    #[arg(long, value_name = "FILE")]
+    pub expect: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompileArgs {
+    /// A directory of Kubernetes YAML.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One `--external` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalArg {
+    pub ip: IpAddr,
+    pub ports: Vec<(u16, Protocol)>,
+}
+
+pub fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    match s.to_ascii_uppercase().as_str() {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Ok(Protocol::Sctp),
+        other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
+    }
+}
+
+/// Parses `IP` or `IP=PORT/PROTO,PORT,...`.
+pub fn parse_external(s: &str) -> Result<ExternalArg, String> {
+    let (ip, ports) = match s.split_once('=') {
+        Some((ip, ports)) => (ip, Some(ports)),
+        None => (s, None),
+    };
+    let ip: IpAddr = ip.trim().parse().map_err(|e| format!("external {s:?}: bad IP: {e}"))?;
+    let mut out = Vec::new();
+    for item in ports.unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (port, proto) = match item.split_once('/') {
+            Some((p, proto)) => (p, parse_protocol(proto).map_err(|e| format!("external {s:?}: {e}"))?),
+            None => (item, Protocol::Tcp),
+        };
+        let port: u16 = port.parse().map_err(|_| format!("external {s:?}: bad port {port:?}"))?;
+        if port == 0 {
+            return Err(format!("external {s:?}: port 0 is not a port"));
+        }
+        out.push((port, proto));
+    }
+    Ok(ExternalArg { ip, ports: out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn external_forms() {
+        assert_eq!(
+            parse_external("169.254.169.254").expect("ok"),
+            ExternalArg { ip: "169.254.169.254".parse().expect("ip"), ports: vec![] }
+        );
+        assert_eq!(
+            parse_external("fd00::9=80,53/udp,9000/SCTP").expect("ok").ports,
+            vec![(80, Protocol::Tcp), (53, Protocol::Udp), (9000, Protocol::Sctp)]
+        );
+        assert!(parse_external("10.0.0.1=80/icmp").unwrap_err().contains("unknown protocol"));
+        assert!(parse_external("nope").unwrap_err().contains("bad IP"));
+        assert!(parse_external("10.0.0.1=99999").unwrap_err().contains("bad port"));
+    }
+}

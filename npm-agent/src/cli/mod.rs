@@ -1,0 +1,6 @@
+//! The operator CLI: one file per verb on top of the library. Flags and `--json` field names are
+//! a contract with users' scripts: extend them, never rename them.
+pub mod args;
+pub mod compile;
+pub mod lab;
+pub mod run;

@@ -1,0 +1,219 @@
+//! Expected reachability, written as a short ordered rule list (the lab's `--expect FILE`).
+//!
+//! ```text
+//! # comments and blank lines are ignored
+//! external 169.254.169.254=80/TCP      # hosts outside the node (same syntax as --external)
+//! allow * -> * *                       # the last matching line decides
+//! deny  * -> default/src-ip-internal *
+//! allow default/busybox -> default/src-ip-internal 8080/TCP
+//! ```
+//! `from`/`to` are `*`, `ns/*`, `ns/pod` or an external's IP; the port is `*`, `PORT/PROTO`
+//! or `*/PROTO`. Every probe must be decided by some line.
+use std::fmt;
+
+use crate::cli::args::{ExternalArg, parse_external, parse_protocol};
+use crate::model::Protocol;
+
+#[derive(Debug, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ExpectError {
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Pat {
+    Any,
+    Namespace(String),
+    Exact(String),
+}
+
+impl Pat {
+    fn parse(s: &str) -> Pat {
+        if s == "*" {
+            Pat::Any
+        } else if let Some(ns) = s.strip_suffix("/*") {
+            Pat::Namespace(ns.to_string())
+        } else {
+            Pat::Exact(s.to_string())
+        }
+    }
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Pat::Any => true,
+            Pat::Namespace(ns) => v.split_once('/').is_some_and(|(n, _)| n == ns),
+            Pat::Exact(e) => e == v,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Line {
+    allow: bool,
+    from: Pat,
+    to: Pat,
+    port: Option<u16>,
+    proto: Option<Protocol>,
+}
+
+/// A parsed expectation file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Expectation {
+    pub externals: Vec<ExternalArg>,
+    lines: Vec<Line>,
+}
+
+/// One probe whose outcome differs from the expectation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// None: no line decides this probe.
+    pub expected: Option<bool>,
+    pub got: bool,
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = |b: bool| if b { "allowed" } else { "denied" };
+        match self.expected {
+            Some(e) => write!(
+                f,
+                "{} -> {} {}/{}: expected {}, got {}",
+                self.from, self.to, self.port, self.protocol, word(e), word(self.got)
+            ),
+            None => write!(
+                f,
+                "{} -> {} {}/{}: no expectation line covers it (got {})",
+                self.from, self.to, self.port, self.protocol, word(self.got)
+            ),
+        }
+    }
+}
+
+impl Expectation {
+    pub fn parse(text: &str) -> Result<Self, ExpectError> {
+        let mut out = Expectation::default();
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let err = |message: String| ExpectError { line, message };
+            let s = raw.split('#').next().unwrap_or("").trim();
+            if s.is_empty() {
+                continue;
+            }
+            let words: Vec<&str> = s.split_whitespace().collect();
+            match words.as_slice() {
+                ["external", spec] => out.externals.push(parse_external(spec).map_err(err)?),
+                [verdict @ ("allow" | "deny"), from, "->", to, port] => {
+                    let (port, proto) = if *port == "*" {
+                        (None, None)
+                    } else {
+                        let (p, proto) = port
+                            .split_once('/')
+                            .ok_or_else(|| err(format!("port {port:?}: expected PORT/PROTO, */PROTO or *")))?;
+                        let proto = Some(parse_protocol(proto).map_err(err)?);
+                        let p = if p == "*" {
+                            None
+                        } else {
+                            Some(p.parse::<u16>().map_err(|_| err(format!("bad port {p:?}")))?)
+                        };
+                        (p, proto)
+                    };
+                    out.lines.push(Line {
+                        allow: *verdict == "allow",
+                        from: Pat::parse(from),
+                        to: Pat::parse(to),
+                        port,
+                        proto,
+                    });
+                }
+                _ => {
+                    return Err(err(format!(
+                        "expected `external SPEC` or `allow|deny FROM -> TO PORT/PROTO`, got {s:?}"
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The expected outcome of one probe (the last matching line), if any line matches.
+    pub fn expected(&self, from: &str, to: &str, port: u16, proto: Protocol) -> Option<bool> {
+        self.lines
+            .iter()
+            .rev()
+            .find(|l| {
+                l.from.matches(from)
+                    && l.to.matches(to)
+                    && l.port.is_none_or(|p| p == port)
+                    && l.proto.is_none_or(|p| p == proto)
+            })
+            .map(|l| l.allow)
+    }
+
+    /// Every probe whose outcome differs from (or is not covered by) the expectation.
+    pub fn check<'a>(
+        &self,
+        probes: impl IntoIterator<Item = (&'a str, &'a str, u16, Protocol, bool)>,
+    ) -> Vec<Mismatch> {
+        probes
+            .into_iter()
+            .filter_map(|(from, to, port, protocol, got)| {
+                let expected = self.expected(from, to, port, protocol);
+                (expected != Some(got)).then(|| Mismatch {
+                    from: from.to_string(),
+                    to: to.to_string(),
+                    port,
+                    protocol,
+                    expected,
+                    got,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "
+        external 169.254.169.254=80/TCP
+        allow * -> * *          # open by default
+        deny * -> default/db *
+        allow default/app -> default/db 5432/TCP
+        deny default/* -> 169.254.169.254 */TCP
+    ";
+
+    #[test]
+    fn last_matching_line_decides() {
+        let e = Expectation::parse(TEXT).expect("parses");
+        assert_eq!(e.externals.len(), 1);
+        assert_eq!(e.expected("default/app", "default/db", 5432, Protocol::Tcp), Some(true));
+        assert_eq!(e.expected("default/app", "default/db", 5433, Protocol::Tcp), Some(false));
+        assert_eq!(e.expected("default/web", "default/db", 5432, Protocol::Tcp), Some(false));
+        assert_eq!(e.expected("default/web", "169.254.169.254", 80, Protocol::Tcp), Some(false));
+        assert_eq!(e.expected("other/web", "169.254.169.254", 80, Protocol::Tcp), Some(true));
+        assert_eq!(e.expected("default/web", "169.254.169.254", 80, Protocol::Udp), Some(true));
+    }
+
+    #[test]
+    fn uncovered_and_wrong_probes_are_reported() {
+        let e = Expectation::parse("deny * -> x/* *").expect("parses");
+        let m = e.check([("a/b", "x/y", 80, Protocol::Tcp, true), ("a/b", "z/y", 80, Protocol::Tcp, true)]);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].expected, Some(false));
+        assert_eq!(m[1].expected, None);
+    }
+
+    #[test]
+    fn bad_lines_name_the_line() {
+        let err = Expectation::parse("allow * -> *").unwrap_err();
+        assert_eq!(err.line, 1);
+        let err = Expectation::parse("\nallow * -> * 80/ICMP").unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(err.message.contains("ICMP"));
+    }
+}

@@ -1,0 +1,79 @@
+//! The seed documents' scenarios, enforced by the real datapath in a lab of network namespaces
+//! and probed with real packets. Each scenario's `expect` file states the full matrix.
+//! Privileged: runs as root (CI does). Scenarios run one at a time so probe timeouts are not
+//! stretched by a neighbour's load.
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use npm_agent::cli::args::LabArgs;
+use npm_agent::cli::lab::execute;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn scenario(dir: &str) {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = repo().join(dir);
+    let args = LabArgs {
+        manifests: dir.clone(),
+        externals: vec![],
+        json: false,
+        expect: Some(dir.join("expect")),
+    };
+    let outcome = execute(&args).unwrap_or_else(|e| panic!("lab for {}: {e:#}", dir.display()));
+    assert!(outcome.problems.is_empty(), "unexpected problems: {:#?}", outcome.problems);
+    assert!(!outcome.results.is_empty(), "no probes ran");
+    let report: Vec<String> = outcome.mismatches.iter().map(ToString::to_string).collect();
+    assert!(
+        report.is_empty(),
+        "{} of {} probes differ from {}/expect:\n{}\nmatrix:\n{}",
+        report.len(),
+        outcome.results.len(),
+        dir.display(),
+        report.join("\n"),
+        npm_agent::lab::render_matrix(&outcome.results)
+    );
+}
+
+#[test]
+fn azure_npm_walkthrough_and_instance_metadata() {
+    scenario("examples/azure-npm");
+}
+
+#[test]
+fn k8s_blog_access_nginx() {
+    scenario("tests/scenarios/k8s-blog-access-nginx");
+}
+
+#[test]
+fn k8s_blog_default_deny_with_null_pod_selector() {
+    scenario("tests/scenarios/k8s-blog-default-deny");
+}
+
+#[test]
+fn tke_1_namespace_internal_only() {
+    scenario("tests/scenarios/tke-1-nsa-internal");
+}
+
+#[test]
+fn tke_2_namespace_deny_all() {
+    scenario("tests/scenarios/tke-2-nsa-deny-all");
+}
+
+#[test]
+fn tke_3_labelled_namespace_on_6379() {
+    scenario("tests/scenarios/tke-3-nsb-6379");
+}
+
+#[test]
+fn tke_4_egress_whitelist_with_stateful_replies() {
+    scenario("tests/scenarios/tke-4-egress-cidr");
+}
+
+#[test]
+fn tke_5_ingress_from_cidr_only() {
+    scenario("tests/scenarios/tke-5-ingress-cidr");
+}
