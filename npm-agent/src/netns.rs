@@ -265,7 +265,11 @@ pub fn delete_by_name(name: &str) -> Result<()> {
 }
 
 fn run_command(cmd: &mut Command) -> Result<Output> {
-    let command = format!("{cmd:?}");
+    let command = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
     let out = cmd
         .stdin(Stdio::null())
         .output()

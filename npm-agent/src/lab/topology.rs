@@ -11,7 +11,8 @@
 //!   default via fe80::1                    ext<j>  (route <ip>/32 dev ext<j>)  -- veth --
 //! ```
 //!
-//! Neighbour entries are static on both sides (MACs are chosen here), so no probe waits for
+//! `ip -batch` lines take no global options such as `-6`: the family follows from the
+//! addresses. Neighbour entries are static on both sides (MACs are chosen here), so no probe waits for
 //! ARP or neighbour discovery and none is lost in an unresolved-neighbour queue.
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -227,14 +228,10 @@ pub(crate) fn node_commands(plan: &Plan) -> Vec<String> {
     }
     for ep in &plan.endpoints {
         for ip in &ep.ips {
-            let (len, family) = if ip.is_ipv4() {
-                (32, "-4")
-            } else {
-                (128, "-6")
-            };
-            lines.push(format!("{family} route add {ip}/{len} dev {}", ep.host_if));
+            let len = if ip.is_ipv4() { 32 } else { 128 };
+            lines.push(format!("route add {ip}/{len} dev {}", ep.host_if));
             lines.push(format!(
-                "{family} neigh replace {ip} lladdr {} dev {} nud permanent",
+                "neigh replace {ip} lladdr {} dev {} nud permanent",
                 ep.peer_mac, ep.host_if
             ));
         }
@@ -253,19 +250,19 @@ pub(crate) fn endpoint_commands(ep: &Endpoint) -> Vec<String> {
     }
     if ep.ipv4().is_some() {
         lines.push(format!(
-            "-4 neigh replace {GATEWAY_V4} lladdr {} dev eth0 nud permanent",
+            "neigh replace {GATEWAY_V4} lladdr {} dev eth0 nud permanent",
             ep.host_mac
         ));
         lines.push(format!(
-            "-4 route add default via {GATEWAY_V4} dev eth0 onlink"
+            "route add 0.0.0.0/0 via {GATEWAY_V4} dev eth0 onlink"
         ));
     }
     if ep.ipv6().is_some() {
         lines.push(format!(
-            "-6 neigh replace {GATEWAY_V6} lladdr {} dev eth0 nud permanent",
+            "neigh replace {GATEWAY_V6} lladdr {} dev eth0 nud permanent",
             ep.host_mac
         ));
-        lines.push(format!("-6 route add default via {GATEWAY_V6} dev eth0"));
+        lines.push(format!("route add ::/0 via {GATEWAY_V6} dev eth0"));
     }
     lines
 }
