@@ -331,3 +331,82 @@ fn invalid_spec_and_empty_lab() {
     drop(lab);
     assert_gone(&names);
 }
+
+/// The size the lead's scenarios use: 9 pods × 6 ports and 2 externals. Measures a fully
+/// allowed matrix and a fully dropped one (every veth of the node dropping).
+#[test]
+fn nine_pods_six_ports_timing() {
+    if !privileged() {
+        return;
+    }
+    let ports = [
+        (80, Protocol::Tcp),
+        (8080, Protocol::Tcp),
+        (53, Protocol::Udp),
+        (5353, Protocol::Udp),
+        (9000, Protocol::Sctp),
+        (9001, Protocol::Sctp),
+    ];
+    let pods: Vec<Pod> = (0..9).map(|i| pod(&format!("p{i}"), &ports)).collect();
+    let externals = vec![
+        External {
+            ip: "203.0.113.1".parse().unwrap(),
+            ports: vec![(443, Protocol::Tcp), (53, Protocol::Udp)],
+        },
+        External {
+            ip: "2001:db8:1::1".parse().unwrap(),
+            ports: vec![(443, Protocol::Tcp)],
+        },
+    ];
+    let start = Instant::now();
+    let lab = Lab::build(LabSpec { pods, externals }).expect("build lab");
+    let built = start.elapsed();
+    let names = lab.namespaces();
+    // 11 sources × (9 × 6 pod ports + 3 external ports).
+    let expected = 11 * (9 * 6 + 3);
+
+    let start = Instant::now();
+    let results = lab.probe_all();
+    let allowed_took = start.elapsed();
+    assert_eq!(results.len(), expected);
+    // Pods are dual-stack, so only probes between the v4 and the v6 external lack a common
+    // family (v4 -> v6: 443; v6 -> v4: 443 and 53).
+    let bad: Vec<_> = results
+        .iter()
+        .filter(|r| !r.allowed && r.outcome != Outcome::NoCommonFamily)
+        .collect();
+    assert!(bad.is_empty(), "{}", render_matrix(&results));
+    let no_family = results
+        .iter()
+        .filter(|r| r.outcome == Outcome::NoCommonFamily)
+        .count();
+    assert_eq!(no_family, 3, "{}", render_matrix(&results));
+
+    for (name, _) in lab.pod_interfaces().values() {
+        lab.node()
+            .exec(&[
+                "tc", "qdisc", "add", "dev", name, "root", "pfifo", "limit", "0",
+            ])
+            .unwrap_or_else(|e| panic!("tc: {e}"));
+    }
+    let start = Instant::now();
+    let results = lab.probe_all();
+    let denied_took = start.elapsed();
+    assert_eq!(results.len(), expected);
+    // Only a pod's probes of itself, and externals to each other, still pass.
+    for r in &results {
+        let self_probe = r.from == r.to;
+        let ext_to_ext = !r.from.contains('/') && !r.to.contains('/');
+        let expect_allowed = self_probe || (ext_to_ext && r.outcome != Outcome::NoCommonFamily);
+        assert_eq!(r.allowed, expect_allowed, "{r:?}");
+    }
+    eprintln!(
+        "9 pods × 6 ports + 2 externals: built in {built:?}; {expected} probes all allowed in \
+         {allowed_took:?}; mostly dropped in {denied_took:?}"
+    );
+    assert!(built < Duration::from_secs(10), "build took {built:?}");
+    assert!(allowed_took < Duration::from_secs(3), "{allowed_took:?}");
+    assert!(denied_took < Duration::from_secs(6), "{denied_took:?}");
+    drop(lab);
+    assert_gone(&names);
+}

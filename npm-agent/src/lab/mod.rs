@@ -243,8 +243,8 @@ impl Lab {
         let eps = &self.plan.endpoints;
         let mut tasks = Vec::new();
         for src in 0..eps.len() {
-            for dst in 0..eps.len() {
-                for &(port, protocol) in &eps[dst].ports {
+            for (dst, ep) in eps.iter().enumerate() {
+                for &(port, protocol) in &ep.ports {
                     tasks.push(self.task(src, dst, port, protocol));
                 }
             }

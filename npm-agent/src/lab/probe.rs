@@ -1,6 +1,7 @@
 //! The prober: many probes at once, each from a socket opened inside the source's netns.
 //!
-//! Probes run in batches of at most [`MAX_IN_FLIGHT`]; for each batch every source netns is
+//! Probes run in batches of at most [`MAX_IN_FLIGHT`] (fewer when the open-files limit is
+//! low: a quarter of it, at least 64); for each batch every source netns is
 //! entered once to open that batch's sockets, then all of them are driven concurrently on
 //! the lab's runtime. A probe that gets no answer within its timeout is denied (a policy
 //! drop looks exactly like that).
@@ -31,7 +32,23 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1200);
 /// Sends per UDP/SCTP probe, spread evenly over the timeout.
 pub const ATTEMPTS: u32 = 3;
 /// At most this many probe sockets are open at once.
-pub const MAX_IN_FLIGHT: usize = 512;
+pub const MAX_IN_FLIGHT: usize = 2048;
+
+/// How many probes one batch may hold: [`MAX_IN_FLIGHT`], or a quarter of the soft
+/// open-files limit if that is smaller (responders and the rest of the process need fds too).
+fn batch_size() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            match line.split_whitespace().nth(3)? {
+                "unlimited" => Some(usize::MAX),
+                n => n.parse::<usize>().ok(),
+            }
+        })
+        .unwrap_or(1024);
+    (soft / 4).clamp(64, MAX_IN_FLIGHT)
+}
 
 /// One probe to run: indices into the lab's endpoints, and the addresses chosen.
 #[derive(Clone, Debug)]
@@ -96,7 +113,7 @@ pub(crate) fn run(
 ) -> Vec<ProbeResult> {
     let mut results = Vec::with_capacity(tasks.len());
     let mut seed = seed();
-    for batch in tasks.chunks(MAX_IN_FLIGHT) {
+    for batch in tasks.chunks(batch_size()) {
         // Open the sockets, one visit per source netns.
         let mut by_src: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, t) in batch.iter().enumerate() {
