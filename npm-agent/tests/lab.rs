@@ -23,8 +23,14 @@ fn privileged() -> bool {
             panic!("lab tests need root, and CI=true forbids skipping them");
         }
         eprintln!("SKIPPING lab test: not running as root (effective uid != 0)");
+        return false;
     }
-    root
+    // Namespaces of earlier runs that were killed before their Drop (pid no longer alive).
+    let stale = npm_agent::lab::cleanup_stale();
+    if !stale.is_empty() {
+        eprintln!("removed stale lab namespaces: {stale:?}");
+    }
+    true
 }
 
 fn pod(name: &str, ports: &[(u16, Protocol)]) -> Pod {

@@ -1,4 +1,5 @@
 //! Probe results and their rendering as a reachability matrix.
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
@@ -74,11 +75,15 @@ pub fn render_matrix(results: &[ProbeResult]) -> String {
             None => dests.push((&r.to, vec![col])),
         }
     }
-    let cell = |from: &str, to: &str, col: (u16, Protocol)| -> char {
-        match results
-            .iter()
-            .find(|r| r.from == from && r.to == to && (r.port, r.protocol) == col)
-        {
+    // The first result of each cell (a repeated probe shows its first outcome).
+    let mut index: BTreeMap<(&str, &str, u16, Protocol), &ProbeResult> = BTreeMap::new();
+    for r in results {
+        index
+            .entry((r.from.as_str(), r.to.as_str(), r.port, r.protocol))
+            .or_insert(r);
+    }
+    let cell = |from: &str, to: &str, (port, proto): (u16, Protocol)| -> char {
+        match index.get(&(from, to, port, proto)) {
             None => ' ',
             Some(r) if r.allowed => '.',
             Some(r) => match r.outcome {
