@@ -6,6 +6,10 @@
 //! created by that closure stay in the namespace for their whole life, whichever thread
 //! later drives them, and child processes spawned from it start in the namespace.
 //!
+//! Inside [`NetNs::run`], mind what is per thread: sockets, netlink, `/proc/sys/net/*` and
+//! `/proc/thread-self/net/*` follow the thread's namespace; `/proc/net` (= `/proc/self/net`,
+//! the thread group leader's) and `/sys/class/net` (tied to the mount namespace) do not.
+//!
 //! The only `unsafe` of this module is [`enter_netns`].
 use std::fs::File;
 use std::io::{self, Write};

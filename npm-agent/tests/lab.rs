@@ -416,3 +416,41 @@ fn nine_pods_six_ports_timing() {
     drop(lab);
     assert_gone(&names);
 }
+
+#[test]
+fn netns_guard() {
+    if !privileged() {
+        return;
+    }
+    let name = format!("npmlab-{}-nstest", std::process::id());
+    let mut ns = netns::NetNs::create(&name).expect("create netns");
+    assert!(netns::list().contains(&name));
+    assert_eq!(ns.path(), std::path::Path::new("/run/netns").join(&name));
+    assert!(
+        netns::NetNs::create(&name).is_err(),
+        "a second create must fail"
+    );
+    // A thread inside sees only the namespace's own loopback (/proc/net is the thread group
+    // leader's view: read /proc/thread-self/net).
+    let links = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/dev").unwrap());
+    let ifaces: Vec<&str> = links
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(ifaces, ["lo"], "{links}");
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    let out = ns.exec(&["ip", "-o", "addr", "show", "dev", "lo"]).unwrap();
+    assert!(out.contains("127.0.0.1"), "{out}");
+    assert!(ns.exec(&["false"]).is_err());
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    let fwd = ns.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap());
+    assert_eq!(fwd.trim(), "1");
+    ns.delete().unwrap();
+    ns.delete().unwrap();
+    assert!(!netns::list().contains(&name));
+    assert!(ns.try_run(|| ()).is_err());
+    drop(ns);
+    assert!(netns::NetNs::create("bad/name").is_err());
+}
