@@ -10,7 +10,7 @@
 //! `/proc/thread-self/net/*` follow the thread's namespace; `/proc/net` (= `/proc/self/net`,
 //! the thread group leader's) and `/sys/class/net` (tied to the mount namespace) do not.
 //!
-//! The only `unsafe` of this module is [`enter_netns`].
+//! The only `unsafe` of this module is `enter_netns`.
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
