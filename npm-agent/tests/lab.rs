@@ -89,7 +89,7 @@ fn all_allowed_then_one_pod_blocked() {
         }],
     };
     let start = Instant::now();
-    let lab = Lab::build(spec).expect("build lab");
+    let mut lab = Lab::build(spec).expect("build lab");
     eprintln!("built in {:?}", start.elapsed());
     let names = lab.namespaces();
     assert_eq!(names.len(), 5);
@@ -130,7 +130,7 @@ fn all_allowed_then_one_pod_blocked() {
         "all-allowed matrix took {took:?}"
     );
 
-    // Single probes, also over IPv6 paths' names and unknown names.
+    // Single probes: allowed, an unknown name, a port nothing serves.
     let r = lab.probe("default/a", "default/b", 9000, Protocol::Sctp);
     assert!(r.allowed, "{r:?}");
     let r = lab.probe("default/a", "default/nope", 80, Protocol::Tcp);
@@ -204,6 +204,11 @@ fn all_allowed_then_one_pod_blocked() {
         took < Duration::from_secs(5),
         "blocked matrix took {took:?}"
     );
+    // The same over IPv6 between the dual-stack endpoints (the external is IPv4 only).
+    lab.set_prefer_ipv6(true);
+    let results = lab.probe_all();
+    assert_eq!(denied(&results), expected, "{}", render_matrix(&results));
+    lab.set_prefer_ipv6(false);
     for rule in &rules {
         let mut args: Vec<&str> = rule.iter().map(String::as_str).collect();
         args[2] = "del";

@@ -17,8 +17,9 @@
 //!
 //! Address families: a probe goes over IPv4 when source and destination both have an IPv4
 //! address, else over IPv6 when both have one, else it is not sent
-//! ([`Outcome::NoCommonFamily`], counted as denied). So a result stays one row per
-//! (from, to, port, protocol).
+//! ([`Outcome::NoCommonFamily`], counted as denied). [`Lab::set_prefer_ipv6`] swaps the
+//! order, to exercise the IPv6 path between dual-stack pods. Either way a result stays one
+//! row per (from, to, port, protocol).
 mod probe;
 mod report;
 mod responder;
@@ -105,6 +106,7 @@ pub struct Lab {
     plan: topology::Plan,
     interfaces: BTreeMap<ObjRef, (String, u32)>,
     timeout: Duration,
+    prefer_ipv6: bool,
 }
 
 impl Lab {
@@ -128,6 +130,7 @@ impl Lab {
             plan,
             interfaces: BTreeMap::new(),
             timeout: DEFAULT_TIMEOUT,
+            prefer_ipv6: false,
         };
         let (res, took) = probe::timed(|| lab.wire());
         res?;
@@ -236,6 +239,11 @@ impl Lab {
         self.timeout = timeout;
     }
 
+    /// Probe over IPv6 when source and destination both have it (default: IPv4 first).
+    pub fn set_prefer_ipv6(&mut self, prefer: bool) {
+        self.prefer_ipv6 = prefer;
+    }
+
     /// Every source (each pod, each external) × every destination (each pod, each external)
     /// × each of the destination's ports, all at once. Sources and destinations in spec
     /// order (pods, then externals), ports in declaration order.
@@ -272,10 +280,12 @@ impl Lab {
 
     fn task(&self, src: usize, dst: usize, port: u16, protocol: Protocol) -> probe::Task {
         let (s, d) = (&self.plan.endpoints[src], &self.plan.endpoints[dst]);
-        let dst_ip = match (s.ipv4(), d.ipv4(), s.ipv6(), d.ipv6()) {
-            (Some(_), Some(ip), _, _) => Some(ip),
-            (_, _, Some(_), Some(ip)) => Some(ip),
-            _ => None,
+        let v4 = s.ipv4().and(d.ipv4());
+        let v6 = s.ipv6().and(d.ipv6());
+        let dst_ip = if self.prefer_ipv6 {
+            v6.or(v4)
+        } else {
+            v4.or(v6)
         };
         probe::Task {
             from: s.label.clone(),
