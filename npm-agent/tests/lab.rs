@@ -341,6 +341,22 @@ fn invalid_spec_and_empty_lab() {
     assert!(lab.probe_all().is_empty());
     drop(lab);
     assert_gone(&names);
+
+    // A panic while a lab runs (a failing test) still removes it while unwinding.
+    let names = std::sync::Mutex::new(Vec::new());
+    let caught = std::panic::catch_unwind(|| {
+        let lab = Lab::build(LabSpec {
+            pods: vec![pod("a", &PORTS)],
+            externals: vec![],
+        })
+        .expect("build lab");
+        *names.lock().unwrap() = lab.namespaces();
+        panic!("on purpose, with the lab alive");
+    });
+    assert!(caught.is_err());
+    let names = names.into_inner().unwrap();
+    assert_eq!(names.len(), 2);
+    assert_gone(&names);
 }
 
 /// The size the lead's scenarios use: 9 pods × 6 ports and 2 externals. Measures a fully
