@@ -37,7 +37,9 @@ pub struct Namespace {
     pub labels: Labels,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// Serializes as `"TCP"`, `"UDP"` or `"SCTP"` (the Kubernetes spelling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     Tcp,
     Udp,
