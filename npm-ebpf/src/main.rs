@@ -27,9 +27,9 @@ use aya_ebpf::{
 };
 use npm_common::{
     maps::{
-        Addr16, CONNTRACK_MAX, CIDRS_MAX, CtKey, CtValue, ENDPOINTS_MAX, EP_ISOLATE_EGRESS,
-        EP_ISOLATE_INGRESS, EndpointInfo, IDENTITIES_MAX, METRICS_MAX, PEER_HOST,
-        POLICY_MAX, POLICY_PREFIX_FULL, PeerInfo, PolicyKey, PolicyValue,
+        Addr16, CIDRS_MAX, CONNTRACK_MAX, CtKey, CtValue, ENDPOINTS_MAX, EP_ISOLATE_EGRESS,
+        EP_ISOLATE_INGRESS, EndpointInfo, IDENTITIES_MAX, METRICS_MAX, PEER_HOST, POLICY_MAX,
+        POLICY_PREFIX_FULL, PeerInfo, PolicyKey, PolicyValue,
     },
     metrics::{MetricsKey, MetricsValue},
     verdict::{
@@ -155,7 +155,11 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
 fn policy_verdict(local_id: u32, pkt: &Packet, ifindex: u32, dir: u8) -> u8 {
     // The peer is the remote side: the source of traffic entering the pod, else the
     // destination. The port is always the destination port (the service port of a new flow).
-    let peer = if dir == DIR_INGRESS { &pkt.src } else { &pkt.dst };
+    let peer = if dir == DIR_INGRESS {
+        &pkt.src
+    } else {
+        &pkt.dst
+    };
     let (proto, dport_be) = (pkt.proto, pkt.dport_be);
     // SAFETY: plain-integer values, see `classify`.
     if let Some(id) = (unsafe { IDENTITIES.get(peer) }).copied() {

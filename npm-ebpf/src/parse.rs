@@ -109,11 +109,26 @@ struct Ipv6ExtHdr {
     frag_off: [u8; 2],
 }
 
-/// The first 4 bytes of TCP, UDP and SCTP: source and destination port.
+/// Minimal TCP header (RFC 9293): ports, then flags in byte 13.
 #[repr(C)]
-struct PortsHdr {
+struct TcpHdr {
     sport: [u8; 2],
     dport: [u8; 2],
+    _seq: [u8; 4],
+    _ack: [u8; 4],
+    _doff: u8,
+    flags: u8,
+    _window: [u8; 2],
+    _csum: [u8; 2],
+    _urg: [u8; 2],
+}
+
+/// UDP header (8 bytes) and SCTP common header (12 bytes): both start with the two ports.
+#[repr(C)]
+struct PortsHdr<const N: usize> {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    _rest: [u8; N],
 }
 
 #[repr(C)]
@@ -252,31 +267,33 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
 fn parse_l4(ctx: &TcContext, off: usize, pkt: &mut Packet) -> Result<(), Malformed> {
     match pkt.proto {
         PROTO_TCP => {
-            // Require the minimal 20-byte header; flags are byte 13.
-            let _ = ptr_at::<[u8; 20]>(ctx, off)?;
-            let ports = ptr_at::<PortsHdr>(ctx, off)?;
-            let flags = ptr_at::<u8>(ctx, off + 13)?;
+            // One bounds check for the whole header, then reads through that same pointer
+            // (separate checks for sub-ranges can be merged by LLVM in ways the verifier
+            // cannot follow).
+            let tcp = ptr_at::<TcpHdr>(ctx, off)?;
             // SAFETY: `ptr_at` checked bounds; alignment 1.
             unsafe {
-                pkt.sport_be = u16::from_ne_bytes((*ports).sport);
-                pkt.dport_be = u16::from_ne_bytes((*ports).dport);
-                pkt.tcp_flags = *flags;
+                pkt.sport_be = u16::from_ne_bytes((*tcp).sport);
+                pkt.dport_be = u16::from_ne_bytes((*tcp).dport);
+                pkt.tcp_flags = (*tcp).flags;
             }
             pkt.kind = L4Kind::Ports;
         }
-        PROTO_UDP | PROTO_SCTP => {
-            // UDP header is 8 bytes, SCTP common header 12; both start with the two ports.
-            let need_sctp = pkt.proto == PROTO_SCTP;
-            if need_sctp {
-                let _ = ptr_at::<[u8; 12]>(ctx, off)?;
-            } else {
-                let _ = ptr_at::<[u8; 8]>(ctx, off)?;
-            }
-            let ports = ptr_at::<PortsHdr>(ctx, off)?;
+        PROTO_UDP => {
+            let udp = ptr_at::<PortsHdr<4>>(ctx, off)?;
             // SAFETY: `ptr_at` checked bounds; alignment 1.
             unsafe {
-                pkt.sport_be = u16::from_ne_bytes((*ports).sport);
-                pkt.dport_be = u16::from_ne_bytes((*ports).dport);
+                pkt.sport_be = u16::from_ne_bytes((*udp).sport);
+                pkt.dport_be = u16::from_ne_bytes((*udp).dport);
+            }
+            pkt.kind = L4Kind::Ports;
+        }
+        PROTO_SCTP => {
+            let sctp = ptr_at::<PortsHdr<8>>(ctx, off)?;
+            // SAFETY: `ptr_at` checked bounds; alignment 1.
+            unsafe {
+                pkt.sport_be = u16::from_ne_bytes((*sctp).sport);
+                pkt.dport_be = u16::from_ne_bytes((*sctp).dport);
             }
             pkt.kind = L4Kind::Ports;
         }
