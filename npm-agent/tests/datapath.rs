@@ -9,7 +9,7 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::Ipv6Addr,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::Command,
@@ -223,7 +223,6 @@ impl Env {
             .expect("insert cidr");
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn allow(&mut self, peer_id: u32, dir: u8, proto: u8, dport: u16, prefix: u32) {
         let key = PolicyKey {
             local_id: LOCAL_ID,

@@ -174,5 +174,5 @@ pub(crate) fn create(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u
         _pad: [0; 6],
     };
     // Failure (e.g. -ENOMEM) only means the flow is re-evaluated on its next packet.
-    let _ = CONNTRACK.insert(key, &value, u64::from(BPF_ANY));
+    let _ = CONNTRACK.insert(key, value, u64::from(BPF_ANY));
 }

@@ -95,7 +95,7 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
 fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     // SAFETY: hash map values are plain integers; a concurrent update can at worst give a
     // mix of old and new flags for this one packet.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }).copied() else {
+    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
         return (REASON_NOT_MANAGED, 0);
     };
     let isolate_bit = if dir == DIR_INGRESS {
@@ -215,7 +215,7 @@ fn count(ifindex: u32, dir: u8, reason: u8, bytes: u32) {
     };
     // NOEXIST: if another CPU created the key meanwhile (which creates a zeroed slot for this
     // CPU too), add to that slot instead. A full map counts nowhere.
-    if METRICS.insert(&key, &v, u64::from(BPF_NOEXIST)).is_err() {
+    if METRICS.insert(key, v, u64::from(BPF_NOEXIST)).is_err() {
         let _ = add(&key, bytes);
     }
 }

@@ -60,7 +60,7 @@ pub enum DatapathError {
     Load {
         pin_dir: Option<PathBuf>,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("program {prog} is missing from the eBPF object")]
     ProgramMissing { prog: String },
@@ -68,13 +68,13 @@ pub enum DatapathError {
     Program {
         prog: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("adding the clsact qdisc to {iface}")]
     Qdisc {
         iface: String,
         #[source]
-        source: TcError,
+        source: Box<TcError>,
     },
     #[error("interface {iface}")]
     Interface {
@@ -87,14 +87,14 @@ pub enum DatapathError {
         iface: String,
         prog: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("detaching {prog} from {iface}")]
     Detach {
         iface: String,
         prog: String,
         #[source]
-        source: TcError,
+        source: Box<TcError>,
     },
     #[error("map {map} is missing from the eBPF object or was already taken")]
     MapMissing { map: String },
@@ -178,14 +178,14 @@ impl Datapath {
         }
         let mut ebpf = loader.load(OBJECT).map_err(|source| DatapathError::Load {
             pin_dir: pin_dir.map(Path::to_owned),
-            source,
+            source: Box::new(source),
         })?;
         for (prog, _) in HOOKS {
             classifier(&mut ebpf, prog)?
                 .load()
                 .map_err(|source| DatapathError::Program {
                     prog: prog.to_owned(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Ok(Self { ebpf })
@@ -205,15 +205,15 @@ impl Datapath {
             Err(source) => {
                 return Err(DatapathError::Qdisc {
                     iface: ifname.to_owned(),
-                    source,
+                    source: Box::new(source),
                 });
             }
         }
         for (prog, hook) in HOOKS {
-            let attach_err = |source| DatapathError::Attach {
+            let attach_err = |source: ProgramError| DatapathError::Attach {
                 iface: ifname.to_owned(),
                 prog: prog.to_owned(),
-                source,
+                source: Box::new(source),
             };
             let classifier = classifier(&mut self.ebpf, prog)?;
             let handle = TcHandle::from(TC_HANDLE);
@@ -261,7 +261,7 @@ impl Datapath {
                     return Err(DatapathError::Detach {
                         iface: ifname.to_owned(),
                         prog: prog.to_owned(),
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
@@ -299,7 +299,7 @@ impl Datapath {
             })?;
         let fd = program.fd().map_err(|source| DatapathError::Program {
             prog: prog.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         let raw = sys::prog_test_run(fd.as_fd(), packet, ifindex, repeat).map_err(|source| {
             DatapathError::TestRun {
@@ -326,7 +326,7 @@ fn classifier<'a>(
         .try_into()
         .map_err(|source| DatapathError::Program {
             prog: prog.to_owned(),
-            source,
+            source: Box::new(source),
         })
 }
 
