@@ -1086,8 +1086,16 @@ fn attach_replace_detach_in_netns() {
         1
     );
 
-    // A new Datapath detaches filters it did not attach itself.
+    // A new agent's Datapath replaces the old filters (new program ids, still one each)...
     let mut dp = Datapath::load(None).expect("load");
+    let old = filters(&pair.a, "ingress");
+    in_netns(&pair.a, || {
+        dp.attach("veth-a").expect("attach by a new datapath")
+    });
+    let ingress = filters(&pair.a, "ingress");
+    assert_eq!(count_filters(&ingress, "npm_from_pod"), 1, "{ingress}");
+    assert_ne!(old, ingress, "the filter now runs the new program");
+    // ...and detaches filters whatever program instance they run.
     in_netns(&pair.a, || dp.detach("veth-a").expect("detach"));
     let ingress = filters(&pair.a, "ingress");
     let egress = filters(&pair.a, "egress");

@@ -12,6 +12,15 @@
 //!
 //! Maps are declared unpinned here; the loader pins them by name in its pin directory
 //! (`EbpfLoader::map_pin_path`), so a test load with no pin directory leaves nothing behind.
+//!
+//! Reasons: non-IP frames pass as `REASON_NOT_MANAGED` (counted under the real ifindex when
+//! the interface is managed); an IP packet we cannot parse drops as `REASON_DROP_MALFORMED`
+//! in an isolated direction and passes untracked as `REASON_NOT_ISOLATED` otherwise.
+//!
+//! Known limits: non-first fragments carry no ports (port 0: they match conntrack or policy
+//! only through port-0 / any-port / any-protocol entries); ICMP errors are not related to the
+//! flow they report on; IPv6 AH/ESP and more than 4 extension headers are not walked
+//! (malformed); headers must lie in the first 512 bytes.
 #![no_std]
 #![no_main]
 
@@ -39,6 +48,10 @@ use npm_common::{
 };
 
 use crate::{conntrack::Ct, parse::Packet};
+
+/// Bytes of headers we make sure are linear (Ethernet + IPv6 + a few extension headers +
+/// the L4 header in the common case).
+const PULL_LEN: u32 = 128;
 
 /// Prefix length of a full 16-byte address in the CIDRS trie.
 const ADDR_PREFIX_FULL: u32 = 128;
@@ -104,6 +117,16 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
         EP_ISOLATE_EGRESS
     };
     let isolated = ep.flags & isolate_bit != 0;
+
+    // Headers are read with direct packet access, which sees only the linear part of the
+    // skb. If that part is shorter than the packet and than PULL_LEN, pull it in first (rare:
+    // the stack and veth usually keep the headers linear).
+    let len = ctx.len();
+    let want = if len < PULL_LEN { len } else { PULL_LEN };
+    if ctx.data_end() - ctx.data() < want as usize {
+        // On failure the parse below finds the headers missing: malformed.
+        let _ = ctx.pull_data(want);
+    }
 
     let mut pkt = Packet::new();
     match parse::parse(ctx, &mut pkt) {
