@@ -170,6 +170,9 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
 pub const CT_ORIGIN_LO: u8 = 1 << 0;
 /// `CtValue::flags`: a TCP FIN or RST was seen; the entry lives only `CT_TIMEOUT_TCP_CLOSING_NS`.
 pub const CT_TCP_CLOSING: u8 = 1 << 1;
+/// `CtValue::flags`: a packet was seen in the reply direction (TCP: the flow leaves the SYN
+/// timeout for the established one). Set and read only by the datapath.
+pub const CT_SEEN_REPLY: u8 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

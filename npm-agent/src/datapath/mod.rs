@@ -1,1 +1,10 @@
-//! (to be written)
+//! The kernel datapath: loading the embedded eBPF object, pinning its maps, attaching its
+//! two TC classifiers to pod interfaces, and running them under `BPF_PROG_TEST_RUN`.
+//!
+//! Only this module (and the map programmer's backend) touches aya; only [`sys`] holds
+//! `unsafe` code. The programs' semantics are documented in `npm-ebpf/src/main.rs`.
+
+mod loader;
+mod sys;
+
+pub use loader::{Datapath, DatapathError, TC_HANDLE, TC_PRIORITY, TestRunResult};

@@ -1,0 +1,342 @@
+//! Loading, pinning, attaching and test-running the embedded eBPF object.
+
+use std::{
+    fs, io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
+    },
+};
+use npm_common::maps::{
+    MAP_CIDRS, MAP_CONNTRACK, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY,
+    PROG_FROM_POD, PROG_TO_POD,
+};
+
+use super::sys;
+
+/// The BPF object built by `build.rs` (npm-ebpf, bpfel-unknown-none).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npm"));
+
+/// Every map of the object; all are pinned by name when a pin directory is given.
+const MAPS: [&str; 6] = [
+    MAP_ENDPOINTS,
+    MAP_IDENTITIES,
+    MAP_CIDRS,
+    MAP_POLICY,
+    MAP_CONNTRACK,
+    MAP_METRICS,
+];
+
+/// Priority of our TC filters (lower runs first). Fixed, together with [`TC_HANDLE`], so a
+/// new agent finds and replaces the filters of a previous one instead of adding a copy.
+pub const TC_PRIORITY: u16 = 10;
+/// Handle of our TC filters within [`TC_PRIORITY`] (0x4e50, "NP").
+pub const TC_HANDLE: u32 = 0x4e50;
+
+/// Which program runs on which TC hook of the pod's host-side interface.
+const HOOKS: [(&str, TcAttachType); 2] = [
+    (PROG_FROM_POD, TcAttachType::Ingress),
+    (PROG_TO_POD, TcAttachType::Egress),
+];
+
+/// Errors of the datapath; each names the interface, program or map involved.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("the embedded eBPF object is empty (was the agent built with AYA_BUILD_SKIP=1?)")]
+    EmptyObject,
+    #[error("creating the pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object (pin directory: {pin_dir:?})")]
+    Load {
+        pin_dir: Option<PathBuf>,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {prog} is missing from the eBPF object")]
+    ProgramMissing { prog: String },
+    #[error("program {prog}")]
+    Program {
+        prog: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("adding the clsact qdisc to {iface}")]
+    Qdisc {
+        iface: String,
+        #[source]
+        source: Box<TcError>,
+    },
+    #[error("interface {iface}")]
+    Interface {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("attaching {prog} to {iface}")]
+    Attach {
+        iface: String,
+        prog: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("detaching {prog} from {iface}")]
+    Detach {
+        iface: String,
+        prog: String,
+        #[source]
+        source: Box<TcError>,
+    },
+    #[error("map {map} is missing from the eBPF object or was already taken")]
+    MapMissing { map: String },
+    #[error("BPF_PROG_TEST_RUN of {prog}")]
+    TestRun {
+        prog: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl DatapathError {
+    /// A short, stable label for metrics (`npm_datapath_errors_total{kind=...}`).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::EmptyObject => "empty_object",
+            Self::PinDir { .. } => "pin_dir",
+            Self::Load { .. } => "load",
+            Self::ProgramMissing { .. } | Self::Program { .. } => "program",
+            Self::Qdisc { .. } => "qdisc",
+            Self::Interface { .. } => "interface",
+            Self::Attach { .. } => "attach",
+            Self::Detach { .. } => "detach",
+            Self::MapMissing { .. } => "map",
+            Self::TestRun { .. } => "test_run",
+        }
+    }
+}
+
+/// What one `BPF_PROG_TEST_RUN` returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestRunResult {
+    /// The program's return value of the last run (`TC_ACT_*`).
+    pub retval: u32,
+    /// Average run time in nanoseconds, as measured by the kernel.
+    pub duration_ns: u32,
+    /// The packet after the last run.
+    pub data_out: Vec<u8>,
+}
+
+/// The loaded datapath: the eBPF object with both classifiers loaded (verified).
+///
+/// Attachments are *not* tied to this value: TC filters stay on their interfaces after it is
+/// dropped or the process exits, and keep enforcing with the pinned maps until a new agent
+/// replaces them ([`Datapath::attach`]) or removes them ([`Datapath::detach`]). The programs
+/// stay loaded as long as a filter references them.
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath").finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads the embedded object and verifies both programs.
+    ///
+    /// With `Some(dir)`, `dir` is created and every map is pinned as `dir/<MAP_NAME>`; maps
+    /// already pinned there (by a previous agent) are adopted with their contents. The
+    /// caller puts the ABI version in `dir` (e.g. `/sys/fs/bpf/npm/v1`) so maps of another
+    /// layout are never adopted. With `None`, nothing is pinned: the maps live as long as
+    /// this value and any attached program.
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        if OBJECT.is_empty() {
+            return Err(DatapathError::EmptyObject);
+        }
+        if let Err(error) = sys::raise_memlock() {
+            tracing::debug!(%error, "could not raise RLIMIT_MEMLOCK (not needed on kernels >= 5.11)");
+        }
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+            for map in MAPS {
+                loader.map_pin_path(map, dir.join(map));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|source| DatapathError::Load {
+            pin_dir: pin_dir.map(Path::to_owned),
+            source: Box::new(source),
+        })?;
+        for (prog, _) in HOOKS {
+            classifier(&mut ebpf, prog)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    prog: prog.to_owned(),
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Adds the clsact qdisc to `ifname` if absent and attaches `npm_from_pod` (TC ingress)
+    /// and `npm_to_pod` (TC egress) as netlink cls_bpf filters (direct action) at
+    /// [`TC_PRIORITY`]/[`TC_HANDLE`], in the calling thread's network namespace.
+    ///
+    /// Idempotent: a filter already at that priority and handle (ours, e.g. left by a previous
+    /// agent) is replaced atomically, never stacked. Returns the interface index.
+    pub fn attach(&mut self, ifname: &str) -> Result<u32, DatapathError> {
+        let ifindex = ifindex(ifname)?;
+        match tc::qdisc_add_clsact(ifname) {
+            Ok(()) => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => {
+                return Err(DatapathError::Qdisc {
+                    iface: ifname.to_owned(),
+                    source: Box::new(source),
+                });
+            }
+        }
+        for (prog, hook) in HOOKS {
+            let attach_err = |source: ProgramError| DatapathError::Attach {
+                iface: ifname.to_owned(),
+                prog: prog.to_owned(),
+                source: Box::new(source),
+            };
+            let classifier = classifier(&mut self.ebpf, prog)?;
+            let handle = TcHandle::from(TC_HANDLE);
+            // Replace first: succeeds only if a filter exists at our priority and handle.
+            let replaced = SchedClassifierLink::attached(ifname, hook, TC_PRIORITY, handle, None)
+                .map_err(|source| DatapathError::Interface {
+                    iface: ifname.to_owned(),
+                    source,
+                })
+                .map(|link| classifier.attach_to_link(link));
+            let link_id = match replaced {
+                Ok(Ok(id)) => id,
+                // None there yet (ENOENT): create it (NLM_F_EXCL).
+                Ok(Err(_)) => classifier
+                    .attach_with_options(
+                        ifname,
+                        hook,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: TC_PRIORITY,
+                            handle,
+                            classid: None,
+                        }),
+                    )
+                    .map_err(attach_err)?,
+                Err(e) => return Err(e),
+            };
+            // Detach the link from the program's bookkeeping so dropping the `Ebpf` leaves the
+            // filter in place. A netlink link holds no fd, so forgetting it leaks nothing.
+            let link = classifier.take_link(link_id).map_err(attach_err)?;
+            std::mem::forget(link);
+        }
+        Ok(ifindex)
+    }
+
+    /// Removes our filters (found by program name, at any priority) from both TC hooks of
+    /// `ifname`, in the calling thread's network namespace. Absent filters are not an error;
+    /// the clsact qdisc is left in place (other tools may use it).
+    pub fn detach(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        ifindex(ifname)?;
+        for (prog, hook) in HOOKS {
+            match tc::qdisc_detach_program(ifname, hook, prog) {
+                Ok(()) => {}
+                Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(DatapathError::Detach {
+                        iface: ifname.to_owned(),
+                        prog: prog.to_owned(),
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes ownership of map `name` (a `MAP_*` constant), e.g. for the map programmer, who
+    /// converts it with `aya::maps::HashMap::try_from` / `LpmTrie::try_from` etc. Each map
+    /// can be taken once; the programs keep using it regardless.
+    pub fn take_map(&mut self, name: &str) -> Result<aya::maps::Map, DatapathError> {
+        self.ebpf
+            .take_map(name)
+            .ok_or_else(|| DatapathError::MapMissing {
+                map: name.to_owned(),
+            })
+    }
+
+    /// Runs program `prog` (`PROG_FROM_POD` or `PROG_TO_POD`) on `packet` (Ethernet frame)
+    /// with `BPF_PROG_TEST_RUN`, `repeat` times (0 counts as 1), as if it crossed interface
+    /// `ifindex`, which must exist in the calling thread's network namespace (use 1, `lo`).
+    /// Maps are real: verdicts are counted and conntrack entries created.
+    pub fn test_run(
+        &self,
+        prog: &str,
+        packet: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunResult, DatapathError> {
+        let program = self
+            .ebpf
+            .program(prog)
+            .ok_or_else(|| DatapathError::ProgramMissing {
+                prog: prog.to_owned(),
+            })?;
+        let fd = program.fd().map_err(|source| DatapathError::Program {
+            prog: prog.to_owned(),
+            source: Box::new(source),
+        })?;
+        let raw = sys::prog_test_run(fd.as_fd(), packet, ifindex, repeat).map_err(|source| {
+            DatapathError::TestRun {
+                prog: prog.to_owned(),
+                source,
+            }
+        })?;
+        Ok(TestRunResult {
+            retval: raw.retval,
+            duration_ns: raw.duration_ns,
+            data_out: raw.data_out,
+        })
+    }
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    prog: &str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(prog)
+        .ok_or_else(|| DatapathError::ProgramMissing {
+            prog: prog.to_owned(),
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            prog: prog.to_owned(),
+            source: Box::new(source),
+        })
+}
+
+fn ifindex(ifname: &str) -> Result<u32, DatapathError> {
+    let name = std::ffi::CString::new(ifname).map_err(|e| DatapathError::Interface {
+        iface: ifname.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
+    sys::if_nametoindex(&name).map_err(|source| DatapathError::Interface {
+        iface: ifname.to_owned(),
+        source,
+    })
+}

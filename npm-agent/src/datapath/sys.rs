@@ -1,0 +1,134 @@
+//! The only `unsafe` code of the agent: raw syscalls aya does not wrap the way we need.
+#![allow(unsafe_code)]
+
+use std::{io, os::fd::AsRawFd as _, os::fd::BorrowedFd};
+
+/// `BPF_PROG_TEST_RUN` command number (`enum bpf_cmd`, include/uapi/linux/bpf.h).
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h), up to `batch_size`.
+/// The kernel accepts a shorter attr than its own union and zero-fills the rest.
+#[repr(C)]
+#[derive(Default)]
+#[allow(dead_code, reason = "fields are read by the kernel")]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+const _: () = assert!(size_of::<TestRunAttr>() == 80);
+
+/// The head of `struct __sk_buff`, through `tc_index`. `bpf_prog_test_run_skb` accepts a
+/// shorter context and requires every field but `mark`, `priority`, `ingress_ifindex`,
+/// `ifindex` (and a few later ones) to be zero.
+#[repr(C)]
+#[derive(Default)]
+#[allow(dead_code, reason = "fields are read by the kernel")]
+struct SkBuffCtx {
+    /// `len, pkt_type, mark, queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto,
+    /// priority, ingress_ifindex`: all zero.
+    head: [u32; 10],
+    ifindex: u32,
+    tc_index: u32,
+}
+const _: () = assert!(size_of::<SkBuffCtx>() == 48);
+
+/// What one `BPF_PROG_TEST_RUN` returned.
+pub(crate) struct RawTestRun {
+    pub(crate) retval: u32,
+    pub(crate) duration_ns: u32,
+    pub(crate) data_out: Vec<u8>,
+}
+
+/// Runs the sched_cls program `prog` on `packet` (starting with its Ethernet header)
+/// `repeat` times. `ifindex` becomes `skb->dev`; the kernel requires it to exist in the
+/// calling thread's network namespace (1, `lo`, always does).
+pub(crate) fn prog_test_run(
+    prog: BorrowedFd<'_>,
+    packet: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> io::Result<RawTestRun> {
+    let too_big = |_| io::Error::from_raw_os_error(libc::E2BIG);
+    // Room for programs that grow the packet; the kernel reports ENOSPC if it is too small.
+    let mut out = vec![0u8; packet.len() + 256];
+    let ctx = SkBuffCtx {
+        ifindex,
+        ..SkBuffCtx::default()
+    };
+    let mut attr = TestRunAttr {
+        prog_fd: u32::try_from(prog.as_raw_fd())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?,
+        data_size_in: u32::try_from(packet.len()).map_err(too_big)?,
+        data_size_out: u32::try_from(out.len()).map_err(too_big)?,
+        data_in: packet.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat,
+        ctx_size_in: size_of::<SkBuffCtx>() as u32,
+        ctx_in: &raw const ctx as u64,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: `attr` is a valid, fully initialised `bpf_attr.test` of the size we pass; the
+    // pointers in it reference `packet` (read, `data_size_in` bytes), `out` (written, at most
+    // `data_size_out` bytes) and `ctx` (read, `ctx_size_in` bytes), all of which outlive the
+    // call; `ctx_out` is null so nothing else is written. The fd is borrowed for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            size_of::<TestRunAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    out.truncate(
+        usize::try_from(attr.data_size_out)
+            .unwrap_or(0)
+            .min(out.len()),
+    );
+    Ok(RawTestRun {
+        retval: attr.retval,
+        duration_ns: attr.duration,
+        data_out: out,
+    })
+}
+
+/// Raises RLIMIT_MEMLOCK to infinity. Kernels before 5.11 charge BPF maps against it; later
+/// ones use memcg accounting, so a failure here only matters on old kernels.
+pub(crate) fn raise_memlock() -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: `lim` is a valid rlimit that the call only reads.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const lim) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The index of interface `name` in the calling thread's network namespace.
+pub(crate) fn if_nametoindex(name: &std::ffi::CStr) -> io::Result<u32> {
+    // SAFETY: `name` is a valid NUL-terminated string that the call only reads.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(index)
+}

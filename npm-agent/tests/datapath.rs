@@ -1,0 +1,1106 @@
+//! Privileged datapath tests: the real eBPF programs on the running kernel.
+//!
+//! Most tests load the object unpinned, write map entries through aya's typed maps, craft
+//! Ethernet frames and run the classifiers with `BPF_PROG_TEST_RUN` as if the packet crossed
+//! interface 1 (`lo`, which exists in every namespace). Each test has its own maps.
+//! `pinned_maps_are_adopted` uses a private bpffs directory; `attach_*` creates its own
+//! network namespaces and veth pair. Everything is removed by guards, also on failure.
+//! Requires root (CAP_BPF, CAP_NET_ADMIN); tests panic rather than skip.
+
+use std::{
+    fs,
+    net::Ipv6Addr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key};
+use npm_agent::datapath::Datapath;
+use npm_common::{
+    maps::{
+        Addr16, CIDR_CLASS_BIT, CT_ORIGIN_LO, CT_SEEN_REPLY, CT_TCP_CLOSING,
+        CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS, CtKey,
+        CtValue, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, MAP_CIDRS, MAP_CONNTRACK,
+        MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY, PEER_HOST, POLICY_PREFIX_ANY_PORT,
+        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD, PROG_TO_POD, PROTO_ICMP,
+        PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue,
+        V4_MAPPED_PREFIX_LEN, addr_from_v4,
+    },
+    metrics::{MetricsKey, MetricsValue},
+    verdict::{
+        DIR_EGRESS, DIR_INGRESS, REASON_DROP_MALFORMED, REASON_DROP_POLICY, REASON_ESTABLISHED,
+        REASON_HOST, REASON_NOT_ISOLATED, REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_REPLY,
+        REASON_SELF,
+    },
+};
+
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_PIPE: u32 = 3;
+/// `lo`: exists in every network namespace, as `BPF_PROG_TEST_RUN` requires.
+const IFINDEX: u32 = 1;
+const LOCAL_ID: u32 = 100;
+const PEER_ID: u32 = 200;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+// ---------------------------------------------------------------------------------------
+// Addresses
+// ---------------------------------------------------------------------------------------
+
+/// The local pod (behind ifindex 1).
+const POD: [u8; 4] = [10, 0, 0, 1];
+/// A remote pod with identity `PEER_ID`.
+const PEER: [u8; 4] = [10, 0, 0, 2];
+
+fn v4(a: [u8; 4]) -> Addr16 {
+    addr_from_v4(a)
+}
+
+fn v6(s: &str) -> Addr16 {
+    s.parse::<Ipv6Addr>().expect("valid IPv6 literal").octets()
+}
+
+// ---------------------------------------------------------------------------------------
+// Packet builders (checksums are irrelevant to the classifier)
+// ---------------------------------------------------------------------------------------
+
+fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    p.extend_from_slice(&ethertype.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+    ipv4_frag(src, dst, proto, 0, l4)
+}
+
+fn ipv4_frag(src: [u8; 4], dst: [u8; 4], proto: u8, frag_off: u16, l4: &[u8]) -> Vec<u8> {
+    let total = u16::try_from(20 + l4.len()).expect("small packet");
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 1]);
+    ip.extend_from_slice(&frag_off.to_be_bytes());
+    ip.extend_from_slice(&[64, proto, 0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    ip.extend_from_slice(l4);
+    eth(0x0800, &ip)
+}
+
+/// IPv6 with the given extension headers (each `(type, bytes)`, bytes without next-header)
+/// chained before the L4 header of protocol `proto`.
+fn ipv6_ext(src: Addr16, dst: Addr16, ext: &[(u8, Vec<u8>)], proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (i, (_, bytes)) in ext.iter().enumerate() {
+        let next = ext.get(i + 1).map_or(proto, |(t, _)| *t);
+        body.push(next);
+        body.extend_from_slice(bytes);
+    }
+    body.extend_from_slice(l4);
+    let first = ext.first().map_or(proto, |(t, _)| *t);
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&u16::try_from(body.len()).expect("small").to_be_bytes());
+    ip.extend_from_slice(&[first, 64]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    ip.extend_from_slice(&body);
+    eth(0x86dd, &ip)
+}
+
+fn ipv6(src: Addr16, dst: Addr16, proto: u8, l4: &[u8]) -> Vec<u8> {
+    ipv6_ext(src, dst, &[], proto, l4)
+}
+
+/// Hop-by-hop / dest-opts header of 8 bytes (length field 0, PadN option).
+fn ext_opts8() -> Vec<u8> {
+    vec![0, 1, 4, 0, 0, 0, 0]
+}
+
+/// Fragment header: offset in 8-byte units, more-fragments flag.
+fn ext_frag(offset: u16, more: bool) -> Vec<u8> {
+    let v = (offset << 3) | u16::from(more);
+    let mut b = vec![0];
+    b.extend_from_slice(&v.to_be_bytes());
+    b.extend_from_slice(&[0, 0, 0, 7]);
+    b
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = Vec::with_capacity(20);
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t
+}
+
+fn udp(sport: u16, dport: u16) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&[0, 12, 0, 0, b'p', b'i', b'n', b'g']);
+    u
+}
+
+fn sctp(sport: u16, dport: u16) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+    s
+}
+
+fn icmp(ty: u8, id: u16) -> Vec<u8> {
+    let mut i = vec![ty, 0, 0, 0];
+    i.extend_from_slice(&id.to_be_bytes());
+    i.extend_from_slice(&[0, 1, 0xde, 0xad]);
+    i
+}
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+struct Env {
+    dp: Datapath,
+    endpoints: HashMap<MapData, u32, EndpointInfo>,
+    identities: HashMap<MapData, Addr16, PeerInfo>,
+    cidrs: LpmTrie<MapData, Addr16, u32>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    ct: HashMap<MapData, CtKey, CtValue>,
+    metrics: PerCpuHashMap<MapData, MetricsKey, MetricsValue>,
+}
+
+impl Env {
+    fn new() -> Self {
+        let mut dp = Datapath::load(None).expect("load the datapath (root required)");
+        let mut take = |name: &str| dp.take_map(name).expect("map in object");
+        let endpoints = HashMap::try_from(take(MAP_ENDPOINTS)).expect("endpoints map");
+        let identities = HashMap::try_from(take(MAP_IDENTITIES)).expect("identities map");
+        let cidrs = LpmTrie::try_from(take(MAP_CIDRS)).expect("cidrs map");
+        let policy = LpmTrie::try_from(take(MAP_POLICY)).expect("policy map");
+        let ct = HashMap::try_from(take(MAP_CONNTRACK)).expect("conntrack map");
+        let metrics = PerCpuHashMap::try_from(take(MAP_METRICS)).expect("metrics map");
+        Self {
+            dp,
+            endpoints,
+            identities,
+            cidrs,
+            policy,
+            ct,
+            metrics,
+        }
+    }
+
+    /// An endpoint (the local pod) at `IFINDEX` with `LOCAL_ID` and isolation `flags`.
+    fn endpoint(mut self, flags: u32) -> Self {
+        self.endpoints
+            .insert(
+                IFINDEX,
+                EndpointInfo {
+                    id: LOCAL_ID,
+                    flags,
+                },
+                0,
+            )
+            .expect("insert endpoint");
+        self
+    }
+
+    fn identity(&mut self, addr: Addr16, id: u32, ifindex: u32, flags: u32) {
+        self.identities
+            .insert(addr, PeerInfo { id, ifindex, flags }, 0)
+            .expect("insert identity");
+    }
+
+    fn cidr(&mut self, addr: Addr16, prefix: u32, class: u32) {
+        self.cidrs
+            .insert(&Key::new(prefix, addr), class, 0)
+            .expect("insert cidr");
+    }
+
+    fn allow(&mut self, peer_id: u32, dir: u8, proto: u8, dport: u16, prefix: u32) {
+        let key = PolicyKey {
+            local_id: LOCAL_ID,
+            peer_id,
+            dir,
+            proto,
+            dport_be: dport.to_be(),
+        };
+        self.policy
+            .insert(&Key::new(prefix, key), PolicyValue::default(), 0)
+            .expect("insert policy");
+    }
+
+    fn run(&self, prog: &str, packet: &[u8]) -> u32 {
+        self.dp
+            .test_run(prog, packet, IFINDEX, 1)
+            .expect("BPF_PROG_TEST_RUN")
+            .retval
+    }
+
+    /// Runs `packet` through `prog` and asserts the verdict and that the counter for
+    /// `{ifindex, dir, reason}` grew by one packet of `packet.len()` bytes.
+    fn expect(&self, prog: &str, packet: &[u8], reason: u8, metric_ifindex: u32) {
+        let dir = if prog == PROG_TO_POD {
+            DIR_INGRESS
+        } else {
+            DIR_EGRESS
+        };
+        let before = self.counter(metric_ifindex, dir, reason);
+        let retval = self.run(prog, packet);
+        let want = if reason >= 128 {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_PIPE
+        };
+        assert_eq!(
+            retval, want,
+            "{prog}: want reason {reason} (retval {want}), got retval {retval}"
+        );
+        let after = self.counter(metric_ifindex, dir, reason);
+        let len = u64::try_from(packet.len()).expect("len");
+        assert_eq!(
+            (after.packets - before.packets, after.bytes - before.bytes),
+            (1, len),
+            "{prog}: counter {{ifindex {metric_ifindex}, dir {dir}, reason {reason}}}"
+        );
+    }
+
+    fn pass(&self, prog: &str, packet: &[u8], reason: u8) {
+        self.expect(prog, packet, reason, IFINDEX);
+    }
+
+    fn deny(&self, prog: &str, packet: &[u8], reason: u8) {
+        self.expect(prog, packet, reason, IFINDEX);
+    }
+
+    fn counter(&self, ifindex: u32, dir: u8, reason: u8) -> MetricsValue {
+        let key = MetricsKey {
+            ifindex,
+            dir,
+            reason,
+            _pad: [0; 2],
+        };
+        match self.metrics.get(&key, 0) {
+            Ok(values) => values
+                .iter()
+                .fold(MetricsValue::default(), |acc, v| MetricsValue {
+                    packets: acc.packets + v.packets,
+                    bytes: acc.bytes + v.bytes,
+                }),
+            Err(aya::maps::MapError::KeyNotFound) => MetricsValue::default(),
+            Err(e) => panic!("reading metrics: {e}"),
+        }
+    }
+
+    fn ct_entry(&self, key: &CtKey) -> Option<CtValue> {
+        match self.ct.get(key, 0) {
+            Ok(v) => Some(v),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => panic!("reading conntrack: {e}"),
+        }
+    }
+
+    fn ct_len(&self) -> usize {
+        self.ct.keys().take(10_000).count()
+    }
+}
+
+/// The conntrack key the datapath builds (pairs sorted by address bytes, then port).
+fn ct_key(src: Addr16, sport: u16, dst: Addr16, dport: u16, proto: u8) -> (CtKey, bool) {
+    let src_is_lo = (src, sport) <= (dst, dport);
+    let ((addr_lo, port_lo), (addr_hi, port_hi)) = if src_is_lo {
+        ((src, sport), (dst, dport))
+    } else {
+        ((dst, dport), (src, sport))
+    };
+    (
+        CtKey {
+            addr_lo,
+            addr_hi,
+            ifindex: IFINDEX,
+            port_lo_be: port_lo.to_be(),
+            port_hi_be: port_hi.to_be(),
+            proto,
+            _pad: [0; 3],
+        },
+        src_is_lo,
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Verdicts
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn unmanaged_ifindex_passes() {
+    let env = Env::new();
+    let p = ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    env.expect(PROG_TO_POD, &p, REASON_NOT_MANAGED, 0);
+    let p = ipv4(POD, PEER, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    env.expect(PROG_FROM_POD, &p, REASON_NOT_MANAGED, 0);
+    assert_eq!(env.ct_len(), 0, "unmanaged traffic is not tracked");
+}
+
+#[test]
+fn not_isolated_passes_and_is_tracked() {
+    let env = Env::new().endpoint(0);
+    let p = ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    env.pass(PROG_TO_POD, &p, REASON_NOT_ISOLATED);
+    let (key, _) = ct_key(v4(PEER), 40000, v4(POD), 80, PROTO_TCP);
+    let ct = env.ct_entry(&key).expect("allowed packet creates an entry");
+    assert_eq!(ct.origin_dir, DIR_INGRESS);
+    // Egress isolation only: ingress still passes, egress new flows drop.
+    let env = Env::new().endpoint(EP_ISOLATE_EGRESS);
+    env.pass(PROG_TO_POD, &p, REASON_NOT_ISOLATED);
+    let p = ipv4(POD, PEER, PROTO_UDP, &udp(5000, 53));
+    env.deny(PROG_FROM_POD, &p, REASON_DROP_POLICY);
+}
+
+#[test]
+fn non_ip_passes_on_managed_isolated_endpoint() {
+    let env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    let arp = eth(
+        0x0806,
+        &[0, 1, 8, 0, 6, 4, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 2],
+    );
+    env.pass(PROG_TO_POD, &arp, REASON_NOT_MANAGED);
+    env.pass(PROG_FROM_POD, &arp, REASON_NOT_MANAGED);
+}
+
+#[test]
+fn isolated_without_entry_drops_and_creates_no_entry() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    let p = ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    env.deny(PROG_TO_POD, &p, REASON_DROP_POLICY);
+    assert_eq!(
+        env.ct_len(),
+        0,
+        "a denied packet creates no conntrack entry"
+    );
+}
+
+#[test]
+fn allow_by_pod_identity_exact_port() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40001, 81, TCP_SYN)),
+        REASON_DROP_POLICY,
+    );
+    // Same port, UDP: not allowed.
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_UDP, &udp(40002, 80)),
+        REASON_DROP_POLICY,
+    );
+    // The ingress entry does not allow egress to the same peer and port.
+    env.deny(
+        PROG_FROM_POD,
+        &ipv4(POD, PEER, PROTO_TCP, &tcp(40003, 80, TCP_SYN)),
+        REASON_DROP_POLICY,
+    );
+    // An unknown peer without CIDR class is dropped.
+    env.deny(
+        PROG_TO_POD,
+        &ipv4([10, 0, 0, 3], POD, PROTO_TCP, &tcp(40004, 80, TCP_SYN)),
+        REASON_DROP_POLICY,
+    );
+}
+
+#[test]
+fn allow_by_cidr_class() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    let class = CIDR_CLASS_BIT | 1;
+    // 192.168.0.0/16 → class 1
+    env.cidr(v4([192, 168, 0, 0]), V4_MAPPED_PREFIX_LEN + 16, class);
+    env.allow(class, DIR_EGRESS, PROTO_UDP, 53, POLICY_PREFIX_FULL);
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, [192, 168, 7, 9], PROTO_UDP, &udp(5353, 53)),
+        REASON_POLICY_ALLOW,
+    );
+    env.deny(
+        PROG_FROM_POD,
+        &ipv4(POD, [192, 169, 0, 1], PROTO_UDP, &udp(5354, 53)),
+        REASON_DROP_POLICY,
+    );
+    // A pod peer whose identity has no entry falls back to its CIDR class.
+    env.identity(v4([192, 168, 1, 1]), PEER_ID, 0, 0);
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, [192, 168, 1, 1], PROTO_UDP, &udp(5355, 53)),
+        REASON_POLICY_ALLOW,
+    );
+}
+
+#[test]
+fn any_proto_entry_is_needed_for_icmp() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    // "All ports of TCP" does not allow ICMP.
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 0, POLICY_PREFIX_ANY_PORT);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 12345, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    let ping = ipv4(PEER, POD, PROTO_ICMP, &icmp(8, 77));
+    env.deny(PROG_TO_POD, &ping, REASON_DROP_POLICY);
+    // An any-protocol entry (no port restriction) allows it.
+    env.allow(PEER_ID, DIR_INGRESS, 0, 0, POLICY_PREFIX_ANY_PROTO);
+    env.pass(PROG_TO_POD, &ping, REASON_POLICY_ALLOW);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_SCTP, &sctp(1, 2)),
+        REASON_POLICY_ALLOW,
+    );
+}
+
+#[test]
+fn port_range_via_lpm_block() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    // 8080-8087: one block of 8 ports = prefix 96 - 3.
+    env.allow(
+        PEER_ID,
+        DIR_INGRESS,
+        PROTO_TCP,
+        8080,
+        POLICY_PREFIX_FULL - 3,
+    );
+    for (i, port) in (8080..=8087).enumerate() {
+        let sport = 30000 + u16::try_from(i).expect("small");
+        env.pass(
+            PROG_TO_POD,
+            &ipv4(PEER, POD, PROTO_TCP, &tcp(sport, port, TCP_SYN)),
+            REASON_POLICY_ALLOW,
+        );
+    }
+    for port in [8079, 8088, 80, 0] {
+        env.deny(
+            PROG_TO_POD,
+            &ipv4(PEER, POD, PROTO_TCP, &tcp(31000, port, TCP_SYN)),
+            REASON_DROP_POLICY,
+        );
+    }
+}
+
+#[test]
+fn sctp_ports() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_SCTP, 3868, POLICY_PREFIX_FULL);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_SCTP, &sctp(5000, 3868)),
+        REASON_POLICY_ALLOW,
+    );
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_SCTP, &sctp(5000, 3869)),
+        REASON_DROP_POLICY,
+    );
+}
+
+#[test]
+fn ipv6_identity_cidr_exthdrs_and_fragments() {
+    let pod = v6("fd00::1");
+    let peer = v6("fd00::2");
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    env.identity(peer, PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 443, POLICY_PREFIX_FULL);
+    let class = CIDR_CLASS_BIT | 2;
+    env.cidr(v6("2001:db8::"), 32, class);
+    env.allow(class, DIR_EGRESS, PROTO_ICMPV6, 0, POLICY_PREFIX_ANY_PORT);
+
+    env.pass(
+        PROG_TO_POD,
+        &ipv6(peer, pod, PROTO_TCP, &tcp(50000, 443, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    env.deny(
+        PROG_TO_POD,
+        &ipv6(peer, pod, PROTO_TCP, &tcp(50001, 444, TCP_SYN)),
+        REASON_DROP_POLICY,
+    );
+    // Hop-by-hop + dest-opts + first fragment before TCP: the port is still found.
+    let ext = [
+        (0u8, ext_opts8()),
+        (60, ext_opts8()),
+        (44, ext_frag(0, true)),
+    ];
+    env.pass(
+        PROG_TO_POD,
+        &ipv6_ext(peer, pod, &ext, PROTO_TCP, &tcp(50002, 443, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    // A non-first fragment has no L4 header: port 0, not allowed by the port-443 entry.
+    let ext = [(44u8, ext_frag(100, false))];
+    env.deny(
+        PROG_TO_POD,
+        &ipv6_ext(peer, pod, &ext, PROTO_TCP, &[0; 16]),
+        REASON_DROP_POLICY,
+    );
+    // Too many extension headers to walk: malformed.
+    let ext: Vec<(u8, Vec<u8>)> = (0..5).map(|_| (60u8, ext_opts8())).collect();
+    env.deny(
+        PROG_TO_POD,
+        &ipv6_ext(peer, pod, &ext, PROTO_TCP, &tcp(50003, 443, TCP_SYN)),
+        REASON_DROP_MALFORMED,
+    );
+    // ICMPv6 echo to 2001:db8::/32 by CIDR class, any port of ICMPv6.
+    env.pass(
+        PROG_FROM_POD,
+        &ipv6(pod, v6("2001:db8::53"), PROTO_ICMPV6, &icmp(128, 9)),
+        REASON_POLICY_ALLOW,
+    );
+    env.deny(
+        PROG_FROM_POD,
+        &ipv6(pod, v6("2001:db9::53"), PROTO_ICMPV6, &icmp(128, 9)),
+        REASON_DROP_POLICY,
+    );
+    // An IPv4 peer in the same range of bits is not matched by the IPv6 CIDR.
+    env.deny(
+        PROG_FROM_POD,
+        &ipv4(POD, [32, 1, 13, 184], PROTO_ICMP, &icmp(8, 9)),
+        REASON_DROP_POLICY,
+    );
+}
+
+#[test]
+fn ipv4_non_first_fragment_uses_port_zero() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_UDP, 0, POLICY_PREFIX_ANY_PORT);
+    // Offset 185 (×8 bytes): no UDP header; allowed only because all UDP ports are.
+    env.pass(
+        PROG_TO_POD,
+        &ipv4_frag(PEER, POD, PROTO_UDP, 185, &[0xaa; 8]),
+        REASON_POLICY_ALLOW,
+    );
+    env.deny(
+        PROG_TO_POD,
+        &ipv4_frag(PEER, POD, PROTO_TCP, 185, &[0xaa; 8]),
+        REASON_DROP_POLICY,
+    );
+}
+
+#[test]
+fn host_peer_always_allowed() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    let node = [10, 0, 0, 254];
+    env.identity(v4(node), 0, 0, PEER_HOST);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(node, POD, PROTO_TCP, &tcp(33000, 8080, TCP_SYN)),
+        REASON_HOST,
+    );
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, node, PROTO_UDP, &udp(33001, 53)),
+        REASON_HOST,
+    );
+}
+
+#[test]
+fn self_peer_always_allowed() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    env.identity(v4(POD), LOCAL_ID, IFINDEX, 0);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(POD, POD, PROTO_TCP, &tcp(33000, 8080, TCP_SYN)),
+        REASON_SELF,
+    );
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, POD, PROTO_TCP, &tcp(33001, 8080, TCP_SYN)),
+        REASON_SELF,
+    );
+}
+
+#[test]
+fn malformed_packets() {
+    let env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    let full = ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    // (An IP header cut short cannot be tested here: since 6.x BPF_PROG_TEST_RUN itself
+    // rejects IP frames shorter than the minimal IP header with EINVAL.)
+    // IHL claims 60 bytes of header in a 54-byte frame: no room for the L4 header.
+    let mut long_ihl = full.clone();
+    if let Some(b) = long_ihl.get_mut(14) {
+        *b = 0x4f;
+    }
+    env.deny(PROG_TO_POD, &long_ihl, REASON_DROP_MALFORMED);
+    // TCP header cut to 8 bytes.
+    let short_tcp = full.get(..14 + 20 + 8).expect("len").to_vec();
+    env.deny(PROG_TO_POD, &short_tcp, REASON_DROP_MALFORMED);
+    // Bad IHL (4 words).
+    let mut bad_ihl = full.clone();
+    if let Some(b) = bad_ihl.get_mut(14) {
+        *b = 0x44;
+    }
+    env.deny(PROG_TO_POD, &bad_ihl, REASON_DROP_MALFORMED);
+    // IPv6 ethertype with an IPv4 header.
+    let mut bad_ver = full.clone();
+    if let Some(b) = bad_ver.get_mut(12..14) {
+        b.copy_from_slice(&[0x86, 0xdd]);
+    }
+    env.deny(PROG_TO_POD, &bad_ver, REASON_DROP_MALFORMED);
+    // Truncated ICMP.
+    let ping = ipv4(PEER, POD, PROTO_ICMP, &icmp(8, 1));
+    env.deny(
+        PROG_TO_POD,
+        ping.get(..14 + 20 + 4).expect("len"),
+        REASON_DROP_MALFORMED,
+    );
+    // The same truncation in the non-isolated direction passes, untracked.
+    let short_out = ipv4(POD, PEER, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    env.pass(
+        PROG_FROM_POD,
+        short_out.get(..14 + 20 + 8).expect("len"),
+        REASON_NOT_ISOLATED,
+    );
+    assert_eq!(env.ct_len(), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Conntrack
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn conntrack_reply_passes_through_isolated_direction() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+
+    let syn = ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    let synack = ipv4(POD, PEER, PROTO_TCP, &tcp(80, 40000, TCP_SYN | TCP_ACK));
+    let ack = ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_ACK));
+
+    // Before the SYN, the reply direction (egress, no entries) drops.
+    env.deny(PROG_FROM_POD, &synack, REASON_DROP_POLICY);
+    assert_eq!(env.ct_len(), 0);
+
+    env.pass(PROG_TO_POD, &syn, REASON_POLICY_ALLOW);
+    let (key, src_is_lo) = ct_key(v4(PEER), 40000, v4(POD), 80, PROTO_TCP);
+    let ct = env.ct_entry(&key).expect("SYN creates an entry");
+    assert_eq!(ct.origin_dir, DIR_INGRESS);
+    assert_eq!(ct.flags & CT_ORIGIN_LO != 0, src_is_lo);
+    assert_eq!(ct.flags & (CT_SEEN_REPLY | CT_TCP_CLOSING), 0);
+    let syn_expires = ct.expires_ns;
+
+    env.pass(PROG_FROM_POD, &synack, REASON_REPLY);
+    let ct = env.ct_entry(&key).expect("entry");
+    assert_ne!(ct.flags & CT_SEEN_REPLY, 0, "reply seen");
+    let est = ct.expires_ns - syn_expires;
+    let want = CT_TIMEOUT_TCP_ESTABLISHED_NS - CT_TIMEOUT_TCP_SYN_NS;
+    assert!(
+        est.abs_diff(want) < 5_000_000_000,
+        "established timeout replaces the SYN one: {est} vs {want}"
+    );
+
+    env.pass(PROG_TO_POD, &ack, REASON_ESTABLISHED);
+    // The tracked flow does not open other ports or the reverse new direction.
+    env.deny(
+        PROG_FROM_POD,
+        &ipv4(POD, PEER, PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_DROP_POLICY,
+    );
+    assert_eq!(env.ct_len(), 1);
+}
+
+#[test]
+fn conntrack_entry_from_non_isolated_direction_lets_replies_in() {
+    // Egress not isolated, ingress isolated with nothing allowed: replies still come in.
+    let env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    let out = ipv4(POD, PEER, PROTO_UDP, &udp(5000, 53));
+    let back = ipv4(PEER, POD, PROTO_UDP, &udp(53, 5000));
+    env.deny(PROG_TO_POD, &back, REASON_DROP_POLICY);
+    env.pass(PROG_FROM_POD, &out, REASON_NOT_ISOLATED);
+    env.pass(PROG_TO_POD, &back, REASON_REPLY);
+    env.pass(PROG_FROM_POD, &out, REASON_ESTABLISHED);
+}
+
+#[test]
+fn conntrack_expired_entry_counts_as_absent() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    let (key, src_is_lo) = ct_key(v4(POD), 5000, v4(PEER), 53, PROTO_UDP);
+    let stale = CtValue {
+        expires_ns: 1,
+        origin_dir: DIR_EGRESS,
+        flags: if src_is_lo { CT_ORIGIN_LO } else { 0 },
+        _pad: [0; 6],
+    };
+    env.ct.insert(key, stale, 0).expect("insert ct");
+    let back = ipv4(PEER, POD, PROTO_UDP, &udp(53, 5000));
+    env.deny(PROG_TO_POD, &back, REASON_DROP_POLICY);
+    // Made live, the same entry lets the reply in.
+    let live = CtValue {
+        expires_ns: u64::MAX,
+        ..stale
+    };
+    env.ct.insert(key, live, 0).expect("insert ct");
+    env.pass(PROG_TO_POD, &back, REASON_REPLY);
+}
+
+#[test]
+fn conntrack_tcp_rst_shortens_timeout() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+    let (key, _) = ct_key(v4(PEER), 40000, v4(POD), 80, PROTO_TCP);
+
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, PEER, PROTO_TCP, &tcp(80, 40000, TCP_SYN | TCP_ACK)),
+        REASON_REPLY,
+    );
+    let before = env.ct_entry(&key).expect("entry");
+    assert_ne!(before.flags & CT_SEEN_REPLY, 0);
+
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, PEER, PROTO_TCP, &tcp(80, 40000, TCP_RST | TCP_ACK)),
+        REASON_REPLY,
+    );
+    let after = env.ct_entry(&key).expect("entry");
+    assert_ne!(after.flags & CT_TCP_CLOSING, 0, "RST marks closing");
+    let shrink = before.expires_ns - after.expires_ns;
+    let want = CT_TIMEOUT_TCP_ESTABLISHED_NS - CT_TIMEOUT_TCP_CLOSING_NS;
+    assert!(
+        shrink.abs_diff(want) < 5_000_000_000,
+        "closing timeout: shrank by {shrink}, want about {want}"
+    );
+    // FIN on a fresh flow also marks it closing.
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40001, 80, TCP_FIN | TCP_ACK)),
+        REASON_POLICY_ALLOW,
+    );
+    let (key, _) = ct_key(v4(PEER), 40001, v4(POD), 80, PROTO_TCP);
+    let fin = env.ct_entry(&key).expect("entry");
+    assert_ne!(fin.flags & CT_TCP_CLOSING, 0);
+}
+
+#[test]
+fn icmp_echo_reply_allowed_only_after_request() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_EGRESS, PROTO_ICMP, 0, POLICY_PREFIX_ANY_PORT);
+    let request = ipv4(POD, PEER, PROTO_ICMP, &icmp(8, 4242));
+    let reply = ipv4(PEER, POD, PROTO_ICMP, &icmp(0, 4242));
+
+    env.deny(PROG_TO_POD, &reply, REASON_DROP_POLICY);
+    assert_eq!(env.ct_len(), 0, "a dropped reply creates nothing");
+    env.pass(PROG_FROM_POD, &request, REASON_POLICY_ALLOW);
+    env.pass(PROG_TO_POD, &reply, REASON_REPLY);
+    env.pass(PROG_FROM_POD, &request, REASON_ESTABLISHED);
+    // Another identifier is another flow.
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_ICMP, &icmp(0, 4243)),
+        REASON_DROP_POLICY,
+    );
+    // An echo *request* from the peer on the same identifier is not a reply.
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_ICMP, &icmp(8, 4242)),
+        REASON_DROP_POLICY,
+    );
+    // Other ICMP types never match conntrack (port 0).
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_ICMP, &icmp(3, 0)),
+        REASON_DROP_POLICY,
+    );
+}
+
+#[test]
+fn test_run_repeat_counts_every_run() {
+    let env = Env::new().endpoint(0);
+    let p = ipv4(PEER, POD, PROTO_UDP, &udp(1, 2));
+    let res = env
+        .dp
+        .test_run(PROG_TO_POD, &p, IFINDEX, 10)
+        .expect("test run");
+    assert_eq!(res.retval, TC_ACT_PIPE);
+    assert_eq!(res.data_out, p, "the packet is not modified");
+    // The first run creates the entry; the other nine match it in the same direction.
+    assert_eq!(
+        env.counter(IFINDEX, DIR_INGRESS, REASON_NOT_ISOLATED)
+            .packets,
+        1
+    );
+    assert_eq!(
+        env.counter(IFINDEX, DIR_INGRESS, REASON_ESTABLISHED)
+            .packets,
+        9
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Pinning
+// ---------------------------------------------------------------------------------------
+
+/// Removes a directory tree on drop (also when the test panics).
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("cleanup: removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+#[test]
+fn pinned_maps_are_adopted() {
+    let dir = PathBuf::from(format!("/sys/fs/bpf/npm-test-{}", std::process::id()));
+    let _guard = DirGuard(dir.clone());
+    let v1 = dir.join("v1");
+
+    {
+        let mut dp = Datapath::load(Some(&v1)).expect("first load");
+        for name in [
+            MAP_ENDPOINTS,
+            MAP_IDENTITIES,
+            MAP_CIDRS,
+            MAP_POLICY,
+            MAP_CONNTRACK,
+            MAP_METRICS,
+        ] {
+            assert!(v1.join(name).exists(), "{name} is pinned");
+        }
+        let mut endpoints: HashMap<MapData, u32, EndpointInfo> =
+            HashMap::try_from(dp.take_map(MAP_ENDPOINTS).expect("map")).expect("typed");
+        endpoints
+            .insert(IFINDEX, EndpointInfo { id: 7, flags: 0 }, 0)
+            .expect("insert");
+    }
+
+    // The first Datapath is gone; the pins kept the maps, and a new load adopts them.
+    let mut dp = Datapath::load(Some(&v1)).expect("second load");
+    let p = ipv4(PEER, POD, PROTO_UDP, &udp(1, 2));
+    let res = dp.test_run(PROG_TO_POD, &p, IFINDEX, 1).expect("test run");
+    assert_eq!(res.retval, TC_ACT_PIPE);
+    let endpoints: HashMap<MapData, u32, EndpointInfo> =
+        HashMap::try_from(dp.take_map(MAP_ENDPOINTS).expect("map")).expect("typed");
+    assert_eq!(
+        endpoints.get(&IFINDEX, 0).expect("entry survives"),
+        EndpointInfo { id: 7, flags: 0 }
+    );
+    let metrics: PerCpuHashMap<MapData, MetricsKey, MetricsValue> =
+        PerCpuHashMap::try_from(dp.take_map(MAP_METRICS).expect("map")).expect("typed");
+    let key = MetricsKey {
+        ifindex: IFINDEX,
+        dir: DIR_INGRESS,
+        reason: REASON_NOT_ISOLATED,
+        _pad: [0; 2],
+    };
+    let n: u64 = metrics
+        .get(&key, 0)
+        .expect("counted")
+        .iter()
+        .map(|v| v.packets)
+        .sum();
+    assert_eq!(n, 1, "the reloaded program uses the adopted endpoint map");
+}
+
+// ---------------------------------------------------------------------------------------
+// Attaching (network namespaces)
+// ---------------------------------------------------------------------------------------
+
+fn sh(args: &[&str]) -> (bool, String) {
+    let out = Command::new(args.first().copied().expect("program"))
+        .args(args.get(1..).unwrap_or_default())
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn must(args: &[&str]) -> String {
+    let (ok, text) = sh(args);
+    assert!(ok, "{args:?} failed: {text}");
+    text
+}
+
+/// Two namespaces joined by a veth pair; deleted on drop (deleting a namespace deletes the
+/// veth end inside it, and with it the pair).
+struct NetnsPair {
+    a: String,
+    b: String,
+}
+
+impl NetnsPair {
+    fn new() -> Self {
+        let pid = std::process::id();
+        let pair = Self {
+            a: format!("npmtest-{pid}-a"),
+            b: format!("npmtest-{pid}-b"),
+        };
+        must(&["ip", "netns", "add", &pair.a]);
+        must(&["ip", "netns", "add", &pair.b]);
+        must(&[
+            "ip", "-n", &pair.a, "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
+            "netns", &pair.b,
+        ]);
+        for (ns, dev, addr) in [
+            (&pair.a, "veth-a", "10.213.0.1/24"),
+            (&pair.b, "veth-b", "10.213.0.2/24"),
+        ] {
+            must(&["ip", "-n", ns, "addr", "add", addr, "dev", dev]);
+            must(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let (ok, text) = sh(&["ip", "netns", "del", ns]);
+            if !ok {
+                eprintln!("cleanup: ip netns del {ns}: {text}");
+            }
+        }
+    }
+}
+
+/// Runs `f` on a new thread that has entered network namespace `ns`.
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = Path::new("/run/netns").join(ns);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // SAFETY: setns on a valid namespace fd; it changes only this thread's network
+            // namespace, and this thread ends when `f` returns.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+fn filters(ns: &str, hook: &str) -> String {
+    must(&[
+        "ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "veth-a", hook,
+    ])
+}
+
+/// Number of filters (lines with a handle) running program `prog`.
+fn count_filters(text: &str, prog: &str) -> usize {
+    text.lines()
+        .filter(|l| l.contains("handle") && l.contains(prog))
+        .count()
+}
+
+fn ping(ns: &str, addr: &str) -> bool {
+    sh(&[
+        "ip", "netns", "exec", ns, "ping", "-c", "1", "-W", "1", "-q", addr,
+    ])
+    .0
+}
+
+#[test]
+fn attach_replace_detach_in_netns() {
+    let pair = NetnsPair::new();
+    let mut dp = Datapath::load(None).expect("load");
+    let mut endpoints: HashMap<MapData, u32, EndpointInfo> =
+        HashMap::try_from(dp.take_map(MAP_ENDPOINTS).expect("map")).expect("typed");
+
+    assert!(ping(&pair.b, "10.213.0.1"), "baseline ping works");
+
+    let ifindex = in_netns(&pair.a, || dp.attach("veth-a").expect("attach"));
+    assert!(ifindex > 0);
+    let ingress = filters(&pair.a, "ingress");
+    let egress = filters(&pair.a, "egress");
+    assert_eq!(
+        count_filters(&ingress, "npm_from_pod"),
+        1,
+        "ingress: {ingress}"
+    );
+    assert_eq!(count_filters(&egress, "npm_to_pod"), 1, "egress: {egress}");
+    assert!(ingress.contains("direct-action"), "{ingress}");
+
+    // Attaching again (as a restarted agent would) replaces, never stacks.
+    let again = in_netns(&pair.a, || dp.attach("veth-a").expect("attach again"));
+    assert_eq!(again, ifindex);
+    let ingress = filters(&pair.a, "ingress");
+    assert_eq!(
+        count_filters(&ingress, "npm_from_pod"),
+        1,
+        "ingress: {ingress}"
+    );
+    assert_eq!(count_filters(&filters(&pair.a, "egress"), "npm_to_pod"), 1);
+
+    // Unmanaged interface: traffic passes.
+    assert!(ping(&pair.b, "10.213.0.1"), "unmanaged: ping passes");
+    // Managed, isolated both ways with no policy: the echo request is dropped.
+    endpoints
+        .insert(
+            ifindex,
+            EndpointInfo {
+                id: LOCAL_ID,
+                flags: EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS,
+            },
+            0,
+        )
+        .expect("insert endpoint");
+    assert!(!ping(&pair.b, "10.213.0.1"), "isolated: ping dropped");
+    endpoints.remove(&ifindex).expect("remove endpoint");
+    assert!(ping(&pair.b, "10.213.0.1"), "unmanaged again: ping passes");
+
+    // Filters outlive the Datapath (the agent exits without detaching).
+    drop(endpoints);
+    drop(dp);
+    assert_eq!(
+        count_filters(&filters(&pair.a, "ingress"), "npm_from_pod"),
+        1
+    );
+
+    // A new agent's Datapath replaces the old filters (new program ids, still one each)...
+    let mut dp = Datapath::load(None).expect("load");
+    let old = filters(&pair.a, "ingress");
+    in_netns(&pair.a, || {
+        dp.attach("veth-a").expect("attach by a new datapath")
+    });
+    let ingress = filters(&pair.a, "ingress");
+    assert_eq!(count_filters(&ingress, "npm_from_pod"), 1, "{ingress}");
+    assert_ne!(old, ingress, "the filter now runs the new program");
+    // ...and detaches filters whatever program instance they run.
+    in_netns(&pair.a, || dp.detach("veth-a").expect("detach"));
+    let ingress = filters(&pair.a, "ingress");
+    let egress = filters(&pair.a, "egress");
+    assert!(!ingress.contains("npm_from_pod"), "{ingress}");
+    assert!(!egress.contains("npm_to_pod"), "{egress}");
+    // Detaching again is a no-op.
+    in_netns(&pair.a, || dp.detach("veth-a").expect("detach again"));
+}

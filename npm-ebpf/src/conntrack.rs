@@ -1,0 +1,178 @@
+//! Per-endpoint connection tracking in the `NPM_CT` LRU hash: one lookup per packet.
+//!
+//! Key: the two (address, port) pairs sorted so both directions share one entry. The order is
+//! lexicographic on the 16 address bytes (network order), then on the port as a number
+//! (host order of the big-endian wire value); equal pairs put the source first.
+//!
+//! Entries are created for every allowed, untracked packet except ICMP that is not an echo
+//! request (echo replies and ICMP errors would create entries nothing can ever match).
+//! Creation overwrites (`BPF_ANY`) an absent or expired entry and never a live one, so a
+//! packet that does not match a live entry (e.g. a spoofed direction) cannot steal it.
+
+use aya_ebpf::bindings::BPF_ANY;
+use npm_common::{
+    maps::{
+        CT_ORIGIN_LO, CT_SEEN_REPLY, CT_TCP_CLOSING, CT_TIMEOUT_OTHER_NS,
+        CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS,
+        CT_TIMEOUT_UDP_NS, CtKey, CtValue, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    },
+    verdict::{REASON_ESTABLISHED, REASON_REPLY},
+};
+
+use crate::{
+    CONNTRACK,
+    parse::{L4Kind, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// Do not rewrite an entry only to move its deadline by less than this (saves cache-line
+/// traffic on every packet of a busy flow).
+const REFRESH_SLACK_NS: u64 = 1_000_000_000;
+
+/// The result of the conntrack lookup.
+pub(crate) enum Ct {
+    /// The packet belongs to a tracked flow: pass with this reason (entry already refreshed).
+    Hit(u8),
+    /// A live entry exists but this packet does not match it as established or reply.
+    LiveMismatch,
+    /// No live entry: the packet is a new flow.
+    Miss,
+}
+
+/// True when pair `a` sorts before or equal to pair `b`.
+#[inline(always)]
+fn pair_le(a: &[u8; 16], a_port_be: u16, b: &[u8; 16], b_port_be: u16) -> bool {
+    for (x, y) in a.iter().zip(b.iter()) {
+        if x != y {
+            return x < y;
+        }
+    }
+    u16::from_be(a_port_be) <= u16::from_be(b_port_be)
+}
+
+/// Fills `key` for `pkt` at `ifindex` (in place); returns whether the source is the `lo` side.
+#[inline(always)]
+pub(crate) fn key(pkt: &Packet, ifindex: u32, key: &mut CtKey) -> bool {
+    let src_is_lo = pair_le(&pkt.src, pkt.sport_be, &pkt.dst, pkt.dport_be);
+    key.ifindex = ifindex;
+    key.proto = pkt.proto;
+    if src_is_lo {
+        key.addr_lo = pkt.src;
+        key.addr_hi = pkt.dst;
+        key.port_lo_be = pkt.sport_be;
+        key.port_hi_be = pkt.dport_be;
+    } else {
+        key.addr_lo = pkt.dst;
+        key.addr_hi = pkt.src;
+        key.port_lo_be = pkt.dport_be;
+        key.port_hi_be = pkt.sport_be;
+    }
+    src_is_lo
+}
+
+#[inline(always)]
+fn tcp_closing(flags: u8) -> bool {
+    flags & (TCP_FIN | TCP_RST) != 0
+}
+
+/// Looks the flow up and, on a hit, refreshes the entry in place.
+#[inline(always)]
+pub(crate) fn lookup(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u64) -> Ct {
+    let Some(ptr) = CONNTRACK.get_ptr_mut(key) else {
+        return Ct::Miss;
+    };
+    // SAFETY: the pointer comes from a successful map lookup and stays valid for this
+    // program run (RCU); concurrent writers only ever store whole u64/u8 fields.
+    let v = unsafe { &mut *ptr };
+    if v.expires_ns <= now {
+        return Ct::Miss;
+    }
+    let origin_lo = v.flags & CT_ORIGIN_LO != 0;
+    let reason = if dir == v.origin_dir && src_is_lo == origin_lo {
+        // Sent by the originator, in the direction it was allowed in.
+        if pkt.kind == L4Kind::EchoReply || pkt.kind == L4Kind::IcmpOther {
+            return Ct::LiveMismatch;
+        }
+        REASON_ESTABLISHED
+    } else if dir != v.origin_dir && src_is_lo != origin_lo {
+        // Sent to the originator, in the other direction.
+        if pkt.kind == L4Kind::EchoRequest || pkt.kind == L4Kind::IcmpOther {
+            return Ct::LiveMismatch;
+        }
+        REASON_REPLY
+    } else {
+        return Ct::LiveMismatch;
+    };
+
+    let mut flags = v.flags;
+    let timeout = if pkt.proto == PROTO_TCP {
+        let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if syn_only && reason == REASON_ESTABLISHED && flags & CT_TCP_CLOSING != 0 {
+            // A new connection reusing the tuple of a closing one: start over.
+            flags &= !(CT_TCP_CLOSING | CT_SEEN_REPLY);
+        }
+        if reason == REASON_REPLY {
+            flags |= CT_SEEN_REPLY;
+        }
+        if tcp_closing(pkt.tcp_flags) {
+            flags |= CT_TCP_CLOSING;
+        }
+        tcp_timeout(flags)
+    } else {
+        other_timeout(pkt.proto)
+    };
+    let expires = now + timeout;
+    // Rewrite when the state changed, when the deadline moves earlier (closing), or when it
+    // moves later by more than the slack.
+    if flags != v.flags || expires < v.expires_ns || expires > v.expires_ns + REFRESH_SLACK_NS {
+        v.flags = flags;
+        v.expires_ns = expires;
+    }
+    Ct::Hit(reason)
+}
+
+#[inline(always)]
+fn tcp_timeout(flags: u8) -> u64 {
+    if flags & CT_TCP_CLOSING != 0 {
+        CT_TIMEOUT_TCP_CLOSING_NS
+    } else if flags & CT_SEEN_REPLY != 0 {
+        CT_TIMEOUT_TCP_ESTABLISHED_NS
+    } else {
+        CT_TIMEOUT_TCP_SYN_NS
+    }
+}
+
+/// UDP and SCTP get the UDP timeout (SCTP heartbeats default to 30 s, so the 30 s "other"
+/// timeout would race them); everything else (ICMP echo, other protocols) the short one.
+#[inline(always)]
+fn other_timeout(proto: u8) -> u64 {
+    if proto == PROTO_UDP || proto == PROTO_SCTP {
+        CT_TIMEOUT_UDP_NS
+    } else {
+        CT_TIMEOUT_OTHER_NS
+    }
+}
+
+/// Tracks a new allowed flow whose originator is this packet's source.
+#[inline(always)]
+pub(crate) fn create(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u64) {
+    if pkt.kind == L4Kind::EchoReply || pkt.kind == L4Kind::IcmpOther {
+        return;
+    }
+    let mut flags = if src_is_lo { CT_ORIGIN_LO } else { 0 };
+    let timeout = if pkt.proto == PROTO_TCP {
+        if tcp_closing(pkt.tcp_flags) {
+            flags |= CT_TCP_CLOSING;
+        }
+        tcp_timeout(flags)
+    } else {
+        other_timeout(pkt.proto)
+    };
+    let value = CtValue {
+        expires_ns: now + timeout,
+        origin_dir: dir,
+        flags,
+        _pad: [0; 6],
+    };
+    // Failure (e.g. -ENOMEM) only means the flow is re-evaluated on its next packet.
+    let _ = CONNTRACK.insert(key, value, u64::from(BPF_ANY));
+}

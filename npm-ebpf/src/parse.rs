@@ -1,0 +1,325 @@
+//! Header parsing: Ethernet → IPv4/IPv6 (bounded extension-header walk) → TCP/UDP/SCTP/ICMP.
+//!
+//! Every read goes through [`ptr_at`], which checks the access against `data_end` (the
+//! verifier insists, and a short packet must never be read past its end). Header structs are
+//! byte arrays (alignment 1), so no read is ever misaligned and no field needs a byte swap
+//! except where the value is interpreted.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::TcContext;
+use npm_common::maps::{
+    Addr16, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, addr_from_v4,
+};
+
+const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+
+/// IPv6 extension headers we skip (RFC 8200 §4): hop-by-hop, routing, fragment, dest-opts.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
+/// How many IPv6 extension headers we walk before giving up (packet counts as malformed).
+const IPV6_MAX_EXT: usize = 4;
+/// Largest L3+L4 offset we accept; keeps every packet offset provably bounded for the verifier.
+const MAX_L4_OFFSET: usize = 512;
+
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// TCP flag bits (byte 13 of the TCP header).
+pub(crate) const TCP_FIN: u8 = 0x01;
+pub(crate) const TCP_SYN: u8 = 0x02;
+pub(crate) const TCP_RST: u8 = 0x04;
+pub(crate) const TCP_ACK: u8 = 0x10;
+
+/// What the L4 header told us, beyond the ports.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum L4Kind {
+    /// TCP, UDP or SCTP with ports.
+    Ports,
+    /// No L4 header to read: non-first fragment or a protocol without ports.
+    NoPorts,
+    /// ICMP/ICMPv6 echo request; both ports are the echo identifier.
+    EchoRequest,
+    /// ICMP/ICMPv6 echo reply; both ports are the echo identifier.
+    EchoReply,
+    /// Any other ICMP/ICMPv6 type (ports 0, never tracked).
+    IcmpOther,
+}
+
+/// The classified view of one IP packet.
+#[derive(Clone, Copy)]
+pub(crate) struct Packet {
+    pub(crate) src: Addr16,
+    pub(crate) dst: Addr16,
+    /// Ports in network byte order (as on the wire).
+    pub(crate) sport_be: u16,
+    pub(crate) dport_be: u16,
+    pub(crate) proto: u8,
+    pub(crate) kind: L4Kind,
+    /// TCP flags byte, 0 for other protocols.
+    pub(crate) tcp_flags: u8,
+}
+
+/// An IP packet we cannot classify (truncated header, bad version/IHL, too many ext headers).
+pub(crate) struct Malformed;
+
+#[repr(C)]
+struct EthHdr {
+    _dst: [u8; 6],
+    _src: [u8; 6],
+    proto: [u8; 2],
+}
+const ETH_HLEN: usize = size_of::<EthHdr>();
+
+#[repr(C)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    _tos: u8,
+    _tot_len: [u8; 2],
+    _id: [u8; 2],
+    frag_off: [u8; 2],
+    _ttl: u8,
+    proto: u8,
+    _csum: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    _ver_tc_flow: [u8; 4],
+    _payload_len: [u8; 2],
+    next_hdr: u8,
+    _hop_limit: u8,
+    src: Addr16,
+    dst: Addr16,
+}
+
+/// First two bytes of every skipped IPv6 extension header (RFC 8200 §4.2 layout).
+#[repr(C)]
+struct Ipv6ExtHdr {
+    next_hdr: u8,
+    hdr_len: u8,
+    /// Fragment header: 13-bit offset + flags; unused for the other headers.
+    frag_off: [u8; 2],
+}
+
+/// Minimal TCP header (RFC 9293): ports, then flags in byte 13.
+#[repr(C)]
+struct TcpHdr {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    _seq: [u8; 4],
+    _ack: [u8; 4],
+    _doff: u8,
+    flags: u8,
+    _window: [u8; 2],
+    _csum: [u8; 2],
+    _urg: [u8; 2],
+}
+
+/// UDP header (8 bytes) and SCTP common header (12 bytes): both start with the two ports.
+#[repr(C)]
+struct PortsHdr<const N: usize> {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    _rest: [u8; N],
+}
+
+#[repr(C)]
+struct IcmpEchoHdr {
+    icmp_type: u8,
+    _code: u8,
+    _csum: [u8; 2],
+    id: [u8; 2],
+    _seq: [u8; 2],
+}
+
+/// Returns a pointer to a `T` at `offset` in the packet, or `Err` when it would end past
+/// `data_end`. The only way this crate touches packet memory.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, Malformed> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if offset > MAX_L4_OFFSET || start + offset + size_of::<T>() > end {
+        return Err(Malformed);
+    }
+    Ok((start + offset) as *const T)
+}
+
+impl Packet {
+    pub(crate) const fn new() -> Self {
+        Self {
+            src: [0; 16],
+            dst: [0; 16],
+            sport_be: 0,
+            dport_be: 0,
+            proto: 0,
+            kind: L4Kind::NoPorts,
+            tcp_flags: 0,
+        }
+    }
+}
+
+/// Parses the packet into `pkt` (written in place to keep the BPF stack small).
+/// `Ok(false)`: not IPv4/IPv6 (ARP, LLDP, ...).
+#[inline(always)]
+pub(crate) fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, Malformed> {
+    // A frame shorter than an Ethernet header is not IP as far as we can tell.
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Ok(false);
+    };
+    // SAFETY: `ptr_at` checked that the header lies within the packet.
+    let proto = unsafe { (*eth).proto };
+    if proto == ETH_P_IP {
+        parse_v4(ctx, pkt).map(|()| true)
+    } else if proto == ETH_P_IPV6 {
+        parse_v6(ctx, pkt).map(|()| true)
+    } else {
+        Ok(false)
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: `ptr_at` checked bounds; the struct has alignment 1.
+    let (ver_ihl, frag_off) = unsafe { ((*ip).ver_ihl, (*ip).frag_off) };
+    if ver_ihl >> 4 != 4 {
+        return Err(Malformed);
+    }
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    if ihl < size_of::<Ipv4Hdr>() {
+        return Err(Malformed);
+    }
+    // Non-first fragments carry no L4 header: classify them with ports 0.
+    let first_fragment = u16::from_be_bytes(frag_off) & 0x1fff == 0;
+    // SAFETY: `ptr_at` checked bounds; the struct has alignment 1.
+    unsafe {
+        pkt.src = addr_from_v4((*ip).src);
+        pkt.dst = addr_from_v4((*ip).dst);
+        pkt.proto = (*ip).proto;
+    }
+    if first_fragment {
+        parse_l4(ctx, ETH_HLEN + ihl, pkt)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: `ptr_at` checked bounds; the struct has alignment 1.
+    let mut next = unsafe {
+        pkt.src = (*ip).src;
+        pkt.dst = (*ip).dst;
+        (*ip).next_hdr
+    };
+    let mut off = ETH_HLEN + size_of::<Ipv6Hdr>();
+    let mut first_fragment = true;
+    let mut done = false;
+    // Bounded walk over extension headers; unrolled by the compiler.
+    for _ in 0..IPV6_MAX_EXT {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT => {
+                let ext = ptr_at::<Ipv6ExtHdr>(ctx, off)?;
+                // SAFETY: `ptr_at` checked bounds; alignment 1.
+                let (n, len, frag) = unsafe { ((*ext).next_hdr, (*ext).hdr_len, (*ext).frag_off) };
+                if next == IPV6_FRAGMENT {
+                    // Fixed 8-byte header; offset is the upper 13 bits of bytes 2..4.
+                    if u16::from_be_bytes(frag) >> 3 != 0 {
+                        first_fragment = false;
+                    }
+                    off += 8;
+                } else {
+                    off += (usize::from(len) + 1) * 8;
+                }
+                next = n;
+            }
+            _ => {
+                done = true;
+                break;
+            }
+        }
+    }
+    if !done {
+        // More extension headers than we walk: cannot find the L4 header.
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT => return Err(Malformed),
+            _ => {}
+        }
+    }
+    pkt.proto = next;
+    if first_fragment {
+        parse_l4(ctx, off, pkt)?;
+    }
+    Ok(())
+}
+
+/// Fills ports, kind and TCP flags from the L4 header at `off`. A truncated header of a
+/// protocol we classify is malformed; unknown protocols keep ports 0.
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, off: usize, pkt: &mut Packet) -> Result<(), Malformed> {
+    match pkt.proto {
+        PROTO_TCP => {
+            // One bounds check for the whole header, then reads through that same pointer
+            // (separate checks for sub-ranges can be merged by LLVM in ways the verifier
+            // cannot follow).
+            let tcp = ptr_at::<TcpHdr>(ctx, off)?;
+            // SAFETY: `ptr_at` checked bounds; alignment 1.
+            unsafe {
+                pkt.sport_be = u16::from_ne_bytes((*tcp).sport);
+                pkt.dport_be = u16::from_ne_bytes((*tcp).dport);
+                pkt.tcp_flags = (*tcp).flags;
+            }
+            pkt.kind = L4Kind::Ports;
+        }
+        PROTO_UDP => {
+            let udp = ptr_at::<PortsHdr<4>>(ctx, off)?;
+            // SAFETY: `ptr_at` checked bounds; alignment 1.
+            unsafe {
+                pkt.sport_be = u16::from_ne_bytes((*udp).sport);
+                pkt.dport_be = u16::from_ne_bytes((*udp).dport);
+            }
+            pkt.kind = L4Kind::Ports;
+        }
+        PROTO_SCTP => {
+            let sctp = ptr_at::<PortsHdr<8>>(ctx, off)?;
+            // SAFETY: `ptr_at` checked bounds; alignment 1.
+            unsafe {
+                pkt.sport_be = u16::from_ne_bytes((*sctp).sport);
+                pkt.dport_be = u16::from_ne_bytes((*sctp).dport);
+            }
+            pkt.kind = L4Kind::Ports;
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let icmp = ptr_at::<IcmpEchoHdr>(ctx, off)?;
+            // SAFETY: `ptr_at` checked bounds; alignment 1.
+            let (ty, id) = unsafe { ((*icmp).icmp_type, (*icmp).id) };
+            let (req, rep) = if pkt.proto == PROTO_ICMP {
+                (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
+            } else {
+                (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
+            };
+            pkt.kind = if ty == req {
+                L4Kind::EchoRequest
+            } else if ty == rep {
+                L4Kind::EchoReply
+            } else {
+                L4Kind::IcmpOther
+            };
+            if ty == req || ty == rep {
+                let id_be = u16::from_ne_bytes(id);
+                pkt.sport_be = id_be;
+                pkt.dport_be = id_be;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
