@@ -104,6 +104,25 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             sh("cargo", &["fmt", "--all", "--", "--check"])?;
             sh("cargo", &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            // The eBPF crate on its own target (feature unification keeps it out of the
+            // userspace pass; aya-template does the same).
+            sh(
+                "cargo",
+                &[
+                    "+nightly",
+                    "clippy",
+                    "--package",
+                    "npm-ebpf",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )?;
             let mut test: Vec<&str> = vec!["test", "--all-targets"];
             test.extend(args.iter().map(String::as_str));
             sh("cargo", &test)

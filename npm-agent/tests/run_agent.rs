@@ -1,0 +1,125 @@
+//! `npm-agent run` as an operator runs it: the real binary, in a node's network namespace, with
+//! pinned maps. Checks local-pod discovery from routes, enforcement with real packets, that a
+//! stopped agent leaves enforcement in place, and that a restarted agent adopts the pinned maps
+//! and applies only what changed. Privileged (root), as CI runs.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use npm_agent::lab::{Lab, LabSpec};
+use npm_agent::model::{ContainerPort, Pod, Protocol};
+
+/// Removes a directory tree (pins) on drop, also when the test fails.
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pod(name: &str, app: &str, ip: &str) -> Pod {
+    Pod {
+        namespace: "default".into(),
+        name: name.into(),
+        labels: [("app".to_string(), app.to_string())].into(),
+        ips: vec![ip.parse().expect("ip")],
+        node_name: None,
+        host_network: false,
+        terminating: false,
+        ports: vec![ContainerPort { name: None, port: 80, protocol: Protocol::Tcp }],
+    }
+}
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default, labels: {app: web}}
+spec: {containers: [{name: web, image: nginx, ports: [{containerPort: 80}]}]}
+status: {podIP: 10.250.0.2, podIPs: [{ip: 10.250.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: default, labels: {app: client}}
+spec: {containers: [{name: c, image: busybox, ports: [{containerPort: 80}]}]}
+status: {podIP: 10.250.0.3, podIPs: [{ip: 10.250.0.3}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: intruder, namespace: default, labels: {app: intruder}}
+spec: {containers: [{name: c, image: busybox, ports: [{containerPort: 80}]}]}
+status: {podIP: 10.250.0.4, podIPs: [{ip: 10.250.0.4}]}
+"#;
+
+const POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-client, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: 80}]
+"#;
+
+fn agent_once(node_netns: &str, manifests: &Path, bpffs: &Path) {
+    // nsenter (not `ip netns exec`, which remounts /sys and would hide bpffs).
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{node_netns}"))
+        .arg(env!("CARGO_BIN_EXE_npm-agent"))
+        .args(["run", "--once", "--manifests"])
+        .arg(manifests)
+        .arg("--bpffs-dir")
+        .arg(bpffs)
+        .output()
+        .expect("spawn npm-agent");
+    assert!(
+        out.status.success(),
+        "npm-agent run failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn run_enforces_survives_exit_and_adopts_pinned_maps() {
+    let pid = std::process::id();
+    let bpffs = PathBuf::from(format!("/sys/fs/bpf/npm-runtest-{pid}"));
+    let _pins = RemoveOnDrop(bpffs.clone());
+    let manifests = std::env::temp_dir().join(format!("npm-runtest-{pid}"));
+    let _dir = RemoveOnDrop(manifests.clone());
+    std::fs::create_dir_all(&manifests).expect("mkdir");
+    std::fs::write(manifests.join("pods.yaml"), PODS).expect("write pods");
+    std::fs::write(manifests.join("policy.yaml"), POLICY).expect("write policy");
+
+    let lab = Lab::build(LabSpec {
+        pods: vec![
+            pod("web", "web", "10.250.0.2"),
+            pod("client", "client", "10.250.0.3"),
+            pod("intruder", "intruder", "10.250.0.4"),
+        ],
+        externals: vec![],
+    })
+    .expect("lab");
+    let node = lab.node().name().to_string();
+    let allowed = |from: &str| lab.probe(from, "default/web", 80, Protocol::Tcp).allowed;
+
+    // Before any agent: open.
+    assert!(allowed("default/intruder"));
+
+    agent_once(&node, &manifests, &bpffs);
+    assert!(bpffs.join("v1").join(npm_common::maps::MAP_POLICY).exists(), "maps are pinned");
+    // The agent has exited: its programs and pinned maps keep enforcing.
+    assert!(allowed("default/client"), "client is allowed by the policy");
+    assert!(!allowed("default/intruder"), "intruder is denied");
+
+    // Policy removed: a new agent adopts the pinned maps and opens the path again.
+    std::fs::remove_file(manifests.join("policy.yaml")).expect("rm policy");
+    agent_once(&node, &manifests, &bpffs);
+    assert!(allowed("default/intruder"), "policy deletion enforced by the restarted agent");
+
+    // And back: adoption again, isolation returns.
+    std::fs::write(manifests.join("policy.yaml"), POLICY).expect("write policy");
+    agent_once(&node, &manifests, &bpffs);
+    assert!(!allowed("default/intruder"));
+    assert!(allowed("default/client"));
+    drop(lab);
+}
