@@ -1,7 +1,10 @@
 //! npm-agent entry point: CLI parsing, logging, and the verbs. anyhow lives only here and in
 //! `cli/` (the edge).
 use clap::Parser;
-use npm_agent::cli::{self, args::{Cli, Command}};
+use npm_agent::cli::{
+    self,
+    args::{Cli, Command},
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -10,7 +13,9 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let code = runtime.block_on(async move {
         match args.command {
             Command::Run(a) => cli::run::run(a).await.map(|()| 0),

@@ -11,7 +11,10 @@ use npm_agent::cli::lab::execute;
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn scenario(dir: &str) {
@@ -24,7 +27,11 @@ fn scenario(dir: &str) {
         expect: Some(dir.join("expect")),
     };
     let outcome = execute(&args).unwrap_or_else(|e| panic!("lab for {}: {e:#}", dir.display()));
-    assert!(outcome.problems.is_empty(), "unexpected problems: {:#?}", outcome.problems);
+    assert!(
+        outcome.problems.is_empty(),
+        "unexpected problems: {:#?}",
+        outcome.problems
+    );
     assert!(!outcome.results.is_empty(), "no probes ran");
     let report: Vec<String> = outcome.mismatches.iter().map(ToString::to_string).collect();
     assert!(

@@ -25,7 +25,11 @@ fn pod(name: &str, app: &str, ip: &str) -> Pod {
         node_name: None,
         host_network: false,
         terminating: false,
-        ports: vec![ContainerPort { name: None, port: 80, protocol: Protocol::Tcp }],
+        ports: vec![ContainerPort {
+            name: None,
+            port: 80,
+            protocol: Protocol::Tcp,
+        }],
     }
 }
 
@@ -106,7 +110,10 @@ fn run_enforces_survives_exit_and_adopts_pinned_maps() {
     assert!(allowed("default/intruder"));
 
     agent_once(&node, &manifests, &bpffs);
-    assert!(bpffs.join("v1").join(npm_common::maps::MAP_POLICY).exists(), "maps are pinned");
+    assert!(
+        bpffs.join("v1").join(npm_common::maps::MAP_POLICY).exists(),
+        "maps are pinned"
+    );
     // The agent has exited: its programs and pinned maps keep enforcing.
     assert!(allowed("default/client"), "client is allowed by the policy");
     assert!(!allowed("default/intruder"), "intruder is denied");
@@ -114,7 +121,10 @@ fn run_enforces_survives_exit_and_adopts_pinned_maps() {
     // Policy removed: a new agent adopts the pinned maps and opens the path again.
     std::fs::remove_file(manifests.join("policy.yaml")).expect("rm policy");
     agent_once(&node, &manifests, &bpffs);
-    assert!(allowed("default/intruder"), "policy deletion enforced by the restarted agent");
+    assert!(
+        allowed("default/intruder"),
+        "policy deletion enforced by the restarted agent"
+    );
 
     // And back: adoption again, isolation returns.
     std::fs::write(manifests.join("policy.yaml"), POLICY).expect("write policy");

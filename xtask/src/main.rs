@@ -30,7 +30,10 @@ enum Verb {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn cargo_home_bin() -> Option<PathBuf> {
@@ -103,7 +106,10 @@ fn main() -> anyhow::Result<()> {
         Verb::Test { args } => {
             setup()?;
             sh("cargo", &["fmt", "--all", "--", "--check"])?;
-            sh("cargo", &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            sh(
+                "cargo",
+                &["clippy", "--all-targets", "--", "-D", "warnings"],
+            )?;
             // The eBPF crate on its own target (feature unification keeps it out of the
             // userspace pass; aya-template does the same).
             sh(
