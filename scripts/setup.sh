@@ -7,7 +7,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 need_apt=()
 for pkg in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev bpftool iproute2 iputils-ping \
-           netcat-openbsd iperf3 sockperf; do
+           netcat-openbsd util-linux; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -21,10 +21,12 @@ if ! rustup toolchain list | grep -q '^nightly'; then
   log "rustup toolchain install nightly"
   rustup toolchain install nightly --profile minimal
 fi
-if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
-  log "rustup component add rust-src --toolchain nightly"
-  rustup component add rust-src --toolchain nightly
-fi
+for comp in rust-src clippy; do
+  if ! rustup component list --toolchain nightly --installed | grep -q "^$comp"; then
+    log "rustup component add $comp --toolchain nightly"
+    rustup component add "$comp" --toolchain nightly
+  fi
+done
 
 if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q '0.13.0'; then
   log "cargo install bpf-linker 0.13.0 (LLVM 22)"

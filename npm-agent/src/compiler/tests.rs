@@ -451,10 +451,10 @@ fn compiled_maps_agree_with_the_reference_on_random_clusters() {
                 if src.ip().is_ipv4() != dst.ip().is_ipv4() || src.ip() == dst.ip() {
                     continue;
                 }
-                if let (End::Pod(a, _), End::Pod(b, _)) = (src, dst) {
-                    if a.obj_ref() == b.obj_ref() {
-                        continue;
-                    }
+                if let (End::Pod(a, _), End::Pod(b, _)) = (src, dst)
+                    && a.obj_ref() == b.obj_ref()
+                {
+                    continue;
                 }
                 for (proto, port) in [
                     (6u8, 80u16),

@@ -219,10 +219,10 @@ pub fn local_pods<'a>(
         if !pod.is_endpoint() {
             continue;
         }
-        if let (Some(want), Some(have)) = (node_name, pod.node_name.as_deref()) {
-            if want != have {
-                continue;
-            }
+        if let (Some(want), Some(have)) = (node_name, pod.node_name.as_deref())
+            && want != have
+        {
+            continue;
         }
         if let Some(iface) = pod.ips.iter().find_map(|ip| tables.interface_for(*ip)) {
             out.insert(pod.obj_ref(), iface);
