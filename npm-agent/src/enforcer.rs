@@ -51,10 +51,19 @@ impl Enforcer {
                 .map(|e| e.id)
                 .chain(present.identities.values().map(|p| p.id))
                 .chain(present.cidrs.values().copied())
-                .chain(present.policy.keys().flat_map(|(_, k)| [k.local_id, k.peer_id])),
+                .chain(
+                    present
+                        .policy
+                        .keys()
+                        .flat_map(|(_, k)| [k.local_id, k.peer_id]),
+                ),
         );
         let programmer = Programmer::new(backend)?;
-        Ok(Self { datapath, programmer, ids })
+        Ok(Self {
+            datapath,
+            programmer,
+            ids,
+        })
     }
 
     /// Attaches the classifiers to a host-side interface in the calling thread's netns.
@@ -76,7 +85,11 @@ impl Enforcer {
         let compiled = compiler::compile(snapshot, &mut self.ids);
         let compile_time = start.elapsed();
         let sync = self.programmer.sync(&compiled.maps);
-        ApplyReport { compiled, compile_time, sync }
+        ApplyReport {
+            compiled,
+            compile_time,
+            sync,
+        }
     }
 
     /// Re-reads the kernel maps and repairs drift against the last compile.
@@ -85,6 +98,10 @@ impl Enforcer {
         let compiled = compiler::compile(snapshot, &mut self.ids);
         let compile_time = start.elapsed();
         let sync = self.programmer.resync(&compiled.maps)?;
-        Ok(ApplyReport { compiled, compile_time, sync })
+        Ok(ApplyReport {
+            compiled,
+            compile_time,
+            sync,
+        })
     }
 }

@@ -82,12 +82,21 @@ impl fmt::Display for Mismatch {
             Some(e) => write!(
                 f,
                 "{} -> {} {}/{}: expected {}, got {}",
-                self.from, self.to, self.port, self.protocol, word(e), word(self.got)
+                self.from,
+                self.to,
+                self.port,
+                self.protocol,
+                word(e),
+                word(self.got)
             ),
             None => write!(
                 f,
                 "{} -> {} {}/{}: no expectation line covers it (got {})",
-                self.from, self.to, self.port, self.protocol, word(self.got)
+                self.from,
+                self.to,
+                self.port,
+                self.protocol,
+                word(self.got)
             ),
         }
     }
@@ -110,14 +119,17 @@ impl Expectation {
                     let (port, proto) = if *port == "*" {
                         (None, None)
                     } else {
-                        let (p, proto) = port
-                            .split_once('/')
-                            .ok_or_else(|| err(format!("port {port:?}: expected PORT/PROTO, */PROTO or *")))?;
+                        let (p, proto) = port.split_once('/').ok_or_else(|| {
+                            err(format!("port {port:?}: expected PORT/PROTO, */PROTO or *"))
+                        })?;
                         let proto = Some(parse_protocol(proto).map_err(err)?);
                         let p = if p == "*" {
                             None
                         } else {
-                            Some(p.parse::<u16>().map_err(|_| err(format!("bad port {p:?}")))?)
+                            Some(
+                                p.parse::<u16>()
+                                    .map_err(|_| err(format!("bad port {p:?}")))?,
+                            )
                         };
                         (p, proto)
                     };
@@ -191,18 +203,39 @@ mod tests {
     fn last_matching_line_decides() {
         let e = Expectation::parse(TEXT).expect("parses");
         assert_eq!(e.externals.len(), 1);
-        assert_eq!(e.expected("default/app", "default/db", 5432, Protocol::Tcp), Some(true));
-        assert_eq!(e.expected("default/app", "default/db", 5433, Protocol::Tcp), Some(false));
-        assert_eq!(e.expected("default/web", "default/db", 5432, Protocol::Tcp), Some(false));
-        assert_eq!(e.expected("default/web", "169.254.169.254", 80, Protocol::Tcp), Some(false));
-        assert_eq!(e.expected("other/web", "169.254.169.254", 80, Protocol::Tcp), Some(true));
-        assert_eq!(e.expected("default/web", "169.254.169.254", 80, Protocol::Udp), Some(true));
+        assert_eq!(
+            e.expected("default/app", "default/db", 5432, Protocol::Tcp),
+            Some(true)
+        );
+        assert_eq!(
+            e.expected("default/app", "default/db", 5433, Protocol::Tcp),
+            Some(false)
+        );
+        assert_eq!(
+            e.expected("default/web", "default/db", 5432, Protocol::Tcp),
+            Some(false)
+        );
+        assert_eq!(
+            e.expected("default/web", "169.254.169.254", 80, Protocol::Tcp),
+            Some(false)
+        );
+        assert_eq!(
+            e.expected("other/web", "169.254.169.254", 80, Protocol::Tcp),
+            Some(true)
+        );
+        assert_eq!(
+            e.expected("default/web", "169.254.169.254", 80, Protocol::Udp),
+            Some(true)
+        );
     }
 
     #[test]
     fn uncovered_and_wrong_probes_are_reported() {
         let e = Expectation::parse("deny * -> x/* *").expect("parses");
-        let m = e.check([("a/b", "x/y", 80, Protocol::Tcp, true), ("a/b", "z/y", 80, Protocol::Tcp, true)]);
+        let m = e.check([
+            ("a/b", "x/y", 80, Protocol::Tcp, true),
+            ("a/b", "z/y", 80, Protocol::Tcp, true),
+        ]);
         assert_eq!(m.len(), 2);
         assert_eq!(m[0].expected, Some(false));
         assert_eq!(m[1].expected, None);

@@ -4,8 +4,11 @@
 //! [`compiler`] (pure) -> [`programmer`] (diff + apply) -> the eBPF maps of [`datapath`].
 //! See ARCHITECTURE.md.
 
+pub mod cli;
 pub mod compiler;
 pub mod datapath;
+pub mod enforcer;
+pub mod expect;
 pub mod k8s;
 pub mod lab;
 pub mod model;

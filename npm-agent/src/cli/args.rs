@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::model::Protocol;
 
 #[derive(Debug, Parser)]
-#[command(name = "npm-agent", version, about = "eBPF Kubernetes NetworkPolicy enforcer")]
+#[command(
+    name = "npm-agent",
+    version,
+    about = "eBPF Kubernetes NetworkPolicy enforcer"
+)]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `npm_agent=debug`.
     #[arg(long, global = true, env = "NPM_LOG", default_value = "info")]
@@ -92,7 +96,9 @@ pub fn parse_protocol(s: &str) -> Result<Protocol, String> {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
         "SCTP" => Ok(Protocol::Sctp),
-        other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
+        other => Err(format!(
+            "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
+        )),
     }
 }
 
@@ -102,14 +108,27 @@ pub fn parse_external(s: &str) -> Result<ExternalArg, String> {
         Some((ip, ports)) => (ip, Some(ports)),
         None => (s, None),
     };
-    let ip: IpAddr = ip.trim().parse().map_err(|e| format!("external {s:?}: bad IP: {e}"))?;
+    let ip: IpAddr = ip
+        .trim()
+        .parse()
+        .map_err(|e| format!("external {s:?}: bad IP: {e}"))?;
     let mut out = Vec::new();
-    for item in ports.unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for item in ports
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         let (port, proto) = match item.split_once('/') {
-            Some((p, proto)) => (p, parse_protocol(proto).map_err(|e| format!("external {s:?}: {e}"))?),
+            Some((p, proto)) => (
+                p,
+                parse_protocol(proto).map_err(|e| format!("external {s:?}: {e}"))?,
+            ),
             None => (item, Protocol::Tcp),
         };
-        let port: u16 = port.parse().map_err(|_| format!("external {s:?}: bad port {port:?}"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("external {s:?}: bad port {port:?}"))?;
         if port == 0 {
             return Err(format!("external {s:?}: port 0 is not a port"));
         }
@@ -126,14 +145,31 @@ mod tests {
     fn external_forms() {
         assert_eq!(
             parse_external("169.254.169.254").expect("ok"),
-            ExternalArg { ip: "169.254.169.254".parse().expect("ip"), ports: vec![] }
+            ExternalArg {
+                ip: "169.254.169.254".parse().expect("ip"),
+                ports: vec![]
+            }
         );
         assert_eq!(
-            parse_external("fd00::9=80,53/udp,9000/SCTP").expect("ok").ports,
-            vec![(80, Protocol::Tcp), (53, Protocol::Udp), (9000, Protocol::Sctp)]
+            parse_external("fd00::9=80,53/udp,9000/SCTP")
+                .expect("ok")
+                .ports,
+            vec![
+                (80, Protocol::Tcp),
+                (53, Protocol::Udp),
+                (9000, Protocol::Sctp)
+            ]
         );
-        assert!(parse_external("10.0.0.1=80/icmp").unwrap_err().contains("unknown protocol"));
+        assert!(
+            parse_external("10.0.0.1=80/icmp")
+                .unwrap_err()
+                .contains("unknown protocol")
+        );
         assert!(parse_external("nope").unwrap_err().contains("bad IP"));
-        assert!(parse_external("10.0.0.1=99999").unwrap_err().contains("bad port"));
+        assert!(
+            parse_external("10.0.0.1=99999")
+                .unwrap_err()
+                .contains("bad port")
+        );
     }
 }

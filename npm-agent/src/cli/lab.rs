@@ -40,8 +40,10 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
         })
         .cloned()
         .collect();
-    let default_ports: BTreeSet<(u16, Protocol)> =
-        lab_pods.iter().flat_map(|p| p.ports.iter().map(|c| (c.port, c.protocol))).collect();
+    let default_ports: BTreeSet<(u16, Protocol)> = lab_pods
+        .iter()
+        .flat_map(|p| p.ports.iter().map(|c| (c.port, c.protocol)))
+        .collect();
     let expectation = match &args.expect {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -56,16 +58,27 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
         .chain(expectation.iter().flat_map(|e| e.externals.iter()))
         .map(|e| External {
             ip: e.ip,
-            ports: if e.ports.is_empty() { default_ports.iter().copied().collect() } else { e.ports.clone() },
+            ports: if e.ports.is_empty() {
+                default_ports.iter().copied().collect()
+            } else {
+                e.ports.clone()
+            },
         })
         .collect();
 
-    let lab = Lab::build(LabSpec { pods: lab_pods, externals }).context("building the lab")?;
+    let lab = Lab::build(LabSpec {
+        pods: lab_pods,
+        externals,
+    })
+    .context("building the lab")?;
     for p in lab.pods() {
         snapshot.pods.insert(p.obj_ref(), p.clone());
     }
     let interfaces = lab.pod_interfaces();
-    snapshot.local = interfaces.iter().map(|(k, (_, ifindex))| (k.clone(), *ifindex)).collect();
+    snapshot.local = interfaces
+        .iter()
+        .map(|(k, (_, ifindex))| (k.clone(), *ifindex))
+        .collect();
     snapshot.node_ips = lab.node_ips();
 
     let mut enforcer = Enforcer::new(None).context("loading the datapath")?;
@@ -80,7 +93,10 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
     let report = enforcer.apply(&snapshot);
     problems.extend(report.compiled.diagnostics.iter().map(ToString::to_string));
     if report.sync.failed > 0 {
-        anyhow::bail!("{} map updates failed; not probing a half-programmed node", report.sync.failed);
+        anyhow::bail!(
+            "{} map updates failed; not probing a half-programmed node",
+            report.sync.failed
+        );
     }
     let results = lab.probe_all();
     drop(lab);
@@ -88,11 +104,21 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
     let mismatches = expectation
         .map(|e| {
             e.check(results.iter().map(|r| {
-                (r.from.as_str(), r.to.as_str(), r.port, r.protocol, r.allowed)
+                (
+                    r.from.as_str(),
+                    r.to.as_str(),
+                    r.port,
+                    r.protocol,
+                    r.allowed,
+                )
             }))
         })
         .unwrap_or_default();
-    Ok(LabOutcome { results, problems, mismatches })
+    Ok(LabOutcome {
+        results,
+        problems,
+        mismatches,
+    })
 }
 
 /// The CLI verb: prints the matrix (or JSON) and returns the exit code.
@@ -111,7 +137,11 @@ pub fn run(args: LabArgs) -> anyhow::Result<i32> {
             eprintln!("mismatch: {m}");
         }
         if !outcome.mismatches.is_empty() {
-            eprintln!("{} of {} probes differ from the expectation", outcome.mismatches.len(), outcome.results.len());
+            eprintln!(
+                "{} of {} probes differ from the expectation",
+                outcome.mismatches.len(),
+                outcome.results.len()
+            );
             return Ok(1);
         }
         eprintln!("all {} probes match the expectation", outcome.results.len());
@@ -123,11 +153,15 @@ pub fn run(args: LabArgs) -> anyhow::Result<i32> {
 /// lab's own guard cannot run).
 pub fn cleanup_leftovers() {
     let prefix = format!("npmlab-{}-", std::process::id());
-    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if name.starts_with(&prefix) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", &name]).status();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &name])
+                .status();
         }
     }
 }

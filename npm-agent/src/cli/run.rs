@@ -14,8 +14,12 @@ use crate::source::manifests;
 /// and attached programs keep enforcing until the next agent adopts them.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pin_dir = args.bpffs_dir.join(format!("v{ABI_VERSION}"));
-    let mut enforcer = Enforcer::new(Some(&pin_dir))
-        .with_context(|| format!("loading the datapath with maps pinned in {}", pin_dir.display()))?;
+    let mut enforcer = Enforcer::new(Some(&pin_dir)).with_context(|| {
+        format!(
+            "loading the datapath with maps pinned in {}",
+            pin_dir.display()
+        )
+    })?;
     tracing::info!(pin_dir = %pin_dir.display(), manifests = %args.manifests.display(), "npm-agent started");
 
     let mut attached: BTreeMap<String, u32> = BTreeMap::new();
@@ -28,7 +32,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let (mut snapshot, diagnostics) = manifests::load_dir(&args.manifests)
             .with_context(|| format!("reading {}", args.manifests.display()))?;
         let tables = NodeTables::read().context("reading the node's links and routes")?;
-        let local = discovery::local_pods(&tables, snapshot.pods.values(), args.node_name.as_deref());
+        let local =
+            discovery::local_pods(&tables, snapshot.pods.values(), args.node_name.as_deref());
         for (pod, iface) in &local {
             if attached.get(&iface.name) != Some(&iface.ifindex) {
                 match enforcer.attach(&iface.name) {
@@ -36,7 +41,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         tracing::info!(%pod, interface = %iface.name, ifindex, "attached");
                         attached.insert(iface.name.clone(), ifindex);
                     }
-                    Err(e) => tracing::error!(%pod, interface = %iface.name, error = %format!("{e:#}"), "attach failed"),
+                    Err(e) => {
+                        tracing::error!(%pod, interface = %iface.name, error = %format!("{e:#}"), "attach failed")
+                    }
                 }
             }
         }
@@ -55,7 +62,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             let report = if last_resync.elapsed() >= resync_every {
                 last_resync = Instant::now();
-                enforcer.resync(&snapshot).context("re-reading the kernel maps")?
+                enforcer
+                    .resync(&snapshot)
+                    .context("re-reading the kernel maps")?
             } else {
                 enforcer.apply(&snapshot)
             };

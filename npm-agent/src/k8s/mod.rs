@@ -1,1 +1,2 @@
-//! (to be written)
+//! The only code that knows the Kubernetes wire types (k8s-openapi).
+pub mod convert;

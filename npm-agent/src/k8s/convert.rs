@@ -1,0 +1,391 @@
+//! k8s-openapi objects -> the compiler's model, with a clear reason for anything rejected.
+//!
+//! Fail closed: a NetworkPolicy whose podSelector is valid but one of whose rules is not keeps
+//! isolating the pods it selects; only the broken rule is dropped (so it allows nothing). A
+//! policy whose podSelector (or policyTypes) is invalid cannot say whom it isolates and is
+//! skipped, with a problem reported.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::model::{
+    ContainerPort, Labels, Namespace, Peer, Pod, Policy, PortRef, PortSpec, Protocol, Requirement,
+    Rule, Selector, SelectorOp,
+};
+
+/// The label Kubernetes sets on every namespace (and users select namespaces by).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("metadata.name is missing")]
+    NoName,
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConvertError {
+    ConvertError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
+    let name = ns.metadata.name.clone().ok_or(ConvertError::NoName)?;
+    let mut labels: Labels = ns.metadata.labels.clone().unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
+    Ok(Namespace { name, labels })
+}
+
+pub fn protocol(field: &str, p: Option<&str>) -> Result<Protocol, ConvertError> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Ok(Protocol::Sctp),
+        other => Err(invalid(
+            field,
+            format!("unsupported protocol {other:?} (TCP, UDP or SCTP)"),
+        )),
+    }
+}
+
+fn port_number(field: &str, n: i32) -> Result<u16, ConvertError> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid(field, format!("port {n} is outside 1-65535")))
+}
+
+pub fn pod(p: &core::Pod) -> Result<Pod, ConvertError> {
+    let name = p.metadata.name.clone().ok_or(ConvertError::NoName)?;
+    let namespace = p
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string());
+    let spec = p.spec.as_ref();
+    let status = p.status.as_ref();
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let raw: Vec<&str> = match status.and_then(|s| s.pod_ips.as_ref()) {
+        Some(list) if !list.is_empty() => list.iter().map(|i| i.ip.as_str()).collect(),
+        _ => status
+            .and_then(|s| s.pod_ip.as_deref())
+            .into_iter()
+            .collect(),
+    };
+    for (i, s) in raw.iter().enumerate() {
+        let ip: IpAddr = s.parse().map_err(|_| {
+            invalid(
+                format!("status.podIPs[{i}]"),
+                format!("{s:?} is not an IP address"),
+            )
+        })?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let mut ports = Vec::new();
+    for (ci, c) in spec
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        for (pi, cp) in c.ports.as_deref().unwrap_or_default().iter().enumerate() {
+            let field = format!("spec.containers[{ci}].ports[{pi}]");
+            ports.push(ContainerPort {
+                name: cp.name.clone(),
+                port: port_number(&field, cp.container_port)?,
+                protocol: protocol(&field, cp.protocol.as_deref())?,
+            });
+        }
+    }
+    let phase = status.and_then(|s| s.phase.as_deref());
+    Ok(Pod {
+        namespace,
+        name,
+        labels: p.metadata.labels.clone().unwrap_or_default(),
+        ips,
+        node_name: spec.and_then(|s| s.node_name.clone()),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        terminating: p.metadata.deletion_timestamp.is_some()
+            || matches!(phase, Some("Succeeded") | Some("Failed")),
+        ports,
+    })
+}
+
+/// A label selector; `None` (absent or null) converts to the empty selector.
+pub fn selector(field: &str, s: Option<&LabelSelector>) -> Result<Selector, ConvertError> {
+    let Some(s) = s else {
+        return Ok(Selector::default());
+    };
+    let mut out = Selector {
+        match_labels: s.match_labels.clone().unwrap_or_default(),
+        match_expressions: vec![],
+    };
+    for (i, e) in s
+        .match_expressions
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let f = format!("{field}.matchExpressions[{i}]");
+        let values: BTreeSet<String> = e.values.clone().unwrap_or_default().into_iter().collect();
+        let op = match e.operator.as_str() {
+            "In" => SelectorOp::In,
+            "NotIn" => SelectorOp::NotIn,
+            "Exists" => SelectorOp::Exists,
+            "DoesNotExist" => SelectorOp::DoesNotExist,
+            other => return Err(invalid(f, format!("unknown operator {other:?}"))),
+        };
+        match op {
+            SelectorOp::In | SelectorOp::NotIn if values.is_empty() => {
+                return Err(invalid(f, format!("operator {} needs values", e.operator)));
+            }
+            SelectorOp::Exists | SelectorOp::DoesNotExist if !values.is_empty() => {
+                return Err(invalid(
+                    f,
+                    format!("operator {} takes no values", e.operator),
+                ));
+            }
+            _ => {}
+        }
+        out.match_expressions.push(Requirement {
+            key: e.key.clone(),
+            op,
+            values,
+        });
+    }
+    Ok(out)
+}
+
+fn cidr(field: &str, s: &str) -> Result<IpNet, ConvertError> {
+    let n: IpNet = s
+        .parse()
+        .map_err(|_| invalid(field, format!("{s:?} is not a CIDR")))?;
+    if n.trunc() != n {
+        return Err(invalid(
+            field,
+            format!("{s:?} has host bits set (did you mean {}?)", n.trunc()),
+        ));
+    }
+    Ok(n)
+}
+
+fn peer(field: &str, p: &net::NetworkPolicyPeer) -> Result<Peer, ConvertError> {
+    match (&p.ip_block, &p.namespace_selector, &p.pod_selector) {
+        (Some(b), None, None) => {
+            let c = cidr(&format!("{field}.ipBlock.cidr"), &b.cidr)?;
+            let mut except = Vec::new();
+            for (i, e) in b.except.as_deref().unwrap_or_default().iter().enumerate() {
+                let f = format!("{field}.ipBlock.except[{i}]");
+                let e = cidr(&f, e)?;
+                if !c.contains(&e) {
+                    return Err(invalid(f, format!("{e} is not inside cidr {c}")));
+                }
+                except.push(e);
+            }
+            Ok(Peer::IpBlock { cidr: c, except })
+        }
+        (Some(_), _, _) => Err(invalid(field, "ipBlock cannot be combined with a selector")),
+        (None, None, None) => Err(invalid(
+            field,
+            "a peer needs podSelector, namespaceSelector or ipBlock",
+        )),
+        (None, ns, pods) => Ok(Peer::Pods {
+            namespace_selector: ns
+                .as_ref()
+                .map(|s| selector(&format!("{field}.namespaceSelector"), Some(s)))
+                .transpose()?,
+            pod_selector: pods
+                .as_ref()
+                .map(|s| selector(&format!("{field}.podSelector"), Some(s)))
+                .transpose()?,
+        }),
+    }
+}
+
+fn port_spec(field: &str, p: &net::NetworkPolicyPort) -> Result<PortSpec, ConvertError> {
+    let protocol = protocol(&format!("{field}.protocol"), p.protocol.as_deref())?;
+    let port = match &p.port {
+        None => None,
+        Some(IntOrString::Int(n)) => {
+            Some(PortRef::Number(port_number(&format!("{field}.port"), *n)?))
+        }
+        Some(IntOrString::String(s)) => match s.parse::<i32>() {
+            Ok(n) => Some(PortRef::Number(port_number(&format!("{field}.port"), n)?)),
+            Err(_) if !s.is_empty() => Some(PortRef::Name(s.clone())),
+            Err(_) => return Err(invalid(format!("{field}.port"), "empty port name")),
+        },
+    };
+    let end_port = match (p.end_port, &port) {
+        (None, _) => None,
+        (Some(e), Some(PortRef::Number(start))) => {
+            let end = port_number(&format!("{field}.endPort"), e)?;
+            if end < *start {
+                return Err(invalid(
+                    format!("{field}.endPort"),
+                    format!("{end} is below port {start}"),
+                ));
+            }
+            Some(end)
+        }
+        (Some(_), _) => {
+            return Err(invalid(
+                format!("{field}.endPort"),
+                "endPort needs a numeric port",
+            ));
+        }
+    };
+    Ok(PortSpec {
+        protocol,
+        port,
+        end_port,
+    })
+}
+
+fn rule(
+    field: &str,
+    peers: Option<&Vec<net::NetworkPolicyPeer>>,
+    peers_name: &str,
+    ports: Option<&Vec<net::NetworkPolicyPort>>,
+) -> Result<Rule, ConvertError> {
+    let peers = peers
+        .map(|v| {
+            v.iter()
+                .enumerate()
+                .map(|(i, p)| peer(&format!("{field}.{peers_name}[{i}]"), p))
+                .collect()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let ports = ports
+        .map(|v| {
+            v.iter()
+                .enumerate()
+                .map(|(i, p)| port_spec(&format!("{field}.ports[{i}]"), p))
+                .collect()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    Ok(Rule { peers, ports })
+}
+
+/// Converts a NetworkPolicy. Returns the policy (None when it cannot say whom it selects)
+/// and the problems found; a rule with a problem is dropped and allows nothing.
+pub fn policy(np: &net::NetworkPolicy) -> (Option<Policy>, Vec<ConvertError>) {
+    let mut problems = Vec::new();
+    let Some(name) = np.metadata.name.clone() else {
+        return (None, vec![ConvertError::NoName]);
+    };
+    let namespace = np
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string());
+    let default_spec = net::NetworkPolicySpec::default();
+    let spec = np.spec.as_ref().unwrap_or(&default_spec);
+    let pod_selector = match selector("spec.podSelector", spec.pod_selector.as_ref()) {
+        Ok(s) => s,
+        Err(e) => return (None, vec![e]),
+    };
+    let (mut ingress_on, mut egress_on) = (true, spec.egress.is_some());
+    if let Some(types) = &spec.policy_types {
+        ingress_on = false;
+        egress_on = false;
+        for (i, t) in types.iter().enumerate() {
+            match t.as_str() {
+                "Ingress" => ingress_on = true,
+                "Egress" => egress_on = true,
+                other => {
+                    return (
+                        None,
+                        vec![invalid(
+                            format!("spec.policyTypes[{i}]"),
+                            format!("unknown type {other:?}"),
+                        )],
+                    );
+                }
+            }
+        }
+    }
+    let mut convert = |rules: Vec<Result<Rule, ConvertError>>| -> Vec<Rule> {
+        rules
+            .into_iter()
+            .filter_map(|r| r.map_err(|e| problems.push(e)).ok())
+            .collect()
+    };
+    let ingress = ingress_on.then(|| {
+        convert(
+            spec.ingress
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    rule(
+                        &format!("spec.ingress[{i}]"),
+                        r.from.as_ref(),
+                        "from",
+                        r.ports.as_ref(),
+                    )
+                })
+                .collect(),
+        )
+    });
+    let egress = egress_on.then(|| {
+        convert(
+            spec.egress
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    rule(
+                        &format!("spec.egress[{i}]"),
+                        r.to.as_ref(),
+                        "to",
+                        r.ports.as_ref(),
+                    )
+                })
+                .collect(),
+        )
+    });
+    let problems = problems
+        .into_iter()
+        .map(|e| match e {
+            ConvertError::Invalid { field, reason } => ConvertError::Invalid {
+                field,
+                reason: format!(
+                    "{reason}; this rule is dropped (the policy still isolates its pods)"
+                ),
+            },
+            other => other,
+        })
+        .collect();
+    (
+        Some(Policy {
+            namespace,
+            name,
+            pod_selector,
+            ingress,
+            egress,
+        }),
+        problems,
+    )
+}
+
+/// Implicit namespaces for names that pods or policies use but no Namespace object declares.
+pub fn implicit_namespace(name: &str) -> Namespace {
+    Namespace {
+        name: name.to_string(),
+        labels: BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())]),
+    }
+}
