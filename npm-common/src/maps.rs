@@ -199,3 +199,33 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_SCTP: u8 = 132;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_maps_into_the_v4_mapped_range() {
+        let a = addr_from_v4([10, 1, 2, 3]);
+        assert!(is_v4_mapped(&a));
+        assert_eq!(&a[..12], &V4_MAPPED_PREFIX);
+        assert_eq!(&a[12..], &[10, 1, 2, 3]);
+        let v6 = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert!(!is_v4_mapped(&v6));
+    }
+
+    #[test]
+    fn policy_prefixes_cover_the_key_fields_in_order() {
+        // local_id (32) + peer_id (32) + dir (8) = 72; + proto (8) = 80; + port (16) = 96.
+        assert_eq!(POLICY_PREFIX_ANY_PROTO, 72);
+        assert_eq!(POLICY_PREFIX_ANY_PORT, 80);
+        assert_eq!(
+            core::mem::offset_of!(PolicyKey, proto) * 8,
+            POLICY_PREFIX_ANY_PROTO as usize
+        );
+        assert_eq!(
+            core::mem::offset_of!(PolicyKey, dport_be) * 8,
+            POLICY_PREFIX_ANY_PORT as usize
+        );
+    }
+}

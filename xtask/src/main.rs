@@ -63,6 +63,48 @@ fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, passing its output through, and closes with one summary line over
+/// every test binary (`tests: N passed, N failed, N skipped`).
+fn run_tests(args: &[&str]) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    eprintln!("+ cargo {}", args.join(" "));
+    let mut child = Command::new("cargo")
+        .args(args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut out = std::io::stdout();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        writeln!(out, "{line}")?;
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part
+                    .split_whitespace()
+                    .filter(|w| *w != "ok." && *w != "FAILED.");
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    Ok(())
+}
+
 fn setup() -> anyhow::Result<()> {
     sh("bash", &["scripts/setup.sh"])
 }
@@ -131,7 +173,7 @@ fn main() -> anyhow::Result<()> {
             )?;
             let mut test: Vec<&str> = vec!["test", "--all-targets"];
             test.extend(args.iter().map(String::as_str));
-            sh("cargo", &test)
+            run_tests(&test)
         }
     }
 }
