@@ -84,3 +84,40 @@ fn tke_4_egress_whitelist_with_stateful_replies() {
 fn tke_5_ingress_from_cidr_only() {
     scenario("tests/scenarios/tke-5-ingress-cidr");
 }
+
+#[test]
+fn interrupted_lab_removes_everything_it_made() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_npm-agent"))
+        .args(["lab", "--manifests"])
+        .arg(repo().join("examples/azure-npm"))
+        .args(["--external", "169.254.169.254=80/TCP"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn lab");
+    let prefix = format!("npmlab-{}-", child.id());
+    // Interrupt once the lab's namespaces exist (bounded wait), as a user pressing Ctrl-C.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline
+        && !npm_agent::netns::list()
+            .iter()
+            .any(|n| n.starts_with(&prefix))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let saw_lab = npm_agent::netns::list()
+        .iter()
+        .any(|n| n.starts_with(&prefix));
+    // Signal only the process this test started, by its pid.
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait lab");
+    let left: Vec<String> = npm_agent::netns::list()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(saw_lab, "the lab never built (status {status})");
+    assert!(left.is_empty(), "left behind after SIGINT: {left:?}");
+}

@@ -133,3 +133,89 @@ fn run_enforces_survives_exit_and_adopts_pinned_maps() {
     assert!(allowed("default/client"));
     drop(lab);
 }
+
+/// Ends the agent we started (by its pid) when the test ends, also on failure.
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `f` every 100 ms for at most `secs` seconds.
+fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn running_agent_reapplies_when_manifests_change() {
+    let pid = std::process::id();
+    let bpffs = PathBuf::from(format!("/sys/fs/bpf/npm-livetest-{pid}"));
+    let _pins = RemoveOnDrop(bpffs.clone());
+    let manifests = std::env::temp_dir().join(format!("npm-livetest-{pid}"));
+    let _dir = RemoveOnDrop(manifests.clone());
+    std::fs::create_dir_all(&manifests).expect("mkdir");
+    // Same pods, other addresses than the other test, so both can run at once.
+    std::fs::write(
+        manifests.join("pods.yaml"),
+        PODS.replace("10.250.0.", "10.249.0."),
+    )
+    .expect("write pods");
+
+    let lab = Lab::build(LabSpec {
+        pods: vec![
+            pod("web", "web", "10.249.0.2"),
+            pod("client", "client", "10.249.0.3"),
+            pod("intruder", "intruder", "10.249.0.4"),
+        ],
+        externals: vec![],
+    })
+    .expect("lab");
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.node().name()))
+        .arg(env!("CARGO_BIN_EXE_npm-agent"))
+        .args(["run", "--poll-interval-ms", "200", "--manifests"])
+        .arg(&manifests)
+        .arg("--bpffs-dir")
+        .arg(&bpffs)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn agent");
+    let _agent = KillOnDrop(child);
+    let allowed = |from: &str| lab.probe(from, "default/web", 80, Protocol::Tcp).allowed;
+
+    // No policy yet: open, once the agent is up (maps pinned).
+    assert!(eventually(20, || bpffs
+        .join("v1")
+        .join(npm_common::maps::MAP_ENDPOINTS)
+        .exists()));
+    assert!(allowed("default/intruder"));
+
+    // A policy file appears: the running agent picks it up.
+    std::fs::write(manifests.join("policy.yaml"), POLICY).expect("write policy");
+    assert!(
+        eventually(20, || !allowed("default/intruder")),
+        "new policy enforced by the running agent"
+    );
+    assert!(allowed("default/client"));
+
+    // The client's label changes so it no longer matches: it loses access.
+    let relabelled = PODS
+        .replace("10.250.0.", "10.249.0.")
+        .replace("labels: {app: client}", "labels: {app: visitor}");
+    std::fs::write(manifests.join("pods.yaml"), relabelled).expect("rewrite pods");
+    assert!(
+        eventually(20, || !allowed("default/client")),
+        "label change enforced"
+    );
+    drop(lab);
+}

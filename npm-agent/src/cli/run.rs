@@ -8,11 +8,19 @@ use npm_common::ABI_VERSION;
 use super::args::RunArgs;
 use crate::enforcer::Enforcer;
 use crate::node::discovery::{self, NodeTables};
-use crate::source::manifests;
+use crate::source::{ClusterSource, ManifestsSource};
 
 /// Runs until SIGINT/SIGTERM (or once with `--once`). Exits without detaching: the pinned maps
 /// and attached programs keep enforcing until the next agent adopts them.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let source = ManifestsSource {
+        dir: args.manifests.clone(),
+    };
+    enforce(Box::new(source), &args).await
+}
+
+/// The agent loop over any [`ClusterSource`].
+pub async fn enforce(mut source: Box<dyn ClusterSource>, args: &RunArgs) -> anyhow::Result<()> {
     let pin_dir = args.bpffs_dir.join(format!("v{ABI_VERSION}"));
     let mut enforcer = Enforcer::new(Some(&pin_dir)).with_context(|| {
         format!(
@@ -20,7 +28,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             pin_dir.display()
         )
     })?;
-    tracing::info!(pin_dir = %pin_dir.display(), manifests = %args.manifests.display(), "npm-agent started");
+    tracing::info!(pin_dir = %pin_dir.display(), source = %source.describe(), "npm-agent started");
 
     let mut attached: BTreeMap<String, u32> = BTreeMap::new();
     let mut last_applied: Option<crate::state::ClusterSnapshot> = None;
@@ -29,8 +37,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
 
     loop {
-        let (mut snapshot, diagnostics) = manifests::load_dir(&args.manifests)
-            .with_context(|| format!("reading {}", args.manifests.display()))?;
+        let (mut snapshot, diagnostics) = match source.snapshot() {
+            Ok(s) => s,
+            Err(e) if last_applied.is_some() => {
+                // Keep what is enforced; never flush because the source is unhappy.
+                tracing::error!(error = %format!("{e:#}"), "cluster source failed; enforcement unchanged");
+                tokio::time::sleep(Duration::from_millis(args.poll_interval_ms.max(50))).await;
+                continue;
+            }
+            Err(e) => return Err(e).context("reading the cluster state"),
+        };
         let tables = NodeTables::read().context("reading the node's links and routes")?;
         let local =
             discovery::local_pods(&tables, snapshot.pods.values(), args.node_name.as_deref());
