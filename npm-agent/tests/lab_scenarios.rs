@@ -21,7 +21,8 @@ fn scenario(dir: &str) {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = repo().join(dir);
     let args = LabArgs {
-        manifests: dir.clone(),
+        manifests: Some(dir.clone()),
+        steps: None,
         externals: vec![],
         json: false,
         expect: Some(dir.join("expect")),
@@ -120,4 +121,41 @@ fn interrupted_lab_removes_everything_it_made() {
         .collect();
     assert!(saw_lab, "the lab never built (status {status})");
     assert!(left.is_empty(), "left behind after SIGINT: {left:?}");
+}
+
+#[test]
+fn steps_policy_lifecycle_while_the_cluster_changes() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let args = LabArgs {
+        manifests: None,
+        steps: Some(repo().join("tests/steps/policy-lifecycle")),
+        externals: vec![],
+        json: false,
+        expect: None,
+    };
+    let outcomes =
+        npm_agent::cli::lab::execute_steps(&args).unwrap_or_else(|e| panic!("steps: {e:#}"));
+    assert_eq!(outcomes.len(), 7);
+    for o in &outcomes {
+        assert!(o.checked, "step {} has an expectation", o.step);
+        assert!(o.problems.is_empty(), "step {}: {:?}", o.step, o.problems);
+        assert!(!o.results.is_empty(), "step {} probed nothing", o.step);
+        let report: Vec<String> = o.mismatches.iter().map(ToString::to_string).collect();
+        assert!(
+            report.is_empty(),
+            "step {}:\n{}\n{}",
+            o.step,
+            report.join("\n"),
+            npm_agent::lab::render_matrix(&o.results)
+        );
+    }
+    // Step 7 adds x/d and deletes y/c: the probed set follows the cluster.
+    let last = &outcomes[6];
+    assert!(last.results.iter().any(|r| r.from == "x/d"));
+    assert!(
+        !last
+            .results
+            .iter()
+            .any(|r| r.from == "y/c" || r.to == "y/c")
+    );
 }

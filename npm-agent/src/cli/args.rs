@@ -58,8 +58,19 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct LabArgs {
     /// A directory of Kubernetes YAML (Namespaces, Pods, NetworkPolicies).
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "steps",
+        conflicts_with = "steps"
+    )]
+    pub manifests: Option<PathBuf>,
+    /// Ordered steps instead of one set of manifests: each subdirectory of DIR (in name order)
+    /// applies its YAML files (create or replace), deletes the objects listed in its `delete`
+    /// file (`Kind namespace/name`, or `Namespace name`), then probes, and checks its `expect`
+    /// file when it has one.
     #[arg(long, value_name = "DIR")]
-    pub manifests: PathBuf,
+    pub steps: Option<PathBuf>,
     /// A host outside the node: `IP` or `IP=PORT/PROTO,...` (PROTO: TCP, UDP or SCTP; default
     /// TCP). Without ports it serves every port/protocol any pod declares. Repeatable.
     #[arg(long = "external", value_name = "IP[=PORT/PROTO,...]", value_parser = parse_external)]

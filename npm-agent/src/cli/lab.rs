@@ -1,15 +1,35 @@
 //! `npm-agent lab`: enforce manifests on a throw-away node built from network namespaces and
 //! probe every source against every destination port with real packets.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
+use serde::Serialize;
 
-use super::args::LabArgs;
+use super::args::{ExternalArg, LabArgs};
+use super::steps::{self, Step};
 use crate::enforcer::Enforcer;
 use crate::expect::{Expectation, Mismatch};
 use crate::lab::{External, Lab, LabSpec, ProbeResult, render_matrix};
-use crate::model::Protocol;
+use crate::model::{ObjRef, Pod, Protocol};
 use crate::source::manifests;
+use crate::state::ClusterSnapshot;
+
+/// The outcome of one probe round.
+#[derive(Debug, Serialize)]
+pub struct StepOutcome {
+    pub step: String,
+    pub results: Vec<ProbeResult>,
+    /// Probes that differ from the step's expectation (empty without one).
+    #[serde(serialize_with = "as_strings")]
+    pub mismatches: Vec<Mismatch>,
+    pub problems: Vec<String>,
+    /// Whether the step had an expectation to check.
+    pub checked: bool,
+}
+
+fn as_strings<S: serde::Serializer>(m: &[Mismatch], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(m.iter().map(ToString::to_string))
+}
 
 /// The finished lab run, for callers that want more than the printout (tests).
 pub struct LabOutcome {
@@ -19,110 +39,253 @@ pub struct LabOutcome {
     pub mismatches: Vec<Mismatch>,
 }
 
-/// Builds the lab, enforces, probes, tears everything down, and returns the results.
-pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
-    let (mut snapshot, diagnostics) = manifests::load_dir(&args.manifests)
-        .with_context(|| format!("reading {}", args.manifests.display()))?;
-    let mut problems: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
-
-    let lab_pods: Vec<_> = snapshot
-        .pods
-        .values()
-        .filter(|p| {
-            let keep = !p.host_network && !p.terminating;
-            if !keep {
-                problems.push(format!(
-                    "Pod {}: not placed in the lab (hostNetwork or terminating pods are not endpoints)",
-                    p.obj_ref()
-                ));
-            }
-            keep
-        })
-        .cloned()
-        .collect();
-    let default_ports: BTreeSet<(u16, Protocol)> = lab_pods
-        .iter()
-        .flat_map(|p| p.ports.iter().map(|c| (c.port, c.protocol)))
-        .collect();
-    let expectation = match &args.expect {
+fn read_expect(args: &LabArgs) -> anyhow::Result<Option<Expectation>> {
+    match &args.expect {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            Some(Expectation::parse(&text).with_context(|| format!("in {}", path.display()))?)
+            Ok(Some(
+                Expectation::parse(&text).with_context(|| format!("in {}", path.display()))?,
+            ))
         }
-        None => None,
-    };
-    let externals = args
-        .externals
-        .iter()
-        .chain(expectation.iter().flat_map(|e| e.externals.iter()))
-        .map(|e| External {
-            ip: e.ip,
-            ports: if e.ports.is_empty() {
-                default_ports.iter().copied().collect()
-            } else {
-                e.ports.clone()
-            },
-        })
-        .collect();
+        None => Ok(None),
+    }
+}
 
-    let lab = Lab::build(LabSpec {
-        pods: lab_pods,
-        externals,
+/// Hosts outside the node: `--external`s and the expectations' `external` lines, by IP.
+/// Without ports, an external serves every port/protocol any pod declares.
+fn externals<'a>(pods: &[Pod], args: impl Iterator<Item = &'a ExternalArg>) -> Vec<External> {
+    let default_ports: BTreeSet<(u16, Protocol)> = pods
+        .iter()
+        .flat_map(|p| p.ports.iter().map(|c| (c.port, c.protocol)))
+        .collect();
+    let mut by_ip: BTreeMap<std::net::IpAddr, External> = BTreeMap::new();
+    for e in args {
+        let ports = if e.ports.is_empty() {
+            default_ports.iter().copied().collect()
+        } else {
+            e.ports.clone()
+        };
+        by_ip.entry(e.ip).or_insert(External { ip: e.ip, ports });
+    }
+    by_ip.into_values().collect()
+}
+
+fn lab_pods(pods: impl Iterator<Item = Pod>, problems: &mut Vec<String>) -> Vec<Pod> {
+    pods.filter(|p| {
+        let keep = !p.host_network && !p.terminating;
+        if !keep {
+            problems.push(format!(
+                "Pod {}: not placed in the lab (hostNetwork or terminating pods are not endpoints)",
+                p.obj_ref()
+            ));
+        }
+        keep
     })
-    .context("building the lab")?;
-    for p in lab.pods() {
-        snapshot.pods.insert(p.obj_ref(), p.clone());
-    }
-    let interfaces = lab.pod_interfaces();
-    snapshot.local = interfaces
-        .iter()
-        .map(|(k, (_, ifindex))| (k.clone(), *ifindex))
-        .collect();
-    snapshot.node_ips = lab.node_ips();
+    .collect()
+}
 
-    let mut enforcer = Enforcer::new(None).context("loading the datapath")?;
-    lab.node().run(|| -> anyhow::Result<()> {
-        for (pod, (ifname, _)) in &interfaces {
-            enforcer
-                .attach(ifname)
-                .with_context(|| format!("attaching to {ifname} (pod {pod})"))?;
-        }
-        Ok(())
-    })?;
-    let report = enforcer.apply(&snapshot);
-    problems.extend(report.compiled.diagnostics.iter().map(ToString::to_string));
-    if report.sync.failed > 0 {
-        anyhow::bail!(
-            "{} map updates failed; not probing a half-programmed node",
-            report.sync.failed
-        );
-    }
-    let results = lab.probe_all();
-    drop(lab);
-    drop(enforcer);
-    let mismatches = expectation
-        .map(|e| {
-            e.check(results.iter().map(|r| {
-                (
-                    r.from.as_str(),
-                    r.to.as_str(),
-                    r.port,
-                    r.protocol,
-                    r.allowed,
-                )
-            }))
+/// A built lab with enforcement attached to every pod interface.
+struct Rig {
+    lab: Lab,
+    enforcer: Enforcer,
+    /// Pods as built (with the addresses the lab assigned).
+    built: BTreeMap<ObjRef, Pod>,
+}
+
+impl Rig {
+    fn new(pods: Vec<Pod>, externals: Vec<External>) -> anyhow::Result<Self> {
+        let lab = Lab::build(LabSpec { pods, externals }).context("building the lab")?;
+        let built = lab
+            .pods()
+            .iter()
+            .map(|p| (p.obj_ref(), p.clone()))
+            .collect();
+        let mut enforcer = Enforcer::new(None).context("loading the datapath")?;
+        let interfaces = lab.pod_interfaces();
+        lab.node().run(|| -> anyhow::Result<()> {
+            for (pod, (ifname, _)) in &interfaces {
+                enforcer
+                    .attach(ifname)
+                    .with_context(|| format!("attaching to {ifname} (pod {pod})"))?;
+            }
+            Ok(())
+        })?;
+        Ok(Rig {
+            lab,
+            enforcer,
+            built,
         })
-        .unwrap_or_default();
+    }
+
+    /// Enforces `state` (its pods get the lab's addresses) and probes the endpoints present.
+    fn round(
+        &mut self,
+        name: &str,
+        state: &ClusterSnapshot,
+        expect: Option<&Expectation>,
+    ) -> anyhow::Result<StepOutcome> {
+        let mut snapshot = state.clone();
+        for (k, pod) in snapshot.pods.iter_mut() {
+            if let Some(b) = self.built.get(k) {
+                pod.ips = b.ips.clone();
+            }
+        }
+        let interfaces = self.lab.pod_interfaces();
+        snapshot.local = interfaces
+            .iter()
+            .filter(|(k, _)| snapshot.pods.contains_key(*k))
+            .map(|(k, (_, ifindex))| (k.clone(), *ifindex))
+            .collect();
+        snapshot.node_ips = self.lab.node_ips();
+        let report = self.enforcer.apply(&snapshot);
+        if report.sync.failed > 0 {
+            anyhow::bail!(
+                "{} map updates failed; not probing a half-programmed node",
+                report.sync.failed
+            );
+        }
+        let mut present: BTreeSet<String> = snapshot
+            .pods
+            .keys()
+            .filter(|k| self.built.contains_key(*k))
+            .map(ToString::to_string)
+            .collect();
+        present.extend(self.lab.externals().iter().map(|e| e.ip.to_string()));
+        let results = self.lab.probe_among(&present);
+        let mismatches = expect
+            .map(|e| {
+                e.check(results.iter().map(|r| {
+                    (
+                        r.from.as_str(),
+                        r.to.as_str(),
+                        r.port,
+                        r.protocol,
+                        r.allowed,
+                    )
+                }))
+            })
+            .unwrap_or_default();
+        Ok(StepOutcome {
+            step: name.to_string(),
+            results,
+            mismatches,
+            problems: report
+                .compiled
+                .diagnostics
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            checked: expect.is_some(),
+        })
+    }
+}
+
+/// Builds the lab, enforces, probes, tears everything down, and returns the results.
+pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
+    let dir = args
+        .manifests
+        .as_ref()
+        .context("--manifests DIR is required without --steps")?;
+    let (snapshot, diagnostics) =
+        manifests::load_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut problems: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+    let expectation = read_expect(args)?;
+    let pods = lab_pods(snapshot.pods.values().cloned(), &mut problems);
+    let ext = externals(
+        &pods,
+        args.externals
+            .iter()
+            .chain(expectation.iter().flat_map(|e| e.externals.iter())),
+    );
+    let mut rig = Rig::new(pods, ext)?;
+    let out = rig.round("manifests", &snapshot, expectation.as_ref())?;
+    problems.extend(out.problems);
     Ok(LabOutcome {
-        results,
+        results: out.results,
         problems,
-        mismatches,
+        mismatches: out.mismatches,
     })
 }
 
-/// The CLI verb: prints the matrix (or JSON) and returns the exit code.
+/// `--steps`: builds one lab for every pod any step mentions, then applies the steps in order.
+pub fn execute_steps(args: &LabArgs) -> anyhow::Result<Vec<StepOutcome>> {
+    let dir = args.steps.as_ref().context("--steps DIR")?;
+    let steps: Vec<Step> = steps::read_steps(dir)?;
+    let mut problems = Vec::new();
+    let mut first_seen: BTreeMap<ObjRef, Pod> = BTreeMap::new();
+    for s in &steps {
+        for (k, p) in &s.apply.pods {
+            first_seen.entry(k.clone()).or_insert_with(|| p.clone());
+        }
+    }
+    let pods = lab_pods(first_seen.into_values(), &mut problems);
+    let ext = externals(
+        &pods,
+        args.externals.iter().chain(
+            steps
+                .iter()
+                .flat_map(|s| s.expect.iter().flat_map(|e| e.externals.iter())),
+        ),
+    );
+    let mut rig = Rig::new(pods, ext)?;
+    let mut state = ClusterSnapshot::default();
+    let mut out = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        steps::apply_step(&mut state, s);
+        let mut o = rig.round(&s.name, &state, s.expect.as_ref())?;
+        let mut p: Vec<String> = s.problems.iter().map(ToString::to_string).collect();
+        if i == 0 {
+            p.append(&mut problems);
+        }
+        p.append(&mut o.problems);
+        o.problems = p;
+        out.push(o);
+    }
+    Ok(out)
+}
+
+fn report(name: Option<&str>, o: &StepOutcome, checked: bool) {
+    if let Some(n) = name {
+        println!("== step {n}");
+    }
+    for p in &o.problems {
+        eprintln!("problem: {p}");
+    }
+    print!("{}", render_matrix(&o.results));
+    if checked {
+        for m in &o.mismatches {
+            eprintln!("mismatch: {m}");
+        }
+        if o.mismatches.is_empty() {
+            eprintln!("all {} probes match the expectation", o.results.len());
+        } else {
+            eprintln!(
+                "{} of {} probes differ from the expectation",
+                o.mismatches.len(),
+                o.results.len()
+            );
+        }
+    }
+}
+
+/// The CLI verb: prints the matrix (or JSON) and returns the exit code (1 on any mismatch).
 pub fn run(args: LabArgs) -> anyhow::Result<i32> {
+    if args.steps.is_some() {
+        let outcomes = execute_steps(&args)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&outcomes)?);
+        } else {
+            for o in &outcomes {
+                report(Some(&o.step), o, o.checked);
+            }
+        }
+        return Ok(if outcomes.iter().any(|o| !o.mismatches.is_empty()) {
+            1
+        } else {
+            0
+        });
+    }
     let outcome = execute(&args)?;
     for p in &outcome.problems {
         eprintln!("problem: {p}");

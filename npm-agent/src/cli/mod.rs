@@ -4,3 +4,4 @@ pub mod args;
 pub mod compile;
 pub mod lab;
 pub mod run;
+pub mod steps;

@@ -260,6 +260,24 @@ impl Lab {
         self.run(&tasks)
     }
 
+    /// Like [`Lab::probe_all`], limited to the endpoints whose labels (`ns/pod` or the
+    /// external's IP) are in `present` (for steps where some pods do not exist yet).
+    pub fn probe_among(&self, present: &std::collections::BTreeSet<String>) -> Vec<ProbeResult> {
+        let eps = &self.plan.endpoints;
+        let keep: Vec<usize> = (0..eps.len())
+            .filter(|i| present.contains(&eps[*i].label))
+            .collect();
+        let mut tasks = Vec::new();
+        for &src in &keep {
+            for &dst in &keep {
+                for &(port, protocol) in &eps[dst].ports {
+                    tasks.push(self.task(src, dst, port, protocol));
+                }
+            }
+        }
+        self.run(&tasks)
+    }
+
     /// One probe. `from` and `to` are "namespace/name" for pods and the IP for externals;
     /// an unknown name gives a denied result with [`Outcome::Error`].
     pub fn probe(&self, from: &str, to: &str, port: u16, proto: Protocol) -> ProbeResult {

@@ -61,10 +61,14 @@ fn text<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
 /// Reads the directory into a snapshot (without node-local facts) and the problems found.
 /// Only an unreadable directory or file is an error.
 pub fn load_dir(dir: &Path) -> Result<(ClusterSnapshot, Vec<Diagnostic>), ManifestsError> {
+    Ok(read_dir_into(dir, Loader::default())?.finish())
+}
+
+/// Adds every YAML file below `dir` to `loader`.
+pub fn read_dir_into(dir: &Path, mut loader: Loader) -> Result<Loader, ManifestsError> {
     let mut files = Vec::new();
     yaml_files(dir, &mut files)?;
     files.sort();
-    let mut loader = Loader::default();
     for f in &files {
         let content = std::fs::read_to_string(f).map_err(|source| ManifestsError::Read {
             path: f.clone(),
@@ -72,7 +76,7 @@ pub fn load_dir(dir: &Path) -> Result<(ClusterSnapshot, Vec<Diagnostic>), Manife
         })?;
         loader.add_text(&f.display().to_string(), &content);
     }
-    Ok(loader.finish())
+    Ok(loader)
 }
 
 /// Accumulates objects from YAML texts.
@@ -198,21 +202,33 @@ impl Loader {
     }
 
     /// The snapshot, with implicit namespaces for names used but not declared.
-    pub fn finish(mut self) -> (ClusterSnapshot, Vec<Diagnostic>) {
-        let used: Vec<String> = self
-            .snapshot
-            .pods
-            .keys()
-            .chain(self.snapshot.policies.keys())
-            .map(|o: &ObjRef| o.namespace.clone())
-            .collect();
-        for ns in used {
-            self.snapshot
-                .namespaces
-                .entry(ns.clone())
-                .or_insert_with(|| convert::implicit_namespace(&ns));
-        }
+    pub fn finish(self) -> (ClusterSnapshot, Vec<Diagnostic>) {
+        let (mut snapshot, diagnostics) = self.finish_raw();
+        add_implicit_namespaces(&mut snapshot);
+        (snapshot, diagnostics)
+    }
+
+    /// Only the objects the texts declared (no implicit namespaces): for applying on top of
+    /// an existing state.
+    pub fn finish_raw(self) -> (ClusterSnapshot, Vec<Diagnostic>) {
         (self.snapshot, self.diagnostics)
+    }
+}
+
+/// Adds a Namespace (with only the `kubernetes.io/metadata.name` label) for every namespace
+/// a pod or policy uses that no Namespace object declares.
+pub fn add_implicit_namespaces(snapshot: &mut ClusterSnapshot) {
+    let used: Vec<String> = snapshot
+        .pods
+        .keys()
+        .chain(snapshot.policies.keys())
+        .map(|o: &ObjRef| o.namespace.clone())
+        .collect();
+    for ns in used {
+        snapshot
+            .namespaces
+            .entry(ns.clone())
+            .or_insert_with(|| convert::implicit_namespace(&ns));
     }
 }
 
