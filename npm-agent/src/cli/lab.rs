@@ -152,6 +152,12 @@ impl Rig {
             .map(ToString::to_string)
             .collect();
         present.extend(self.lab.externals().iter().map(|e| e.ip.to_string()));
+        // Every probe must be a new connection: forget flows of earlier rounds (their random
+        // source ports could repeat and ride an old, then-allowed entry).
+        self.enforcer
+            .datapath_mut()
+            .flush_conntrack()
+            .context("clearing conntrack between rounds")?;
         let results = self.lab.probe_among(&present);
         let mismatches = expect
             .map(|e| {
@@ -211,10 +217,18 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
 /// `--steps`: builds one lab for every pod any step mentions, then applies the steps in order.
 pub fn execute_steps(args: &LabArgs) -> anyhow::Result<Vec<StepOutcome>> {
     let dir = args.steps.as_ref().context("--steps DIR")?;
-    let steps: Vec<Step> = steps::read_steps(dir)?;
+    run_steps(&steps::read_steps(dir)?, &args.externals)
+}
+
+/// Runs steps on one lab built for every pod any step mentions (conntrack is cleared between
+/// steps, so each round's probes are new connections).
+pub fn run_steps(
+    steps: &[Step],
+    extra_externals: &[ExternalArg],
+) -> anyhow::Result<Vec<StepOutcome>> {
     let mut problems = Vec::new();
     let mut first_seen: BTreeMap<ObjRef, Pod> = BTreeMap::new();
-    for s in &steps {
+    for s in steps {
         for (k, p) in &s.apply.pods {
             first_seen.entry(k.clone()).or_insert_with(|| p.clone());
         }
@@ -222,7 +236,7 @@ pub fn execute_steps(args: &LabArgs) -> anyhow::Result<Vec<StepOutcome>> {
     let pods = lab_pods(first_seen.into_values(), &mut problems);
     let ext = externals(
         &pods,
-        args.externals.iter().chain(
+        extra_externals.iter().chain(
             steps
                 .iter()
                 .flat_map(|s| s.expect.iter().flat_map(|e| e.externals.iter())),

@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use npm_common::maps::{
-    MAP_CIDRS, MAP_CONNTRACK, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY,
-    PROG_FROM_POD, PROG_TO_POD,
+    CtKey, CtValue, MAP_CIDRS, MAP_CONNTRACK, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS,
+    MAP_POLICY, PROG_FROM_POD, PROG_TO_POD,
 };
 
 use super::sys;
@@ -104,6 +104,12 @@ pub enum DatapathError {
         #[source]
         source: io::Error,
     },
+    #[error("map {map}")]
+    Map {
+        map: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
 }
 
 impl DatapathError {
@@ -120,6 +126,7 @@ impl DatapathError {
             Self::Detach { .. } => "detach",
             Self::MapMissing { .. } => "map",
             Self::TestRun { .. } => "test_run",
+            Self::Map { .. } => "map_io",
         }
     }
 }
@@ -278,6 +285,32 @@ impl Datapath {
             .ok_or_else(|| DatapathError::MapMissing {
                 map: name.to_owned(),
             })
+    }
+
+    /// Forgets every tracked connection, so the next packet of any flow is judged as a new
+    /// connection. For the lab, where each probe round must see only new connections; an agent
+    /// never does this. Returns how many entries were removed.
+    pub fn flush_conntrack(&mut self) -> Result<usize, DatapathError> {
+        let err = |source| DatapathError::Map {
+            map: MAP_CONNTRACK.to_owned(),
+            source: Box::new(source),
+        };
+        let map = self
+            .ebpf
+            .map_mut(MAP_CONNTRACK)
+            .ok_or_else(|| DatapathError::MapMissing {
+                map: MAP_CONNTRACK.to_owned(),
+            })?;
+        let mut ct: aya::maps::HashMap<&mut aya::maps::MapData, CtKey, CtValue> =
+            aya::maps::HashMap::try_from(map).map_err(err)?;
+        let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>().map_err(err)?;
+        let mut removed = 0;
+        for k in &keys {
+            if ct.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Runs program `prog` (`PROG_FROM_POD` or `PROG_TO_POD`) on `packet` (Ethernet frame)
