@@ -296,7 +296,9 @@ pub fn policy(np: &net::NetworkPolicy) -> (Option<Policy>, Vec<ConvertError>) {
         Ok(s) => s,
         Err(e) => return (None, vec![e]),
     };
-    let (mut ingress_on, mut egress_on) = (true, spec.egress.is_some());
+    // Kubernetes defaults policyTypes to Ingress, plus Egress when there are egress rules.
+    let (mut ingress_on, mut egress_on) =
+        (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()));
     if let Some(types) = &spec.policy_types {
         ingress_on = false;
         egress_on = false;
