@@ -24,6 +24,8 @@ const MAX_NAME: usize = 64;
 pub enum NetNsError {
     #[error("invalid network namespace name {name:?}")]
     InvalidName { name: String },
+    #[error("not creating {name}: the process is shutting down")]
+    ShuttingDown { name: String },
     #[error("could not run {command:?}")]
     Spawn {
         command: String,
@@ -62,6 +64,7 @@ impl NetNsError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             NetNsError::InvalidName { .. } => "invalid_name",
+            NetNsError::ShuttingDown { .. } => "shutting_down",
             NetNsError::Spawn { .. } => "spawn",
             NetNsError::Command { .. } => "command",
             NetNsError::Open { .. } => "open",
@@ -86,6 +89,15 @@ pub struct NetNs {
     deleted: bool,
 }
 
+/// Set on Ctrl-C: no new namespace is created after it, so a cleanup that runs next sees
+/// every namespace this process will ever have made.
+static SHUTTING_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Refuses every later [`NetNs::create`] in this process.
+pub fn stop_creating() {
+    SHUTTING_DOWN.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 impl NetNs {
     /// `ip netns add <name>`. Fails if the name exists already.
     pub fn create(name: &str) -> Result<NetNs> {
@@ -97,6 +109,11 @@ impl NetNs {
             && !name.starts_with('.');
         if !valid {
             return Err(NetNsError::InvalidName {
+                name: name.to_owned(),
+            });
+        }
+        if SHUTTING_DOWN.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(NetNsError::ShuttingDown {
                 name: name.to_owned(),
             });
         }

@@ -329,6 +329,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<i32> {
 /// Removes every network namespace a lab of this process created (Ctrl-C path, where the
 /// lab's own guard cannot run).
 pub fn cleanup_leftovers() {
+    crate::netns::stop_creating();
+    // Let an `ip netns add` already under way finish, so the listing below includes it.
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let prefix = format!("npmlab-{}-", std::process::id());
     let Ok(entries) = std::fs::read_dir("/run/netns") else {
         return;
