@@ -26,6 +26,7 @@ fn scenario(dir: &str) {
         externals: vec![],
         json: false,
         expect: Some(dir.join("expect")),
+        prefer_ipv6: false,
     };
     let outcome = execute(&args).unwrap_or_else(|e| panic!("lab for {}: {e:#}", dir.display()));
     assert!(
@@ -132,6 +133,7 @@ fn steps_policy_lifecycle_while_the_cluster_changes() {
         externals: vec![],
         json: false,
         expect: None,
+        prefer_ipv6: false,
     };
     let outcomes =
         npm_agent::cli::lab::execute_steps(&args).unwrap_or_else(|e| panic!("steps: {e:#}"));
@@ -157,5 +159,36 @@ fn steps_policy_lifecycle_while_the_cluster_changes() {
             .results
             .iter()
             .any(|r| r.from == "y/c" || r.to == "y/c")
+    );
+}
+
+#[test]
+fn ipv6_ipblock_with_except_over_ipv6() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = repo().join("tests/scenarios/ipv6-ipblock-except");
+    let args = LabArgs {
+        manifests: Some(dir.clone()),
+        steps: None,
+        externals: vec![],
+        json: false,
+        expect: Some(dir.join("expect")),
+        prefer_ipv6: true,
+    };
+    let outcome = execute(&args).unwrap_or_else(|e| panic!("lab: {e:#}"));
+    assert!(outcome.problems.is_empty(), "{:?}", outcome.problems);
+    let report: Vec<String> = outcome.mismatches.iter().map(ToString::to_string).collect();
+    assert!(
+        report.is_empty(),
+        "{}\n{}",
+        report.join("\n"),
+        npm_agent::lab::render_matrix(&outcome.results)
+    );
+    // Every probe went over IPv6: the external is IPv6-only and every pod is dual-stack, and a
+    // denied probe to the external proves the v6 except matched.
+    assert!(
+        outcome
+            .results
+            .iter()
+            .any(|r| r.from == "default/a" && r.to == "2001:db8::10" && !r.allowed)
     );
 }

@@ -83,6 +83,10 @@ pub struct LabArgs {
     /// lines add to --external.
     #[arg(long, value_name = "FILE")]
     pub expect: Option<PathBuf>,
+    /// Probe over IPv6 between endpoints that both have an IPv6 address (default: IPv4 when
+    /// both have one).
+    #[arg(long)]
+    pub prefer_ipv6: bool,
 }
 
 #[derive(Debug, Args)]

@@ -94,8 +94,9 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(pods: Vec<Pod>, externals: Vec<External>) -> anyhow::Result<Self> {
-        let lab = Lab::build(LabSpec { pods, externals }).context("building the lab")?;
+    fn new(pods: Vec<Pod>, externals: Vec<External>, prefer_ipv6: bool) -> anyhow::Result<Self> {
+        let mut lab = Lab::build(LabSpec { pods, externals }).context("building the lab")?;
+        lab.set_prefer_ipv6(prefer_ipv6);
         let built = lab
             .pods()
             .iter()
@@ -204,7 +205,7 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
             .iter()
             .chain(expectation.iter().flat_map(|e| e.externals.iter())),
     );
-    let mut rig = Rig::new(pods, ext)?;
+    let mut rig = Rig::new(pods, ext, args.prefer_ipv6)?;
     let out = rig.round("manifests", &snapshot, expectation.as_ref())?;
     problems.extend(out.problems);
     Ok(LabOutcome {
@@ -217,7 +218,7 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
 /// `--steps`: builds one lab for every pod any step mentions, then applies the steps in order.
 pub fn execute_steps(args: &LabArgs) -> anyhow::Result<Vec<StepOutcome>> {
     let dir = args.steps.as_ref().context("--steps DIR")?;
-    run_steps(&steps::read_steps(dir)?, &args.externals)
+    run_steps(&steps::read_steps(dir)?, &args.externals, args.prefer_ipv6)
 }
 
 /// Runs steps on one lab built for every pod any step mentions (conntrack is cleared between
@@ -225,6 +226,7 @@ pub fn execute_steps(args: &LabArgs) -> anyhow::Result<Vec<StepOutcome>> {
 pub fn run_steps(
     steps: &[Step],
     extra_externals: &[ExternalArg],
+    prefer_ipv6: bool,
 ) -> anyhow::Result<Vec<StepOutcome>> {
     let mut problems = Vec::new();
     let mut first_seen: BTreeMap<ObjRef, Pod> = BTreeMap::new();
@@ -242,7 +244,7 @@ pub fn run_steps(
                 .flat_map(|s| s.expect.iter().flat_map(|e| e.externals.iter())),
         ),
     );
-    let mut rig = Rig::new(pods, ext)?;
+    let mut rig = Rig::new(pods, ext, prefer_ipv6)?;
     let mut state = ClusterSnapshot::default();
     let mut out = Vec::new();
     for (i, s) in steps.iter().enumerate() {
