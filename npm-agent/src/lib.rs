@@ -3,6 +3,7 @@
 //! Data flows one way: source (`source/`, `k8s/`) -> [`state::ClusterSnapshot`] ->
 //! [`compiler`] (pure) -> [`programmer`] (diff + apply) -> the eBPF maps of [`datapath`].
 //! See ARCHITECTURE.md.
+#![deny(unsafe_code)]
 
 pub mod cli;
 pub mod compiler;

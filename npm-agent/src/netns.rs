@@ -314,6 +314,7 @@ fn check_output(command: String, out: Output) -> Result<Output> {
 }
 
 /// Moves the calling thread into the network namespace `file` refers to.
+#[allow(unsafe_code)]
 fn enter_netns(file: &File) -> io::Result<()> {
     // SAFETY: setns only reads its two integer arguments; `file` is an open descriptor that
     // outlives the call. It changes the network namespace of the calling thread alone, which
