@@ -27,7 +27,8 @@ pub enum Command {
     /// Build a throw-away node in network namespaces, enforce the manifests' policies there
     /// and probe every pod and port with real packets.
     Lab(LabArgs),
-    /// Compile manifests offline: report problems and what the maps would hold.
+    /// Compile manifests offline, as if every pod were on this node (pods without a status IP
+    /// get placeholder addresses): report problems and what the maps would hold.
     Compile(CompileArgs),
 }
 

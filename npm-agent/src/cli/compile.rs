@@ -21,6 +21,17 @@ struct Output {
 pub fn run(args: CompileArgs) -> anyhow::Result<i32> {
     let (mut snapshot, mut problems) = manifests::load_dir(&args.manifests)
         .with_context(|| format!("reading {}", args.manifests.display()))?;
+    // Pods without an IP yet (manifests often have no status) get placeholder addresses from
+    // 10.244.0.0/16, as the lab does, so their policies compile.
+    let mut next = 1u32;
+    for pod in snapshot.pods.values_mut() {
+        if pod.ips.is_empty() && !pod.host_network && !pod.terminating {
+            let ip =
+                std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 244, 0, 0)) + next);
+            pod.ips.push(ip.into());
+            next += 1;
+        }
+    }
     // Give every endpoint pod a synthetic interface so its policy is compiled.
     snapshot.local = snapshot
         .pods

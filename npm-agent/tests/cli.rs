@@ -1,0 +1,115 @@
+//! The CLI as users script it: verbs, exit codes and `--json` field names.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("root")
+        .to_path_buf()
+}
+
+fn agent(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_npm-agent"))
+        .args(args)
+        .output()
+        .expect("spawn");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn compile_reports_sizes_as_json_and_exits_zero_on_clean_input() {
+    let dir = repo().join("examples/azure-npm");
+    let (code, out, err) = agent(&[
+        "compile",
+        "--manifests",
+        dir.to_str().expect("utf8"),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(0));
+    // 4 pods, all local in an offline compile.
+    assert_eq!(v["endpoints"], 4);
+    assert_eq!(v["identities"], 4);
+    assert!(v["policy"].as_u64().is_some_and(|n| n > 0));
+    assert!(
+        v["cidrs"].as_u64().is_some_and(|n| n >= 2),
+        "0.0.0.0/0 and the except prefix"
+    );
+}
+
+#[test]
+fn compile_names_the_file_object_and_reason_of_bad_input_and_exits_one() {
+    let dir = std::env::temp_dir().join(format!("npm-cli-test-{}", std::process::id()));
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = Rm(dir.clone());
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(
+        dir.join("bad.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: shop}\n\
+         spec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.1/8}}]}]\n",
+    )
+    .expect("write");
+    let (code, out, _) = agent(&["compile", "--manifests", dir.to_str().expect("utf8")]);
+    assert_eq!(code, 1);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("problem:"))
+        .expect("a problem line");
+    assert!(line.contains("bad.yaml"), "{line}");
+    assert!(line.contains("NetworkPolicy shop/broken"), "{line}");
+    assert!(line.contains("host bits"), "{line}");
+}
+
+#[test]
+fn lab_needs_manifests_or_steps_and_rejects_bad_externals() {
+    let (code, _, err) = agent(&["lab"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--manifests"), "{err}");
+    let (code, _, err) = agent(&["lab", "--manifests", ".", "--external", "10.0.0.1=80/ICMP"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown protocol"), "{err}");
+}
+
+#[test]
+fn lab_json_is_a_list_of_from_to_port_protocol_allowed() {
+    let dir = repo().join("tests/scenarios/k8s-blog-access-nginx");
+    let (code, out, err) = agent(&["lab", "--manifests", dir.to_str().expect("utf8"), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let rows = v.as_array().expect("a list");
+    assert_eq!(rows.len(), 9, "3 pods x 3 pods x 1 port");
+    for r in rows {
+        let keys: Vec<&str> = r
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys.len(), 5, "{r}");
+        for k in ["from", "to", "port", "protocol", "allowed"] {
+            assert!(keys.contains(&k), "{k} missing in {r}");
+        }
+        assert_eq!(r["protocol"], "TCP");
+    }
+    let bar_to_nginx = rows
+        .iter()
+        .find(|r| r["from"] == "default/bar" && r["to"] == "default/nginx")
+        .expect("row");
+    assert_eq!(bar_to_nginx["allowed"], false);
+    let foo_to_nginx = rows
+        .iter()
+        .find(|r| r["from"] == "default/foo" && r["to"] == "default/nginx")
+        .expect("row");
+    assert_eq!(foo_to_nginx["allowed"], true);
+}
