@@ -278,6 +278,12 @@ fn rule(
     Ok(Rule { peers, ports })
 }
 
+/// One ingress or egress rule as written: (from/to peers, ports).
+type RawRule<'a> = (
+    Option<&'a Vec<net::NetworkPolicyPeer>>,
+    Option<&'a Vec<net::NetworkPolicyPort>>,
+);
+
 /// Converts a NetworkPolicy. Returns the policy (None when it cannot say whom it selects)
 /// and the problems found; a rule with a problem is dropped and allows nothing.
 pub fn policy(np: &net::NetworkPolicy) -> (Option<Policy>, Vec<ConvertError>) {
@@ -318,45 +324,37 @@ pub fn policy(np: &net::NetworkPolicy) -> (Option<Policy>, Vec<ConvertError>) {
             }
         }
     }
-    let mut convert = |rules: Vec<Result<Rule, ConvertError>>| -> Vec<Rule> {
+    // Each rule as (peers, ports); a rule that fails to convert is dropped and reported.
+    let mut convert = |dir: &str, peers_name: &str, rules: Vec<RawRule<'_>>| -> Vec<Rule> {
         rules
             .into_iter()
-            .filter_map(|r| r.map_err(|e| problems.push(e)).ok())
+            .enumerate()
+            .filter_map(|(i, (peers, ports))| {
+                rule(&format!("spec.{dir}[{i}]"), peers, peers_name, ports)
+                    .map_err(|e| problems.push(e))
+                    .ok()
+            })
             .collect()
     };
     let ingress = ingress_on.then(|| {
+        let rules = spec.ingress.as_deref().unwrap_or_default();
         convert(
-            spec.ingress
-                .as_deref()
-                .unwrap_or_default()
+            "ingress",
+            "from",
+            rules
                 .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    rule(
-                        &format!("spec.ingress[{i}]"),
-                        r.from.as_ref(),
-                        "from",
-                        r.ports.as_ref(),
-                    )
-                })
+                .map(|r| (r.from.as_ref(), r.ports.as_ref()))
                 .collect(),
         )
     });
     let egress = egress_on.then(|| {
+        let rules = spec.egress.as_deref().unwrap_or_default();
         convert(
-            spec.egress
-                .as_deref()
-                .unwrap_or_default()
+            "egress",
+            "to",
+            rules
                 .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    rule(
-                        &format!("spec.egress[{i}]"),
-                        r.to.as_ref(),
-                        "to",
-                        r.ports.as_ref(),
-                    )
-                })
+                .map(|r| (r.to.as_ref(), r.ports.as_ref()))
                 .collect(),
         )
     });
