@@ -38,6 +38,11 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestsError> 
             source,
         })?;
         let path = e.path();
+        // Hidden entries are skipped: a mounted ConfigMap's `..data` / `..<timestamp>` copies
+        // (which would load every object twice), `.git`, editor files.
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         if path.is_dir() {
             yaml_files(&path, out)?;
         } else if matches!(
@@ -463,6 +468,12 @@ status: {podIP: 10.0.0.7, podIPs: [{ip: 10.0.0.7}, {ip: "fd00::7"}]}
         )
         .expect("write");
         std::fs::write(dir.join("expect"), "allow * -> * *\n").expect("write");
+        std::fs::create_dir_all(dir.join("..data")).expect("mkdir");
+        std::fs::write(
+            dir.join("..data/a.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: hidden}\n",
+        )
+        .expect("write");
         std::fs::write(
             dir.join("b.yaml"),
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n---\n: : :\n",
@@ -470,6 +481,10 @@ status: {podIP: 10.0.0.7, podIPs: [{ip: 10.0.0.7}, {ip: "fd00::7"}]}
         .expect("write");
         let (s, d) = load_dir(&dir).expect("loads");
         assert!(s.namespaces.contains_key("a") && s.namespaces.contains_key("b"));
+        assert!(
+            !s.namespaces.contains_key("hidden"),
+            "hidden directories are not read"
+        );
         assert_eq!(d.len(), 1);
         assert!(d[0].message.contains("not valid YAML"));
         assert!(
