@@ -27,14 +27,19 @@ fn yaml_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(deploy_dir())
         .expect("read deploy/")
         .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .filter(|p| {
+            p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        })
         .collect();
     files.sort();
     files
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().expect("file name").to_string_lossy().into_owned()
+    p.file_name()
+        .expect("file name")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Every non-empty document of a (multi-document) YAML file, as JSON.
@@ -58,11 +63,18 @@ fn normalise(v: &Json) -> Option<Json> {
     match v {
         Json::Null => None,
         Json::Object(map) => {
-            let map: serde_json::Map<String, Json> =
-                map.iter().filter_map(|(k, v)| Some((k.clone(), normalise(v)?))).collect();
+            let map: serde_json::Map<String, Json> = map
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), normalise(v)?)))
+                .collect();
             (!map.is_empty()).then_some(Json::Object(map))
         }
-        Json::Array(items) => Some(Json::Array(items.iter().map(|v| normalise(v).unwrap_or(Json::Null)).collect())),
+        Json::Array(items) => Some(Json::Array(
+            items
+                .iter()
+                .map(|v| normalise(v).unwrap_or(Json::Null))
+                .collect(),
+        )),
         other => Some(other.clone()),
     }
 }
@@ -74,7 +86,9 @@ fn first_difference(path: &str, input: &Json, round_tripped: &Json) -> Option<St
             for (k, va) in a {
                 let p = format!("{path}.{k}");
                 match b.get(k) {
-                    None => return Some(format!("{p}: unknown field (dropped by the typed object)")),
+                    None => {
+                        return Some(format!("{p}: unknown field (dropped by the typed object)"));
+                    }
                     Some(vb) => {
                         if let Some(d) = first_difference(&p, va, vb) {
                             return Some(d);
@@ -86,9 +100,11 @@ fn first_difference(path: &str, input: &Json, round_tripped: &Json) -> Option<St
                 .find(|k| !a.contains_key(*k))
                 .map(|k| format!("{path}.{k}: added by the typed object"))
         }
-        (Json::Array(a), Json::Array(b)) if a.len() == b.len() => {
-            a.iter().zip(b).enumerate().find_map(|(i, (va, vb))| first_difference(&format!("{path}[{i}]"), va, vb))
-        }
+        (Json::Array(a), Json::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (va, vb))| first_difference(&format!("{path}[{i}]"), va, vb)),
         (a, b) if a == b => None,
         (a, b) => Some(format!("{path}: {a} became {b}")),
     }
@@ -99,7 +115,10 @@ fn first_difference(path: &str, input: &Json, round_tripped: &Json) -> Option<St
 fn strict<T: DeserializeOwned + Serialize>(doc: &Json, origin: &str) -> Result<T, String> {
     let typed: T = serde_json::from_value(doc.clone()).map_err(|e| format!("{origin}: {e}"))?;
     let back = serde_json::to_value(&typed).map_err(|e| format!("{origin}: serialize: {e}"))?;
-    let (input, back) = (normalise(doc).unwrap_or(Json::Null), normalise(&back).unwrap_or(Json::Null));
+    let (input, back) = (
+        normalise(doc).unwrap_or(Json::Null),
+        normalise(&back).unwrap_or(Json::Null),
+    );
     match first_difference("", &input, &back) {
         None => Ok(typed),
         Some(d) => Err(format!("{origin}: {d}")),
@@ -126,11 +145,17 @@ fn load() -> Objects {
         }
         for (i, doc) in documents(&path).iter().enumerate() {
             let origin = format!("{} document {i}", file_name(&path));
-            let kind = doc.get("kind").and_then(Json::as_str).unwrap_or_default().to_string();
+            let kind = doc
+                .get("kind")
+                .and_then(Json::as_str)
+                .unwrap_or_default()
+                .to_string();
             let result = match kind.as_str() {
                 "ServiceAccount" => strict(doc, &origin).map(|o| objects.service_accounts.push(o)),
                 "ClusterRole" => strict(doc, &origin).map(|o| objects.cluster_roles.push(o)),
-                "ClusterRoleBinding" => strict(doc, &origin).map(|o| objects.cluster_role_bindings.push(o)),
+                "ClusterRoleBinding" => {
+                    strict(doc, &origin).map(|o| objects.cluster_role_bindings.push(o))
+                }
                 "ConfigMap" => strict(doc, &origin).map(|o| objects.config_maps.push(o)),
                 "DaemonSet" => strict(doc, &origin).map(|o| objects.daemon_sets.push(o)),
                 "Service" => strict(doc, &origin).map(|o| objects.services.push(o)),
@@ -141,7 +166,11 @@ fn load() -> Objects {
             }
         }
     }
-    assert!(errors.is_empty(), "manifests do not match their Kubernetes types:\n{}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "manifests do not match their Kubernetes types:\n{}",
+        errors.join("\n")
+    );
     objects
 }
 
@@ -161,7 +190,12 @@ fn every_manifest_is_a_strictly_valid_kubernetes_object() {
         .chain(objects.daemon_sets.iter().map(|o| &o.metadata))
         .chain(objects.services.iter().map(|o| &o.metadata));
     for meta in namespaced {
-        assert_eq!(meta.namespace.as_deref(), Some(NAMESPACE), "{:?} namespace", meta.name);
+        assert_eq!(
+            meta.namespace.as_deref(),
+            Some(NAMESPACE),
+            "{:?} namespace",
+            meta.name
+        );
     }
     one(&objects.service_accounts, "ServiceAccount");
     one(&objects.cluster_roles, "ClusterRole");
@@ -178,7 +212,9 @@ fn the_strict_check_catches_misspelled_and_unknown_fields() {
     strict::<DaemonSet>(&doc, "daemonset.yaml").expect("the real file passes");
 
     let mut misspelled = doc.clone();
-    let pod_spec = misspelled["spec"]["template"]["spec"].as_object_mut().expect("pod spec");
+    let pod_spec = misspelled["spec"]["template"]["spec"]
+        .as_object_mut()
+        .expect("pod spec");
     let host_network = pod_spec.remove("hostNetwork").expect("hostNetwork");
     pod_spec.insert("hostNetwrok".into(), host_network);
     let err = strict::<DaemonSet>(&misspelled, "misspelled").expect_err("misspelled field");
@@ -188,7 +224,10 @@ fn the_strict_check_catches_misspelled_and_unknown_fields() {
     unknown["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["ad"] =
         serde_json::json!(["SYS_ADMIN"]);
     let err = strict::<DaemonSet>(&unknown, "unknown").expect_err("unknown field");
-    assert!(err.contains(".spec.template.spec.containers[0].securityContext.capabilities.ad"), "{err}");
+    assert!(
+        err.contains(".spec.template.spec.containers[0].securityContext.capabilities.ad"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -206,14 +245,27 @@ fn kustomization_lists_exactly_the_manifests() {
         .map(|r| r.as_str().expect("resource is a string"))
         .collect();
     let listed_set: BTreeSet<&str> = listed.iter().copied().collect();
-    assert_eq!(listed_set.len(), listed.len(), "duplicates in resources: {listed:?}");
+    assert_eq!(
+        listed_set.len(),
+        listed.len(),
+        "duplicates in resources: {listed:?}"
+    );
     for r in &listed {
-        assert!(deploy_dir().join(r).is_file(), "kustomization.yaml lists {r}, which does not exist");
+        assert!(
+            deploy_dir().join(r).is_file(),
+            "kustomization.yaml lists {r}, which does not exist"
+        );
     }
-    let files: BTreeSet<String> =
-        yaml_files().iter().map(|p| file_name(p)).filter(|f| f != "kustomization.yaml").collect();
+    let files: BTreeSet<String> = yaml_files()
+        .iter()
+        .map(|p| file_name(p))
+        .filter(|f| f != "kustomization.yaml")
+        .collect();
     let listed_owned: BTreeSet<String> = listed.iter().map(|s| s.to_string()).collect();
-    assert_eq!(listed_owned, files, "kustomization.yaml resources vs deploy/*.yaml");
+    assert_eq!(
+        listed_owned, files,
+        "kustomization.yaml resources vs deploy/*.yaml"
+    );
 }
 
 #[test]
@@ -223,7 +275,10 @@ fn rbac_grants_read_only_pods_namespaces_and_networkpolicies() {
     let mut granted: BTreeSet<(String, String, String)> = BTreeSet::new();
     for rule in role.rules.as_deref().unwrap_or_default() {
         assert!(rule.resource_names.is_none(), "resourceNames: {rule:?}");
-        assert!(rule.non_resource_urls.is_none(), "nonResourceURLs: {rule:?}");
+        assert!(
+            rule.non_resource_urls.is_none(),
+            "nonResourceURLs: {rule:?}"
+        );
         for group in rule.api_groups.as_deref().unwrap_or_default() {
             for resource in rule.resources.as_deref().unwrap_or_default() {
                 for verb in &rule.verbs {
@@ -233,7 +288,11 @@ fn rbac_grants_read_only_pods_namespaces_and_networkpolicies() {
         }
     }
     let mut expected = BTreeSet::new();
-    for (group, resource) in [("", "pods"), ("", "namespaces"), ("networking.k8s.io", "networkpolicies")] {
+    for (group, resource) in [
+        ("", "pods"),
+        ("", "namespaces"),
+        ("networking.k8s.io", "networkpolicies"),
+    ] {
         for verb in ["get", "list", "watch"] {
             expected.insert((group.to_string(), resource.to_string(), verb.to_string()));
         }
@@ -261,18 +320,33 @@ fn daemonset_is_unprivileged_with_the_chosen_capabilities_everywhere() {
     let strategy = spec.update_strategy.as_ref().expect("updateStrategy");
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
     assert_eq!(
-        strategy.rolling_update.as_ref().and_then(|r| r.max_unavailable.as_ref()),
+        strategy
+            .rolling_update
+            .as_ref()
+            .and_then(|r| r.max_unavailable.as_ref()),
         Some(&IntOrString::Int(1))
     );
-    let template_labels = spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    let template_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
     for (k, v) in spec.selector.match_labels.as_ref().expect("matchLabels") {
-        assert_eq!(template_labels.get(k), Some(v), "selector {k}={v} must match the template");
+        assert_eq!(
+            template_labels.get(k),
+            Some(v),
+            "selector {k}={v} must match the template"
+        );
     }
 
     let pod = spec.template.spec.as_ref().expect("pod spec");
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
-    assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
     assert_eq!(pod.service_account_name.as_deref(), Some("npm-agent"));
     assert_eq!(
         pod.node_selector.clone().unwrap_or_default(),
@@ -280,48 +354,83 @@ fn daemonset_is_unprivileged_with_the_chosen_capabilities_everywhere() {
     );
     let tolerations = pod.tolerations.as_deref().unwrap_or_default();
     assert!(
-        tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists")
-            && t.key.is_none()
-            && t.effect.is_none()
-            && t.toleration_seconds.is_none()),
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.is_none()
+                && t.toleration_seconds.is_none()),
         "must tolerate every taint: {tolerations:?}"
     );
     assert!(pod.init_containers.is_none(), "no init containers");
     assert_eq!(pod.containers.len(), 1);
     let c = &pod.containers[0];
     assert_eq!(c.image.as_deref(), Some("npm-agent:latest"));
-    assert_eq!(c.args.clone().unwrap_or_default(), ["run", "--config", "/etc/npm/azure-npm.json"]);
+    assert_eq!(
+        c.args.clone().unwrap_or_default(),
+        ["run", "--config", "/etc/npm/azure-npm.json"]
+    );
 
     let sc = c.security_context.as_ref().expect("securityContext");
     assert_ne!(sc.privileged, Some(true), "must not be privileged");
     assert_eq!(sc.allow_privilege_escalation, Some(false));
     let caps = sc.capabilities.as_ref().expect("capabilities");
     assert_eq!(caps.drop.clone().unwrap_or_default(), ["ALL"]);
-    let added: BTreeSet<&str> = caps.add.as_deref().unwrap_or_default().iter().map(String::as_str).collect();
+    let added: BTreeSet<&str> = caps
+        .add
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(String::as_str)
+        .collect();
     assert_eq!(added, BTreeSet::from(CAPABILITIES), "added capabilities");
-    assert_eq!(caps.add.as_ref().map(Vec::len), Some(CAPABILITIES.len()), "duplicate capabilities");
-    assert!(pod.security_context.as_ref().and_then(|p| p.sysctls.as_ref()).is_none());
+    assert_eq!(
+        caps.add.as_ref().map(Vec::len),
+        Some(CAPABILITIES.len()),
+        "duplicate capabilities"
+    );
+    assert!(
+        pod.security_context
+            .as_ref()
+            .and_then(|p| p.sysctls.as_ref())
+            .is_none()
+    );
 
     let env = c.env.as_deref().unwrap_or_default();
-    let node_name = env.iter().find(|e| e.name == "NODE_NAME").expect("NODE_NAME env");
+    let node_name = env
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME env");
     assert_eq!(
-        node_name.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str()),
+        node_name
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
         Some("spec.nodeName")
     );
     let ports = c.ports.as_deref().unwrap_or_default();
     assert!(
-        ports.iter().any(|p| p.container_port == PORT && p.name.as_deref() == Some("metrics")),
+        ports
+            .iter()
+            .any(|p| p.container_port == PORT && p.name.as_deref() == Some("metrics")),
         "{ports:?}"
     );
-    for (probe, path) in [(&c.liveness_probe, "/healthz"), (&c.readiness_probe, "/readyz")] {
-        let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{path} probe"));
+    for (probe, path) in [
+        (&c.liveness_probe, "/healthz"),
+        (&c.readiness_probe, "/readyz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("{path} probe"));
         assert_eq!(get.path.as_deref(), Some(path));
         assert_eq!(get.port, IntOrString::Int(PORT), "{path} probe port");
     }
     let resources = c.resources.as_ref().expect("resources");
-    let q = |m: &Option<BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>, k: &str| {
-        m.as_ref().and_then(|m| m.get(k)).map(|q| q.0.clone())
-    };
+    let q =
+        |m: &Option<BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+         k: &str| { m.as_ref().and_then(|m| m.get(k)).map(|q| q.0.clone()) };
     assert_eq!(q(&resources.requests, "cpu").as_deref(), Some("50m"));
     assert_eq!(q(&resources.requests, "memory").as_deref(), Some("64Mi"));
     assert_eq!(q(&resources.limits, "memory").as_deref(), Some("256Mi"));
@@ -329,19 +438,42 @@ fn daemonset_is_unprivileged_with_the_chosen_capabilities_everywhere() {
     // Volumes: the host's bpffs (no Bidirectional propagation: that needs privileged) and the
     // ConfigMap at /etc/npm; nothing else from the host.
     let volumes = pod.volumes.as_deref().unwrap_or_default();
-    let host_paths: Vec<&str> =
-        volumes.iter().filter_map(|v| v.host_path.as_ref()).map(|h| h.path.as_str()).collect();
+    let host_paths: Vec<&str> = volumes
+        .iter()
+        .filter_map(|v| v.host_path.as_ref())
+        .map(|h| h.path.as_str())
+        .collect();
     assert_eq!(host_paths, ["/sys/fs/bpf"]);
     let mounts = c.volume_mounts.as_deref().unwrap_or_default();
     for m in mounts {
-        assert_ne!(m.mount_propagation.as_deref(), Some("Bidirectional"), "{m:?}");
-        assert!(volumes.iter().any(|v| v.name == m.name), "mount of undeclared volume {}", m.name);
+        assert_ne!(
+            m.mount_propagation.as_deref(),
+            Some("Bidirectional"),
+            "{m:?}"
+        );
+        assert!(
+            volumes.iter().any(|v| v.name == m.name),
+            "mount of undeclared volume {}",
+            m.name
+        );
     }
-    let bpffs = mounts.iter().find(|m| m.mount_path == "/sys/fs/bpf").expect("bpffs mount");
-    let bpffs_volume = volumes.iter().find(|v| v.name == bpffs.name).expect("bpffs volume");
+    let bpffs = mounts
+        .iter()
+        .find(|m| m.mount_path == "/sys/fs/bpf")
+        .expect("bpffs mount");
+    let bpffs_volume = volumes
+        .iter()
+        .find(|v| v.name == bpffs.name)
+        .expect("bpffs volume");
     assert!(bpffs_volume.host_path.is_some());
-    let config = mounts.iter().find(|m| m.mount_path == "/etc/npm").expect("config mount");
-    let config_volume = volumes.iter().find(|v| v.name == config.name).expect("config volume");
+    let config = mounts
+        .iter()
+        .find(|m| m.mount_path == "/etc/npm")
+        .expect("config mount");
+    let config_volume = volumes
+        .iter()
+        .find(|v| v.name == config.name)
+        .expect("config volume");
     assert_eq!(
         config_volume.config_map.as_ref().map(|c| c.name.as_str()),
         Some("npm-agent-config"),
@@ -356,7 +488,8 @@ fn configmap_holds_the_config_in_azure_npm_format() {
     assert_eq!(cm.metadata.name.as_deref(), Some("npm-agent-config"));
     let data = cm.data.as_ref().expect("data");
     assert_eq!(data.keys().collect::<Vec<_>>(), ["azure-npm.json"]);
-    let config: Json = serde_json::from_str(&data["azure-npm.json"]).expect("azure-npm.json is JSON");
+    let config: Json =
+        serde_json::from_str(&data["azure-npm.json"]).expect("azure-npm.json is JSON");
     assert_eq!(
         config,
         serde_json::json!({
@@ -372,31 +505,51 @@ fn configmap_holds_the_config_in_azure_npm_format() {
 fn service_exposes_the_agents_metrics_port() {
     let objects = load();
     let svc = one(&objects.services, "Service");
-    assert_eq!(svc.metadata.name.as_deref(), Some("npm-metrics-cluster-service"));
+    assert_eq!(
+        svc.metadata.name.as_deref(),
+        Some("npm-metrics-cluster-service")
+    );
     let spec = svc.spec.as_ref().expect("spec");
     let ports = spec.ports.as_deref().unwrap_or_default();
     assert_eq!(ports.len(), 1, "{ports:?}");
     assert_eq!(ports[0].port, PORT);
     assert_eq!(ports[0].name.as_deref(), Some("metrics"));
     let ds = one(&objects.daemon_sets, "DaemonSet");
-    let labels = ds.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.labels.clone());
+    let labels = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone());
     let labels = labels.unwrap_or_default();
     let selector = spec.selector.as_ref().expect("selector");
     assert!(!selector.is_empty());
     for (k, v) in selector {
-        assert_eq!(labels.get(k), Some(v), "Service selector {k}={v} must select the agent pods");
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "Service selector {k}={v} must select the agent pods"
+        );
     }
     // targetPort names (or numbers) the container's metrics port.
-    let c = &ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec").containers[0];
+    let c = &ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec")
+        .containers[0];
     let container_ports = c.ports.as_deref().unwrap_or_default();
     let ok = match ports[0].target_port.as_ref() {
         None => container_ports.iter().any(|p| p.container_port == PORT),
         Some(IntOrString::Int(n)) => container_ports.iter().any(|p| p.container_port == *n),
-        Some(IntOrString::String(name)) => {
-            container_ports.iter().any(|p| p.name.as_deref() == Some(name.as_str()) && p.container_port == PORT)
-        }
+        Some(IntOrString::String(name)) => container_ports
+            .iter()
+            .any(|p| p.name.as_deref() == Some(name.as_str()) && p.container_port == PORT),
     };
-    assert!(ok, "Service targetPort {:?} vs container ports {container_ports:?}", ports[0].target_port);
+    assert!(
+        ok,
+        "Service targetPort {:?} vs container ports {container_ports:?}",
+        ports[0].target_port
+    );
 }
 
 #[test]
@@ -404,9 +557,13 @@ fn prometheus_scrape_config_has_both_azure_npm_jobs() {
     let path = deploy_dir().join("prometheus/scrape-config.yaml");
     let docs = documents(&path);
     assert_eq!(docs.len(), 1);
-    let jobs = docs[0]["scrape_configs"].as_array().expect("scrape_configs");
+    let jobs = docs[0]["scrape_configs"]
+        .as_array()
+        .expect("scrape_configs");
     let job = |name: &str| -> &Json {
-        jobs.iter().find(|j| j["job_name"] == name).unwrap_or_else(|| panic!("job {name}"))
+        jobs.iter()
+            .find(|j| j["job_name"] == name)
+            .unwrap_or_else(|| panic!("job {name}"))
     };
     let node = job("npm-node-metrics");
     assert_eq!(node["metrics_path"], "/node-metrics");
@@ -425,11 +582,24 @@ fn prometheus_scrape_config_has_both_azure_npm_jobs() {
         .expect("relabel_configs")
         .iter()
         .filter(|r| r["action"] == "keep")
-        .map(|r| (r["source_labels"][0].as_str().unwrap_or_default().to_string(), r["regex"].as_str().unwrap_or_default().to_string()))
+        .map(|r| {
+            (
+                r["source_labels"][0]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                r["regex"].as_str().unwrap_or_default().to_string(),
+            )
+        })
         .collect();
-    assert_eq!(keeps.get("__meta_kubernetes_namespace").map(String::as_str), Some(NAMESPACE));
     assert_eq!(
-        keeps.get("__meta_kubernetes_service_name").map(String::as_str),
+        keeps.get("__meta_kubernetes_namespace").map(String::as_str),
+        Some(NAMESPACE)
+    );
+    assert_eq!(
+        keeps
+            .get("__meta_kubernetes_service_name")
+            .map(String::as_str),
         Some("npm-metrics-cluster-service")
     );
 }
