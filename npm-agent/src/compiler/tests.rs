@@ -1,7 +1,7 @@
 //! The compiler checked against a reference implementation of NetworkPolicy semantics:
 //! random small clusters are compiled, the datapath's lookups are simulated over the
 //! resulting maps, and every verdict must equal the reference's.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use npm_common::maps::{EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, PEER_HOST, PROTO_ICMP, PolicyKey};
@@ -854,5 +854,4 @@ fn duplicate_pod_ip_is_reported_and_resolved_deterministically() {
     let c = compile(&s, &mut IdAllocator::default());
     assert_eq!(c.diagnostics.len(), 1);
     assert!(c.diagnostics[0].message.contains(&ip.to_string()));
-    let _ = BTreeMap::<u8, u8>::new();
 }
