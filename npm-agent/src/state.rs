@@ -1,4 +1,5 @@
-//! Ground state: everything the compiler needs, captured at one moment.
+//! Ground state: everything the compiler needs, captured at one moment, and the changes that
+//! move it from one moment to the next.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -18,4 +19,129 @@ pub struct ClusterSnapshot {
     pub local: BTreeMap<ObjRef, u32>,
     /// This node's own addresses (traffic from/to them is always allowed).
     pub node_ips: Vec<IpAddr>,
+}
+
+/// One change to a [`ClusterSnapshot`]: an object set (added or replaced) or removed (`None`).
+/// Sources emit these; the incremental compiler consumes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Namespace(String, Option<Namespace>),
+    Pod(ObjRef, Option<Pod>),
+    Policy(ObjRef, Option<Policy>),
+    /// A pod's host-side interface on this node appeared (`Some(ifindex)`) or went away.
+    Local(ObjRef, Option<u32>),
+    /// This node's addresses, all of them.
+    NodeIps(Vec<IpAddr>),
+}
+
+impl ClusterSnapshot {
+    /// Applies one change. Returns false when it changed nothing (the object was already so).
+    pub fn apply(&mut self, change: &Change) -> bool {
+        fn set<K: Ord + Clone, V: PartialEq + Clone>(
+            map: &mut BTreeMap<K, V>,
+            key: &K,
+            value: &Option<V>,
+        ) -> bool {
+            match value {
+                Some(v) => {
+                    if map.get(key) == Some(v) {
+                        false
+                    } else {
+                        map.insert(key.clone(), v.clone());
+                        true
+                    }
+                }
+                None => map.remove(key).is_some(),
+            }
+        }
+        let changed = match change {
+            Change::Namespace(name, ns) => set(&mut self.namespaces, name, ns),
+            Change::Pod(obj, pod) => set(&mut self.pods, obj, pod),
+            Change::Policy(obj, policy) => set(&mut self.policies, obj, policy),
+            Change::Local(obj, ifindex) => set(&mut self.local, obj, ifindex),
+            Change::NodeIps(ips) => {
+                if &self.node_ips == ips {
+                    false
+                } else {
+                    self.node_ips = ips.clone();
+                    true
+                }
+            }
+        };
+        if changed {
+            self.generation += 1;
+        }
+        changed
+    }
+
+    /// The changes that turn `self` into `new` (generation aside), in a deterministic order:
+    /// namespaces, policies, pods, local interfaces, node addresses.
+    pub fn diff(&self, new: &ClusterSnapshot) -> Vec<Change> {
+        fn diff_map<K: Ord + Clone, V: PartialEq + Clone>(
+            old: &BTreeMap<K, V>,
+            new: &BTreeMap<K, V>,
+            make: impl Fn(K, Option<V>) -> Change,
+            out: &mut Vec<Change>,
+        ) {
+            for (k, v) in new {
+                if old.get(k) != Some(v) {
+                    out.push(make(k.clone(), Some(v.clone())));
+                }
+            }
+            for k in old.keys() {
+                if !new.contains_key(k) {
+                    out.push(make(k.clone(), None));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        diff_map(
+            &self.namespaces,
+            &new.namespaces,
+            Change::Namespace,
+            &mut out,
+        );
+        diff_map(&self.policies, &new.policies, Change::Policy, &mut out);
+        diff_map(&self.pods, &new.pods, Change::Pod, &mut out);
+        diff_map(&self.local, &new.local, Change::Local, &mut out);
+        if self.node_ips != new.node_ips {
+            out.push(Change::NodeIps(new.node_ips.clone()));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(name: &str, team: &str) -> Namespace {
+        Namespace {
+            name: name.into(),
+            labels: [("team".to_string(), team.to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn diff_then_apply_reaches_the_new_snapshot() {
+        let mut old = ClusterSnapshot::default();
+        old.namespaces.insert("a".into(), ns("a", "x"));
+        old.namespaces.insert("b".into(), ns("b", "x"));
+        old.local.insert(ObjRef::new("a", "p"), 4);
+        let mut new = ClusterSnapshot::default();
+        new.namespaces.insert("a".into(), ns("a", "y"));
+        new.namespaces.insert("c".into(), ns("c", "x"));
+        new.node_ips = vec!["10.0.0.1".parse().unwrap()];
+        let changes = old.diff(&new);
+        assert_eq!(changes.len(), 5, "{changes:?}");
+        let mut s = old.clone();
+        for c in &changes {
+            assert!(s.apply(c), "{c:?} changed nothing");
+        }
+        s.generation = new.generation;
+        assert_eq!(s, new);
+        // Applying the same changes again changes nothing.
+        assert!(changes.iter().all(|c| !s.apply(c)));
+        assert!(new.diff(&new).is_empty());
+    }
 }
