@@ -1,6 +1,6 @@
 //! Ground state: everything the compiler needs, captured at one moment, and the changes that
 //! move it from one moment to the next.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use crate::model::{Namespace, ObjRef, Pod, Policy};
@@ -19,6 +19,13 @@ pub struct ClusterSnapshot {
     pub local: BTreeMap<ObjRef, u32>,
     /// This node's own addresses (traffic from/to them is always allowed).
     pub node_ips: Vec<IpAddr>,
+    /// Host-side interfaces that appeared on this node and do not yet belong to a known local
+    /// pod (the CNI made them before the API reported the pod's IP). They get a default-deny
+    /// endpoint for the directions any not-yet-placed pod of this node would be isolated in.
+    pub pending_links: BTreeSet<u32>,
+    /// This node's name (pods with `node_name` equal to it are this node's). Set once at
+    /// start; [`Change`] does not carry it.
+    pub node_name: Option<String>,
 }
 
 /// One change to a [`ClusterSnapshot`]: an object set (added or replaced) or removed (`None`).
@@ -32,6 +39,9 @@ pub enum Change {
     Local(ObjRef, Option<u32>),
     /// This node's addresses, all of them.
     NodeIps(Vec<IpAddr>),
+    /// A new host-side interface not yet tied to a pod appeared (`true`) or was resolved or
+    /// removed (`false`).
+    PendingLink(u32, bool),
 }
 
 impl ClusterSnapshot {
@@ -59,6 +69,8 @@ impl ClusterSnapshot {
             Change::Pod(obj, pod) => set(&mut self.pods, obj, pod),
             Change::Policy(obj, policy) => set(&mut self.policies, obj, policy),
             Change::Local(obj, ifindex) => set(&mut self.local, obj, ifindex),
+            Change::PendingLink(ifindex, true) => self.pending_links.insert(*ifindex),
+            Change::PendingLink(ifindex, false) => self.pending_links.remove(ifindex),
             Change::NodeIps(ips) => {
                 if &self.node_ips == ips {
                     false
@@ -74,8 +86,9 @@ impl ClusterSnapshot {
         changed
     }
 
-    /// The changes that turn `self` into `new` (generation aside), in a deterministic order:
-    /// namespaces, policies, pods, local interfaces, node addresses.
+    /// The changes that turn `self` into `new` (generation and node name aside), in a
+    /// deterministic order: namespaces, policies, pods, local interfaces, node addresses,
+    /// pending interfaces.
     pub fn diff(&self, new: &ClusterSnapshot) -> Vec<Change> {
         fn diff_map<K: Ord + Clone, V: PartialEq + Clone>(
             old: &BTreeMap<K, V>,
@@ -107,6 +120,12 @@ impl ClusterSnapshot {
         if self.node_ips != new.node_ips {
             out.push(Change::NodeIps(new.node_ips.clone()));
         }
+        for i in new.pending_links.difference(&self.pending_links) {
+            out.push(Change::PendingLink(*i, true));
+        }
+        for i in self.pending_links.difference(&new.pending_links) {
+            out.push(Change::PendingLink(*i, false));
+        }
         out
     }
 }
@@ -132,8 +151,10 @@ mod tests {
         new.namespaces.insert("a".into(), ns("a", "y"));
         new.namespaces.insert("c".into(), ns("c", "x"));
         new.node_ips = vec!["10.0.0.1".parse().unwrap()];
+        old.pending_links.insert(7);
+        new.pending_links.insert(8);
         let changes = old.diff(&new);
-        assert_eq!(changes.len(), 5, "{changes:?}");
+        assert_eq!(changes.len(), 7, "{changes:?}");
         let mut s = old.clone();
         for c in &changes {
             assert!(s.apply(c), "{c:?} changed nothing");
