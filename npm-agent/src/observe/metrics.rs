@@ -89,11 +89,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut node = Registry::with_prefix("npm");
-        let mut cluster = Registry::with_prefix("npm");
         // 100 us .. ~26 s.
         let buckets = || exponential_buckets(0.0001, 4.0, 10);
-        let m = Self {
+        let mut m = Self {
             compile_seconds: Histogram::new(buckets()),
             program_seconds: Histogram::new(buckets()),
             applies: Family::default(),
@@ -108,85 +106,85 @@ impl Metrics {
             num_pods: Gauge::default(),
             num_namespaces: Gauge::default(),
             datapath: Arc::new(DatapathCollector::default()),
-            node: Registry::default(),
-            cluster: Registry::default(),
+            node: Registry::with_prefix("npm"),
+            cluster: Registry::with_prefix("npm"),
         };
-        node.register_with_unit(
+        m.node.register_with_unit(
             "compile_duration",
             "Time to compile the cluster snapshot into desired map contents (Azure NPM: \
              npm_add_policy_exec_time, npm_controller_*_exec_time)",
             Unit::Seconds,
             m.compile_seconds.clone(),
         );
-        node.register_with_unit(
+        m.node.register_with_unit(
             "program_duration",
             "Time to bring the kernel maps to the compiled contents (Azure NPM: \
              npm_add_iptables_rule_exec_time, npm_add_ipset_exec_time)",
             Unit::Seconds,
             m.program_seconds.clone(),
         );
-        node.register(
+        m.node.register(
             "applies",
             "Compile-and-program runs, by trigger (change or periodic resync)",
             m.applies.clone(),
         );
-        node.register(
+        m.node.register(
             "map_operations",
             "Kernel map updates by outcome: upsert, delete, failed",
             m.map_operations.clone(),
         );
-        node.register(
+        m.node.register(
             "map_entries",
             "Entries the agent keeps in each policy map (Azure NPM: npm_num_iptables_rules, \
              npm_num_ipset_entries)",
             m.map_entries.clone(),
         );
-        node.register(
+        m.node.register(
             "local_endpoints",
             "Pods on this node whose interface carries the npm programs",
             m.local_endpoints.clone(),
         );
-        node.register(
+        m.node.register(
             "policy_problems",
             "Problems reported by the last compile (rules dropped, policies failed closed)",
             m.policy_problems.clone(),
         );
-        node.register(
+        m.node.register(
             "source_connected",
             "1 while the cluster source (API server or manifests) answers; 0 while it does \
              not, during which the last enforcement is kept",
             m.source_connected.clone(),
         );
-        node.register_with_unit(
+        m.node.register_with_unit(
             "last_sync_timestamp",
             "Unix time of the last run that brought every map to the compiled contents",
             Unit::Seconds,
             m.last_sync.clone(),
         );
-        node.register(
+        m.node.register(
             "enforcement_errors",
             "Errors of the enforcement loop, by kind",
             m.errors.clone(),
         );
-        node.register_collector(Box::new(Arc::clone(&m.datapath)));
-        cluster.register(
+        m.node.register_collector(Box::new(Arc::clone(&m.datapath)));
+        m.cluster.register(
             "num_policies",
             "Network policies in the cluster as this agent sees them",
             m.num_policies.clone(),
         );
-        cluster.register(
+        m.cluster.register(
             "num_pods",
             "Pods in the cluster as this agent sees them",
             m.num_pods.clone(),
         );
-        cluster.register(
+        m.cluster.register(
             "num_namespaces",
             "Namespaces in the cluster as this agent sees them",
             m.num_namespaces.clone(),
         );
         m.source_connected.set(1);
         m.datapath.set_errors(m.errors.clone());
-        Self { node, cluster, ..m }
+        m
     }
 
     /// Gives the collector of `npm_datapath_packets_total` / `npm_datapath_bytes_total` its
@@ -379,10 +377,11 @@ impl DatapathCollector {
             })
             .collect();
         for c in counts {
-            let slot = all.entry((c.dir, c.reason)).or_default();
-            // Unknown codes share one label set; add rather than overwrite.
-            slot.dir = c.dir;
-            slot.reason = c.reason;
+            let slot = all.entry((c.dir, c.reason)).or_insert(PacketCount {
+                packets: 0,
+                bytes: 0,
+                ..c
+            });
             slot.packets = slot.packets.wrapping_add(c.packets);
             slot.bytes = slot.bytes.wrapping_add(c.bytes);
         }
