@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod compiler;
+pub mod config;
 pub mod datapath;
 pub mod enforcer;
 pub mod expect;
@@ -15,6 +16,7 @@ pub mod lab;
 pub mod model;
 pub mod netns;
 pub mod node;
+pub mod observe;
 pub mod programmer;
 pub mod source;
 pub mod state;

@@ -48,10 +48,31 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1000)]
     pub poll_interval_ms: u64,
     /// Full re-read of the kernel maps and repair of any drift, in minutes (Azure NPM's
-    /// ResyncPeriodInMinutes).
-    #[arg(long, default_value_t = 15)]
-    pub resync_period_minutes: u64,
-    /// Apply once and exit (enforcement stays in place).
+    /// ResyncPeriodInMinutes) [default: the config file's, else 15; env
+    /// NPM_RESYNC_PERIOD_MINUTES].
+    #[arg(long, value_name = "MINUTES")]
+    pub resync_period_minutes: Option<u64>,
+    /// Agent configuration in Azure NPM's azure-npm.json format (ResyncPeriodInMinutes,
+    /// ListeningAddress, ListeningPort, Toggles). Environment variables (NPM_*) override it,
+    /// flags override both.
+    #[arg(long, env = "NPM_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP endpoints (/healthz, /readyz, /node-metrics, /cluster-metrics,
+    /// /debug/state) [default: ListeningAddress, else 0.0.0.0; env NPM_LISTEN_ADDRESS].
+    #[arg(long, value_name = "IP")]
+    pub listen_address: Option<IpAddr>,
+    /// Port of the HTTP endpoints [default: ListeningPort, else 10091; env NPM_LISTEN_PORT].
+    #[arg(long, value_name = "PORT")]
+    pub listen_port: Option<u16>,
+    /// Serve /node-metrics and /cluster-metrics [default: Toggles.EnablePrometheusMetrics,
+    /// else true; env NPM_ENABLE_PROMETHEUS_METRICS].
+    #[arg(long, value_name = "BOOL")]
+    pub enable_prometheus_metrics: Option<bool>,
+    /// Serve /debug/state [default: Toggles.EnableHTTPDebugAPI, else true; env
+    /// NPM_ENABLE_HTTP_DEBUG_API].
+    #[arg(long, value_name = "BOOL")]
+    pub enable_http_debug_api: Option<bool>,
+    /// Apply once and exit (enforcement stays in place; no HTTP endpoints).
     #[arg(long)]
     pub once: bool,
 }

@@ -4,7 +4,9 @@
 //! Only this module (and the map programmer's backend) touches aya; only [`sys`] holds
 //! `unsafe` code. The programs' semantics are documented in `npm-ebpf/src/main.rs`.
 
+mod counters;
 mod loader;
 mod sys;
 
+pub use counters::{CounterReader, DatapathCounters, PacketCount};
 pub use loader::{Datapath, DatapathError, TC_HANDLE, TC_PRIORITY, TestRunResult};

@@ -1,0 +1,317 @@
+//! Liveness, readiness and the debug view of the agent, fed by the run loop.
+//!
+//! - Live: the enforcement loop ticked recently (it ticks every poll interval, also while the
+//!   source is failing).
+//! - Ready: the first enforcement was applied. It stays ready when the cluster source is lost:
+//!   the maps keep enforcing the last good state, and the body says since when the source is
+//!   gone.
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// How many recent errors the debug view keeps.
+pub const RECENT_ERRORS: usize = 20;
+
+/// A probe's answer: HTTP 200 when `ok`, 503 otherwise, with `body` as text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeAnswer {
+    pub ok: bool,
+    pub body: String,
+}
+
+/// One recorded error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ErrorRecord {
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+/// What the agent enforces, by the numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub policies: usize,
+    pub pods: usize,
+    pub namespaces: usize,
+    pub local_endpoints: usize,
+    /// Entries per policy map (endpoints, identities, cidrs, policy).
+    pub map_entries: std::collections::BTreeMap<&'static str, usize>,
+    pub policy_problems: usize,
+}
+
+/// The debug view (`/debug/state`). Field names are a contract: extend, never rename.
+#[derive(Clone, Debug, Serialize)]
+pub struct DebugState {
+    pub live: bool,
+    pub ready: bool,
+    /// RFC 3339 (UTC) of the first enforcement, if any.
+    pub ready_since: Option<String>,
+    /// RFC 3339 (UTC) of the last run that brought every map to the compiled contents.
+    pub last_sync: Option<String>,
+    pub seconds_since_last_tick: Option<f64>,
+    pub source_connected: bool,
+    /// RFC 3339 (UTC) since when the source fails, while it does.
+    pub source_disconnected_since: Option<String>,
+    pub source_error: Option<String>,
+    pub counts: Counts,
+    /// Oldest first, at most [`RECENT_ERRORS`].
+    pub last_errors: Vec<ErrorRecord>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    last_tick: Option<Instant>,
+    ready_since: Option<SystemTime>,
+    last_sync: Option<SystemTime>,
+    disconnected: Option<(SystemTime, String)>,
+    counts: Counts,
+    errors: VecDeque<ErrorRecord>,
+}
+
+/// Shared between the run loop (writer) and the HTTP server (reader).
+#[derive(Debug)]
+pub struct Health {
+    started: Instant,
+    stall_after: Duration,
+    state: Mutex<State>,
+}
+
+impl Health {
+    /// `stall_after`: how long without a tick before the agent counts as not live.
+    pub fn new(stall_after: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            stall_after,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut guard = match self.state.lock() {
+            Ok(g) => g,
+            // A panic elsewhere while holding the lock: the data is plain values, still usable.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    /// The enforcement loop went round once.
+    pub fn tick(&self) {
+        self.with(|s| s.last_tick = Some(Instant::now()));
+    }
+
+    /// An enforcement was applied; `complete` when every map update succeeded.
+    pub fn set_ready(&self, counts: Counts, complete: bool) {
+        let now = SystemTime::now();
+        self.with(|s| {
+            s.ready_since.get_or_insert(now);
+            if complete {
+                s.last_sync = Some(now);
+            }
+            s.counts = counts;
+        });
+    }
+
+    /// The source answered (`None`) or failed (`Some(error)`). Returns true when this changes
+    /// the connected state.
+    pub fn set_source(&self, error: Option<String>) -> bool {
+        let now = SystemTime::now();
+        self.with(|s| match (error, &mut s.disconnected) {
+            (None, d) => d.take().is_some(),
+            (Some(e), Some((_, last))) => {
+                *last = e;
+                false
+            }
+            (Some(e), d @ None) => {
+                *d = Some((now, e));
+                true
+            }
+        })
+    }
+
+    pub fn record_error(&self, kind: &'static str, message: String) {
+        let at = rfc3339(SystemTime::now());
+        self.with(|s| {
+            if s.errors.len() == RECENT_ERRORS {
+                s.errors.pop_front();
+            }
+            s.errors.push_back(ErrorRecord { at, kind, message });
+        });
+    }
+
+    /// `/healthz`.
+    pub fn liveness(&self) -> ProbeAnswer {
+        let since = self.with(|s| s.last_tick).unwrap_or(self.started).elapsed();
+        if since <= self.stall_after {
+            ProbeAnswer {
+                ok: true,
+                body: format!(
+                    "ok: enforcement loop ticked {:.1}s ago\n",
+                    since.as_secs_f64()
+                ),
+            }
+        } else {
+            ProbeAnswer {
+                ok: false,
+                body: format!(
+                    "stalled: enforcement loop last ticked {:.0}s ago (limit {}s)\n",
+                    since.as_secs_f64(),
+                    self.stall_after.as_secs()
+                ),
+            }
+        }
+    }
+
+    /// `/readyz`.
+    pub fn readiness(&self) -> ProbeAnswer {
+        self.with(|s| {
+            let Some(since) = s.ready_since else {
+                let why = match &s.disconnected {
+                    Some((at, e)) => format!("source failing since {}: {e}", rfc3339(*at)),
+                    None => "first enforcement not applied yet".to_owned(),
+                };
+                return ProbeAnswer {
+                    ok: false,
+                    body: format!("not ready: {why}\n"),
+                };
+            };
+            let mut body = format!("ready: enforcing since {}", rfc3339(since));
+            if let Some(t) = s.last_sync {
+                body.push_str(&format!(", maps in step at {}", rfc3339(t)));
+            }
+            match &s.disconnected {
+                Some((at, e)) => body.push_str(&format!(
+                    "\nsource disconnected since {}, enforcement kept: {e}\n",
+                    rfc3339(*at)
+                )),
+                None => body.push_str("\nsource connected\n"),
+            }
+            ProbeAnswer { ok: true, body }
+        })
+    }
+
+    /// `/debug/state`.
+    pub fn debug_state(&self) -> DebugState {
+        let live = self.liveness().ok;
+        self.with(|s| DebugState {
+            live,
+            ready: s.ready_since.is_some(),
+            ready_since: s.ready_since.map(rfc3339),
+            last_sync: s.last_sync.map(rfc3339),
+            seconds_since_last_tick: s.last_tick.map(|t| t.elapsed().as_secs_f64()),
+            source_connected: s.disconnected.is_none(),
+            source_disconnected_since: s.disconnected.as_ref().map(|(t, _)| rfc3339(*t)),
+            source_error: s.disconnected.as_ref().map(|(_, e)| e.clone()),
+            counts: s.counts.clone(),
+            last_errors: s.errors.iter().cloned().collect(),
+        })
+    }
+}
+
+/// `t` as RFC 3339 in UTC with second precision, e.g. `2026-11-23T09:13:53Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        let at = |s: u64| rfc3339(UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(1_709_251_199), "2024-02-29T23:59:59Z");
+        assert_eq!(at(1_795_426_433), "2026-11-23T09:33:53Z");
+    }
+
+    #[test]
+    fn ready_after_first_apply_and_stays_ready_without_source() {
+        let h = Health::new(Duration::from_secs(60));
+        let r = h.readiness();
+        assert!(!r.ok);
+        assert!(r.body.contains("not applied yet"), "{}", r.body);
+
+        // Source failing before anything was applied: still not ready, and says why.
+        assert!(h.set_source(Some("connection refused".into())));
+        let r = h.readiness();
+        assert!(!r.ok && r.body.contains("connection refused"), "{}", r.body);
+        assert!(h.set_source(None));
+
+        h.set_ready(Counts::default(), true);
+        let r = h.readiness();
+        assert!(r.ok);
+        assert!(r.body.contains("source connected"), "{}", r.body);
+
+        assert!(h.set_source(Some("api down".into())));
+        assert!(!h.set_source(Some("api still down".into())), "no change");
+        let r = h.readiness();
+        assert!(r.ok, "losing the source keeps enforcement and readiness");
+        assert!(
+            r.body.contains("source disconnected since ")
+                && r.body.contains("enforcement kept: api still down"),
+            "{}",
+            r.body
+        );
+        let d = h.debug_state();
+        assert!(!d.source_connected);
+        assert_eq!(d.source_error.as_deref(), Some("api still down"));
+
+        assert!(h.set_source(None));
+        assert!(h.readiness().body.contains("source connected"));
+        assert!(h.debug_state().source_disconnected_since.is_none());
+    }
+
+    #[test]
+    fn liveness_fails_when_the_loop_stops_ticking() {
+        let h = Health::new(Duration::from_millis(50));
+        h.tick();
+        assert!(h.liveness().ok);
+        std::thread::sleep(Duration::from_millis(120));
+        let l = h.liveness();
+        assert!(!l.ok);
+        assert!(l.body.starts_with("stalled"), "{}", l.body);
+        h.tick();
+        assert!(h.liveness().ok);
+    }
+
+    #[test]
+    fn error_ring_keeps_the_most_recent() {
+        let h = Health::new(Duration::from_secs(60));
+        for i in 0..(RECENT_ERRORS + 5) {
+            h.record_error("attach", format!("e{i}"));
+        }
+        let errors = h.debug_state().last_errors;
+        assert_eq!(errors.len(), RECENT_ERRORS);
+        assert_eq!(errors[0].message, "e5");
+        assert_eq!(
+            errors.last().map(|e| e.message.as_str()),
+            Some(format!("e{}", RECENT_ERRORS + 4).as_str())
+        );
+    }
+}
