@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use npm_agent::lab::{External, Lab, LabSpec, Outcome, ProbeResult, render_matrix};
+use npm_agent::lab::{External, Lab, LabSpec, Outcome, ProbeProtocol, ProbeResult, render_matrix};
 use npm_agent::model::{ContainerPort, Pod, Protocol};
 use npm_agent::netns;
 
@@ -68,10 +68,16 @@ fn assert_gone(names: &[String]) {
 }
 
 fn denied(results: &[ProbeResult]) -> BTreeSet<(String, String, u16, Protocol)> {
+    let kube = |p: ProbeProtocol| match p {
+        ProbeProtocol::Tcp => Protocol::Tcp,
+        ProbeProtocol::Udp => Protocol::Udp,
+        ProbeProtocol::Sctp => Protocol::Sctp,
+        ProbeProtocol::Icmp => panic!("no ICMP probes in this test"),
+    };
     results
         .iter()
         .filter(|r| !r.allowed)
-        .map(|r| (r.from.clone(), r.to.clone(), r.port, r.protocol))
+        .map(|r| (r.from.clone(), r.to.clone(), r.port, kube(r.protocol)))
         .collect()
 }
 
