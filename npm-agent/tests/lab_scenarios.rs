@@ -265,3 +265,39 @@ fn node_traffic_always_passes_and_host_network_pods_are_not_selected_over_ipv4()
 fn node_traffic_always_passes_and_host_network_pods_are_not_selected_over_ipv6() {
     node_and_host_network(true);
 }
+
+#[test]
+fn steps_namespace_deleted_with_its_pods_and_policies() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let args = LabArgs {
+        manifests: None,
+        steps: Some(repo().join("tests/steps/namespace-deletion")),
+        externals: vec![],
+        json: false,
+        expect: None,
+        prefer_ipv6: false,
+        icmp: false,
+    };
+    let outcomes =
+        npm_agent::cli::lab::execute_steps(&args).unwrap_or_else(|e| panic!("steps: {e:#}"));
+    assert_eq!(outcomes.len(), 3);
+    for o in &outcomes {
+        assert!(o.checked && o.problems.is_empty(), "step {}: {:?}", o.step, o.problems);
+        let report: Vec<String> = o.mismatches.iter().map(ToString::to_string).collect();
+        assert!(
+            report.is_empty(),
+            "step {}:\n{}\n{}",
+            o.step,
+            report.join("\n"),
+            npm_agent::lab::render_matrix(&o.results)
+        );
+    }
+    let touches_x = |o: &npm_agent::cli::lab::StepOutcome| {
+        o.results
+            .iter()
+            .any(|r| r.from.starts_with("x/") || r.to.starts_with("x/"))
+    };
+    assert!(touches_x(&outcomes[0]));
+    assert!(!touches_x(&outcomes[1]), "x's pods went with their namespace");
+    assert!(touches_x(&outcomes[2]));
+}
