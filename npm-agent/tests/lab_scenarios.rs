@@ -60,6 +60,11 @@ fn azure_npm_walkthrough_and_instance_metadata() {
     scenario("examples/azure-npm");
 }
 
+#[test]
+fn policy_types_given_and_inferred() {
+    scenario("tests/scenarios/policy-types");
+}
+
 fn icmp_only_without_ports(prefer_ipv6: bool) {
     let outcome = scenario_with(
         "tests/scenarios/icmp-only-without-ports",
@@ -282,7 +287,12 @@ fn steps_namespace_deleted_with_its_pods_and_policies() {
         npm_agent::cli::lab::execute_steps(&args).unwrap_or_else(|e| panic!("steps: {e:#}"));
     assert_eq!(outcomes.len(), 3);
     for o in &outcomes {
-        assert!(o.checked && o.problems.is_empty(), "step {}: {:?}", o.step, o.problems);
+        assert!(
+            o.checked && o.problems.is_empty(),
+            "step {}: {:?}",
+            o.step,
+            o.problems
+        );
         let report: Vec<String> = o.mismatches.iter().map(ToString::to_string).collect();
         assert!(
             report.is_empty(),
@@ -298,6 +308,9 @@ fn steps_namespace_deleted_with_its_pods_and_policies() {
             .any(|r| r.from.starts_with("x/") || r.to.starts_with("x/"))
     };
     assert!(touches_x(&outcomes[0]));
-    assert!(!touches_x(&outcomes[1]), "x's pods went with their namespace");
+    assert!(
+        !touches_x(&outcomes[1]),
+        "x's pods went with their namespace"
+    );
     assert!(touches_x(&outcomes[2]));
 }
