@@ -61,6 +61,26 @@ fn azure_npm_walkthrough_and_instance_metadata() {
 }
 
 #[test]
+fn selector_operators_exists_in_notin_doesnotexist_and_matchlabels_with_expressions() {
+    scenario("tests/scenarios/selector-operators");
+}
+
+#[test]
+fn empty_versus_absent_selectors_from_lists_and_ports() {
+    scenario("tests/scenarios/empty-versus-absent");
+}
+
+#[test]
+fn named_port_resolves_on_each_destination_pod() {
+    scenario("tests/scenarios/named-port-per-pod");
+}
+
+#[test]
+fn terminating_pods_are_neither_selected_nor_peers() {
+    scenario("tests/scenarios/terminating-pods");
+}
+
+#[test]
 fn policy_types_given_and_inferred() {
     scenario("tests/scenarios/policy-types");
 }
