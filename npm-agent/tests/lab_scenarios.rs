@@ -81,6 +81,16 @@ fn terminating_pods_are_neither_selected_nor_peers() {
 }
 
 #[test]
+fn rules_and_policies_add_up_rule_by_rule() {
+    scenario("tests/scenarios/rules-add-up");
+}
+
+#[test]
+fn endport_range_edges_and_block_boundaries() {
+    scenario("tests/scenarios/endport-range");
+}
+
+#[test]
 fn policy_types_given_and_inferred() {
     scenario("tests/scenarios/policy-types");
 }
