@@ -71,14 +71,10 @@ fn externals<'a>(pods: &[Pod], args: impl Iterator<Item = &'a ExternalArg>) -> V
     by_ip.into_values().collect()
 }
 
-/// Every pod gets a place in the lab: its own netns, or the node's for a hostNetwork pod.
-/// Terminating pods are placed too (they run until their grace period ends); the compiler
-/// does not treat them as endpoints, and the probes show what that means.
-fn lab_pods(pods: impl Iterator<Item = Pod>) -> Vec<Pod> {
-    pods.collect()
-}
-
-/// A built lab with enforcement attached to every pod interface.
+/// A built lab with enforcement attached to every pod interface. Every pod gets a place in
+/// the lab: its own netns, or the node's for a hostNetwork pod. Terminating pods are placed
+/// too (they run until their grace period ends); the compiler does not treat them as
+/// endpoints, and the probes show what that means.
 struct Rig {
     lab: Lab,
     enforcer: Enforcer,
@@ -192,7 +188,7 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
         manifests::load_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
     let mut problems: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
     let expectation = read_expect(args)?;
-    let pods = lab_pods(snapshot.pods.values().cloned());
+    let pods: Vec<Pod> = snapshot.pods.values().cloned().collect();
     let ext = externals(
         &pods,
         args.externals
@@ -232,7 +228,7 @@ pub fn run_steps(
             first_seen.entry(k.clone()).or_insert_with(|| p.clone());
         }
     }
-    let pods = lab_pods(first_seen.into_values());
+    let pods: Vec<Pod> = first_seen.into_values().collect();
     let ext = externals(
         &pods,
         extra_externals.iter().chain(
