@@ -8,11 +8,12 @@
 //! allow default/busybox -> default/src-ip-internal 8080/TCP
 //! ```
 //! `from`/`to` are `*`, `ns/*`, `ns/pod` or an external's IP; the port is `*`, `PORT/PROTO`
-//! or `*/PROTO`. Every probe must be decided by some line.
+//! or `*/PROTO`, where PROTO is TCP, UDP, SCTP or ICMP (ICMP echo probes, `lab --icmp`, have
+//! no port: write `*/ICMP`). Every probe must be decided by some line.
 use std::fmt;
 
 use crate::cli::args::{ExternalArg, parse_external, parse_protocol};
-use crate::model::Protocol;
+use crate::lab::ProbeProtocol;
 
 #[derive(Debug, thiserror::Error)]
 #[error("line {line}: {message}")]
@@ -53,7 +54,7 @@ struct Line {
     from: Pat,
     to: Pat,
     port: Option<u16>,
-    proto: Option<Protocol>,
+    proto: Option<ProbeProtocol>,
 }
 
 /// A parsed expectation file.
@@ -69,7 +70,7 @@ pub struct Mismatch {
     pub from: String,
     pub to: String,
     pub port: u16,
-    pub protocol: Protocol,
+    pub protocol: ProbeProtocol,
     /// None: no line decides this probe.
     pub expected: Option<bool>,
     pub got: bool,
@@ -78,23 +79,26 @@ pub struct Mismatch {
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let word = |b: bool| if b { "allowed" } else { "denied" };
+        let port = if self.protocol == ProbeProtocol::Icmp {
+            "*".to_string()
+        } else {
+            self.port.to_string()
+        };
         match self.expected {
             Some(e) => write!(
                 f,
-                "{} -> {} {}/{}: expected {}, got {}",
+                "{} -> {} {port}/{}: expected {}, got {}",
                 self.from,
                 self.to,
-                self.port,
                 self.protocol,
                 word(e),
                 word(self.got)
             ),
             None => write!(
                 f,
-                "{} -> {} {}/{}: no expectation line covers it (got {})",
+                "{} -> {} {port}/{}: no expectation line covers it (got {})",
                 self.from,
                 self.to,
-                self.port,
                 self.protocol,
                 word(self.got)
             ),
@@ -122,16 +126,20 @@ impl Expectation {
                         let (p, proto) = port.split_once('/').ok_or_else(|| {
                             err(format!("port {port:?}: expected PORT/PROTO, */PROTO or *"))
                         })?;
-                        let proto = Some(parse_protocol(proto).map_err(err)?);
+                        let proto = parse_probe_protocol(proto).map_err(err)?;
                         let p = if p == "*" {
                             None
+                        } else if proto == ProbeProtocol::Icmp {
+                            return Err(err(format!(
+                                "port {port:?}: ICMP has no port, write */ICMP"
+                            )));
                         } else {
                             Some(
                                 p.parse::<u16>()
                                     .map_err(|_| err(format!("bad port {p:?}")))?,
                             )
                         };
-                        (p, proto)
+                        (p, Some(proto))
                     };
                     out.lines.push(Line {
                         allow: *verdict == "allow",
@@ -152,7 +160,14 @@ impl Expectation {
     }
 
     /// The expected outcome of one probe (the last matching line), if any line matches.
-    pub fn expected(&self, from: &str, to: &str, port: u16, proto: Protocol) -> Option<bool> {
+    pub fn expected(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        proto: impl Into<ProbeProtocol>,
+    ) -> Option<bool> {
+        let proto = proto.into();
         self.lines
             .iter()
             .rev()
@@ -168,7 +183,7 @@ impl Expectation {
     /// Every probe whose outcome differs from (or is not covered by) the expectation.
     pub fn check<'a>(
         &self,
-        probes: impl IntoIterator<Item = (&'a str, &'a str, u16, Protocol, bool)>,
+        probes: impl IntoIterator<Item = (&'a str, &'a str, u16, ProbeProtocol, bool)>,
     ) -> Vec<Mismatch> {
         probes
             .into_iter()
@@ -187,9 +202,20 @@ impl Expectation {
     }
 }
 
+/// TCP, UDP, SCTP (as for `--external`) or ICMP.
+fn parse_probe_protocol(s: &str) -> Result<ProbeProtocol, String> {
+    if s.eq_ignore_ascii_case("ICMP") {
+        return Ok(ProbeProtocol::Icmp);
+    }
+    parse_protocol(s)
+        .map(ProbeProtocol::from)
+        .map_err(|_| format!("unknown protocol {s:?} (expected TCP, UDP, SCTP or ICMP)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Protocol;
 
     const TEXT: &str = "
         external 169.254.169.254=80/TCP
@@ -233,8 +259,8 @@ mod tests {
     fn uncovered_and_wrong_probes_are_reported() {
         let e = Expectation::parse("deny * -> x/* *").expect("parses");
         let m = e.check([
-            ("a/b", "x/y", 80, Protocol::Tcp, true),
-            ("a/b", "z/y", 80, Protocol::Tcp, true),
+            ("a/b", "x/y", 80, ProbeProtocol::Tcp, true),
+            ("a/b", "z/y", 80, ProbeProtocol::Tcp, true),
         ]);
         assert_eq!(m.len(), 2);
         assert_eq!(m[0].expected, Some(false));
@@ -248,5 +274,27 @@ mod tests {
         let err = Expectation::parse("\nallow * -> * 80/ICMP").unwrap_err();
         assert_eq!(err.line, 2);
         assert!(err.message.contains("ICMP"));
+        let err = Expectation::parse("allow * -> * */GRE").unwrap_err();
+        assert!(err.message.contains("ICMP"), "{}", err.message);
+    }
+
+    #[test]
+    fn icmp_lines() {
+        let e = Expectation::parse(
+            "allow * -> * *\ndeny * -> x/db */ICMP\nallow x/app -> x/db */icmp\ndeny * -> x/web */TCP",
+        )
+        .expect("parses");
+        let icmp = ProbeProtocol::Icmp;
+        assert_eq!(e.expected("x/web", "x/db", 0, icmp), Some(false));
+        assert_eq!(e.expected("x/app", "x/db", 0, icmp), Some(true));
+        assert_eq!(e.expected("x/web", "x/db", 80, Protocol::Tcp), Some(true));
+        // `*` covers ICMP; `*/TCP` does not.
+        assert_eq!(e.expected("x/db", "x/web", 0, icmp), Some(true));
+        assert_eq!(e.expected("x/db", "x/web", 80, Protocol::Tcp), Some(false));
+        let m = e.check([("x/web", "x/db", 0, icmp, true)]);
+        assert_eq!(
+            m[0].to_string(),
+            "x/web -> x/db */ICMP: expected denied, got allowed"
+        );
     }
 }

@@ -113,3 +113,32 @@ fn lab_json_is_a_list_of_from_to_port_protocol_allowed() {
         .expect("row");
     assert_eq!(foo_to_nginx["allowed"], true);
 }
+
+#[test]
+fn lab_icmp_adds_icmp_rows_with_port_0() {
+    let dir = repo().join("tests/scenarios/k8s-blog-access-nginx");
+    let (code, out, err) = agent(&[
+        "lab",
+        "--manifests",
+        dir.to_str().expect("utf8"),
+        "--json",
+        "--icmp",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let rows = v.as_array().expect("a list");
+    assert_eq!(rows.len(), 18, "3 pods x 3 pods x (1 port + 1 ping)");
+    let pings: Vec<&serde_json::Value> = rows.iter().filter(|r| r["protocol"] == "ICMP").collect();
+    assert_eq!(pings.len(), 9);
+    assert!(pings.iter().all(|r| r["port"] == 0), "{pings:?}");
+    // nginx accepts foo through a rule without ports: pings pass from foo, not from bar.
+    let ping = |from: &str| {
+        pings
+            .iter()
+            .find(|r| r["from"] == from && r["to"] == "default/nginx")
+            .expect("row")["allowed"]
+            .clone()
+    };
+    assert_eq!(ping("default/foo"), true);
+    assert_eq!(ping("default/bar"), false);
+}

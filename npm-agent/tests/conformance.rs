@@ -77,7 +77,8 @@ fn upstream_netpol_cases_with_real_packets() {
         previous = this;
     }
 
-    let outcomes = run_steps(&steps, &[], false).unwrap_or_else(|e| panic!("lab: {e:#}"));
+    let outcomes =
+        run_steps(&steps, &[], Default::default()).unwrap_or_else(|e| panic!("lab: {e:#}"));
     let mut failures = Vec::new();
     for o in &outcomes {
         assert_eq!(

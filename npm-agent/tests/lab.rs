@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use npm_agent::lab::{External, Lab, LabSpec, Outcome, ProbeResult, render_matrix};
+use npm_agent::lab::{External, Lab, LabSpec, Outcome, ProbeProtocol, ProbeResult, render_matrix};
 use npm_agent::model::{ContainerPort, Pod, Protocol};
 use npm_agent::netns;
 
@@ -68,10 +68,16 @@ fn assert_gone(names: &[String]) {
 }
 
 fn denied(results: &[ProbeResult]) -> BTreeSet<(String, String, u16, Protocol)> {
+    let kube = |p: ProbeProtocol| match p {
+        ProbeProtocol::Tcp => Protocol::Tcp,
+        ProbeProtocol::Udp => Protocol::Udp,
+        ProbeProtocol::Sctp => Protocol::Sctp,
+        ProbeProtocol::Icmp => panic!("no ICMP probes in this test"),
+    };
     results
         .iter()
         .filter(|r| !r.allowed)
-        .map(|r| (r.from.clone(), r.to.clone(), r.port, r.protocol))
+        .map(|r| (r.from.clone(), r.to.clone(), r.port, kube(r.protocol)))
         .collect()
 }
 
@@ -308,6 +314,67 @@ fn ipv6_only_and_given_ips() {
         let r = find(from, to, port);
         assert!(r.allowed, "{r:?}");
     }
+    drop(lab);
+    assert_gone(&names);
+}
+
+#[test]
+fn pings_and_a_host_network_pod() {
+    if !privileged() {
+        return;
+    }
+    let mut h = pod("h", &[(10250, Protocol::Tcp), (53, Protocol::Udp)]);
+    h.host_network = true;
+    h.ips = vec!["10.240.0.4".parse().unwrap()]; // a real node's address: ignored in the lab
+    let mut v6 = pod("v6", &[(80, Protocol::Tcp)]);
+    v6.ips = vec!["fd00:10:244::200".parse().unwrap()];
+    let spec = LabSpec {
+        pods: vec![pod("a", &PORTS), h, v6],
+        externals: vec![External {
+            ip: "203.0.113.10".parse().unwrap(),
+            ports: vec![(443, Protocol::Tcp)],
+        }],
+    };
+    let mut lab = Lab::build(spec).expect("build lab");
+    let names = lab.namespaces();
+    // The hostNetwork pod has no namespace and no interface of its own: it is the node.
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(lab.pod_interfaces().len(), 2);
+    assert_eq!(
+        lab.netns_of("default/h").map(|n| n.name().to_owned()),
+        Some(lab.node().name().to_owned())
+    );
+    assert_eq!(lab.pods()[1].ips, lab.node_ips());
+    lab.set_probe_icmp(true);
+    let results = lab.probe_all();
+    eprintln!("{}", render_matrix(&results));
+    // 4 sources × (a: 3 ports, h: 2, v6: 1, external: 1, + one ping to each of the 4).
+    assert_eq!(results.len(), 4 * (3 + 2 + 1 + 1 + 4));
+    for r in &results {
+        // v6-only pod and v4-only external share no family; everything else answers.
+        let apart = [r.from.as_str(), r.to.as_str()].contains(&"default/v6")
+            && [r.from.as_str(), r.to.as_str()].contains(&"203.0.113.10");
+        if apart {
+            assert_eq!(r.outcome, Outcome::NoCommonFamily, "{r:?}");
+        } else {
+            assert!(r.allowed, "{r:?}");
+        }
+    }
+    let pings = results
+        .iter()
+        .filter(|r| r.protocol == ProbeProtocol::Icmp && r.port == 0)
+        .count();
+    assert_eq!(pings, 16);
+    // A ping whose reply is lost times out: a root pfifo of length 0 on a's own eth0 drops
+    // everything a sends (inside a, so the prober's socket sees no local drop error).
+    lab.netns_of("default/a")
+        .expect("a")
+        .exec(&[
+            "tc", "qdisc", "add", "dev", "eth0", "root", "pfifo", "limit", "0",
+        ])
+        .unwrap_or_else(|e| panic!("tc: {e}"));
+    let r = lab.probe("default/h", "default/a", 0, ProbeProtocol::Icmp);
+    assert_eq!(r.outcome, Outcome::Timeout, "{r:?}");
     drop(lab);
     assert_gone(&names);
 }

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use npm_agent::cli::args::LabArgs;
-use npm_agent::cli::lab::execute;
+use npm_agent::cli::args::{LabArgs, ProbeOptions};
+use npm_agent::cli::lab::{LabOutcome, execute};
+use npm_agent::lab::ProbeProtocol;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -17,7 +18,12 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-fn scenario(dir: &str) {
+fn scenario(dir: &str) -> LabOutcome {
+    scenario_with(dir, ProbeOptions::default())
+}
+
+/// Runs the scenario in `dir` against its `expect` file; panics on any difference.
+fn scenario_with(dir: &str, opts: ProbeOptions) -> LabOutcome {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = repo().join(dir);
     let args = LabArgs {
@@ -26,7 +32,8 @@ fn scenario(dir: &str) {
         externals: vec![],
         json: false,
         expect: Some(dir.join("expect")),
-        prefer_ipv6: false,
+        prefer_ipv6: opts.prefer_ipv6,
+        icmp: opts.icmp,
     };
     let outcome = execute(&args).unwrap_or_else(|e| panic!("lab for {}: {e:#}", dir.display()));
     assert!(
@@ -45,11 +52,75 @@ fn scenario(dir: &str) {
         report.join("\n"),
         npm_agent::lab::render_matrix(&outcome.results)
     );
+    outcome
 }
 
 #[test]
 fn azure_npm_walkthrough_and_instance_metadata() {
     scenario("examples/azure-npm");
+}
+
+#[test]
+fn selector_operators_exists_in_notin_doesnotexist_and_matchlabels_with_expressions() {
+    scenario("tests/scenarios/selector-operators");
+}
+
+#[test]
+fn empty_versus_absent_selectors_from_lists_and_ports() {
+    scenario("tests/scenarios/empty-versus-absent");
+}
+
+#[test]
+fn named_port_resolves_on_each_destination_pod() {
+    scenario("tests/scenarios/named-port-per-pod");
+}
+
+#[test]
+fn terminating_pods_are_neither_selected_nor_peers() {
+    scenario("tests/scenarios/terminating-pods");
+}
+
+#[test]
+fn rules_and_policies_add_up_rule_by_rule() {
+    scenario("tests/scenarios/rules-add-up");
+}
+
+#[test]
+fn endport_range_edges_and_block_boundaries() {
+    scenario("tests/scenarios/endport-range");
+}
+
+#[test]
+fn policy_types_given_and_inferred() {
+    scenario("tests/scenarios/policy-types");
+}
+
+fn icmp_only_without_ports(prefer_ipv6: bool) {
+    let outcome = scenario_with(
+        "tests/scenarios/icmp-only-without-ports",
+        ProbeOptions {
+            prefer_ipv6,
+            icmp: true,
+        },
+    );
+    let pings: Vec<_> = outcome
+        .results
+        .iter()
+        .filter(|r| r.protocol == ProbeProtocol::Icmp)
+        .collect();
+    // 6 pods + 2 externals, each pinging all 8.
+    assert_eq!(pings.len(), 8 * 8);
+    assert!(pings.iter().any(|r| r.allowed) && pings.iter().any(|r| !r.allowed));
+}
+
+#[test]
+fn icmp_only_through_rules_without_ports_over_ipv4() {
+    icmp_only_without_ports(false);
+}
+
+#[test]
+fn icmp_only_through_rules_without_ports_over_ipv6() {
+    icmp_only_without_ports(true);
 }
 
 #[test]
@@ -134,6 +205,7 @@ fn steps_policy_lifecycle_while_the_cluster_changes() {
         json: false,
         expect: None,
         prefer_ipv6: false,
+        icmp: false,
     };
     let outcomes =
         npm_agent::cli::lab::execute_steps(&args).unwrap_or_else(|e| panic!("steps: {e:#}"));
@@ -173,6 +245,7 @@ fn ipv6_ipblock_with_except_over_ipv6() {
         json: false,
         expect: Some(dir.join("expect")),
         prefer_ipv6: true,
+        icmp: false,
     };
     let outcome = execute(&args).unwrap_or_else(|e| panic!("lab: {e:#}"));
     assert!(outcome.problems.is_empty(), "{:?}", outcome.problems);
@@ -191,4 +264,83 @@ fn ipv6_ipblock_with_except_over_ipv6() {
             .iter()
             .any(|r| r.from == "default/a" && r.to == "2001:db8::10" && !r.allowed)
     );
+}
+
+fn node_and_host_network(prefer_ipv6: bool) {
+    let outcome = scenario_with(
+        "tests/scenarios/node-and-host-network",
+        ProbeOptions {
+            prefer_ipv6,
+            icmp: true,
+        },
+    );
+    // The hostNetwork pod took part as a source and as a destination (the expect file says
+    // what each probe must give; this checks the probes exist).
+    let probed = |from: &str, to: &str, proto: ProbeProtocol| {
+        outcome
+            .results
+            .iter()
+            .any(|r| r.from == from && r.to == to && r.protocol == proto)
+    };
+    let node = "kube-system/node-agent";
+    for proto in [ProbeProtocol::Tcp, ProbeProtocol::Icmp] {
+        assert!(probed(node, "default/db", proto), "node -> db {proto}");
+    }
+    for proto in [ProbeProtocol::Tcp, ProbeProtocol::Udp, ProbeProtocol::Icmp] {
+        assert!(probed("default/web", node, proto), "web -> node {proto}");
+    }
+}
+
+#[test]
+fn node_traffic_always_passes_and_host_network_pods_are_not_selected_over_ipv4() {
+    node_and_host_network(false);
+}
+
+#[test]
+fn node_traffic_always_passes_and_host_network_pods_are_not_selected_over_ipv6() {
+    node_and_host_network(true);
+}
+
+#[test]
+fn steps_namespace_deleted_with_its_pods_and_policies() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let args = LabArgs {
+        manifests: None,
+        steps: Some(repo().join("tests/steps/namespace-deletion")),
+        externals: vec![],
+        json: false,
+        expect: None,
+        prefer_ipv6: false,
+        icmp: false,
+    };
+    let outcomes =
+        npm_agent::cli::lab::execute_steps(&args).unwrap_or_else(|e| panic!("steps: {e:#}"));
+    assert_eq!(outcomes.len(), 3);
+    for o in &outcomes {
+        assert!(
+            o.checked && o.problems.is_empty(),
+            "step {}: {:?}",
+            o.step,
+            o.problems
+        );
+        let report: Vec<String> = o.mismatches.iter().map(ToString::to_string).collect();
+        assert!(
+            report.is_empty(),
+            "step {}:\n{}\n{}",
+            o.step,
+            report.join("\n"),
+            npm_agent::lab::render_matrix(&o.results)
+        );
+    }
+    let touches_x = |o: &npm_agent::cli::lab::StepOutcome| {
+        o.results
+            .iter()
+            .any(|r| r.from.starts_with("x/") || r.to.starts_with("x/"))
+    };
+    assert!(touches_x(&outcomes[0]));
+    assert!(
+        !touches_x(&outcomes[1]),
+        "x's pods went with their namespace"
+    );
+    assert!(touches_x(&outcomes[2]));
 }

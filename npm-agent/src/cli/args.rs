@@ -109,6 +109,27 @@ pub struct LabArgs {
     /// both have one).
     #[arg(long)]
     pub prefer_ipv6: bool,
+    /// Also ping: one ICMP echo probe from every source to every destination (results with
+    /// protocol "ICMP" and port 0; expectation lines `*/ICMP`).
+    #[arg(long)]
+    pub icmp: bool,
+}
+
+impl LabArgs {
+    /// How the lab probes, from the flags.
+    pub fn probe_options(&self) -> ProbeOptions {
+        ProbeOptions {
+            prefer_ipv6: self.prefer_ipv6,
+            icmp: self.icmp,
+        }
+    }
+}
+
+/// How a lab probes (`lab --prefer-ipv6`, `lab --icmp`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeOptions {
+    pub prefer_ipv6: bool,
+    pub icmp: bool,
 }
 
 #[derive(Debug, Args)]

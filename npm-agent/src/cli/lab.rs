@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Context;
 use serde::Serialize;
 
-use super::args::{ExternalArg, LabArgs};
+use super::args::{ExternalArg, LabArgs, ProbeOptions};
 use super::steps::{self, Step};
 use crate::enforcer::Enforcer;
 use crate::expect::{Expectation, Mismatch};
@@ -71,21 +71,10 @@ fn externals<'a>(pods: &[Pod], args: impl Iterator<Item = &'a ExternalArg>) -> V
     by_ip.into_values().collect()
 }
 
-fn lab_pods(pods: impl Iterator<Item = Pod>, problems: &mut Vec<String>) -> Vec<Pod> {
-    pods.filter(|p| {
-        let keep = !p.host_network && !p.terminating;
-        if !keep {
-            problems.push(format!(
-                "Pod {}: not placed in the lab (hostNetwork or terminating pods are not endpoints)",
-                p.obj_ref()
-            ));
-        }
-        keep
-    })
-    .collect()
-}
-
-/// A built lab with enforcement attached to every pod interface.
+/// A built lab with enforcement attached to every pod interface. Every pod gets a place in
+/// the lab: its own netns, or the node's for a hostNetwork pod. Terminating pods are placed
+/// too (they run until their grace period ends); the compiler does not treat them as
+/// endpoints, and the probes show what that means.
 struct Rig {
     lab: Lab,
     enforcer: Enforcer,
@@ -94,9 +83,10 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(pods: Vec<Pod>, externals: Vec<External>, prefer_ipv6: bool) -> anyhow::Result<Self> {
+    fn new(pods: Vec<Pod>, externals: Vec<External>, opts: ProbeOptions) -> anyhow::Result<Self> {
         let mut lab = Lab::build(LabSpec { pods, externals }).context("building the lab")?;
-        lab.set_prefer_ipv6(prefer_ipv6);
+        lab.set_prefer_ipv6(opts.prefer_ipv6);
+        lab.set_probe_icmp(opts.icmp);
         let built = lab
             .pods()
             .iter()
@@ -198,14 +188,14 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
         manifests::load_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
     let mut problems: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
     let expectation = read_expect(args)?;
-    let pods = lab_pods(snapshot.pods.values().cloned(), &mut problems);
+    let pods: Vec<Pod> = snapshot.pods.values().cloned().collect();
     let ext = externals(
         &pods,
         args.externals
             .iter()
             .chain(expectation.iter().flat_map(|e| e.externals.iter())),
     );
-    let mut rig = Rig::new(pods, ext, args.prefer_ipv6)?;
+    let mut rig = Rig::new(pods, ext, args.probe_options())?;
     let out = rig.round("manifests", &snapshot, expectation.as_ref())?;
     problems.extend(out.problems);
     Ok(LabOutcome {
@@ -218,7 +208,11 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
 /// `--steps`: builds one lab for every pod any step mentions, then applies the steps in order.
 pub fn execute_steps(args: &LabArgs) -> anyhow::Result<Vec<StepOutcome>> {
     let dir = args.steps.as_ref().context("--steps DIR")?;
-    run_steps(&steps::read_steps(dir)?, &args.externals, args.prefer_ipv6)
+    run_steps(
+        &steps::read_steps(dir)?,
+        &args.externals,
+        args.probe_options(),
+    )
 }
 
 /// Runs steps on one lab built for every pod any step mentions (conntrack is cleared between
@@ -226,16 +220,15 @@ pub fn execute_steps(args: &LabArgs) -> anyhow::Result<Vec<StepOutcome>> {
 pub fn run_steps(
     steps: &[Step],
     extra_externals: &[ExternalArg],
-    prefer_ipv6: bool,
+    opts: ProbeOptions,
 ) -> anyhow::Result<Vec<StepOutcome>> {
-    let mut problems = Vec::new();
     let mut first_seen: BTreeMap<ObjRef, Pod> = BTreeMap::new();
     for s in steps {
         for (k, p) in &s.apply.pods {
             first_seen.entry(k.clone()).or_insert_with(|| p.clone());
         }
     }
-    let pods = lab_pods(first_seen.into_values(), &mut problems);
+    let pods: Vec<Pod> = first_seen.into_values().collect();
     let ext = externals(
         &pods,
         extra_externals.iter().chain(
@@ -244,16 +237,13 @@ pub fn run_steps(
                 .flat_map(|s| s.expect.iter().flat_map(|e| e.externals.iter())),
         ),
     );
-    let mut rig = Rig::new(pods, ext, prefer_ipv6)?;
+    let mut rig = Rig::new(pods, ext, opts)?;
     let mut state = ClusterSnapshot::default();
     let mut out = Vec::new();
-    for (i, s) in steps.iter().enumerate() {
+    for s in steps {
         steps::apply_step(&mut state, s);
         let mut o = rig.round(&s.name, &state, s.expect.as_ref())?;
         let mut p: Vec<String> = s.problems.iter().map(ToString::to_string).collect();
-        if i == 0 {
-            p.append(&mut problems);
-        }
         p.append(&mut o.problems);
         o.problems = p;
         out.push(o);

@@ -302,10 +302,11 @@ pub fn policy(np: &net::NetworkPolicy) -> (Option<Policy>, Vec<ConvertError>) {
         Ok(s) => s,
         Err(e) => return (None, vec![e]),
     };
-    // Kubernetes defaults policyTypes to Ingress, plus Egress when there are egress rules.
+    // Kubernetes defaults policyTypes to Ingress, plus Egress when there are egress rules; an
+    // empty list counts as not given (the API server defaults it the same way).
     let (mut ingress_on, mut egress_on) =
         (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()));
-    if let Some(types) = &spec.policy_types {
+    if let Some(types) = spec.policy_types.as_ref().filter(|t| !t.is_empty()) {
         ingress_on = false;
         egress_on = false;
         for (i, t) in types.iter().enumerate() {

@@ -15,6 +15,10 @@
 //! deletes every namespace; the veths die with them. Nothing is created in the caller's
 //! namespace.
 //!
+//! A hostNetwork pod runs in the node netns with the node's addresses (as on a real node,
+//! where it is one more process of the host): probes from it are node-originated traffic,
+//! like kubelet's health checks, and nothing is enforced on it.
+//!
 //! Address families: a probe goes over IPv4 when source and destination both have an IPv4
 //! address, else over IPv6 when both have one, else it is not sent
 //! ([`Outcome::NoCommonFamily`], counted as denied). [`Lab::set_prefer_ipv6`] swaps the
@@ -32,7 +36,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 pub use probe::{ATTEMPTS, DEFAULT_TIMEOUT, MAX_IN_FLIGHT};
-pub use report::{Outcome, ProbeResult, render_matrix};
+pub use report::{Outcome, ProbeProtocol, ProbeResult, render_matrix};
 
 use crate::model::{ObjRef, Pod, Protocol};
 use crate::netns::{self, NetNs, NetNsError};
@@ -60,8 +64,14 @@ pub enum LabError {
     DuplicatePod { pod: String },
     #[error("address {ip} is used twice (pods, externals and the node's own addresses)")]
     DuplicateIp { ip: IpAddr },
-    #[error("pod {pod} uses the host network, which the lab does not model")]
-    HostNetworkPod { pod: String },
+    #[error(
+        "hostNetwork pod {pod}: {port}/{protocol} is already taken on the node by another hostNetwork pod"
+    )]
+    HostPortConflict {
+        pod: String,
+        port: u16,
+        protocol: Protocol,
+    },
     #[error("the pod address pool is exhausted")]
     PoolExhausted,
     #[error("interface {name} not found in the node namespace")]
@@ -83,7 +93,7 @@ impl LabError {
             LabError::NetNs(e) => e.metric_label(),
             LabError::DuplicatePod { .. } => "duplicate_pod",
             LabError::DuplicateIp { .. } => "duplicate_ip",
-            LabError::HostNetworkPod { .. } => "host_network_pod",
+            LabError::HostPortConflict { .. } => "host_port_conflict",
             LabError::PoolExhausted => "pool_exhausted",
             LabError::MissingInterface { .. } => "missing_interface",
             LabError::Socket { .. } => "socket",
@@ -100,13 +110,15 @@ pub struct Lab {
     // Drop order matters: the runtime (and with it every socket) goes first, then the
     // endpoint namespaces, then the node. See `Drop`.
     runtime: Option<tokio::runtime::Runtime>,
-    endpoints_ns: Vec<NetNs>,
+    /// One per endpoint, in plan order; None for a hostNetwork pod (it runs in the node).
+    endpoints_ns: Vec<Option<NetNs>>,
     node: Option<NetNs>,
     prefix: String,
     plan: topology::Plan,
     interfaces: BTreeMap<ObjRef, (String, u32)>,
     timeout: Duration,
     prefer_ipv6: bool,
+    icmp: bool,
 }
 
 impl Lab {
@@ -131,6 +143,7 @@ impl Lab {
             interfaces: BTreeMap::new(),
             timeout: DEFAULT_TIMEOUT,
             prefer_ipv6: false,
+            icmp: false,
         };
         let (res, took) = probe::timed(|| lab.wire());
         res?;
@@ -144,22 +157,31 @@ impl Lab {
         node.sysctls(&topology::node_sysctls())?;
         let node = self.node.insert(node);
         for ep in &self.plan.endpoints {
+            if ep.in_node {
+                self.endpoints_ns.push(None);
+                continue;
+            }
             let ns = NetNs::create(&ep.netns)?;
             // Push first so a failing sysctl still leaves the guard to clean up.
-            self.endpoints_ns.push(ns);
-            if let Some(ns) = self.endpoints_ns.last() {
+            self.endpoints_ns.push(Some(ns));
+            if let Some(Some(ns)) = self.endpoints_ns.last() {
                 ns.sysctls(&topology::endpoint_sysctls())?;
             }
         }
         node.ip_batch(&topology::node_commands(&self.plan))?;
         for (ep, ns) in self.plan.endpoints.iter().zip(&self.endpoints_ns) {
-            ns.ip_batch(&topology::endpoint_commands(ep))?;
+            if let Some(ns) = ns {
+                ns.ip_batch(&topology::endpoint_commands(ep))?;
+            }
         }
         let links: BTreeMap<String, u32> =
             topology::parse_link_list(&node.ip(&["-o", "link", "show"])?)
                 .into_iter()
                 .collect();
         for (pod, ep) in self.plan.pods.iter().zip(&self.plan.endpoints) {
+            if ep.in_node {
+                continue;
+            }
             let index = *links
                 .get(&ep.host_if)
                 .ok_or_else(|| LabError::MissingInterface {
@@ -171,10 +193,18 @@ impl Lab {
         let Some(runtime) = &self.runtime else {
             return Ok(());
         };
-        for (ep, ns) in self.plan.endpoints.iter().zip(&self.endpoints_ns) {
-            responder::start(runtime.handle(), ns, &ep.label, &ep.ports)?;
+        for (i, ep) in self.plan.endpoints.iter().enumerate() {
+            responder::start(runtime.handle(), self.ns_at(i), &ep.label, &ep.ports)?;
         }
         Ok(())
+    }
+
+    /// The netns endpoint `i` runs in: its own, or the node's for a hostNetwork pod.
+    fn ns_at(&self, i: usize) -> &NetNs {
+        match self.endpoints_ns.get(i) {
+            Some(Some(ns)) => ns,
+            _ => self.node(),
+        }
     }
 
     /// The pods, with their IPs filled in where the spec had none.
@@ -204,13 +234,15 @@ impl Lab {
         }
     }
 
-    /// The netns of a pod ("ns/name") or external (its IP), e.g. to run a command there.
+    /// The netns of a pod ("ns/name") or external (its IP), e.g. to run a command there (the
+    /// node's for a hostNetwork pod).
     pub fn netns_of(&self, endpoint: &str) -> Option<&NetNs> {
         let i = self.endpoint_index(endpoint)?;
-        self.endpoints_ns.get(i)
+        Some(self.ns_at(i))
     }
 
-    /// Per pod, its host-side interface in the node netns and that interface's ifindex.
+    /// Per pod, its host-side interface in the node netns and that interface's ifindex
+    /// (hostNetwork pods have none).
     pub fn pod_interfaces(&self) -> BTreeMap<ObjRef, (String, u32)> {
         self.interfaces.clone()
     }
@@ -229,7 +261,7 @@ impl Lab {
     pub fn namespaces(&self) -> Vec<String> {
         self.node
             .iter()
-            .chain(&self.endpoints_ns)
+            .chain(self.endpoints_ns.iter().flatten())
             .map(|n| n.name().to_owned())
             .collect()
     }
@@ -244,16 +276,32 @@ impl Lab {
         self.prefer_ipv6 = prefer;
     }
 
+    /// Also ping every destination (one ICMP echo probe per source and destination, port 0,
+    /// after the destination's ports) in [`Lab::probe_all`] and [`Lab::probe_among`].
+    /// Default: off.
+    pub fn set_probe_icmp(&mut self, icmp: bool) {
+        self.icmp = icmp;
+    }
+
     /// Every source (each pod, each external) × every destination (each pod, each external)
-    /// × each of the destination's ports, all at once. Sources and destinations in spec
-    /// order (pods, then externals), ports in declaration order.
+    /// × each of the destination's ports (and ICMP echo, see [`Lab::set_probe_icmp`]), all at
+    /// once. Sources and destinations in spec order (pods, then externals), ports in
+    /// declaration order.
     pub fn probe_all(&self) -> Vec<ProbeResult> {
+        let all: Vec<usize> = (0..self.plan.endpoints.len()).collect();
+        self.probe_indices(&all)
+    }
+
+    fn probe_indices(&self, keep: &[usize]) -> Vec<ProbeResult> {
         let eps = &self.plan.endpoints;
         let mut tasks = Vec::new();
-        for src in 0..eps.len() {
-            for (dst, ep) in eps.iter().enumerate() {
-                for &(port, protocol) in &ep.ports {
-                    tasks.push(self.task(src, dst, port, protocol));
+        for &src in keep {
+            for &dst in keep {
+                for &(port, protocol) in &eps[dst].ports {
+                    tasks.push(self.task(src, dst, port, protocol.into()));
+                }
+                if self.icmp {
+                    tasks.push(self.task(src, dst, 0, ProbeProtocol::Icmp));
                 }
             }
         }
@@ -267,20 +315,20 @@ impl Lab {
         let keep: Vec<usize> = (0..eps.len())
             .filter(|i| present.contains(&eps[*i].label))
             .collect();
-        let mut tasks = Vec::new();
-        for &src in &keep {
-            for &dst in &keep {
-                for &(port, protocol) in &eps[dst].ports {
-                    tasks.push(self.task(src, dst, port, protocol));
-                }
-            }
-        }
-        self.run(&tasks)
+        self.probe_indices(&keep)
     }
 
     /// One probe. `from` and `to` are "namespace/name" for pods and the IP for externals;
-    /// an unknown name gives a denied result with [`Outcome::Error`].
-    pub fn probe(&self, from: &str, to: &str, port: u16, proto: Protocol) -> ProbeResult {
+    /// an unknown name gives a denied result with [`Outcome::Error`]. `proto` is a
+    /// [`Protocol`] or [`ProbeProtocol::Icmp`] (then `port` is ignored; use 0).
+    pub fn probe(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        proto: impl Into<ProbeProtocol>,
+    ) -> ProbeResult {
+        let proto = proto.into();
         match (self.endpoint_index(from), self.endpoint_index(to)) {
             (Some(src), Some(dst)) => {
                 let task = self.task(src, dst, port, proto);
@@ -296,7 +344,7 @@ impl Lab {
         self.plan.endpoints.iter().position(|e| e.label == label)
     }
 
-    fn task(&self, src: usize, dst: usize, port: u16, protocol: Protocol) -> probe::Task {
+    fn task(&self, src: usize, dst: usize, port: u16, protocol: ProbeProtocol) -> probe::Task {
         let (s, d) = (&self.plan.endpoints[src], &self.plan.endpoints[dst]);
         let v4 = s.ipv4().and(d.ipv4());
         let v6 = s.ipv6().and(d.ipv6());
@@ -320,7 +368,9 @@ impl Lab {
             return Vec::new();
         };
         let handle = runtime.handle();
-        let sources: Vec<&NetNs> = self.endpoints_ns.iter().collect();
+        let sources: Vec<&NetNs> = (0..self.endpoints_ns.len())
+            .map(|i| self.ns_at(i))
+            .collect();
         // A thread of our own, so callers inside an async context can use the lab too.
         let (results, took) = probe::timed(|| {
             std::thread::scope(|s| {
@@ -338,7 +388,7 @@ impl Lab {
     }
 }
 
-fn unknown(from: &str, to: &str, port: u16, protocol: Protocol, why: &str) -> ProbeResult {
+fn unknown(from: &str, to: &str, port: u16, protocol: ProbeProtocol, why: &str) -> ProbeResult {
     ProbeResult {
         from: from.to_owned(),
         to: to.to_owned(),
@@ -360,7 +410,7 @@ impl Drop for Lab {
                 tracing::warn!(prefix = %self.prefix, "lab runtime shutdown panicked");
             }
         }
-        for mut ns in self.endpoints_ns.drain(..).rev() {
+        for mut ns in self.endpoints_ns.drain(..).rev().flatten() {
             if let Err(e) = ns.delete() {
                 tracing::warn!(netns = ns.name(), error = %e, "could not delete lab namespace");
             }

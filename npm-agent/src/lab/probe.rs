@@ -13,6 +13,11 @@
 //! - SCTP: a raw socket sends an INIT up to [`ATTEMPTS`] times; allowed = an INIT ACK came
 //!   back from the destination address, with the ports swapped and our initiate tag as its
 //!   verification tag.
+//! - ICMP: a ping socket (`SOCK_DGRAM`, `IPPROTO_ICMP`/`IPPROTO_ICMPV6`; the kernel picks the
+//!   echo identifier and fills the checksum) sends an echo request with a token up to
+//!   [`ATTEMPTS`] times; allowed = an echo reply with our sequence number and token came
+//!   back. The lab opens ping sockets to every group (`net.ipv4.ping_group_range`, which
+//!   also governs ICMPv6) in each of its namespaces.
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -21,11 +26,10 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, UdpSocket};
 
-use crate::model::Protocol;
 use crate::netns::NetNs;
 
 use super::sctp::{self, CHUNK_INIT_ACK, Packet};
-use super::{Outcome, ProbeResult};
+use super::{Outcome, ProbeProtocol, ProbeResult};
 
 /// Default time a probe waits for an answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1200);
@@ -58,7 +62,7 @@ pub(crate) struct Task {
     pub src: usize,
     pub dst_ip: Option<IpAddr>,
     pub port: u16,
-    pub protocol: Protocol,
+    pub protocol: ProbeProtocol,
 }
 
 impl Task {
@@ -79,27 +83,41 @@ enum Prepared {
     Tcp(TcpSocket),
     Udp(std::net::UdpSocket),
     Sctp(std::net::UdpSocket),
+    /// A ping socket, wrapped like the raw SCTP one (plain `sendto`/`recvfrom`).
+    Icmp(std::net::UdpSocket),
 }
 
-fn prepare(dst: IpAddr, proto: Protocol) -> io::Result<Prepared> {
+/// An unprivileged ICMP echo ("ping") socket for `dst`'s family.
+fn ping_socket(dst: IpAddr) -> io::Result<std::net::UdpSocket> {
+    let (domain, proto) = match dst {
+        IpAddr::V4(_) => (socket2::Domain::IPV4, socket2::Protocol::ICMPV4),
+        IpAddr::V6(_) => (socket2::Domain::IPV6, socket2::Protocol::ICMPV6),
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(proto))?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+fn prepare(dst: IpAddr, proto: ProbeProtocol) -> io::Result<Prepared> {
     let unspecified: SocketAddr = match dst {
         IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
         IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     Ok(match proto {
-        Protocol::Tcp => Prepared::Tcp(match dst {
+        ProbeProtocol::Tcp => Prepared::Tcp(match dst {
             IpAddr::V4(_) => TcpSocket::new_v4()?,
             IpAddr::V6(_) => TcpSocket::new_v6()?,
         }),
-        Protocol::Udp => {
+        ProbeProtocol::Udp => {
             let s = std::net::UdpSocket::bind(unspecified)?;
             s.set_nonblocking(true)?;
             Prepared::Udp(s)
         }
-        Protocol::Sctp => Prepared::Sctp(super::responder::raw_sctp_socket(match dst {
+        ProbeProtocol::Sctp => Prepared::Sctp(super::responder::raw_sctp_socket(match dst {
             IpAddr::V4(_) => socket2::Domain::IPV4,
             IpAddr::V6(_) => socket2::Domain::IPV6,
         })?),
+        ProbeProtocol::Icmp => Prepared::Icmp(ping_socket(dst)?),
     })
 }
 
@@ -200,6 +218,10 @@ async fn probe_one(sock: Prepared, dst: SocketAddr, tag: u32, timeout: Duration)
         Prepared::Sctp(s) => match UdpSocket::from_std(s) {
             Ok(s) => sctp_probe(s, dst, tag, timeout, deadline).await,
             Err(e) => Outcome::Error(format!("raw socket: {e}")),
+        },
+        Prepared::Icmp(s) => match UdpSocket::from_std(s) {
+            Ok(s) => icmp_probe(s, dst.ip(), tag, timeout, deadline).await,
+            Err(e) => Outcome::Error(format!("ping socket: {e}")),
         },
     }
 }
@@ -322,6 +344,86 @@ async fn sctp_probe(
     Outcome::Timeout
 }
 
+/// ICMP echo request / reply types, per family.
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// An echo request: type, code 0, checksum and identifier 0 (a ping socket fills both in),
+/// the sequence number, then `payload`.
+fn echo_request(ipv4: bool, seq: u16, payload: &[u8]) -> Vec<u8> {
+    let ty = if ipv4 {
+        ICMP_ECHO_REQUEST
+    } else {
+        ICMPV6_ECHO_REQUEST
+    };
+    let mut m = vec![ty, 0, 0, 0, 0, 0];
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// Whether `msg` (as a ping socket delivers it: ICMP header, no IP header) is the echo reply
+/// to our request `seq` carrying `payload`. The identifier is the socket's own: the kernel
+/// only delivers replies that carry it.
+fn is_echo_reply(ipv4: bool, msg: &[u8], seq: u16, payload: &[u8]) -> bool {
+    let want = if ipv4 {
+        ICMP_ECHO_REPLY
+    } else {
+        ICMPV6_ECHO_REPLY
+    };
+    msg.len() == 8 + payload.len()
+        && msg[0] == want
+        && msg[1] == 0
+        && msg[6..8] == seq.to_be_bytes()
+        && &msg[8..] == payload
+}
+
+async fn icmp_probe(
+    s: UdpSocket,
+    dst: IpAddr,
+    tag: u32,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+) -> Outcome {
+    let ipv4 = dst.is_ipv4();
+    let token = format!("npmlab {tag:08x}");
+    let to = SocketAddr::new(dst, 0);
+    let interval = timeout / ATTEMPTS;
+    let mut buf = [0u8; 512];
+    for attempt in 0..ATTEMPTS {
+        // The sequence number tells this attempt's reply from an earlier one's.
+        let seq = (tag as u16).wrapping_add(attempt as u16);
+        let request = echo_request(ipv4, seq, token.as_bytes());
+        if let Err(e) = s.send_to(&request, to).await {
+            return classify(&e);
+        }
+        let wait_until = if attempt + 1 == ATTEMPTS {
+            deadline
+        } else {
+            (tokio::time::Instant::now() + interval).min(deadline)
+        };
+        loop {
+            match tokio::time::timeout_at(wait_until, s.recv_from(&mut buf)).await {
+                Err(_) => break,
+                Ok(Ok((n, from))) => {
+                    // Any of our attempts' replies will do: a late one still proves the path.
+                    let ours = (0..=attempt).any(|a| {
+                        let seq = (tag as u16).wrapping_add(a as u16);
+                        is_echo_reply(ipv4, &buf[..n], seq, token.as_bytes())
+                    });
+                    if from.ip() == dst && ours {
+                        return Outcome::Allowed;
+                    }
+                }
+                Ok(Err(e)) => return classify(&e),
+            }
+        }
+    }
+    Outcome::Timeout
+}
+
 fn seed() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -343,4 +445,33 @@ pub(crate) fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let start = Instant::now();
     let t = f();
     (t, start.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_messages() {
+        let req = echo_request(true, 0x1234, b"tok");
+        assert_eq!(req, [8, 0, 0, 0, 0, 0, 0x12, 0x34, b't', b'o', b'k']);
+        assert_eq!(echo_request(false, 1, b"")[0], 128);
+        let mut reply = req.clone();
+        reply[0] = 0;
+        reply[4] = 0x77; // the identifier the kernel chose
+        assert!(is_echo_reply(true, &reply, 0x1234, b"tok"));
+        assert!(
+            !is_echo_reply(true, &reply, 0x1235, b"tok"),
+            "other sequence"
+        );
+        assert!(!is_echo_reply(true, &reply, 0x1234, b"tak"), "other token");
+        assert!(
+            !is_echo_reply(false, &reply, 0x1234, b"tok"),
+            "v4 reply type on v6"
+        );
+        assert!(
+            !is_echo_reply(true, &req, 0x1234, b"tok"),
+            "a request is no reply"
+        );
+    }
 }

@@ -6,6 +6,51 @@ use serde::Serialize;
 
 use crate::model::Protocol;
 
+/// What a probe speaks: one of the Kubernetes port protocols, or ICMP echo (ping; it has no
+/// port, and its results carry port 0). Serializes as `"TCP"`, `"UDP"`, `"SCTP"`, `"ICMP"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ProbeProtocol {
+    Tcp,
+    Udp,
+    Sctp,
+    /// ICMP echo request/reply (ICMPv6 over IPv6).
+    Icmp,
+}
+
+impl ProbeProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeProtocol::Tcp => "TCP",
+            ProbeProtocol::Udp => "UDP",
+            ProbeProtocol::Sctp => "SCTP",
+            ProbeProtocol::Icmp => "ICMP",
+        }
+    }
+}
+
+impl From<Protocol> for ProbeProtocol {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::Tcp => ProbeProtocol::Tcp,
+            Protocol::Udp => ProbeProtocol::Udp,
+            Protocol::Sctp => ProbeProtocol::Sctp,
+        }
+    }
+}
+
+impl PartialEq<Protocol> for ProbeProtocol {
+    fn eq(&self, other: &Protocol) -> bool {
+        *self == ProbeProtocol::from(*other)
+    }
+}
+
+impl std::fmt::Display for ProbeProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The result of one probe. JSON: `{"from","to","port","protocol","allowed"}` (a user
 /// contract; `outcome` is not serialized).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -14,8 +59,8 @@ pub struct ProbeResult {
     pub from: String,
     pub to: String,
     pub port: u16,
-    /// "TCP" | "UDP" | "SCTP".
-    pub protocol: Protocol,
+    /// "TCP" | "UDP" | "SCTP" | "ICMP" (port 0).
+    pub protocol: ProbeProtocol,
     pub allowed: bool,
     /// Why the probe ended as it did (allowed, timed out, refused, ...).
     #[serde(skip)]
@@ -60,7 +105,7 @@ impl std::fmt::Display for Outcome {
 pub fn render_matrix(results: &[ProbeResult]) -> String {
     let mut sources: Vec<&str> = Vec::new();
     // Destinations, each with its (port, protocol) columns.
-    let mut dests: Vec<(&str, Vec<(u16, Protocol)>)> = Vec::new();
+    let mut dests: Vec<(&str, Vec<(u16, ProbeProtocol)>)> = Vec::new();
     for r in results {
         if !sources.contains(&r.from.as_str()) {
             sources.push(&r.from);
@@ -76,13 +121,13 @@ pub fn render_matrix(results: &[ProbeResult]) -> String {
         }
     }
     // The first result of each cell (a repeated probe shows its first outcome).
-    let mut index: BTreeMap<(&str, &str, u16, Protocol), &ProbeResult> = BTreeMap::new();
+    let mut index: BTreeMap<(&str, &str, u16, ProbeProtocol), &ProbeResult> = BTreeMap::new();
     for r in results {
         index
             .entry((r.from.as_str(), r.to.as_str(), r.port, r.protocol))
             .or_insert(r);
     }
-    let cell = |from: &str, to: &str, (port, proto): (u16, Protocol)| -> char {
+    let cell = |from: &str, to: &str, (port, proto): (u16, ProbeProtocol)| -> char {
         match index.get(&(from, to, port, proto)) {
             None => ' ',
             Some(r) if r.allowed => '.',
@@ -92,8 +137,15 @@ pub fn render_matrix(results: &[ProbeResult]) -> String {
             },
         }
     };
-    // Column width of one port: wide enough for "65535" / "SCTP".
-    let col_label = |(port, proto): (u16, Protocol)| (port.to_string(), proto.as_str());
+    // Column width of one port: wide enough for "65535" / "SCTP". ICMP has no port: "-".
+    let col_label = |(port, proto): (u16, ProbeProtocol)| {
+        let port = if proto == ProbeProtocol::Icmp {
+            "-".to_owned()
+        } else {
+            port.to_string()
+        };
+        (port, proto.as_str())
+    };
     let col_width = |col| {
         let (p, proto) = col_label(col);
         p.len().max(proto.len())
@@ -173,12 +225,18 @@ pub fn render_matrix(results: &[ProbeResult]) -> String {
 mod tests {
     use super::*;
 
-    fn r(from: &str, to: &str, port: u16, protocol: Protocol, allowed: bool) -> ProbeResult {
+    fn r(
+        from: &str,
+        to: &str,
+        port: u16,
+        protocol: impl Into<ProbeProtocol>,
+        allowed: bool,
+    ) -> ProbeResult {
         ProbeResult {
             from: from.into(),
             to: to.into(),
             port,
-            protocol,
+            protocol: protocol.into(),
             allowed,
             outcome: if allowed {
                 Outcome::Allowed
@@ -197,6 +255,18 @@ mod tests {
         );
         let json = serde_json::to_string(&Protocol::Sctp).unwrap();
         assert_eq!(json, r#""SCTP""#);
+        let json = serde_json::to_string(&r("a/b", "c/d", 0, ProbeProtocol::Icmp, false)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"from":"a/b","to":"c/d","port":0,"protocol":"ICMP","allowed":false}"#
+        );
+        for p in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+            assert_eq!(
+                serde_json::to_string(&ProbeProtocol::from(p)).unwrap(),
+                serde_json::to_string(&p).unwrap(),
+                "a probe protocol serializes as the Kubernetes protocol it comes from"
+            );
+        }
     }
 
     #[test]
@@ -206,17 +276,18 @@ mod tests {
             r("x/a", "x/a", 9000, Protocol::Sctp, true),
             r("x/a", "x/bb", 80, Protocol::Tcp, false),
             r("x/bb", "x/a", 80, Protocol::Tcp, true),
+            r("x/bb", "x/a", 0, ProbeProtocol::Icmp, false),
         ];
         let m = render_matrix(&results);
         let expected = "\
 legend: . allowed   X denied   ? not run (error)   blank: not probed
-          | x/a      | x/bb
-          | 80  9000 | 80
-from \\ to | TCP SCTP | TCP
----------------------------
-x/a       | .   .    | X
-x/bb      | .        |
-4 probes: 3 allowed, 1 denied
+          | x/a           | x/bb
+          | 80  9000 -    | 80
+from \\ to | TCP SCTP ICMP | TCP
+--------------------------------
+x/a       | .   .         | X
+x/bb      | .        X    |
+5 probes: 3 allowed, 2 denied
 ";
         assert_eq!(m, expected, "\n{m}");
     }

@@ -11,6 +11,9 @@
 //!   default via fe80::1                    ext<j>  (route <ip>/32 dev ext<j>)  -- veth --
 //! ```
 //!
+//! A hostNetwork pod is a process of the node: it lives in the node netns, its addresses are
+//! the node's, and it has no veth (so nothing can ever be enforced on it, as on a real node).
+//!
 //! `ip -batch` lines take no global options such as `-6`: the family follows from the
 //! addresses. Neighbour entries are static on both sides (MACs are chosen here), so no probe waits for
 //! ARP or neighbour discovery and none is lost in an unresolved-neighbour queue.
@@ -39,7 +42,9 @@ pub(crate) struct Endpoint {
     /// "ns/name" for pods, the IP for externals: the label in probe results.
     pub label: String,
     pub netns: String,
-    /// Interface name in the node netns.
+    /// A hostNetwork pod: it runs in the node netns (`netns` is the node's) and has no veth.
+    pub in_node: bool,
+    /// Interface name in the node netns (empty for a hostNetwork pod).
     pub host_if: String,
     pub host_mac: String,
     pub peer_mac: String,
@@ -75,11 +80,19 @@ pub(crate) fn node_ips() -> Vec<IpAddr> {
 pub(crate) fn plan(spec: &LabSpec, prefix: &str) -> Result<Plan, LabError> {
     let mut seen_pods = BTreeSet::new();
     let mut used: BTreeSet<IpAddr> = node_ips().into_iter().collect();
+    let mut host_ports = BTreeSet::new();
     for pod in &spec.pods {
         if pod.host_network {
-            return Err(LabError::HostNetworkPod {
-                pod: pod.obj_ref().to_string(),
-            });
+            // They share the node's addresses, so they cannot share a port.
+            for (port, protocol) in dedup(pod.ports.iter().map(|p| (p.port, p.protocol))) {
+                if !host_ports.insert((port, protocol)) {
+                    return Err(LabError::HostPortConflict {
+                        pod: pod.obj_ref().to_string(),
+                        port,
+                        protocol,
+                    });
+                }
+            }
         }
         if !seen_pods.insert(pod.obj_ref()) {
             return Err(LabError::DuplicatePod {
@@ -87,9 +100,11 @@ pub(crate) fn plan(spec: &LabSpec, prefix: &str) -> Result<Plan, LabError> {
             });
         }
     }
+    // A hostNetwork pod's own IPs are ignored: in the lab it has the node's.
     let given = spec
         .pods
         .iter()
+        .filter(|p| !p.host_network)
         .flat_map(|p| p.ips.iter().copied())
         .chain(spec.externals.iter().map(|e| e.ip));
     for ip in given {
@@ -103,16 +118,24 @@ pub(crate) fn plan(spec: &LabSpec, prefix: &str) -> Result<Plan, LabError> {
     let mut pods = Vec::with_capacity(spec.pods.len());
     for (i, pod) in spec.pods.iter().enumerate() {
         let mut pod = pod.clone();
-        if pod.ips.is_empty() {
+        if pod.host_network {
+            pod.ips = node_ips();
+        } else if pod.ips.is_empty() {
             let v4 = allocate(&mut used, &mut next_v4, v4_host)?;
             let v6 = allocate(&mut used, &mut next_v6, v6_host)?;
             pod.ips = vec![v4, v6];
         }
         let ports = dedup(pod.ports.iter().map(|p| (p.port, p.protocol)));
+        let (netns, host_if) = if pod.host_network {
+            (format!("{prefix}-node"), String::new())
+        } else {
+            (format!("{prefix}-p{i}"), format!("lxc{i}"))
+        };
         endpoints.push(Endpoint {
             label: pod.obj_ref().to_string(),
-            netns: format!("{prefix}-p{i}"),
-            host_if: format!("lxc{i}"),
+            netns,
+            in_node: pod.host_network,
+            host_if,
             host_mac: mac(0x6f, endpoints.len()),
             peer_mac: mac(0x70, endpoints.len()),
             ips: pod.ips.clone(),
@@ -135,6 +158,7 @@ fn external_endpoint(prefix: &str, j: usize, ext: &External, index: usize) -> En
     Endpoint {
         label: ext.ip.to_string(),
         netns: format!("{prefix}-x{j}"),
+        in_node: false,
         host_if: format!("ext{j}"),
         host_mac: mac(0x6f, index),
         peer_mac: mac(0x70, index),
@@ -195,8 +219,12 @@ pub(crate) fn node_sysctls() -> Vec<(&'static str, &'static str)> {
         ("net.ipv6.conf.default.accept_dad", "0"),
         ("net.ipv6.conf.default.accept_ra", "0"),
         ("net.ipv6.conf.default.router_solicitations", "0"),
+        PING_GROUPS,
     ]
 }
+
+/// Ping sockets (the ICMP probes) for every group, the prober's included.
+const PING_GROUPS: (&str, &str) = ("net.ipv4.ping_group_range", "0 2147483647");
 
 /// `net.*` sysctls for pod and external namespaces.
 pub(crate) fn endpoint_sysctls() -> Vec<(&'static str, &'static str)> {
@@ -207,6 +235,7 @@ pub(crate) fn endpoint_sysctls() -> Vec<(&'static str, &'static str)> {
         ("net.ipv6.conf.default.accept_dad", "0"),
         ("net.ipv6.conf.default.accept_ra", "0"),
         ("net.ipv6.conf.default.router_solicitations", "0"),
+        PING_GROUPS,
     ]
 }
 
@@ -218,7 +247,7 @@ pub(crate) fn node_commands(plan: &Plan) -> Vec<String> {
         format!("addr add {NODE_V4}/32 dev lo"),
         format!("addr add {NODE_V6}/128 dev lo nodad"),
     ];
-    for ep in &plan.endpoints {
+    for ep in plan.endpoints.iter().filter(|e| !e.in_node) {
         lines.push(format!(
             "link add {} address {} type veth peer name eth0 address {} netns {}",
             ep.host_if, ep.host_mac, ep.peer_mac, ep.netns
@@ -226,7 +255,7 @@ pub(crate) fn node_commands(plan: &Plan) -> Vec<String> {
         lines.push(format!("link set {} up", ep.host_if));
         lines.push(format!("addr add {GATEWAY_V6}/64 dev {} nodad", ep.host_if));
     }
-    for ep in &plan.endpoints {
+    for ep in plan.endpoints.iter().filter(|e| !e.in_node) {
         for ip in &ep.ips {
             let len = if ip.is_ipv4() { 32 } else { 128 };
             lines.push(format!("route add {ip}/{len} dev {}", ep.host_if));
@@ -353,6 +382,40 @@ mod tests {
         assert!(matches!(
             plan(&spec, "x"),
             Err(LabError::DuplicatePod { .. })
+        ));
+    }
+
+    #[test]
+    fn host_network_pods_live_in_the_node() {
+        let mut h = pod("h", vec!["10.1.2.3".parse().unwrap()]);
+        h.host_network = true;
+        let spec = LabSpec {
+            pods: vec![pod("a", vec![]), h.clone()],
+            externals: vec![],
+        };
+        let p = plan(&spec, "npmlab-1-0").unwrap();
+        let ep = &p.endpoints[1];
+        assert!(ep.in_node && ep.host_if.is_empty());
+        assert_eq!(ep.netns, p.node_netns);
+        assert_eq!(
+            ep.ips,
+            node_ips(),
+            "the node's addresses, not the manifest's"
+        );
+        assert_eq!(p.pods[1].ips, node_ips());
+        let cmds = node_commands(&p).join("\n");
+        assert_eq!(cmds.matches("type veth").count(), 1, "{cmds}");
+        assert!(!cmds.contains("10.1.2.3"), "{cmds}");
+        // Two hostNetwork pods on one port of the node cannot both bind it.
+        let mut h2 = h.clone();
+        h2.name = "h2".into();
+        let spec = LabSpec {
+            pods: vec![h, h2],
+            externals: vec![],
+        };
+        assert!(matches!(
+            plan(&spec, "x"),
+            Err(LabError::HostPortConflict { port: 80, .. })
         ));
     }
 

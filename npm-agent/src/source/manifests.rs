@@ -315,6 +315,14 @@ metadata: {name: p2}
 spec:
   podSelector: {}
   policyTypes: [Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p3}
+spec:
+  podSelector: {}
+  policyTypes: []
+  egress: [{}]
 "#,
         );
         assert!(d.is_empty(), "{d:?}");
@@ -333,6 +341,11 @@ spec:
         let p2 = &s.policies[&ObjRef::new("default", "p2")];
         assert!(p2.ingress.is_none());
         assert_eq!(p2.egress, Some(vec![]));
+        // An empty policyTypes list is defaulted like an absent one (it used to isolate
+        // nothing at all).
+        let p3 = &s.policies[&ObjRef::new("default", "p3")];
+        assert_eq!(p3.ingress.as_ref().map(Vec::len), Some(0));
+        assert_eq!(p3.egress.as_ref().map(Vec::len), Some(1));
     }
 
     #[test]
