@@ -673,3 +673,103 @@ async fn periodic_relist_repairs_a_missed_event() {
     assert!(lists_of(&api, Res::Pods) > lists);
     assert!(h.synced);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_api_at_start_keeps_syncing_with_the_error_then_syncs() {
+    let api = FakeApi::start();
+    api.apply(namespace("a", json!({})));
+    api.apply(pod("a", "p1", json!({"app": "x"}), "10.8.0.1", "n"));
+    api.set_down(true);
+    let mut h = start(&api, fast(None)).await;
+    let st = h
+        .state_until(10, |s| {
+            matches!(
+                s,
+                SourceState::Syncing {
+                    last_error: Some(_),
+                    ..
+                }
+            )
+        })
+        .await;
+    match st {
+        SourceState::Syncing {
+            waiting_for,
+            last_error: Some(e),
+        } => {
+            assert_eq!(waiting_for.len(), 3, "{waiting_for:?}");
+            assert!(e.contains("watch"), "{e}");
+        }
+        other => panic!("expected Syncing with an error, got {other:?}"),
+    }
+    h.settle(500).await;
+    assert!(
+        !h.synced && h.snapshot.pods.is_empty(),
+        "nothing before the first list"
+    );
+    api.set_down(false);
+    assert!(h.until(10, |h| h.synced).await);
+    assert!(h.snapshot.pods.contains_key(&obj("a", "p1")));
+    assert!(h.state_until(5, SourceState::is_synced).await.is_synced());
+}
+
+/// Sizes and timings, printed (debug build): 5000 pods listed in pages of 500, then 200 pod
+/// events one after another, each waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_pods_sync_and_each_event_arrives() {
+    let api = FakeApi::start();
+    for n in 0..50 {
+        api.apply(namespace(&format!("ns{n}"), json!({})));
+    }
+    for i in 0..5000u32 {
+        let ip = format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
+        api.apply(pod(
+            &format!("ns{}", i % 50),
+            &format!("p{i}"),
+            json!({"app": format!("a{}", i % 7)}),
+            &ip,
+            "n",
+        ));
+    }
+    for n in 0..50 {
+        api.apply(policy(&format!("ns{n}"), "pol", "a1", "a2"));
+    }
+    let t0 = std::time::Instant::now();
+    let mut h = start(&api, fast(Some(500))).await;
+    assert!(h.until(60, |h| h.synced).await);
+    let sync = t0.elapsed();
+    assert_eq!(h.snapshot.pods.len(), 5000);
+    assert_eq!(h.snapshot.policies.len(), 50);
+    assert_eq!(lists_of(&api, Res::Pods), 10, "5000 pods in pages of 500");
+
+    let mut worst = Duration::ZERO;
+    let t1 = std::time::Instant::now();
+    for i in 0..200u32 {
+        let t = std::time::Instant::now();
+        let ip = format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
+        api.apply(pod(
+            &format!("ns{}", i % 50),
+            &format!("p{i}"),
+            json!({"app": "moved"}),
+            &ip,
+            "n",
+        ));
+        let key = obj(&format!("ns{}", i % 50), &format!("p{i}"));
+        assert!(
+            h.until(10, |h| h
+                .snapshot
+                .pods
+                .get(&key)
+                .is_some_and(|p| p.labels["app"] == "moved"))
+                .await
+        );
+        worst = worst.max(t.elapsed());
+    }
+    let events = t1.elapsed();
+    eprintln!(
+        "kube source: 5000 pods + 50 ns + 50 policies synced in {} ms; 200 pod events one by one: {} us mean, {} us worst (debug build)",
+        sync.as_millis(),
+        events.as_micros() / 200,
+        worst.as_micros()
+    );
+}

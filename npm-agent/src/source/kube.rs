@@ -164,7 +164,7 @@ impl KubeSource {
         let mut tick = tokio::time::interval(self.config.state_tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let relist_every = self.config.relist_every;
-        let mut next_relist = relist_every.map(|d| tokio::time::Instant::now() + d);
+        let mut next_relist = relist_every.map(|d| tokio::time::Instant::now() + jittered(d));
         loop {
             let relist_at = next_relist;
             tokio::select! {
@@ -199,7 +199,7 @@ impl KubeSource {
                 } => {
                     tracing::info!("periodic full re-list of namespaces, pods and policies");
                     watchers = streams();
-                    next_relist = relist_every.map(|d| tokio::time::Instant::now() + d);
+                    next_relist = relist_every.map(|d| tokio::time::Instant::now() + jittered(d));
                 }
                 _ = tx.closed() => return,
             }
@@ -220,6 +220,16 @@ impl KubeSource {
             });
         }
     }
+}
+
+/// `d` plus up to 10%: the agents of a cluster, started together, do not all re-list at the
+/// same instant.
+fn jittered(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    d + d.mul_f64(f64::from(nanos % 1000) / 10_000.0)
 }
 
 /// Turns liveness and watch errors into a [`SourceState`].
