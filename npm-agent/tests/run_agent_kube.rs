@@ -138,26 +138,7 @@ fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() 
     // The policy list is slow: the agent must not enforce the pods without it.
     api.set_list_delay(Res::NetworkPolicies, Duration::from_secs(3));
 
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{node}"))
-        .arg(env!("CARGO_BIN_EXE_npm-agent"))
-        .args([
-            "run",
-            "--poll-interval-ms",
-            "200",
-            "--node-name",
-            "node-1",
-            "--kubeconfig",
-        ])
-        .arg(&kubeconfig)
-        .arg("--bpffs-dir")
-        .arg(&bpffs)
-        .env("NPM_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&agent_log).expect("log file"))
-        .spawn()
-        .expect("spawn agent");
-    let _agent = KillOnDrop(child);
+    let agent = spawn_agent(&node, &kubeconfig, &bpffs, &agent_log);
     let allowed = |from: &str| lab.probe(from, "default/web", 80, Protocol::Tcp).allowed;
     let endpoints = bpffs.join("v1").join(npm_common::maps::MAP_ENDPOINTS);
 
@@ -211,16 +192,72 @@ fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() 
         "relabel after reconnect not enforced:\n{}",
         log_tail(&agent_log)
     );
-    // And the policy deleted: open again.
-    api.delete("NetworkPolicy", "default", "web-from-client");
-    assert!(
-        eventually(20, || allowed("default/intruder")),
-        "policy deletion not enforced:\n{}",
-        log_tail(&agent_log)
-    );
     let log = std::fs::read_to_string(&agent_log).unwrap_or_default();
     assert!(
         log.contains("Kubernetes API unreachable"),
         "disconnect not logged:\n{log}"
+    );
+
+    // The agent stops (SIGTERM) and a new one starts while the API server is down: it cannot
+    // list, so it enforces nothing new, and what the pinned maps hold keeps enforcing.
+    stop_agent(agent);
+    api.set_down(true);
+    let agent_log2 = std::env::temp_dir().join(format!("npm-kuberun-{pid}-2.log"));
+    let _log2 = RemoveOnDrop(agent_log2.clone());
+    let _agent2 = spawn_agent(&node, &kubeconfig, &bpffs, &agent_log2);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!allowed("default/intruder"), "restart without API flushed");
+    assert!(!allowed("default/client"));
+    assert_eq!(map_entries(&endpoints), 3);
+    let log2 = std::fs::read_to_string(&agent_log2).unwrap_or_default();
+    assert!(
+        !log2.contains("maps in step"),
+        "enforced without a list:\n{log2}"
+    );
+
+    // The API is back: the new agent syncs, adopts the maps, and enforces a deletion.
+    api.set_down(false);
+    api.delete("NetworkPolicy", "default", "web-from-client");
+    assert!(
+        eventually(20, || allowed("default/intruder")),
+        "policy deletion not enforced by the restarted agent:\n{}",
+        log_tail(&agent_log2)
+    );
+}
+
+fn spawn_agent(node: &str, kubeconfig: &Path, bpffs: &Path, log: &Path) -> KillOnDrop {
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{node}"))
+        .arg(env!("CARGO_BIN_EXE_npm-agent"))
+        .args([
+            "run",
+            "--poll-interval-ms",
+            "200",
+            "--node-name",
+            "node-1",
+            "--kubeconfig",
+        ])
+        .arg(kubeconfig)
+        .arg("--bpffs-dir")
+        .arg(bpffs)
+        .env("NPM_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn agent");
+    KillOnDrop(child)
+}
+
+/// SIGTERM to the agent we started (nsenter execs it: same pid), then waits for it (bounded).
+fn stop_agent(mut agent: KillOnDrop) {
+    let pid = agent.0.id().to_string();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    assert!(
+        eventually(10, || matches!(agent.0.try_wait(), Ok(Some(_)))),
+        "agent did not stop on SIGTERM"
     );
 }
