@@ -113,3 +113,24 @@ fn lab_json_is_a_list_of_from_to_port_protocol_allowed() {
         .expect("row");
     assert_eq!(foo_to_nginx["allowed"], true);
 }
+
+#[test]
+fn run_takes_kubeconfig_or_manifests_and_names_a_bad_kubeconfig() {
+    let (code, _, err) = agent(&["run", "--manifests", ".", "--kubeconfig", "/x"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    // Fails before loading anything: no BPF, no maps pinned.
+    let missing = format!("/nonexistent-npm-{}/kubeconfig", std::process::id());
+    let (code, _, err) = agent(&[
+        "run",
+        "--kubeconfig",
+        &missing,
+        "--bpffs-dir",
+        "/nonexistent",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("Kubernetes API") && err.contains(&missing),
+        "{err}"
+    );
+}
