@@ -477,7 +477,14 @@ async fn handle(
         path,
         query,
     };
-    state.lock().expect("state").requests.push(req.clone());
+    {
+        let mut s = state.lock().expect("state");
+        // Accepted just before the server went down: it answers nothing.
+        if s.down {
+            return;
+        }
+        s.requests.push(req.clone());
+    }
     let Some(res) = req.res else {
         respond(&mut sock, 404, &status_json(404, "NotFound", "not served")).await;
         return;
@@ -500,6 +507,9 @@ async fn list(mut sock: TcpStream, res: Res, req: &Request, state: Arc<Mutex<Sta
     tokio::time::sleep(delay).await;
     let (code, body) = {
         let mut s = state.lock().expect("state");
+        if s.down {
+            return;
+        }
         let limit: usize = req
             .query
             .get("limit")
@@ -619,7 +629,9 @@ async fn watch_stream(
                 Some(a) => s.coll.get(&res).is_some_and(|c| c.compacted_seq > a),
                 None => from < s.oldest,
             };
-            let ended = if behind {
+            let ended = if s.down {
+                Some(false)
+            } else if behind {
                 Some(true)
             } else {
                 (s.watch_epoch != epoch).then_some(s.expire)
