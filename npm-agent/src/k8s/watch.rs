@@ -12,7 +12,7 @@ use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use kube::runtime::utils::{Backoff, StreamBackoff};
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
@@ -154,15 +154,6 @@ pub fn watch_all(client: &Client, cfg: &WatchConfig) -> [WatchStream; 3] {
     ]
 }
 
-/// One watch stream of `kind`.
-pub fn watch_kind(client: &Client, kind: Kind, cfg: &WatchConfig) -> WatchStream {
-    match kind {
-        Kind::Namespace => stream::<core::Namespace>(Api::all(client.clone()), kind, cfg),
-        Kind::Pod => stream::<core::Pod>(Api::all(client.clone()), kind, cfg),
-        Kind::NetworkPolicy => stream::<net::NetworkPolicy>(Api::all(client.clone()), kind, cfg),
-    }
-}
-
 fn stream<K>(api: Api<K>, kind: Kind, cfg: &WatchConfig) -> WatchStream
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static + Convert,
@@ -183,8 +174,6 @@ where
         })
         .boxed()
 }
-
-use watcher::watcher;
 
 /// A watched k8s-openapi type and its conversion.
 pub trait Convert {
