@@ -142,3 +142,24 @@ fn lab_icmp_adds_icmp_rows_with_port_0() {
     assert_eq!(ping("default/foo"), true);
     assert_eq!(ping("default/bar"), false);
 }
+
+#[test]
+fn run_takes_kubeconfig_or_manifests_and_names_a_bad_kubeconfig() {
+    let (code, _, err) = agent(&["run", "--manifests", ".", "--kubeconfig", "/x"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    // Fails before loading anything: no BPF, no maps pinned.
+    let missing = format!("/nonexistent-npm-{}/kubeconfig", std::process::id());
+    let (code, _, err) = agent(&[
+        "run",
+        "--kubeconfig",
+        &missing,
+        "--bpffs-dir",
+        "/nonexistent",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("Kubernetes API") && err.contains(&missing),
+        "{err}"
+    );
+}

@@ -35,20 +35,26 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Standalone source: a directory of Kubernetes YAML (Namespaces, Pods, NetworkPolicies),
-    /// re-read when it changes.
-    #[arg(long, value_name = "DIR")]
-    pub manifests: PathBuf,
+    /// re-read when it changes. Without it, the Kubernetes API is the source.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Kubernetes API source: the kubeconfig to use. Without it (and without --manifests):
+    /// KUBECONFIG, ~/.kube/config, then the in-cluster service account.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name; pods whose spec.nodeName names another node are never local.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// bpffs directory for pinned maps (a version subdirectory is added).
     #[arg(long, default_value = "/sys/fs/bpf/npm", value_name = "DIR")]
     pub bpffs_dir: PathBuf,
-    /// How often to look for changed manifests and new pod interfaces, in milliseconds.
+    /// How often to look for new pod interfaces (and, with --manifests, changed manifests), in
+    /// milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub poll_interval_ms: u64,
     /// Full re-read of the kernel maps and repair of any drift, in minutes (Azure NPM's
-    /// ResyncPeriodInMinutes) [default: the config file's, else 15; env
+    /// ResyncPeriodInMinutes); the API source also re-lists every object this often
+    /// [default: the config file's, else 15; env
     /// NPM_RESYNC_PERIOD_MINUTES].
     #[arg(long, value_name = "MINUTES")]
     pub resync_period_minutes: Option<u64>,

@@ -1,4 +1,5 @@
-//! `npm-agent run`: enforce on this node, from the standalone manifests source.
+//! `npm-agent run`: enforce on this node, from the Kubernetes API (default) or from the
+//! standalone manifests source (`--manifests`).
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,68 +11,163 @@ use npm_common::ABI_VERSION;
 use super::args::RunArgs;
 use crate::config::{self, FileConfig, Overrides, Resolved};
 use crate::datapath::DatapathCounters;
-use crate::enforcer::Enforcer;
+use crate::enforcer::{ApplyReport, Enforcer};
 use crate::node::discovery::{self, NodeTables};
 use crate::observe::{Observer, Trigger, http};
+use crate::source::kube::{KubeSource, KubeSourceConfig, SourceEvent, SourceState};
 use crate::source::{ClusterSource, ManifestsSource};
+use crate::state::ClusterSnapshot;
 
 /// Runs until SIGINT/SIGTERM (or once with `--once`). Exits without detaching: the pinned maps
 /// and attached programs keep enforcing until the next agent adopts them.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let source = ManifestsSource {
-        dir: args.manifests.clone(),
-    };
-    enforce(Box::new(source), &args).await
+    match &args.manifests {
+        Some(dir) => {
+            let source = ManifestsSource { dir: dir.clone() };
+            enforce(Box::new(source), &args).await
+        }
+        None => enforce_api(&args).await,
+    }
+}
+
+/// What both loops share: the resolved configuration, the observer (metrics, health) and the
+/// HTTP endpoints serving it.
+struct Agent {
+    settings: config::Settings,
+    observer: Arc<Observer>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    async fn start(args: &RunArgs) -> anyhow::Result<Self> {
+        let (config, config_view) = load_config(args)?;
+        let settings = config.settings;
+        // Liveness: the loop ticks every poll interval; allow slow applies on big clusters.
+        let stall_after = Duration::from_millis(args.poll_interval_ms.max(50) * 10)
+            .max(Duration::from_secs(60));
+        let observer = Arc::new(Observer::new(stall_after, config_view));
+        let server = if args.once {
+            None
+        } else {
+            let addr = SocketAddr::new(settings.listen_address, settings.listen_port);
+            let listener = http::bind(addr).await?;
+            let endpoints = http::Endpoints {
+                metrics: settings.enable_prometheus_metrics,
+                debug: settings.enable_http_debug_api,
+            };
+            tracing::info!(%addr, metrics = endpoints.metrics, debug = endpoints.debug, "HTTP endpoints");
+            Some(tokio::spawn(http::serve(
+                listener,
+                Arc::clone(&observer),
+                endpoints,
+            )))
+        };
+        Ok(Self {
+            settings,
+            observer,
+            server,
+        })
+    }
+
+    fn resync_every(&self) -> Duration {
+        Duration::from_secs(self.settings.resync_period_minutes * 60)
+    }
+
+    /// Loads the datapath (adopting pinned maps) and hands its counters to the metrics.
+    fn load_enforcer(&self, args: &RunArgs) -> anyhow::Result<Enforcer> {
+        let pin_dir = args.bpffs_dir.join(format!("v{ABI_VERSION}"));
+        let mut enforcer = Enforcer::new(Some(&pin_dir)).with_context(|| {
+            format!(
+                "loading the datapath with maps pinned in {}",
+                pin_dir.display()
+            )
+        })?;
+        tracing::info!(pin_dir = %pin_dir.display(), "datapath loaded");
+        match enforcer
+            .datapath_mut()
+            .take_map(npm_common::maps::MAP_METRICS)
+            .and_then(DatapathCounters::from_map)
+        {
+            Ok(counters) => self.observer.metrics.set_counter_reader(Box::new(counters)),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "datapath counters unavailable");
+                self.observer.error(e.metric_label(), &e);
+            }
+        }
+        Ok(enforcer)
+    }
+
+    fn stop(self) {
+        if let Some(server) = self.server {
+            server.abort();
+        }
+        tracing::info!("stopping; enforcement stays in place (pinned maps, attached programs)");
+    }
+}
+
+/// Finds this node's pods behind their host-side interfaces, attaches the classifiers to new
+/// ones, and sets `snapshot.local` (attached interfaces only) and `snapshot.node_ips`.
+fn place_local_pods(
+    enforcer: &mut Enforcer,
+    observer: &Observer,
+    attached: &mut BTreeMap<String, u32>,
+    snapshot: &mut ClusterSnapshot,
+    node_name: Option<&str>,
+) -> anyhow::Result<()> {
+    let tables = NodeTables::read().context("reading the node's links and routes")?;
+    let local = discovery::local_pods(&tables, snapshot.pods.values(), node_name);
+    for (pod, iface) in &local {
+        if attached.get(&iface.name) != Some(&iface.ifindex) {
+            match enforcer.attach(&iface.name) {
+                Ok(ifindex) => {
+                    tracing::info!(%pod, interface = %iface.name, ifindex, "attached");
+                    attached.insert(iface.name.clone(), ifindex);
+                }
+                Err(e) => {
+                    tracing::error!(%pod, interface = %iface.name, error = %format!("{e:#}"), "attach failed");
+                    observer.error("attach", &format!("{pod} on {}: {e:#}", iface.name));
+                }
+            }
+        }
+    }
+    snapshot.local = local
+        .iter()
+        .filter(|(_, i)| attached.get(&i.name) == Some(&i.ifindex))
+        .map(|(p, i)| (p.clone(), i.ifindex))
+        .collect();
+    snapshot.node_ips = discovery::node_addresses().context("reading the node's addresses")?;
+    Ok(())
+}
+
+fn log_report(snapshot: &ClusterSnapshot, report: &ApplyReport) {
+    for d in &report.compiled.diagnostics {
+        tracing::warn!(problem = %d, "policy problem");
+    }
+    tracing::info!(
+        pods = snapshot.pods.len(),
+        local = snapshot.local.len(),
+        policies = snapshot.policies.len(),
+        entries = report.compiled.maps.total_entries(),
+        upserts = report.sync.upserts,
+        deletes = report.sync.deletes,
+        failed = report.sync.failed,
+        compile_us = report.compile_time.as_micros() as u64,
+        program_us = report.sync.elapsed.as_micros() as u64,
+        "maps in step"
+    );
 }
 
 /// The agent loop over any [`ClusterSource`].
 pub async fn enforce(mut source: Box<dyn ClusterSource>, args: &RunArgs) -> anyhow::Result<()> {
-    let (config, config_view) = load_config(args)?;
-    let settings = &config.settings;
-    // Liveness: the loop ticks every poll interval; allow slow applies on big clusters.
-    let stall_after =
-        Duration::from_millis(args.poll_interval_ms.max(50) * 10).max(Duration::from_secs(60));
-    let observer = Arc::new(Observer::new(stall_after, config_view));
-    let server = if args.once {
-        None
-    } else {
-        let addr = SocketAddr::new(settings.listen_address, settings.listen_port);
-        let listener = http::bind(addr).await?;
-        let endpoints = http::Endpoints {
-            metrics: settings.enable_prometheus_metrics,
-            debug: settings.enable_http_debug_api,
-        };
-        tracing::info!(%addr, metrics = endpoints.metrics, debug = endpoints.debug, "HTTP endpoints");
-        Some(tokio::spawn(http::serve(
-            listener,
-            Arc::clone(&observer),
-            endpoints,
-        )))
-    };
-    let pin_dir = args.bpffs_dir.join(format!("v{ABI_VERSION}"));
-    let mut enforcer = Enforcer::new(Some(&pin_dir)).with_context(|| {
-        format!(
-            "loading the datapath with maps pinned in {}",
-            pin_dir.display()
-        )
-    })?;
-    tracing::info!(pin_dir = %pin_dir.display(), source = %source.describe(), "npm-agent started");
-    match enforcer
-        .datapath_mut()
-        .take_map(npm_common::maps::MAP_METRICS)
-        .and_then(DatapathCounters::from_map)
-    {
-        Ok(counters) => observer.metrics.set_counter_reader(Box::new(counters)),
-        Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "datapath counters unavailable");
-            observer.error(e.metric_label(), &e);
-        }
-    }
+    let agent = Agent::start(args).await?;
+    let observer = Arc::clone(&agent.observer);
+    let mut enforcer = agent.load_enforcer(args)?;
+    tracing::info!(source = %source.describe(), "npm-agent started");
 
     let mut attached: BTreeMap<String, u32> = BTreeMap::new();
-    let mut last_applied: Option<crate::state::ClusterSnapshot> = None;
+    let mut last_applied: Option<ClusterSnapshot> = None;
     let mut last_resync = Instant::now();
-    let resync_every = Duration::from_secs(settings.resync_period_minutes * 60);
+    let resync_every = agent.resync_every();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
 
     loop {
@@ -90,29 +186,14 @@ pub async fn enforce(mut source: Box<dyn ClusterSource>, args: &RunArgs) -> anyh
             }
             Err(e) => return Err(e).context("reading the cluster state"),
         };
-        let tables = NodeTables::read().context("reading the node's links and routes")?;
-        let local =
-            discovery::local_pods(&tables, snapshot.pods.values(), args.node_name.as_deref());
-        for (pod, iface) in &local {
-            if attached.get(&iface.name) != Some(&iface.ifindex) {
-                match enforcer.attach(&iface.name) {
-                    Ok(ifindex) => {
-                        tracing::info!(%pod, interface = %iface.name, ifindex, "attached");
-                        attached.insert(iface.name.clone(), ifindex);
-                    }
-                    Err(e) => {
-                        tracing::error!(%pod, interface = %iface.name, error = %format!("{e:#}"), "attach failed");
-                        observer.error("attach", &format!("{pod} on {}: {e:#}", iface.name));
-                    }
-                }
-            }
-        }
-        snapshot.local = local
-            .iter()
-            .filter(|(_, i)| attached.get(&i.name) == Some(&i.ifindex))
-            .map(|(p, i)| (p.clone(), i.ifindex))
-            .collect();
-        snapshot.node_ips = discovery::node_addresses().context("reading the node's addresses")?;
+        snapshot.node_name = args.node_name.clone();
+        place_local_pods(
+            &mut enforcer,
+            &observer,
+            &mut attached,
+            &mut snapshot,
+            args.node_name.as_deref(),
+        )?;
 
         snapshot.generation = 0;
         let changed = last_applied.as_ref() != Some(&snapshot);
@@ -130,21 +211,7 @@ pub async fn enforce(mut source: Box<dyn ClusterSource>, args: &RunArgs) -> anyh
                 (enforcer.apply(&snapshot), Trigger::Change)
             };
             observer.applied(&snapshot, &report, trigger);
-            for d in &report.compiled.diagnostics {
-                tracing::warn!(problem = %d, "policy problem");
-            }
-            tracing::info!(
-                pods = snapshot.pods.len(),
-                local = snapshot.local.len(),
-                policies = snapshot.policies.len(),
-                entries = report.compiled.maps.total_entries(),
-                upserts = report.sync.upserts,
-                deletes = report.sync.deletes,
-                failed = report.sync.failed,
-                compile_us = report.compile_time.as_micros() as u64,
-                program_us = report.sync.elapsed.as_micros() as u64,
-                "maps in step"
-            );
+            log_report(&snapshot, &report);
             last_applied = Some(snapshot);
         }
         if args.once {
@@ -156,10 +223,147 @@ pub async fn enforce(mut source: Box<dyn ClusterSource>, args: &RunArgs) -> anyh
             _ = sigterm.recv() => break,
         }
     }
-    if let Some(server) = server {
-        server.abort();
+    agent.stop();
+    Ok(())
+}
+
+/// How long to keep collecting changes that arrive together before compiling.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// At most this many events go into one batch (a re-list is one event already).
+const BATCH_MAX: usize = 256;
+
+fn take_event(snapshot: &mut ClusterSnapshot, ev: SourceEvent, synced: &mut bool) -> bool {
+    match ev {
+        SourceEvent::Changes(changes) => {
+            let mut changed = false;
+            for c in &changes {
+                changed |= snapshot.apply(c);
+            }
+            changed
+        }
+        SourceEvent::Problems { object, problems } => {
+            if problems.is_empty() {
+                tracing::info!(%object, "object problems resolved");
+            }
+            for d in problems {
+                tracing::warn!(problem = %d, "object skipped or failed closed");
+            }
+            false
+        }
+        SourceEvent::Synced => {
+            *synced = true;
+            true
+        }
     }
-    tracing::info!("stopping; enforcement stays in place (pinned maps, attached programs)");
+}
+
+/// The agent loop over the Kubernetes API: waits until Namespaces, Pods and NetworkPolicies
+/// have all been listed, then compiles after every batch of changes. A lost API server changes
+/// nothing that is enforced (the source sends no removals); its state and `/readyz` say so.
+pub async fn enforce_api(args: &RunArgs) -> anyhow::Result<()> {
+    let agent = Agent::start(args).await?;
+    let observer = Arc::clone(&agent.observer);
+    let resync_every = agent.resync_every();
+    let config = KubeSourceConfig {
+        relist_every: Some(resync_every),
+        ..KubeSourceConfig::default()
+    };
+    let source = KubeSource::connect(args.kubeconfig.as_deref(), config)
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let mut enforcer = agent.load_enforcer(args)?;
+    let mut handle = source.spawn();
+    tracing::info!(node = ?args.node_name, "npm-agent started; source: kubernetes api");
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+
+    let mut snapshot = ClusterSnapshot {
+        node_name: args.node_name.clone(),
+        ..ClusterSnapshot::default()
+    };
+    let mut synced = false;
+    let mut dirty = false;
+    let mut attached: BTreeMap<String, u32> = BTreeMap::new();
+    let mut last_applied: Option<ClusterSnapshot> = None;
+    let mut last_resync = Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_millis(args.poll_interval_ms.max(50)));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut state = handle.state.clone();
+
+    loop {
+        observer.tick();
+        let mut resync = false;
+        tokio::select! {
+            ev = handle.events.recv() => {
+                let Some(ev) = ev else {
+                    anyhow::bail!("the Kubernetes API source stopped");
+                };
+                dirty |= take_event(&mut snapshot, ev, &mut synced);
+                // Batch what arrives together (a burst of pod events) into one compile.
+                for _ in 0..BATCH_MAX {
+                    match tokio::time::timeout(BATCH_WINDOW, handle.events.recv()).await {
+                        Ok(Some(ev)) => dirty |= take_event(&mut snapshot, ev, &mut synced),
+                        _ => break,
+                    }
+                }
+            }
+            _ = poll.tick() => {
+                // New pod interfaces, node addresses; and the periodic repair.
+                dirty = true;
+                resync = last_resync.elapsed() >= resync_every;
+            }
+            r = state.changed() => {
+                if r.is_ok() {
+                    let st = state.borrow_and_update().clone();
+                    match &st {
+                        SourceState::Disconnected { error, .. } => {
+                            tracing::warn!(%error, "Kubernetes API unreachable; enforcement unchanged until it is back");
+                            observer.source_failed(&format!("Kubernetes API unreachable: {error}"));
+                        }
+                        SourceState::Synced => {
+                            tracing::info!("Kubernetes API source synced");
+                            observer.source_ok();
+                        }
+                        SourceState::Syncing { waiting_for, last_error } => tracing::info!(
+                            ?waiting_for, ?last_error, "waiting for the first complete list"),
+                    }
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+        // Never enforce a partial view: nothing before every kind has been listed once.
+        if !synced || !dirty {
+            continue;
+        }
+        dirty = false;
+        place_local_pods(
+            &mut enforcer,
+            &observer,
+            &mut attached,
+            &mut snapshot,
+            args.node_name.as_deref(),
+        )?;
+        let mut current = snapshot.clone();
+        current.generation = 0;
+        if resync {
+            last_resync = Instant::now();
+            let report = enforcer
+                .resync(&current)
+                .context("re-reading the kernel maps")?;
+            observer.applied(&current, &report, Trigger::Resync);
+            log_report(&current, &report);
+            last_applied = Some(current);
+        } else if last_applied.as_ref() != Some(&current) {
+            let report = enforcer.apply(&current);
+            observer.applied(&current, &report, Trigger::Change);
+            log_report(&current, &report);
+            last_applied = Some(current);
+        }
+        if args.once {
+            break;
+        }
+    }
+    agent.stop();
     Ok(())
 }
 

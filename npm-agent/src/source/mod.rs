@@ -1,6 +1,7 @@
 //! Cluster-state sources. Each produces a [`ClusterSnapshot`] (without the node-local facts,
 //! which the caller adds) plus diagnostics for the objects it could not use; none fails as a
 //! whole because of one bad object.
+pub mod kube;
 pub mod manifests;
 
 use std::path::PathBuf;

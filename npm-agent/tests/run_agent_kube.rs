@@ -1,0 +1,263 @@
+//! `npm-agent run --kubeconfig` as a process, in a lab node's network namespace, against the
+//! in-test API server (listening on that namespace's loopback), with real packets between the
+//! lab's pods: no enforcement before the first complete list, enforcement from the API's
+//! objects, a lost API server changes nothing, and changes made after it is back are enforced.
+//! Privileged (root), as CI runs.
+#[path = "common/fake_apiserver.rs"]
+mod fake_apiserver;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fake_apiserver::{FakeApi, Res};
+use npm_agent::lab::{Lab, LabSpec};
+use npm_agent::model::{ContainerPort, Pod, Protocol};
+use serde_json::{Value, json};
+
+/// Removes a file or directory tree on drop, also when the test fails.
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Ends the agent we started (by its pid) when the test ends, also on failure.
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn lab_pod(name: &str, app: &str, ip: &str) -> Pod {
+    Pod {
+        namespace: "default".into(),
+        name: name.into(),
+        labels: [("app".to_string(), app.to_string())].into(),
+        ips: vec![ip.parse().expect("ip")],
+        node_name: Some("node-1".into()),
+        host_network: false,
+        terminating: false,
+        ports: vec![ContainerPort {
+            name: None,
+            port: 80,
+            protocol: Protocol::Tcp,
+        }],
+    }
+}
+
+fn api_pod(name: &str, app: &str, ip: &str, node: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "nginx",
+            "ports": [{"containerPort": 80, "protocol": "TCP"}]}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+}
+
+fn web_from_client() -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "web-from-client", "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                         "ports": [{"port": 80}]}]}})
+}
+
+/// Polls `f` every 100 ms for at most `secs` seconds.
+fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// Entries of a pinned map, through bpftool.
+fn map_entries(pinned: &Path) -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pinned)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    v.as_array().map(Vec::len).unwrap_or(0)
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() {
+    let pid = std::process::id();
+    let bpffs = PathBuf::from(format!("/sys/fs/bpf/npm-kuberun-{pid}"));
+    let _pins = RemoveOnDrop(bpffs.clone());
+    let kubeconfig = std::env::temp_dir().join(format!("npm-kuberun-{pid}.yaml"));
+    let _kc = RemoveOnDrop(kubeconfig.clone());
+    let agent_log = std::env::temp_dir().join(format!("npm-kuberun-{pid}.log"));
+    let _log = RemoveOnDrop(agent_log.clone());
+
+    let lab = Lab::build(LabSpec {
+        pods: vec![
+            lab_pod("web", "web", "10.247.0.2"),
+            lab_pod("client", "client", "10.247.0.3"),
+            lab_pod("intruder", "intruder", "10.247.0.4"),
+        ],
+        externals: vec![],
+    })
+    .expect("lab");
+    let node = lab.node().name().to_string();
+    // The API server listens on the node namespace's loopback, where the agent runs.
+    let listener = lab
+        .node()
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind in node netns");
+    let api = FakeApi::start_on(listener);
+    api.write_kubeconfig(&kubeconfig);
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "default", "labels": {"kubernetes.io/metadata.name": "default"}}}));
+    api.apply(api_pod("web", "web", "10.247.0.2", "node-1"));
+    api.apply(api_pod("client", "client", "10.247.0.3", "node-1"));
+    api.apply(api_pod("intruder", "intruder", "10.247.0.4", "node-1"));
+    // A pod of another node with an address no local interface has: never local.
+    api.apply(api_pod("elsewhere", "client", "10.247.9.9", "node-2"));
+    api.apply(web_from_client());
+    // The policy list is slow: the agent must not enforce the pods without it.
+    api.set_list_delay(Res::NetworkPolicies, Duration::from_secs(3));
+
+    let agent = spawn_agent(&node, &kubeconfig, &bpffs, &agent_log);
+    let allowed = |from: &str| lab.probe(from, "default/web", 80, Protocol::Tcp).allowed;
+    let endpoints = bpffs.join("v1").join(npm_common::maps::MAP_ENDPOINTS);
+
+    // Maps pinned (datapath loaded) but nothing programmed while the policies are still
+    // being listed.
+    assert!(
+        eventually(20, || endpoints.exists()),
+        "agent never pinned its maps:\n{}",
+        log_tail(&agent_log)
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.res == Some(Res::Pods) && r.is_watch()),
+        "pods listed and watched already"
+    );
+    assert_eq!(
+        map_entries(&endpoints),
+        0,
+        "enforced before the policy list arrived:\n{}",
+        log_tail(&agent_log)
+    );
+    assert!(allowed("default/intruder"));
+
+    // Synced: the policy is enforced.
+    assert!(
+        eventually(20, || !allowed("default/intruder")),
+        "policy never enforced:\n{}",
+        log_tail(&agent_log)
+    );
+    assert!(allowed("default/client"));
+    assert_eq!(
+        map_entries(&endpoints),
+        3,
+        "the three local pods (not node-2's)"
+    );
+
+    // The API server goes away: enforcement stays exactly as it was.
+    api.set_down(true);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!allowed("default/intruder"), "flushed after losing the API");
+    assert!(allowed("default/client"));
+    assert_eq!(map_entries(&endpoints), 3);
+
+    // Back; a change made then is enforced: client relabelled, loses access.
+    api.set_down(false);
+    api.apply(api_pod("client", "visitor", "10.247.0.3", "node-1"));
+    assert!(
+        eventually(20, || !allowed("default/client")),
+        "relabel after reconnect not enforced:\n{}",
+        log_tail(&agent_log)
+    );
+    let log = std::fs::read_to_string(&agent_log).unwrap_or_default();
+    assert!(
+        log.contains("Kubernetes API unreachable"),
+        "disconnect not logged:\n{log}"
+    );
+
+    // The agent stops (SIGTERM) and a new one starts while the API server is down: it cannot
+    // list, so it enforces nothing new, and what the pinned maps hold keeps enforcing.
+    stop_agent(agent);
+    api.set_down(true);
+    let agent_log2 = std::env::temp_dir().join(format!("npm-kuberun-{pid}-2.log"));
+    let _log2 = RemoveOnDrop(agent_log2.clone());
+    let _agent2 = spawn_agent(&node, &kubeconfig, &bpffs, &agent_log2);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!allowed("default/intruder"), "restart without API flushed");
+    assert!(!allowed("default/client"));
+    assert_eq!(map_entries(&endpoints), 3);
+    let log2 = std::fs::read_to_string(&agent_log2).unwrap_or_default();
+    assert!(
+        !log2.contains("maps in step"),
+        "enforced without a list:\n{log2}"
+    );
+
+    // The API is back: the new agent syncs, adopts the maps, and enforces a deletion.
+    api.set_down(false);
+    api.delete("NetworkPolicy", "default", "web-from-client");
+    assert!(
+        eventually(20, || allowed("default/intruder")),
+        "policy deletion not enforced by the restarted agent:\n{}",
+        log_tail(&agent_log2)
+    );
+}
+
+fn spawn_agent(node: &str, kubeconfig: &Path, bpffs: &Path, log: &Path) -> KillOnDrop {
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{node}"))
+        .arg(env!("CARGO_BIN_EXE_npm-agent"))
+        .args([
+            "run",
+            "--poll-interval-ms",
+            "200",
+            "--node-name",
+            "node-1",
+            "--kubeconfig",
+        ])
+        .arg(kubeconfig)
+        .arg("--bpffs-dir")
+        .arg(bpffs)
+        .env("NPM_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn agent");
+    KillOnDrop(child)
+}
+
+/// SIGTERM to the agent we started (nsenter execs it: same pid), then waits for it (bounded).
+fn stop_agent(mut agent: KillOnDrop) {
+    let pid = agent.0.id().to_string();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    assert!(
+        eventually(10, || matches!(agent.0.try_wait(), Ok(Some(_)))),
+        "agent did not stop on SIGTERM"
+    );
+}
