@@ -48,6 +48,15 @@ impl<B: MapBackend> Programmer<B> {
     pub fn sync(&mut self, desired: &DesiredMaps) -> SyncStats {
         let start = Instant::now();
         let plan = plan::plan(&self.current, desired);
+        let mut stats = self.apply_plan(&plan);
+        stats.elapsed = start.elapsed();
+        stats
+    }
+
+    /// Applies a plan made elsewhere (by the incremental compiler), in its order, and keeps the
+    /// cache in step. An operation the kernel refuses is counted and logged; the rest still run.
+    pub fn apply_plan(&mut self, plan: &Plan) -> SyncStats {
+        let start = Instant::now();
         let mut stats = SyncStats::default();
         for op in &plan.ops {
             match self.backend.apply(op) {
