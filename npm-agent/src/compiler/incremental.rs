@@ -337,6 +337,9 @@ impl Incremental {
         };
         let changes = me.snap.diff(base);
         me.apply_quiet(&changes);
+        // Everything is new: the first plan is the caller's to make (against what its maps
+        // hold), not a journal of the build.
+        me.out.journal = Journal::default();
         me.snap.generation = base.generation;
         me
     }
