@@ -18,3 +18,4 @@ pub mod node;
 pub mod programmer;
 pub mod source;
 pub mod state;
+pub mod synth;

@@ -316,10 +316,7 @@ impl Incremental {
     /// adopted maps.
     pub fn new(base: &ClusterSnapshot, ids: IdAllocator) -> Self {
         let mut me = Self {
-            snap: ClusterSnapshot {
-                node_name: base.node_name.clone(),
-                ..Default::default()
-            },
+            snap: base.clone(),
             ids,
             out: Out::default(),
             rules: RuleTable::default(),
@@ -335,12 +332,18 @@ impl Incremental {
             unplaced: BTreeMap::new(),
             pending_flags: 0,
         };
-        let changes = me.snap.diff(base);
-        me.apply_quiet(&changes);
-        // Everything is new: the first plan is the caller's to make (against what its maps
-        // hold), not a journal of the build.
+        // Everything is new: every object is dirty, every policy was absent.
+        let d = Dirty {
+            pods: base.pods.keys().chain(base.local.keys()).cloned().collect(),
+            policies: base.policies.keys().map(|k| (k.clone(), None)).collect(),
+            old_node_ips: Some(Vec::new()),
+            links: base.pending_links.clone(),
+            ..Default::default()
+        };
+        me.reconcile(d);
+        // The first plan is the caller's to make (against what its maps hold), not a
+        // journal of the build.
         me.out.journal = Journal::default();
-        me.snap.generation = base.generation;
         me
     }
 
