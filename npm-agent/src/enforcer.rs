@@ -190,3 +190,88 @@ impl Enforcer {
         Ok(self.pipeline.resync(snapshot)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use npm_common::maps::{EndpointInfo, PeerInfo, addr_from_v4};
+
+    use super::*;
+    use crate::programmer::fake::FakeBackend;
+    use crate::synth::{synthetic_cluster, synthetic_policy};
+
+    #[test]
+    fn snapshots_and_changes_reach_the_same_maps() {
+        let s = synthetic_cluster(300, 40, 10, 20);
+        let mut by_snapshot = Pipeline::new(FakeBackend::default()).expect("fake");
+        let mut by_changes = Pipeline::new(FakeBackend::default()).expect("fake");
+        let r = by_snapshot.apply(&s);
+        assert!(r.sync.upserts > 0 && r.sync.failed == 0);
+        by_changes.apply_changes(&ClusterSnapshot::default().diff(&s));
+        assert_eq!(by_snapshot.compiler().maps(), by_changes.compiler().maps());
+        assert_eq!(
+            &by_snapshot.programmer().backend().maps,
+            by_snapshot.compiler().maps()
+        );
+
+        // One policy more, both ways.
+        let mut t = s.clone();
+        let p = synthetic_policy(7, 10);
+        let mut p2 = p.clone();
+        p2.name = "extra".into();
+        t.policies.insert(p2.obj_ref(), p2.clone());
+        let r = by_snapshot.apply(&t);
+        assert_eq!(r.changes, 1);
+        by_changes.apply_changes(&[Change::Policy(p2.obj_ref(), Some(p2))]);
+        assert_eq!(by_snapshot.compiler().maps(), by_changes.compiler().maps());
+        for pipe in [&by_snapshot, &by_changes] {
+            assert_eq!(&pipe.programmer().backend().maps, pipe.compiler().maps());
+        }
+        // Nothing changed: nothing to do.
+        let r = by_snapshot.apply(&t);
+        assert_eq!((r.changes, r.sync.upserts, r.sync.deletes), (0, 0, 0));
+    }
+
+    #[test]
+    fn adopted_maps_are_reconciled_in_full_and_their_ids_never_reused() {
+        // Maps left by a previous agent: a stale endpoint and identity with id 40.
+        let mut fake = FakeBackend::default();
+        fake.maps
+            .endpoints
+            .insert(9999, EndpointInfo { id: 40, flags: 1 });
+        fake.maps.identities.insert(
+            addr_from_v4([10, 99, 0, 1]),
+            PeerInfo {
+                id: 40,
+                ifindex: 9999,
+                flags: 0,
+            },
+        );
+        let mut pipe = Pipeline::new(fake).expect("fake");
+        let s = synthetic_cluster(50, 5, 5, 5);
+        let r = pipe.apply(&s);
+        assert_eq!(r.sync.failed, 0);
+        // The first apply compared the maps in full: the stale entries are gone.
+        assert_eq!(&pipe.programmer().backend().maps, pipe.compiler().maps());
+        assert!(!pipe.compiler().maps().endpoints.contains_key(&9999));
+        // Ids found in the adopted maps are not handed out again.
+        assert!(
+            pipe.compiler()
+                .maps()
+                .identities
+                .values()
+                .all(|p| p.id == 0 || p.id > 40)
+        );
+    }
+
+    #[test]
+    fn resync_repairs_drift_behind_the_programmers_back() {
+        let s = synthetic_cluster(50, 5, 5, 5);
+        let mut pipe = Pipeline::new(FakeBackend::default()).expect("fake");
+        pipe.apply(&s);
+        // Someone deletes every endpoint.
+        pipe.programmer.backend_mut().maps.endpoints.clear();
+        let r = pipe.resync(&s).expect("resync");
+        assert_eq!(r.sync.upserts, 5);
+        assert_eq!(&pipe.programmer().backend().maps, pipe.compiler().maps());
+    }
+}

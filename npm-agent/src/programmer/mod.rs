@@ -44,6 +44,12 @@ impl<B: MapBackend> Programmer<B> {
         &self.backend
     }
 
+    /// The backend itself; writing through it bypasses the cache (tests use it to simulate
+    /// drift).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     /// Applies the difference between the cached contents and `desired`.
     pub fn sync(&mut self, desired: &DesiredMaps) -> SyncStats {
         let start = Instant::now();
