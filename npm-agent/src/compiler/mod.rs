@@ -10,6 +10,11 @@
 //!    local pod for ingress (whatever the peer), each selected peer pod for egress. In egress
 //!    rules, a named port never matches through an ipBlock peer (the destination's ports are
 //!    not known for an address range; Cilium does the same).
+//! 4. Host-side interfaces not yet tied to a pod (`pending_links`) get the endpoint
+//!    `{ID_PENDING, flags}`: the isolation directions of this node's pods not yet placed.
+//!
+//! [`Incremental`] does all of this from changes and returns, per batch, the ordered map
+//! operations for what changed; [`compile`] is a fresh `Incremental` over a whole snapshot.
 pub mod desired;
 pub mod ids;
 pub mod incremental;
