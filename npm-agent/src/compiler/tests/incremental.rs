@@ -119,10 +119,14 @@ fn random_change(r: &mut Rng, s: &ClusterSnapshot, next: &mut u32) -> Change {
         3 | 4 if !pods.is_empty() => {
             let k = pick_pod(r);
             let mut p = s.pods[&k].clone();
-            match r.below(5) {
+            match r.below(6) {
                 0 => {
                     p.labels
                         .insert("app".into(), r.pick(&["a", "b", "c"]).into());
+                }
+                5 => {
+                    p.host_network = !p.host_network;
+                    p.node_name = Some(r.pick(&["node", "other"]).into());
                 }
                 1 => {
                     p.labels.insert("tier".into(), r.pick(&["x", "y"]).into());
@@ -479,4 +483,58 @@ fn compile_wrapper_keeps_rule_refs_meaningful() {
         };
         assert!(rules.as_ref().is_some_and(|rs| r.index < rs.len()));
     }
+}
+
+#[test]
+fn node_name_decides_which_pods_are_not_yet_placed() {
+    let mut s = cluster();
+    s.node_name = None;
+    let pod = Pod {
+        namespace: "n1".into(),
+        name: "unplaced".into(),
+        labels: labels(&[("app", "z")]),
+        ips: vec![],
+        node_name: Some("node".into()),
+        host_network: false,
+        terminating: false,
+        ports: vec![],
+    };
+    let deny = Policy {
+        namespace: "n1".into(),
+        name: "deny-z".into(),
+        pod_selector: Selector {
+            match_labels: labels(&[("app", "z")]),
+            ..Default::default()
+        },
+        ingress: Some(vec![]),
+        egress: Some(vec![]),
+    };
+    s.pods.insert(pod.obj_ref(), pod);
+    s.policies.insert(deny.obj_ref(), deny);
+    s.pending_links.insert(700);
+    let mut inc = Incremental::new(&s, IdAllocator::default());
+    assert_eq!(
+        inc.maps().endpoints[&700].flags,
+        0,
+        "no node name: no pod is ours"
+    );
+    let plan = inc.set_node_name(Some("node".into()));
+    let both = npm_common::maps::EP_ISOLATE_INGRESS | npm_common::maps::EP_ISOLATE_EGRESS;
+    assert_eq!(
+        plan.ops,
+        vec![Op::UpsertEndpoint(
+            700,
+            EndpointInfo {
+                id: ID_PENDING,
+                flags: both
+            }
+        )]
+    );
+    let mut fresh_snapshot = inc.snapshot().clone();
+    fresh_snapshot.generation = 0;
+    assert_eq!(
+        canon(&inc),
+        canon(&Incremental::new(&fresh_snapshot, IdAllocator::default()))
+    );
+    assert!(inc.set_node_name(Some("node".into())).is_empty());
 }
