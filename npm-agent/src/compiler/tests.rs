@@ -247,7 +247,12 @@ fn peer_matches(s: &ClusterSnapshot, policy_ns: &str, peer: &Peer, other: End<'_
             let End::Pod(p, _) = other else { return false };
             let ns_ok = match namespace_selector {
                 None => p.namespace == policy_ns,
-                Some(sel) => sel.matches(&s.namespaces[&p.namespace].labels),
+                Some(sel) => sel.matches(
+                    &s.namespaces
+                        .get(&p.namespace)
+                        .map(|n| n.labels.clone())
+                        .unwrap_or_default(),
+                ),
             };
             ns_ok
                 && pod_selector

@@ -202,6 +202,96 @@ fn random_change(r: &mut Rng, s: &ClusterSnapshot, next: &mut u32) -> Change {
     }
 }
 
+/// Checks the maps against the reference for every flow that a local pod of `s` enforces:
+/// pods with an address of their own (not a node address, not claimed twice) are pod ends,
+/// the addresses of pods that are not endpoints and a few others are external hosts. Returns
+/// the number of flows checked.
+fn check_reference(s: &ClusterSnapshot, m: &DesiredMaps, ctx: &str) -> usize {
+    let node: BTreeSet<IpAddr> = s.node_ips.iter().copied().collect();
+    let mut claims: BTreeMap<IpAddr, BTreeSet<ObjRef>> = BTreeMap::new();
+    for p in s.pods.values().filter(|p| p.is_endpoint()) {
+        for ip in &p.ips {
+            claims.entry(*ip).or_default().insert(p.obj_ref());
+        }
+    }
+    let mut per_if: BTreeMap<u32, usize> = BTreeMap::new();
+    for (k, i) in &s.local {
+        if s.pods.get(k).is_some_and(Pod::is_endpoint) {
+            *per_if.entry(*i).or_default() += 1;
+        }
+    }
+    // A pod is enforced here when it is a local endpoint alone on its interface.
+    let local_if = |p: &Pod| -> Option<u32> {
+        s.local
+            .get(&p.obj_ref())
+            .copied()
+            .filter(|i| per_if.get(i) == Some(&1))
+    };
+    let mut ends: Vec<End<'_>> = Vec::new();
+    for (ip, owners) in &claims {
+        if owners.len() == 1 && !node.contains(ip) {
+            let owner = owners.first().expect("one");
+            ends.push(End::Pod(&s.pods[owner], *ip));
+        }
+    }
+    let mut externals: BTreeSet<IpAddr> = ["10.0.0.200", "2001:db8::1", "fd00::3", "10.0.0.6"]
+        .iter()
+        .map(|a| a.parse().expect("ip"))
+        .collect();
+    externals.extend(s.pods.values().flat_map(|p| p.ips.iter().copied()));
+    for ip in externals {
+        if !claims.contains_key(&ip) && !node.contains(&ip) {
+            ends.push(End::Ext(ip));
+        }
+    }
+    let mut checked = 0;
+    for src in &ends {
+        for dst in &ends {
+            if src.ip().is_ipv4() != dst.ip().is_ipv4() || src.ip() == dst.ip() {
+                continue;
+            }
+            let (sp, dp) = (
+                match src {
+                    End::Pod(p, _) => Some(*p),
+                    End::Ext(_) => None,
+                },
+                match dst {
+                    End::Pod(p, _) => Some(*p),
+                    End::Ext(_) => None,
+                },
+            );
+            if let (Some(a), Some(b)) = (sp, dp)
+                && a.obj_ref() == b.obj_ref()
+            {
+                continue;
+            }
+            let si = sp.and_then(local_if);
+            let di = dp.and_then(local_if);
+            if si.is_none() && di.is_none() {
+                continue;
+            }
+            for (proto, port) in [(6u8, 80u16), (6, 8080), (17, 85), (PROTO_ICMP, 0)] {
+                let want = si.is_none_or(|_| {
+                    reference_side(s, sp.expect("pod"), DIR_EGRESS, *dst, *dst, proto, port)
+                }) && di.is_none_or(|_| {
+                    reference_side(s, dp.expect("pod"), DIR_INGRESS, *src, *dst, proto, port)
+                });
+                let got = si.is_none_or(|i| datapath_side(m, i, DIR_EGRESS, dst.ip(), proto, port))
+                    && di.is_none_or(|i| datapath_side(m, i, DIR_INGRESS, src.ip(), proto, port));
+                assert_eq!(
+                    got,
+                    want,
+                    "{ctx}: {} -> {} proto {proto} port {port}",
+                    src.ip(),
+                    dst.ip()
+                );
+                checked += 1;
+            }
+        }
+    }
+    checked
+}
+
 fn replay(backend: &mut FakeBackend, plan: &Plan) {
     for op in &plan.ops {
         backend.apply(op).expect("fake backend");
@@ -212,6 +302,7 @@ fn replay(backend: &mut FakeBackend, plan: &Plan) {
 fn incremental_equals_a_fresh_compile_after_every_random_change() {
     let mut steps = 0usize;
     let mut ops = 0usize;
+    let mut flows = 0usize;
     for seed in 1..=60u64 {
         let mut r = Rng(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
         let mut base = random_cluster(seed);
@@ -243,11 +334,20 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
                 fresh.diagnostics(),
                 "seed {seed} step {step}"
             );
+            flows += check_reference(
+                inc.snapshot(),
+                inc.maps(),
+                &format!("seed {seed} step {step}"),
+            );
             steps += 1;
         }
     }
     assert_eq!(steps, 2400);
     assert!(ops > 2400, "the sequences must change the maps ({ops} ops)");
+    assert!(
+        flows > 100_000,
+        "only {flows} flows checked against the reference"
+    );
 }
 
 /// A cluster where every identity has a twin pod to copy.
