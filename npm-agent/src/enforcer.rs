@@ -1,11 +1,16 @@
-//! The enforcement pipeline that `run` and `lab` share: snapshot -> compile -> program maps.
+//! The enforcement pipeline that `run` and `lab` share: changes -> incremental compile ->
+//! program maps.
+//!
+//! [`Pipeline`] is the compile-and-program half over any [`MapBackend`] (the fake one in tests
+//! and probes); [`Enforcer`] adds the loaded datapath and its kernel maps.
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::compiler::{self, Compiled, IdAllocator};
+use crate::compiler::{IdAllocator, Incremental};
 use crate::datapath::{Datapath, DatapathError};
+use crate::model::Diagnostic;
 use crate::programmer::{AyaBackend, MapBackend, Programmer, ProgrammerError, SyncStats};
-use crate::state::ClusterSnapshot;
+use crate::state::{Change, ClusterSnapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcerError {
@@ -15,33 +20,35 @@ pub enum EnforcerError {
     Programmer(#[from] ProgrammerError),
 }
 
-/// What one [`Enforcer::apply`] did.
+/// What one apply did.
 #[derive(Debug, Default)]
 pub struct ApplyReport {
-    pub compiled: Compiled,
+    /// Changes that were applied (after diffing, for a snapshot).
+    pub changes: usize,
+    /// The compiler's diagnostics after the apply (all of them, not only new ones).
+    pub diagnostics: Vec<Diagnostic>,
+    /// Entries the maps hold now, all maps together.
+    pub entries: usize,
+    /// Entries the maps hold now, per map.
+    pub map_entries: crate::compiler::desired::MapCounts,
+    /// Time to compile the changes into a plan.
     pub compile_time: Duration,
     pub sync: SyncStats,
 }
 
-/// Owns the loaded datapath, the map programmer and the id allocator.
-pub struct Enforcer {
-    datapath: Datapath,
-    programmer: Programmer<AyaBackend>,
-    ids: IdAllocator,
+/// The incremental compiler and the map programmer, kept in step.
+pub struct Pipeline<B: MapBackend> {
+    compiler: Incremental,
+    programmer: Programmer<B>,
+    /// The maps may hold what the compiler never wrote (adopted at start-up, or a refused
+    /// operation): the next apply compares them in full instead of applying only the plan.
+    full_sync: bool,
 }
 
-impl Enforcer {
-    /// Loads the datapath (pinning/adopting its maps under `pin_dir` when given) and reads
-    /// what the maps already hold, so ids still in use are never handed out again.
-    pub fn new(pin_dir: Option<&Path>) -> Result<Self, EnforcerError> {
-        use npm_common::maps::{MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_POLICY};
-        let mut datapath = Datapath::load(pin_dir)?;
-        let backend = AyaBackend::new(
-            datapath.take_map(MAP_ENDPOINTS)?,
-            datapath.take_map(MAP_IDENTITIES)?,
-            datapath.take_map(MAP_CIDRS)?,
-            datapath.take_map(MAP_POLICY)?,
-        )?;
+impl<B: MapBackend> Pipeline<B> {
+    /// Reads what the maps hold, and reserves every id found there so it is never handed out
+    /// again with another meaning.
+    pub fn new(backend: B) -> Result<Self, ProgrammerError> {
         let present = backend.dump()?;
         let mut ids = IdAllocator::default();
         ids.reserve(
@@ -58,11 +65,99 @@ impl Enforcer {
                         .flat_map(|(_, k)| [k.local_id, k.peer_id]),
                 ),
         );
-        let programmer = Programmer::new(backend)?;
+        let full_sync = present.total_entries() > 0;
+        Ok(Self {
+            compiler: Incremental::new(&ClusterSnapshot::default(), ids),
+            programmer: Programmer::new(backend)?,
+            full_sync,
+        })
+    }
+
+    pub fn compiler(&self) -> &Incremental {
+        &self.compiler
+    }
+
+    pub fn programmer(&self) -> &Programmer<B> {
+        &self.programmer
+    }
+
+    /// Compiles `changes` and applies the resulting plan to the maps.
+    pub fn apply_changes(&mut self, changes: &[Change]) -> ApplyReport {
+        let start = Instant::now();
+        let plan = self.compiler.apply(changes);
+        let compile_time = start.elapsed();
+        let sync = self.program(&plan);
+        self.report(changes.len(), compile_time, sync)
+    }
+
+    /// Brings the compiler to `snapshot` (by the changes between the two) and the maps along.
+    pub fn apply(&mut self, snapshot: &ClusterSnapshot) -> ApplyReport {
+        let start = Instant::now();
+        let mut plan = self.compiler.set_node_name(snapshot.node_name.clone());
+        let changes = self.compiler.snapshot().diff(snapshot);
+        plan.ops.extend(self.compiler.apply(&changes).ops);
+        let compile_time = start.elapsed();
+        let sync = self.program(&plan);
+        self.report(changes.len(), compile_time, sync)
+    }
+
+    /// Like [`Self::apply`], then re-reads the maps and repairs any drift from the compiler's
+    /// maps (a full compare).
+    pub fn resync(&mut self, snapshot: &ClusterSnapshot) -> Result<ApplyReport, ProgrammerError> {
+        let mut report = self.apply(snapshot);
+        let repair = self.programmer.resync(self.compiler.maps())?;
+        report.sync.upserts += repair.upserts;
+        report.sync.deletes += repair.deletes;
+        report.sync.failed += repair.failed;
+        report.sync.elapsed += repair.elapsed;
+        self.full_sync = repair.failed > 0;
+        Ok(report)
+    }
+
+    fn program(&mut self, plan: &crate::programmer::Plan) -> SyncStats {
+        if self.full_sync {
+            let stats = self.programmer.sync(self.compiler.maps());
+            self.full_sync = stats.failed > 0;
+            return stats;
+        }
+        let stats = self.programmer.apply_plan(plan);
+        self.full_sync = stats.failed > 0;
+        stats
+    }
+
+    fn report(&self, changes: usize, compile_time: Duration, sync: SyncStats) -> ApplyReport {
+        ApplyReport {
+            changes,
+            diagnostics: self.compiler.diagnostics(),
+            entries: self.compiler.maps().total_entries(),
+            map_entries: self.compiler.maps().counts(),
+            compile_time,
+            sync,
+        }
+    }
+}
+
+/// Owns the loaded datapath and the pipeline that programs its maps.
+pub struct Enforcer {
+    datapath: Datapath,
+    pipeline: Pipeline<AyaBackend>,
+}
+
+impl Enforcer {
+    /// Loads the datapath (pinning/adopting its maps under `pin_dir` when given) and reads
+    /// what the maps already hold, so ids still in use are never handed out again.
+    pub fn new(pin_dir: Option<&Path>) -> Result<Self, EnforcerError> {
+        use npm_common::maps::{MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_POLICY};
+        let mut datapath = Datapath::load(pin_dir)?;
+        let backend = AyaBackend::new(
+            datapath.take_map(MAP_ENDPOINTS)?,
+            datapath.take_map(MAP_IDENTITIES)?,
+            datapath.take_map(MAP_CIDRS)?,
+            datapath.take_map(MAP_POLICY)?,
+        )?;
         Ok(Self {
             datapath,
-            programmer,
-            ids,
+            pipeline: Pipeline::new(backend)?,
         })
     }
 
@@ -79,29 +174,107 @@ impl Enforcer {
         &mut self.datapath
     }
 
-    /// Compiles `snapshot` and brings the maps to the result.
-    pub fn apply(&mut self, snapshot: &ClusterSnapshot) -> ApplyReport {
-        let start = Instant::now();
-        let compiled = compiler::compile(snapshot, &mut self.ids);
-        let compile_time = start.elapsed();
-        let sync = self.programmer.sync(&compiled.maps);
-        ApplyReport {
-            compiled,
-            compile_time,
-            sync,
-        }
+    pub fn compiler(&self) -> &Incremental {
+        self.pipeline.compiler()
     }
 
-    /// Re-reads the kernel maps and repairs drift against the last compile.
+    /// Applies changes from a source: compiles only what they affect and applies that plan.
+    pub fn apply_changes(&mut self, changes: &[Change]) -> ApplyReport {
+        self.pipeline.apply_changes(changes)
+    }
+
+    /// Brings the maps to `snapshot` (diffed against what was compiled last).
+    pub fn apply(&mut self, snapshot: &ClusterSnapshot) -> ApplyReport {
+        self.pipeline.apply(snapshot)
+    }
+
+    /// Applies `snapshot`, then re-reads the kernel maps and repairs drift.
     pub fn resync(&mut self, snapshot: &ClusterSnapshot) -> Result<ApplyReport, EnforcerError> {
-        let start = Instant::now();
-        let compiled = compiler::compile(snapshot, &mut self.ids);
-        let compile_time = start.elapsed();
-        let sync = self.programmer.resync(&compiled.maps)?;
-        Ok(ApplyReport {
-            compiled,
-            compile_time,
-            sync,
-        })
+        Ok(self.pipeline.resync(snapshot)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use npm_common::maps::{EndpointInfo, PeerInfo, addr_from_v4};
+
+    use super::*;
+    use crate::programmer::fake::FakeBackend;
+    use crate::synth::{synthetic_cluster, synthetic_policy};
+
+    #[test]
+    fn snapshots_and_changes_reach_the_same_maps() {
+        let s = synthetic_cluster(300, 40, 10, 20);
+        let mut by_snapshot = Pipeline::new(FakeBackend::default()).expect("fake");
+        let mut by_changes = Pipeline::new(FakeBackend::default()).expect("fake");
+        let r = by_snapshot.apply(&s);
+        assert!(r.sync.upserts > 0 && r.sync.failed == 0);
+        by_changes.apply_changes(&ClusterSnapshot::default().diff(&s));
+        assert_eq!(by_snapshot.compiler().maps(), by_changes.compiler().maps());
+        assert_eq!(
+            &by_snapshot.programmer().backend().maps,
+            by_snapshot.compiler().maps()
+        );
+
+        // One policy more, both ways.
+        let mut t = s.clone();
+        let p = synthetic_policy(7, 10);
+        let mut p2 = p.clone();
+        p2.name = "extra".into();
+        t.policies.insert(p2.obj_ref(), p2.clone());
+        let r = by_snapshot.apply(&t);
+        assert_eq!(r.changes, 1);
+        by_changes.apply_changes(&[Change::Policy(p2.obj_ref(), Some(p2))]);
+        assert_eq!(by_snapshot.compiler().maps(), by_changes.compiler().maps());
+        for pipe in [&by_snapshot, &by_changes] {
+            assert_eq!(&pipe.programmer().backend().maps, pipe.compiler().maps());
+        }
+        // Nothing changed: nothing to do.
+        let r = by_snapshot.apply(&t);
+        assert_eq!((r.changes, r.sync.upserts, r.sync.deletes), (0, 0, 0));
+    }
+
+    #[test]
+    fn adopted_maps_are_reconciled_in_full_and_their_ids_never_reused() {
+        // Maps left by a previous agent: a stale endpoint and identity with id 40.
+        let mut fake = FakeBackend::default();
+        fake.maps
+            .endpoints
+            .insert(9999, EndpointInfo { id: 40, flags: 1 });
+        fake.maps.identities.insert(
+            addr_from_v4([10, 99, 0, 1]),
+            PeerInfo {
+                id: 40,
+                ifindex: 9999,
+                flags: 0,
+            },
+        );
+        let mut pipe = Pipeline::new(fake).expect("fake");
+        let s = synthetic_cluster(50, 5, 5, 5);
+        let r = pipe.apply(&s);
+        assert_eq!(r.sync.failed, 0);
+        // The first apply compared the maps in full: the stale entries are gone.
+        assert_eq!(&pipe.programmer().backend().maps, pipe.compiler().maps());
+        assert!(!pipe.compiler().maps().endpoints.contains_key(&9999));
+        // Ids found in the adopted maps are not handed out again.
+        assert!(
+            pipe.compiler()
+                .maps()
+                .identities
+                .values()
+                .all(|p| p.id == 0 || p.id > 40)
+        );
+    }
+
+    #[test]
+    fn resync_repairs_drift_behind_the_programmers_back() {
+        let s = synthetic_cluster(50, 5, 5, 5);
+        let mut pipe = Pipeline::new(FakeBackend::default()).expect("fake");
+        pipe.apply(&s);
+        // Someone deletes every endpoint.
+        pipe.programmer.backend_mut().maps.endpoints.clear();
+        let r = pipe.resync(&s).expect("resync");
+        assert_eq!(r.sync.upserts, 5);
+        assert_eq!(&pipe.programmer().backend().maps, pipe.compiler().maps());
     }
 }

@@ -20,3 +20,4 @@ pub mod observe;
 pub mod programmer;
 pub mod source;
 pub mod state;
+pub mod synth;

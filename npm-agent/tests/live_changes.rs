@@ -67,11 +67,7 @@ impl Rig {
     fn apply(&mut self) {
         let r = self.enforcer.apply(&self.snapshot);
         assert_eq!(r.sync.failed, 0);
-        assert!(
-            r.compiled.diagnostics.is_empty(),
-            "{:?}",
-            r.compiled.diagnostics
-        );
+        assert!(r.diagnostics.is_empty(), "{:?}", r.diagnostics);
     }
     fn pod_mut(&mut self, name: &str) -> &mut Pod {
         self.snapshot

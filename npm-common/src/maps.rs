@@ -88,7 +88,7 @@ pub const PEER_HOST: u32 = 1 << 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerInfo {
-    /// Pod identity (1..=`POD_ID_MAX`), or 0 for a node address.
+    /// Pod identity (1..`POD_ID_MAX`), or 0 for a node address.
     pub id: u32,
     /// Host-side ifindex when the pod is local to this node, else 0 (used to let a pod reach itself).
     pub ifindex: u32,
@@ -97,10 +97,15 @@ pub struct PeerInfo {
 }
 const _: () = assert!(core::mem::size_of::<PeerInfo>() == 12);
 
-/// Pod identities are `1..=POD_ID_MAX`; CIDR classes have `CIDR_CLASS_BIT` set. 0 is "none".
+/// Pod identities are `1..POD_ID_MAX` (`POD_ID_MAX` itself is [`ID_PENDING`]); CIDR classes have `CIDR_CLASS_BIT` set. 0 is "none".
 pub const POD_ID_MAX: u32 = 0x7fff_ffff;
 /// Set on every CIDR class id so the two id spaces never collide in POLICY keys.
 pub const CIDR_CLASS_BIT: u32 = 0x8000_0000;
+/// The identity of a pending endpoint: a new host-side interface whose pod is not known yet.
+/// No POLICY entry ever uses it, so every isolated direction of such an interface drops new
+/// flows, and it never appears in IDENTITIES (so no pending interface is "itself" to another).
+/// Pod identities are handed out below it.
+pub const ID_PENDING: u32 = POD_ID_MAX;
 
 // ---- CIDRS: LPM trie, Addr16 -> CIDR class id (u32, with CIDR_CLASS_BIT) ----
 // The class of an address is the set of ipBlock peers (cidr minus excepts) that contain it; the
@@ -139,7 +144,8 @@ const _: () = assert!(POLICY_PREFIX_FULL == 96);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyValue {
-    /// Index of the first policy rule that produced the entry (userspace table, for explain).
+    /// Stable number of the first policy rule, in (policy, direction, index) order, that
+    /// produced the entry (userspace table, for explain).
     pub rule_ref: u32,
     /// Reserved, zero.
     pub flags: u32,

@@ -167,12 +167,7 @@ impl Rig {
             step: name.to_string(),
             results,
             mismatches,
-            problems: report
-                .compiled
-                .diagnostics
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            problems: report.diagnostics.iter().map(ToString::to_string).collect(),
             checked: expect.is_some(),
         })
     }

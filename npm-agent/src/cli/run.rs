@@ -140,14 +140,14 @@ fn place_local_pods(
 }
 
 fn log_report(snapshot: &ClusterSnapshot, report: &ApplyReport) {
-    for d in &report.compiled.diagnostics {
+    for d in &report.diagnostics {
         tracing::warn!(problem = %d, "policy problem");
     }
     tracing::info!(
         pods = snapshot.pods.len(),
         local = snapshot.local.len(),
         policies = snapshot.policies.len(),
-        entries = report.compiled.maps.total_entries(),
+        entries = report.entries,
         upserts = report.sync.upserts,
         deletes = report.sync.deletes,
         failed = report.sync.failed,

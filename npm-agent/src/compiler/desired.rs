@@ -25,6 +25,37 @@ impl DesiredMaps {
     pub fn total_entries(&self) -> usize {
         self.endpoints.len() + self.identities.len() + self.cidrs.len() + self.policy.len()
     }
+
+    /// Entries per map.
+    pub fn counts(&self) -> MapCounts {
+        MapCounts {
+            endpoints: self.endpoints.len(),
+            identities: self.identities.len(),
+            cidrs: self.cidrs.len(),
+            policy: self.policy.len(),
+        }
+    }
+}
+
+/// How many entries each map holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapCounts {
+    pub endpoints: usize,
+    pub identities: usize,
+    pub cidrs: usize,
+    pub policy: usize,
+}
+
+impl MapCounts {
+    /// (map name, entries), in a fixed order, for metrics and logs.
+    pub fn by_name(&self) -> [(&'static str, usize); 4] {
+        [
+            ("endpoints", self.endpoints),
+            ("identities", self.identities),
+            ("cidrs", self.cidrs),
+            ("policy", self.policy),
+        ]
+    }
 }
 
 /// Which rule a `PolicyValue::rule_ref` points at.

@@ -6,7 +6,7 @@
 //! (adopted, pinned) maps still hold, so the counters start above them.
 use std::collections::{BTreeMap, BTreeSet};
 
-use npm_common::maps::{CIDR_CLASS_BIT, POD_ID_MAX};
+use npm_common::maps::{CIDR_CLASS_BIT, ID_PENDING};
 
 use super::peers::Block;
 use crate::model::{ContainerPort, Labels};
@@ -48,7 +48,7 @@ impl IdAllocator {
                 self.next_class = self
                     .next_class
                     .max((id & !CIDR_CLASS_BIT).saturating_add(1));
-            } else if id != 0 {
+            } else if id != 0 && id != ID_PENDING {
                 self.next_pod = self.next_pod.max(id.saturating_add(1));
             }
         }
@@ -58,7 +58,8 @@ impl IdAllocator {
         if let Some(id) = self.pods.get(key) {
             return *id;
         }
-        let id = self.next_pod.min(POD_ID_MAX);
+        // The last pod id is ID_PENDING (pending endpoints); pod identities stop below it.
+        let id = self.next_pod.min(ID_PENDING - 1);
         self.next_pod = self.next_pod.saturating_add(1);
         self.pods.insert(key.clone(), id);
         id
@@ -78,6 +79,26 @@ impl IdAllocator {
     pub fn retain_used(&mut self, pods: &BTreeSet<u32>, classes: &BTreeSet<u32>) {
         self.pods.retain(|_, id| pods.contains(id));
         self.classes.retain(|_, id| classes.contains(id));
+    }
+
+    /// Forgets one identity (no pod has it any more); its id is not reused.
+    pub fn forget_pod(&mut self, key: &IdentityKey) {
+        self.pods.remove(key);
+    }
+
+    /// Forgets one CIDR class (no prefix has it any more); its id is not reused.
+    pub fn forget_class(&mut self, blocks: &BTreeSet<Block>) {
+        self.classes.remove(blocks);
+    }
+
+    /// Every live identity and its id.
+    pub fn pod_ids(&self) -> impl Iterator<Item = (&IdentityKey, u32)> {
+        self.pods.iter().map(|(k, v)| (k, *v))
+    }
+
+    /// Every live CIDR class (its set of ipBlocks) and its id.
+    pub fn class_ids(&self) -> impl Iterator<Item = (&BTreeSet<Block>, u32)> {
+        self.classes.iter().map(|(k, v)| (k, *v))
     }
 
     pub fn live_pod_identities(&self) -> usize {

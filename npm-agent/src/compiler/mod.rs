@@ -10,8 +10,14 @@
 //!    local pod for ingress (whatever the peer), each selected peer pod for egress. In egress
 //!    rules, a named port never matches through an ipBlock peer (the destination's ports are
 //!    not known for an address range; Cilium does the same).
+//! 4. Host-side interfaces not yet tied to a pod (`pending_links`) get the endpoint
+//!    `{ID_PENDING, flags}`: the isolation directions of this node's pods not yet placed.
+//!
+//! [`Incremental`] does all of this from changes and returns, per batch, the ordered map
+//! operations for what changed; [`compile`] is a fresh `Incremental` over a whole snapshot.
 pub mod desired;
 pub mod ids;
+pub mod incremental;
 pub mod peers;
 pub mod ports;
 pub mod selector;
@@ -20,24 +26,20 @@ use std::collections::{BTreeMap, BTreeSet};
 
 pub use desired::{DesiredMaps, RuleRef};
 pub use ids::IdAllocator;
-use ids::IdentityKey;
-use npm_common::maps::{
-    Addr16, CIDR_CLASS_BIT, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, PEER_HOST,
-    PeerInfo, PolicyKey, PolicyValue,
-};
-use npm_common::verdict::{DIR_EGRESS, DIR_INGRESS};
-use peers::{Block, Prefix};
+pub use incremental::Incremental;
+use npm_common::maps::Addr16;
 use ports::PortPrefix;
 
-use crate::model::{ContainerPort, Diagnostic, Labels, Peer, PortRef, PortSpec, Rule};
+use crate::model::{ContainerPort, Diagnostic, PortRef, PortSpec};
 use crate::state::ClusterSnapshot;
 
 /// The compiler's output.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
     pub maps: DesiredMaps,
-    /// `PolicyValue::rule_ref` indexes this table.
-    pub rules: Vec<RuleRef>,
+    /// `PolicyValue::rule_ref` -> the rule. Numbers are stable per (policy, direction,
+    /// index): adding a policy never renumbers another's rules (so the table has holes).
+    pub rules: BTreeMap<u32, RuleRef>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -47,46 +49,6 @@ pub fn addr16(ip: std::net::IpAddr) -> Addr16 {
         std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         std::net::IpAddr::V6(v6) => v6.octets(),
     }
-}
-
-struct Identity<'a> {
-    namespace: &'a str,
-    namespace_labels: &'a Labels,
-    labels: &'a Labels,
-    ports: &'a [ContainerPort],
-}
-
-/// An ipBlock allow waiting for the CIDR classes: (local id, dir, block, ports, rule_ref).
-struct BlockAllow<'a> {
-    local: u32,
-    dir: u8,
-    block: usize,
-    ports: &'a [PortSpec],
-    /// Where named ports resolve: the local pod for ingress; nowhere for egress to an ipBlock.
-    dest_ports: Option<&'a [ContainerPort]>,
-    rule_ref: u32,
-}
-
-fn insert_policy(
-    maps: &mut DesiredMaps,
-    local: u32,
-    peer: u32,
-    dir: u8,
-    p: PortPrefix,
-    rule_ref: u32,
-) {
-    let (proto, len, port) = p;
-    let key = PolicyKey {
-        local_id: local,
-        peer_id: peer,
-        dir,
-        proto,
-        dport_be: port.to_be(),
-    };
-    maps.policy
-        .entry((len, key))
-        .and_modify(|v| v.rule_ref = v.rule_ref.min(rule_ref))
-        .or_insert(PolicyValue { rule_ref, flags: 0 });
 }
 
 /// The POLICY port prefixes of `ports` towards a destination whose declared ports are
@@ -118,289 +80,24 @@ fn port_prefixes(ports: &[PortSpec], dest_ports: Option<&[ContainerPort]>) -> Ve
     out
 }
 
-/// Compiles a snapshot. `ids` keeps identity and CIDR-class numbers stable across calls, so
-/// that successive outputs differ only where the cluster changed.
+/// Compiles a snapshot from scratch. `ids` keeps identity and CIDR-class numbers stable
+/// across calls, so that successive outputs differ only where the cluster changed. A thin
+/// wrapper over [`Incremental`]: there is one compiler.
 pub fn compile(snapshot: &ClusterSnapshot, ids: &mut IdAllocator) -> Compiled {
-    let mut out = Compiled::default();
-    let empty = Labels::new();
-
-    // 1. Identities of every endpoint pod, and the addresses that carry them.
-    let mut identities: BTreeMap<u32, Identity<'_>> = BTreeMap::new();
-    let mut pod_id: BTreeMap<&crate::model::ObjRef, u32> = BTreeMap::new();
-    let mut ip_owner: BTreeMap<Addr16, String> = BTreeMap::new();
-    for (obj, pod) in &snapshot.pods {
-        if !pod.is_endpoint() {
-            continue;
-        }
-        let namespace_labels = snapshot
-            .namespaces
-            .get(&pod.namespace)
-            .map(|n| &n.labels)
-            .unwrap_or(&empty);
-        let mut named: Vec<ContainerPort> = pod
-            .ports
-            .iter()
-            .filter(|p| p.name.is_some())
-            .cloned()
-            .collect();
-        named.sort();
-        named.dedup();
-        let key = IdentityKey {
-            namespace: pod.namespace.clone(),
-            namespace_labels: namespace_labels.clone(),
-            labels: pod.labels.clone(),
-            named_ports: named,
-        };
-        let id = ids.pod(&key);
-        identities.entry(id).or_insert(Identity {
-            namespace: &pod.namespace,
-            namespace_labels,
-            labels: &pod.labels,
-            ports: &pod.ports,
-        });
-        pod_id.insert(obj, id);
-        let ifindex = snapshot.local.get(obj).copied().unwrap_or(0);
-        for ip in &pod.ips {
-            let a = addr16(*ip);
-            if let Some(first) = ip_owner.get(&a) {
-                out.diagnostics.push(Diagnostic {
-                    source: None,
-                    object: format!("Pod {obj}"),
-                    message: format!(
-                        "IP {ip} is already used by pod {first}; this pod is ignored as its owner"
-                    ),
-                });
-                continue;
-            }
-            ip_owner.insert(a, obj.to_string());
-            out.maps.identities.insert(
-                a,
-                PeerInfo {
-                    id,
-                    ifindex,
-                    flags: 0,
-                },
-            );
-        }
-    }
-    for ip in &snapshot.node_ips {
-        out.maps.identities.insert(
-            addr16(*ip),
-            PeerInfo {
-                id: 0,
-                ifindex: 0,
-                flags: PEER_HOST,
-            },
-        );
-    }
-
-    // Rule table, in policy order, so rule_ref is deterministic.
-    let mut rule_base: BTreeMap<(&crate::model::ObjRef, u8), u32> = BTreeMap::new();
-    for (obj, policy) in &snapshot.policies {
-        for (dir, rules) in [(DIR_INGRESS, &policy.ingress), (DIR_EGRESS, &policy.egress)] {
-            if let Some(rules) = rules {
-                rule_base.insert((obj, dir), out.rules.len() as u32);
-                out.rules.extend((0..rules.len()).map(|index| RuleRef {
-                    policy: obj.clone(),
-                    dir,
-                    index,
-                }));
-            }
-        }
-    }
-
-    // 2. Local identities and their rules.
-    let local_ids: BTreeSet<u32> = snapshot
-        .local
-        .keys()
-        .filter_map(|obj| pod_id.get(obj).copied())
+    let inc = Incremental::new(snapshot, std::mem::take(ids));
+    let (compiled, mut allocator) = inc.into_parts();
+    let used_pods: BTreeSet<u32> = compiled
+        .maps
+        .identities
+        .values()
+        .map(|p| p.id)
+        .chain(compiled.maps.endpoints.values().map(|e| e.id))
+        .filter(|id| *id != 0)
         .collect();
-    let mut blocks: Vec<Block> = Vec::new();
-    let mut block_index: BTreeMap<Block, usize> = BTreeMap::new();
-    let mut block_of = |b: Block| -> usize {
-        *block_index.entry(b.clone()).or_insert_with(|| {
-            blocks.push(b);
-            blocks.len() - 1
-        })
-    };
-    let mut pending: Vec<BlockAllow<'_>> = Vec::new();
-    let mut flags: BTreeMap<u32, u32> = BTreeMap::new();
-    for &local in &local_ids {
-        let me = &identities[&local];
-        let f = flags.entry(local).or_insert(0);
-        for (obj, policy) in snapshot
-            .policies
-            .range(crate::model::ObjRef::new(me.namespace, "")..)
-        {
-            if obj.namespace != me.namespace {
-                break;
-            }
-            if !policy.pod_selector.matches(me.labels) {
-                continue;
-            }
-            for (dir, rules, bit) in [
-                (DIR_INGRESS, &policy.ingress, EP_ISOLATE_INGRESS),
-                (DIR_EGRESS, &policy.egress, EP_ISOLATE_EGRESS),
-            ] {
-                let Some(rules) = rules else { continue };
-                *f |= bit;
-                let base = rule_base[&(obj, dir)];
-                for (i, rule) in rules.iter().enumerate() {
-                    let rule_ref = base + i as u32;
-                    add_rule(
-                        &mut out.maps,
-                        &identities,
-                        me,
-                        local,
-                        dir,
-                        rule,
-                        &policy.namespace,
-                        rule_ref,
-                        &mut |b| block_of(b),
-                        &mut pending,
-                    );
-                }
-            }
-        }
-    }
-
-    // 3. CIDR classes, and the ipBlock allows through them.
-    let classes = peers::classes(&blocks);
-    let mut class_ids: BTreeMap<Prefix, u32> = BTreeMap::new();
-    let mut members: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
-    for (prefix, set) in &classes {
-        let key: BTreeSet<Block> = set.iter().map(|i| blocks[*i].clone()).collect();
-        let id = ids.class(&key);
-        class_ids.insert(*prefix, id);
-        out.maps.cidrs.insert((prefix.len, prefix.addr16()), id);
-        for b in set {
-            members.entry(*b).or_default().push(id);
-        }
-    }
-    for m in &mut members {
-        m.1.sort();
-        m.1.dedup();
-    }
-    for allow in &pending {
-        for class in members.get(&allow.block).into_iter().flatten() {
-            for p in port_prefixes(allow.ports, allow.dest_ports) {
-                insert_policy(
-                    &mut out.maps,
-                    allow.local,
-                    *class,
-                    allow.dir,
-                    p,
-                    allow.rule_ref,
-                );
-            }
-        }
-    }
-
-    // Endpoints: every local endpoint pod, isolated or not (the datapath tracks its flows).
-    for (obj, ifindex) in &snapshot.local {
-        if let Some(id) = pod_id.get(obj) {
-            out.maps.endpoints.insert(
-                *ifindex,
-                EndpointInfo {
-                    id: *id,
-                    flags: flags[id],
-                },
-            );
-        }
-    }
-
-    let used_pods: BTreeSet<u32> = identities.keys().copied().collect();
-    let used_classes: BTreeSet<u32> = class_ids.values().copied().collect();
-    debug_assert!(used_classes.iter().all(|c| c & CIDR_CLASS_BIT != 0));
-    ids.retain_used(&used_pods, &used_classes);
-    out
-}
-
-#[allow(clippy::too_many_arguments)]
-fn add_rule<'a>(
-    maps: &mut DesiredMaps,
-    identities: &BTreeMap<u32, Identity<'a>>,
-    me: &Identity<'a>,
-    local: u32,
-    dir: u8,
-    rule: &'a Rule,
-    policy_namespace: &str,
-    rule_ref: u32,
-    block_of: &mut dyn FnMut(Block) -> usize,
-    pending: &mut Vec<BlockAllow<'a>>,
-) {
-    let dest_ports = (dir == DIR_INGRESS).then_some(me.ports);
-    let mut pend = |block: Block| {
-        pending.push(BlockAllow {
-            local,
-            dir,
-            block: block_of(block),
-            ports: &rule.ports,
-            dest_ports,
-            rule_ref,
-        });
-    };
-    if rule.peers.is_empty() {
-        // Any peer: every address, through the classes of 0.0.0.0/0 and ::/0. Egress named
-        // ports resolve on each destination pod, so pods also get identity entries.
-        for b in Block::any() {
-            pend(b);
-        }
-        if dir == DIR_EGRESS
-            && rule
-                .ports
-                .iter()
-                .any(|p| matches!(p.port, Some(PortRef::Name(_))))
-        {
-            for (peer, id) in identities {
-                add_pod_peer(maps, me, local, *peer, id, dir, &rule.ports, rule_ref);
-            }
-        }
-        return;
-    }
-    for peer in &rule.peers {
-        match peer {
-            Peer::IpBlock { cidr, except } => pend(Block::new(*cidr, except)),
-            Peer::Pods {
-                namespace_selector,
-                pod_selector,
-            } => {
-                for (peer_id, other) in identities {
-                    let ns_ok = match namespace_selector {
-                        None => other.namespace == policy_namespace,
-                        Some(sel) => sel.matches(other.namespace_labels),
-                    };
-                    let pod_ok = pod_selector
-                        .as_ref()
-                        .is_none_or(|s| s.matches(other.labels));
-                    if ns_ok && pod_ok {
-                        add_pod_peer(maps, me, local, *peer_id, other, dir, &rule.ports, rule_ref);
-                    }
-                }
-            }
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn add_pod_peer(
-    maps: &mut DesiredMaps,
-    me: &Identity<'_>,
-    local: u32,
-    peer: u32,
-    other: &Identity<'_>,
-    dir: u8,
-    ports: &[PortSpec],
-    rule_ref: u32,
-) {
-    let dest = if dir == DIR_INGRESS {
-        me.ports
-    } else {
-        other.ports
-    };
-    for p in port_prefixes(ports, Some(dest)) {
-        insert_policy(maps, local, peer, dir, p, rule_ref);
-    }
+    let used_classes: BTreeSet<u32> = compiled.maps.cidrs.values().copied().collect();
+    allocator.retain_used(&used_pods, &used_classes);
+    *ids = allocator;
+    compiled
 }
 
 #[cfg(test)]

@@ -72,6 +72,122 @@ fn random_selector(r: &mut Rng) -> Selector {
     }
 }
 
+/// A random pod named `name` whose addresses end in `i`.
+fn random_pod(r: &mut Rng, name: &str, i: u8) -> Pod {
+    let ns = r.pick(&["n1", "n2"]).to_string();
+    let mut l = labels(&[("app", r.pick(&["a", "b", "c"]))]);
+    if r.coin() {
+        l.insert("tier".into(), r.pick(&["x", "y"]).to_string());
+    }
+    let mut ports = vec![ContainerPort {
+        name: Some("http".into()),
+        port: r.pick(&[80, 8080]),
+        protocol: Protocol::Tcp,
+    }];
+    if r.coin() {
+        ports.push(ContainerPort {
+            name: Some("dns".into()),
+            port: 85,
+            protocol: Protocol::Udp,
+        });
+    }
+    let mut ips: Vec<IpAddr> = vec![format!("10.0.0.{i}").parse().expect("ip")];
+    if r.coin() {
+        ips.push(format!("fd00::{i}").parse().expect("ip"));
+    }
+    Pod {
+        namespace: ns.clone(),
+        name: name.into(),
+        labels: l,
+        ips,
+        node_name: None,
+        host_network: false,
+        terminating: false,
+        ports,
+    }
+}
+
+/// A random policy named `name` in n1 or n2.
+fn random_policy(r: &mut Rng, name: &str) -> Policy {
+    let rules = |r: &mut Rng| -> Vec<Rule> {
+        (0..r.below(3))
+            .map(|_| {
+                let peers = (0..r.below(3))
+                    .map(|_| match r.below(5) {
+                        0 => Peer::Pods {
+                            namespace_selector: None,
+                            pod_selector: Some(random_selector(r)),
+                        },
+                        1 => Peer::Pods {
+                            namespace_selector: Some(random_selector(r)),
+                            pod_selector: None,
+                        },
+                        2 => Peer::Pods {
+                            namespace_selector: Some(random_selector(r)),
+                            pod_selector: Some(random_selector(r)),
+                        },
+                        3 => Peer::IpBlock {
+                            cidr: "10.0.0.0/29".parse().expect("net"),
+                            except: vec!["10.0.0.2/31".parse().expect("net")],
+                        },
+                        _ => Peer::IpBlock {
+                            cidr: r
+                                .pick(&["::/0", "fd00::/126", "0.0.0.0/0"])
+                                .parse()
+                                .expect("net"),
+                            except: vec![],
+                        },
+                    })
+                    .collect();
+                let ports = (0..r.below(3))
+                    .map(|_| match r.below(5) {
+                        0 => PortSpec {
+                            protocol: Protocol::Tcp,
+                            port: Some(PortRef::Number(80)),
+                            end_port: None,
+                        },
+                        1 => PortSpec {
+                            protocol: Protocol::Tcp,
+                            port: Some(PortRef::Name("http".into())),
+                            end_port: None,
+                        },
+                        2 => PortSpec {
+                            protocol: Protocol::Udp,
+                            port: Some(PortRef::Number(81)),
+                            end_port: Some(90),
+                        },
+                        3 => PortSpec {
+                            protocol: Protocol::Udp,
+                            port: Some(PortRef::Name("dns".into())),
+                            end_port: None,
+                        },
+                        _ => PortSpec {
+                            protocol: Protocol::Tcp,
+                            port: None,
+                            end_port: None,
+                        },
+                    })
+                    .collect();
+                Rule { peers, ports }
+            })
+            .collect()
+    };
+    let ingress = if r.below(3) != 0 {
+        Some(rules(r))
+    } else {
+        None
+    };
+    let egress = if r.coin() { Some(rules(r)) } else { None };
+    let ns = r.pick(&["n1", "n2"]).to_string();
+    Policy {
+        namespace: ns,
+        name: name.into(),
+        pod_selector: random_selector(r),
+        ingress,
+        egress,
+    }
+}
+
 fn random_cluster(seed: u64) -> ClusterSnapshot {
     let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut s = ClusterSnapshot::default();
@@ -89,118 +205,12 @@ fn random_cluster(seed: u64) -> ClusterSnapshot {
         );
     }
     for i in 1..=5u8 {
-        let ns = r.pick(&["n1", "n2"]).to_string();
-        let mut l = labels(&[("app", r.pick(&["a", "b", "c"]))]);
-        if r.coin() {
-            l.insert("tier".into(), r.pick(&["x", "y"]).to_string());
-        }
-        let mut ports = vec![ContainerPort {
-            name: Some("http".into()),
-            port: r.pick(&[80, 8080]),
-            protocol: Protocol::Tcp,
-        }];
-        if r.coin() {
-            ports.push(ContainerPort {
-                name: Some("dns".into()),
-                port: 85,
-                protocol: Protocol::Udp,
-            });
-        }
-        let mut ips: Vec<IpAddr> = vec![format!("10.0.0.{i}").parse().expect("ip")];
-        if r.coin() {
-            ips.push(format!("fd00::{i}").parse().expect("ip"));
-        }
-        let pod = Pod {
-            namespace: ns.clone(),
-            name: format!("p{i}"),
-            labels: l,
-            ips,
-            node_name: None,
-            host_network: false,
-            terminating: false,
-            ports,
-        };
+        let pod = random_pod(&mut r, &format!("p{i}"), i);
         s.local.insert(pod.obj_ref(), 100 + u32::from(i));
         s.pods.insert(pod.obj_ref(), pod);
     }
     for i in 0..3 {
-        let rules = |r: &mut Rng| -> Vec<Rule> {
-            (0..r.below(3))
-                .map(|_| {
-                    let peers = (0..r.below(3))
-                        .map(|_| match r.below(5) {
-                            0 => Peer::Pods {
-                                namespace_selector: None,
-                                pod_selector: Some(random_selector(r)),
-                            },
-                            1 => Peer::Pods {
-                                namespace_selector: Some(random_selector(r)),
-                                pod_selector: None,
-                            },
-                            2 => Peer::Pods {
-                                namespace_selector: Some(random_selector(r)),
-                                pod_selector: Some(random_selector(r)),
-                            },
-                            3 => Peer::IpBlock {
-                                cidr: "10.0.0.0/29".parse().expect("net"),
-                                except: vec!["10.0.0.2/31".parse().expect("net")],
-                            },
-                            _ => Peer::IpBlock {
-                                cidr: r
-                                    .pick(&["::/0", "fd00::/126", "0.0.0.0/0"])
-                                    .parse()
-                                    .expect("net"),
-                                except: vec![],
-                            },
-                        })
-                        .collect();
-                    let ports = (0..r.below(3))
-                        .map(|_| match r.below(5) {
-                            0 => PortSpec {
-                                protocol: Protocol::Tcp,
-                                port: Some(PortRef::Number(80)),
-                                end_port: None,
-                            },
-                            1 => PortSpec {
-                                protocol: Protocol::Tcp,
-                                port: Some(PortRef::Name("http".into())),
-                                end_port: None,
-                            },
-                            2 => PortSpec {
-                                protocol: Protocol::Udp,
-                                port: Some(PortRef::Number(81)),
-                                end_port: Some(90),
-                            },
-                            3 => PortSpec {
-                                protocol: Protocol::Udp,
-                                port: Some(PortRef::Name("dns".into())),
-                                end_port: None,
-                            },
-                            _ => PortSpec {
-                                protocol: Protocol::Tcp,
-                                port: None,
-                                end_port: None,
-                            },
-                        })
-                        .collect();
-                    Rule { peers, ports }
-                })
-                .collect()
-        };
-        let ingress = if r.below(3) != 0 {
-            Some(rules(&mut r))
-        } else {
-            None
-        };
-        let egress = if r.coin() { Some(rules(&mut r)) } else { None };
-        let ns = r.pick(&["n1", "n2"]).to_string();
-        let p = Policy {
-            namespace: ns,
-            name: format!("pol{i}"),
-            pod_selector: random_selector(&mut r),
-            ingress,
-            egress,
-        };
+        let p = random_policy(&mut r, &format!("pol{i}"));
         s.policies.insert(p.obj_ref(), p);
     }
     s.node_ips = vec!["192.0.2.1".parse().expect("ip")];
@@ -237,7 +247,12 @@ fn peer_matches(s: &ClusterSnapshot, policy_ns: &str, peer: &Peer, other: End<'_
             let End::Pod(p, _) = other else { return false };
             let ns_ok = match namespace_selector {
                 None => p.namespace == policy_ns,
-                Some(sel) => sel.matches(&s.namespaces[&p.namespace].labels),
+                Some(sel) => sel.matches(
+                    &s.namespaces
+                        .get(&p.namespace)
+                        .map(|n| n.labels.clone())
+                        .unwrap_or_default(),
+                ),
             };
             ns_ok
                 && pod_selector
@@ -855,3 +870,5 @@ fn duplicate_pod_ip_is_reported_and_resolved_deterministically() {
     assert_eq!(c.diagnostics.len(), 1);
     assert!(c.diagnostics[0].message.contains(&ip.to_string()));
 }
+
+mod incremental;

@@ -213,19 +213,13 @@ impl Metrics {
                 .get_or_create(&OpLabels { op })
                 .inc_by(n as u64);
         }
-        let maps = &report.compiled.maps;
-        for (map, n) in [
-            ("endpoints", maps.endpoints.len()),
-            ("identities", maps.identities.len()),
-            ("cidrs", maps.cidrs.len()),
-            ("policy", maps.policy.len()),
-        ] {
+        for (map, n) in report.map_entries.by_name() {
             self.map_entries
                 .get_or_create(&MapLabels { map })
                 .set(gauge_value(n));
         }
         self.policy_problems
-            .set(gauge_value(report.compiled.diagnostics.len()));
+            .set(gauge_value(report.diagnostics.len()));
         if report.sync.failed == 0 {
             self.last_sync.set(unix_seconds(SystemTime::now()));
         } else {
@@ -449,7 +443,6 @@ impl Collector for DatapathCollector {
 mod tests {
     use std::time::Duration;
 
-    use npm_common::maps::EndpointInfo;
 
     use super::*;
     use crate::datapath::DatapathError;
@@ -475,11 +468,7 @@ mod tests {
     fn apply_and_snapshot_show_up_under_npm_names() {
         let m = Metrics::new();
         let mut report = ApplyReport::default();
-        report
-            .compiled
-            .maps
-            .endpoints
-            .insert(7, EndpointInfo { id: 1, flags: 1 });
+        report.map_entries.endpoints = 1;
         report.sync = SyncStats {
             upserts: 3,
             deletes: 1,

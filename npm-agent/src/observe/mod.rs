@@ -47,20 +47,13 @@ impl Observer {
     pub fn applied(&self, snapshot: &ClusterSnapshot, report: &ApplyReport, trigger: Trigger) {
         self.metrics.observe_snapshot(snapshot);
         self.metrics.observe_apply(report, trigger);
-        let maps = &report.compiled.maps;
         let counts = Counts {
             policies: snapshot.policies.len(),
             pods: snapshot.pods.len(),
             namespaces: snapshot.namespaces.len(),
             local_endpoints: snapshot.local.len(),
-            map_entries: [
-                ("endpoints", maps.endpoints.len()),
-                ("identities", maps.identities.len()),
-                ("cidrs", maps.cidrs.len()),
-                ("policy", maps.policy.len()),
-            ]
-            .into(),
-            policy_problems: report.compiled.diagnostics.len(),
+            map_entries: report.map_entries.by_name().into(),
+            policy_problems: report.diagnostics.len(),
         };
         if report.sync.failed > 0 {
             self.health.record_error(

@@ -44,10 +44,25 @@ impl<B: MapBackend> Programmer<B> {
         &self.backend
     }
 
+    /// The backend itself; writing through it bypasses the cache (tests use it to simulate
+    /// drift).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     /// Applies the difference between the cached contents and `desired`.
     pub fn sync(&mut self, desired: &DesiredMaps) -> SyncStats {
         let start = Instant::now();
         let plan = plan::plan(&self.current, desired);
+        let mut stats = self.apply_plan(&plan);
+        stats.elapsed = start.elapsed();
+        stats
+    }
+
+    /// Applies a plan made elsewhere (by the incremental compiler), in its order, and keeps the
+    /// cache in step. An operation the kernel refuses is counted and logged; the rest still run.
+    pub fn apply_plan(&mut self, plan: &Plan) -> SyncStats {
+        let start = Instant::now();
         let mut stats = SyncStats::default();
         for op in &plan.ops {
             match self.backend.apply(op) {
