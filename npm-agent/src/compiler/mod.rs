@@ -309,11 +309,87 @@ pub fn compile(snapshot: &ClusterSnapshot, ids: &mut IdAllocator) -> Compiled {
         }
     }
 
+    // Pending links (new interfaces not yet tied to a pod): default-deny where a new pod of
+    // this node would be isolated. A local pod's entry wins if both name one ifindex.
+    for (ifindex, ep) in pending_endpoints(snapshot, |pod| isolation_flags(snapshot, pod)) {
+        out.maps.endpoints.entry(ifindex).or_insert(ep);
+    }
+
     let used_pods: BTreeSet<u32> = identities.keys().copied().collect();
     let used_classes: BTreeSet<u32> = class_ids.values().copied().collect();
     debug_assert!(used_classes.iter().all(|c| c & CIDR_CLASS_BIT != 0));
     ids.retain_used(&used_pods, &used_classes);
     out
+}
+
+/// The identity of a pending link's endpoint (a new interface whose pod is not known yet). No
+/// POLICY entry uses it, so its isolated directions default-deny; its IP has no IDENTITIES
+/// entry, so no peer sees it either. The allocator never reaches it in practice (2^31 - 1
+/// pod identities).
+// TODO(lead, at merge): the compiler branch defines `npm_common::maps::ID_PENDING`; use that.
+pub const ID_PENDING: u32 = npm_common::maps::POD_ID_MAX;
+
+/// The isolation flags (`EP_ISOLATE_*`) the policies of its namespace give `pod`.
+fn isolation_flags(snapshot: &ClusterSnapshot, pod: &crate::model::Pod) -> u32 {
+    let mut flags = 0;
+    for (obj, policy) in snapshot
+        .policies
+        .range(crate::model::ObjRef::new(&pod.namespace, "")..)
+    {
+        if obj.namespace != pod.namespace {
+            break;
+        }
+        if !policy.pod_selector.matches(&pod.labels) {
+            continue;
+        }
+        if policy.ingress.is_some() {
+            flags |= EP_ISOLATE_INGRESS;
+        }
+        if policy.egress.is_some() {
+            flags |= EP_ISOLATE_EGRESS;
+        }
+    }
+    flags
+}
+
+/// ENDPOINTS entries for `snapshot.pending_links` not used by a local pod: `{ID_PENDING,
+/// flags}`, flags being the union of `flags_of` over this node's not-yet-placed pods (their
+/// `node_name` is `snapshot.node_name`, not host-network, not terminating, not in
+/// `snapshot.local`; they may have no IP yet). Any of them may be the one behind the new
+/// interface, so each direction that would isolate one of them is closed until discovery
+/// ties the interface to its pod. Without a node name no pod is known to be coming: 0.
+pub fn pending_endpoints(
+    snapshot: &ClusterSnapshot,
+    flags_of: impl Fn(&crate::model::Pod) -> u32,
+) -> BTreeMap<u32, EndpointInfo> {
+    let used: BTreeSet<u32> = snapshot.local.values().copied().collect();
+    let flags = match snapshot.node_name.as_deref() {
+        None => 0,
+        Some(node) => snapshot
+            .pods
+            .iter()
+            .filter(|(obj, pod)| {
+                pod.node_name.as_deref() == Some(node)
+                    && !pod.host_network
+                    && !pod.terminating
+                    && !snapshot.local.contains_key(*obj)
+            })
+            .fold(0, |acc, (_, pod)| acc | flags_of(pod)),
+    };
+    snapshot
+        .pending_links
+        .iter()
+        .filter(|i| !used.contains(i))
+        .map(|&i| {
+            (
+                i,
+                EndpointInfo {
+                    id: ID_PENDING,
+                    flags,
+                },
+            )
+        })
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -403,5 +479,7 @@ fn add_pod_peer(
     }
 }
 
+#[cfg(test)]
+mod pending_tests;
 #[cfg(test)]
 mod tests;
