@@ -149,7 +149,7 @@ async fn next_event(w: &mut Option<LinkWatcher>) -> Result<links::Received, link
 }
 
 /// The agent loop over any [`ClusterSource`].
-pub async fn enforce(mut source: Box<dyn ClusterSource>, args: &RunArgs) -> anyhow::Result<()> {
+pub async fn enforce(source: Box<dyn ClusterSource>, args: &RunArgs) -> anyhow::Result<()> {
     let pin_dir = args.bpffs_dir.join(format!("v{ABI_VERSION}"));
     let enforcer = Enforcer::new(Some(&pin_dir)).with_context(|| {
         format!(
@@ -199,24 +199,31 @@ pub async fn enforce(mut source: Box<dyn ClusterSource>, args: &RunArgs) -> anyh
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut next_full = Instant::now();
     let mut last_full = Instant::now();
+    // The slow half of a full pass (source, `ip` commands) runs on a blocking thread, so link
+    // events are handled while it runs; the source travels with it and comes back.
+    let mut source = Some(source);
+    let mut gathering: Option<tokio::task::JoinHandle<Gathered>> = None;
 
     loop {
-        if Instant::now() >= next_full {
+        if gathering.is_none()
+            && Instant::now() >= next_full
+            && let Some(src) = source.take()
+        {
             last_full = Instant::now();
-            next_full = last_full + poll;
-            full_pass(
-                &mut node,
-                &mut *source,
-                args,
-                &mut last_resync,
-                resync_every,
-            )?;
-            if args.once {
-                return Ok(());
-            }
+            gathering = Some(tokio::task::spawn_blocking(move || gather(src)));
         }
         tokio::select! {
-            _ = tokio::time::sleep_until(next_full.into()) => {}
+            g = async { gathering.as_mut().expect("guarded").await }, if gathering.is_some() => {
+                gathering = None;
+                let g = g.context("the full pass's reader thread")?;
+                source = Some(g.source);
+                next_full = last_full + poll;
+                full_pass(&mut node, g.result, args, &mut last_resync, resync_every)?;
+                if args.once {
+                    return Ok(());
+                }
+            }
+            _ = tokio::time::sleep_until(next_full.into()), if gathering.is_none() => {}
             r = next_event(&mut watcher) => {
                 let mut batches = Vec::new();
                 match r {
@@ -234,24 +241,7 @@ pub async fn enforce(mut source: Box<dyn ClusterSource>, args: &RunArgs) -> anyh
                 let events: Vec<LinkEvent> = batches.into_iter().flat_map(|b| b.events).collect();
                 let (new, full) = node.on_events(&events);
                 if !new.is_empty() {
-                    let attached_at = (Instant::now(), SystemTime::now());
-                    if let Some(report) = node.apply_pending() {
-                        let written_at = (Instant::now(), SystemTime::now());
-                        for (ifindex, name) in &new {
-                            let ep = report.compiled.maps.endpoints.get(ifindex);
-                            tracing::info!(
-                                ifindex,
-                                interface = %name,
-                                pending = ep.is_some_and(|e| e.id == crate::compiler::ID_PENDING),
-                                flags = ep.map_or(0, |e| e.flags),
-                                attach_us = (attached_at.0 - first_at).as_micros() as u64,
-                                endpoint_us = (written_at.0 - first_at).as_micros() as u64,
-                                attached_unix_us = unix_us(attached_at.1),
-                                endpoint_unix_us = unix_us(written_at.1),
-                                "new pod interface enforced"
-                            );
-                        }
-                    }
+                    fast_path(&mut node, &new, first_at);
                 }
                 if let Some(d) = full {
                     next_full = next_full.min((last_full + d).max(Instant::now()));
@@ -265,25 +255,70 @@ pub async fn enforce(mut source: Box<dyn ClusterSource>, args: &RunArgs) -> anyh
     Ok(())
 }
 
+/// Writes the pending endpoints of newly attached interfaces and logs how long it took
+/// from the moment the link notification was read.
+fn fast_path(node: &mut Node, new: &[(u32, String)], first_at: Instant) {
+    let attached_at = (Instant::now(), SystemTime::now());
+    let Some(report) = node.apply_pending() else {
+        return;
+    };
+    let written_at = (Instant::now(), SystemTime::now());
+    for (ifindex, name) in new {
+        let ep = report.compiled.maps.endpoints.get(ifindex);
+        tracing::info!(
+            ifindex,
+            interface = %name,
+            pending = ep.is_some_and(|e| e.id == crate::compiler::ID_PENDING),
+            flags = ep.map_or(0, |e| e.flags),
+            attach_us = (attached_at.0 - first_at).as_micros() as u64,
+            endpoint_us = (written_at.0 - first_at).as_micros() as u64,
+            attached_unix_us = unix_us(attached_at.1),
+            endpoint_unix_us = unix_us(written_at.1),
+            "new pod interface enforced"
+        );
+    }
+}
+
+type Facts = (
+    (ClusterSnapshot, Vec<crate::model::Diagnostic>),
+    NodeTables,
+    Vec<std::net::IpAddr>,
+);
+
+/// The slow, blocking half of a full pass.
+struct Gathered {
+    source: Box<dyn ClusterSource>,
+    result: anyhow::Result<Facts>,
+}
+
+fn gather(mut source: Box<dyn ClusterSource>) -> Gathered {
+    let result = (|| {
+        let snapshot = source.snapshot().context("reading the cluster state");
+        let tables = NodeTables::read().context("reading the node's links and routes")?;
+        let ips = discovery::node_addresses().context("reading the node's addresses")?;
+        Ok((snapshot?, tables, ips))
+    })();
+    Gathered { source, result }
+}
+
 /// One full pass: source, discovery, attach, compile, program (when anything changed, or a
 /// resync is due).
 fn full_pass(
     node: &mut Node,
-    source: &mut dyn ClusterSource,
+    facts: anyhow::Result<Facts>,
     args: &RunArgs,
     last_resync: &mut Instant,
     resync_every: Duration,
 ) -> anyhow::Result<()> {
-    let (mut snapshot, diagnostics) = match source.snapshot() {
-        Ok(s) => s,
+    let ((mut snapshot, diagnostics), tables, node_ips) = match facts {
+        Ok(f) => f,
         Err(e) if node.last_applied.is_some() => {
             // Keep what is enforced; never flush because the source is unhappy.
-            tracing::error!(error = %format!("{e:#}"), "cluster source failed; enforcement unchanged");
+            tracing::error!(error = %format!("{e:#}"), "cluster source or node tables failed; enforcement unchanged");
             return Ok(());
         }
-        Err(e) => return Err(e).context("reading the cluster state"),
+        Err(e) => return Err(e),
     };
-    let tables = NodeTables::read().context("reading the node's links and routes")?;
     let discovered =
         discovery::local_pods(&tables, snapshot.pods.values(), args.node_name.as_deref());
     for (pod, iface) in &discovered {
@@ -310,7 +345,7 @@ fn full_pass(
     for c in links::node_changes(&snapshot, &node.live(), &local) {
         snapshot.apply(&c);
     }
-    snapshot.node_ips = discovery::node_addresses().context("reading the node's addresses")?;
+    snapshot.node_ips = node_ips;
 
     snapshot.generation = 0;
     let changed = node.last_applied.as_ref() != Some(&snapshot);
