@@ -396,6 +396,11 @@ fn new_pod_is_isolated_from_its_first_packet_and_an_unisolated_one_is_not_stalle
             sent_pending > 500,
             "the peer kept sending once the route existed ({sent_pending})"
         );
+        assert_eq!(
+            new_rx.counts(),
+            (0, 0),
+            "nothing reaches the new pod while it is pending ({sent_pending} datagrams sent)"
+        );
         let e = entry(&map, ifindex).expect("pending endpoint written");
         assert_eq!(
             e,
@@ -403,11 +408,6 @@ fn new_pod_is_isolated_from_its_first_packet_and_an_unisolated_one_is_not_stalle
                 id: ID_PENDING,
                 flags: EP_ISOLATE_INGRESS
             }
-        );
-        assert_eq!(
-            new_rx.counts(),
-            (0, 0),
-            "nothing reaches the new pod while it is pending ({sent_pending} datagrams sent)"
         );
 
         // 2. The manifests gain the pod's IP: discovery ties the link to a/new, whose own
