@@ -203,6 +203,8 @@ pub async fn enforce(source: Box<dyn ClusterSource>, args: &RunArgs) -> anyhow::
     // events are handled while it runs; the source travels with it and comes back.
     let mut source = Some(source);
     let mut gathering: Option<tokio::task::JoinHandle<Gathered>> = None;
+    // A full pass asked for while one was already reading (it may have read too early).
+    let mut again: Option<Duration> = None;
 
     loop {
         if gathering.is_none()
@@ -218,6 +220,9 @@ pub async fn enforce(source: Box<dyn ClusterSource>, args: &RunArgs) -> anyhow::
                 let g = g.context("the full pass's reader thread")?;
                 source = Some(g.source);
                 next_full = last_full + poll;
+                if let Some(d) = again.take() {
+                    next_full = next_full.min(Instant::now() + d);
+                }
                 full_pass(&mut node, g.result, args, &mut last_resync, resync_every)?;
                 if args.once {
                     return Ok(());
@@ -244,7 +249,11 @@ pub async fn enforce(source: Box<dyn ClusterSource>, args: &RunArgs) -> anyhow::
                     fast_path(&mut node, &new, first_at);
                 }
                 if let Some(d) = full {
-                    next_full = next_full.min((last_full + d).max(Instant::now()));
+                    if gathering.is_some() {
+                        again = Some(again.map_or(d, |a| a.min(d)));
+                    } else {
+                        next_full = next_full.min((last_full + d).max(Instant::now()));
+                    }
                 }
             }
             _ = tokio::signal::ctrl_c() => break,
