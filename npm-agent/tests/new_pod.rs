@@ -611,3 +611,130 @@ fn time_from_link_creation_to_enforcement() {
     }
     drop(node);
 }
+
+/// A bridged CNI (kube-router, Azure CNI bridge mode): the pod's veth is a port of the node's
+/// bridge, and discovery finds it through the bridge's neighbour and forwarding tables once
+/// the pod's IP is known. The new port is isolated from its first packet all the same; once
+/// the policy goes, the same path carries the peer's traffic (the path worked all along).
+#[test]
+fn new_pod_on_a_bridge_is_isolated_from_its_first_packet() {
+    let pid = std::process::id();
+    let bpffs = PathBuf::from(format!("/sys/fs/bpf/npm{pid}-bridged"));
+    let _pins = RemoveOnDrop(bpffs.clone());
+    let manifests = std::env::temp_dir().join(format!("npm{pid}-bridged"));
+    let _dir = RemoveOnDrop(manifests.clone());
+    std::fs::create_dir_all(&manifests).expect("mkdir");
+    let pods = |ip: Option<&str>| pods_yaml(ip).replace("10.247.1.10", "10.246.0.10");
+    std::fs::write(manifests.join("pods.yaml"), pods(None)).expect("write pods");
+    std::fs::write(manifests.join("policy.yaml"), POLICY).expect("write policy");
+    let log = std::env::temp_dir().join(format!("npm{pid}-bridged.log"));
+    let _log = RemoveOnDrop(log.clone());
+
+    let lab = Lab::build(LabSpec {
+        pods: vec![Pod {
+            namespace: "b".into(),
+            name: "client".into(),
+            labels: [("app".to_string(), "client".to_string())].into(),
+            ips: vec!["10.247.0.3".parse().expect("ip")],
+            node_name: None,
+            host_network: false,
+            terminating: false,
+            ports: vec![],
+        }],
+        externals: vec![],
+    })
+    .expect("lab");
+    let node = lab.node();
+    let client = lab.netns_of("b/client").expect("client netns");
+    let prefix = format!("npm{pid}");
+    let bridge = format!("{prefix}br");
+    node.ip_batch(&[
+        format!("link add {bridge} type bridge"),
+        format!("addr add 10.246.0.1/24 dev {bridge}"),
+        format!("link set {bridge} up"),
+    ])
+    .expect("bridge");
+    let _agent = spawn_agent(node.name(), &manifests, &bpffs, &prefix, &log);
+    let (_, client_if) = lab
+        .pod_interfaces()
+        .into_values()
+        .next()
+        .expect("client if");
+    assert!(
+        eventually(Duration::from_secs(20), Duration::from_millis(50), || {
+            endpoints(&bpffs).is_some_and(|m| entry(&m, client_if).is_some())
+        }),
+        "agent up and enforcing"
+    );
+    let map = endpoints(&bpffs).expect("endpoints map");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop = StopOnDrop(stop.clone());
+    let pod_ns = NetNs::create(&format!("npm{pid}-bnew")).expect("pod netns");
+    let rx = Responder::start(&pod_ns, &stop);
+
+    std::thread::scope(|scope| {
+        let _stop = StopOnDrop(stop.clone());
+        let sent = start_sender(scope, client, [10, 246, 0, 10], &stop);
+        std::thread::sleep(Duration::from_millis(100));
+        let port = format!("{prefix}b");
+        node.ip_batch(&[
+            format!(
+                "link add {port} address 02:6e:73:00:00:01 type veth peer name eth0 address 02:6e:74:00:00:01 netns {}",
+                pod_ns.name()
+            ),
+            format!("link set {port} master {bridge}"),
+            format!("link set {port} up"),
+        ])
+        .expect("node side of the CNI");
+        pod_ns
+            .ip_batch(&[
+                "link set lo up".to_owned(),
+                "addr add 10.246.0.10/24 dev eth0".to_owned(),
+                "link set eth0 up".to_owned(),
+                "route add 0.0.0.0/0 via 10.246.0.1 dev eth0".to_owned(),
+            ])
+            .expect("pod side of the CNI");
+        let ifindex = ifindex_in(node, &port);
+
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(rx.counts(), (0, 0), "nothing reaches the pending port");
+        assert_eq!(
+            entry(&map, ifindex),
+            Some(EndpointInfo {
+                id: ID_PENDING,
+                flags: EP_ISOLATE_INGRESS
+            })
+        );
+
+        // The IP becomes known: discovery goes bridge -> neighbour -> fdb -> this port.
+        std::fs::write(manifests.join("pods.yaml"), pods(Some("10.246.0.10"))).expect("pods");
+        assert!(
+            eventually(Duration::from_secs(10), Duration::from_millis(20), || {
+                entry(&map, ifindex).is_some_and(|e| e.id != ID_PENDING)
+            }),
+            "discovery tied the bridge port to a/new"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            rx.counts(),
+            (0, 0),
+            "nothing reached the pod, pending or placed"
+        );
+
+        // Control: without the policy the same path delivers at once.
+        std::fs::remove_file(manifests.join("policy.yaml")).expect("rm policy");
+        assert!(
+            eventually(Duration::from_secs(10), Duration::from_millis(10), || rx
+                .counts()
+                .0
+                > 0),
+            "packets flow once nothing isolates the pod ({} sent)",
+            sent.load(Ordering::SeqCst)
+        );
+        stop.store(true, Ordering::SeqCst);
+    });
+    drop(rx);
+    drop(pod_ns);
+    drop(lab);
+}
