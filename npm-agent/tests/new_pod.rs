@@ -562,6 +562,88 @@ fn time_from_link_creation_to_enforcement() {
             "the pending endpoint of {name} goes with its link"
         );
     }
+
+    // A burst (a node starting many pods at once): one `ip -batch` adds them all.
+    const BURST: u32 = 50;
+    let burst: Vec<(String, u32)> = (0..BURST)
+        .map(|i| (format!("{prefix}b{i}"), 6000 + i))
+        .collect();
+    let add: Vec<String> = burst
+        .iter()
+        .enumerate()
+        .map(|(i, (name, index))| {
+            format!("link add {name} index {index} type veth peer name y{pid}b{i}")
+        })
+        .collect();
+    let started = Instant::now();
+    node.ip_batch(&add).expect("burst add");
+    let t0 = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), Duration::from_micros(100), || {
+            burst.iter().all(|(_, i)| entry(&map, *i).is_some())
+        }),
+        "every link of the burst gets its pending endpoint"
+    );
+    println!(
+        "burst of {BURST} links: all pending endpoints written {} us after `ip -batch` returned \
+         ({} us after it started)",
+        t0.elapsed().as_micros(),
+        started.elapsed().as_micros()
+    );
+    let del: Vec<String> = burst
+        .iter()
+        .map(|(name, _)| format!("link del {name}"))
+        .collect();
+    node.ip_batch(&del).expect("burst del");
+    assert!(
+        eventually(Duration::from_secs(10), Duration::from_millis(1), || burst
+            .iter()
+            .all(|(_, i)| entry(&map, *i).is_none())),
+        "and loses it with its link"
+    );
+
+    // A link made while no agent runs is pending for the next agent (listed at start).
+    drop(agent);
+    node.ip(&[
+        "link",
+        "add",
+        &format!("{prefix}r"),
+        "index",
+        "7000",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("z{pid}r"),
+    ])
+    .expect("link add");
+    assert_eq!(entry(&map, 7000), None, "no agent, no entry yet");
+    let log2 = std::env::temp_dir().join(format!("npm{pid}-linktime2.log"));
+    let _log2 = RemoveOnDrop(log2.clone());
+    let agent = spawn_agent(node.name(), &manifests, &bpffs, &prefix, &log2);
+    assert!(
+        eventually(
+            Duration::from_secs(20),
+            Duration::from_millis(10),
+            || entry(&map, 7000)
+                == Some(EndpointInfo {
+                    id: ID_PENDING,
+                    flags: EP_ISOLATE_INGRESS
+                })
+        ),
+        "the restarted agent isolates the link that appeared while it was away"
+    );
+    let tc = node
+        .exec(&[
+            "tc",
+            "filter",
+            "show",
+            "dev",
+            &format!("{prefix}r"),
+            "ingress",
+        ])
+        .expect("tc");
+    assert!(tc.contains("npm_from_pod"), "programs attached: {tc}");
     drop(agent);
 
     let lines = enforced_lines(&log);

@@ -243,10 +243,19 @@ pub async fn enforce(source: Box<dyn ClusterSource>, args: &RunArgs) -> anyhow::
                     batches.push(b);
                 }
                 let Some(first_at) = batches.first().map(|b| b.at) else { continue };
+                // When each link's first notification was read (a drained burst spans many).
+                let mut seen_at: BTreeMap<u32, Instant> = BTreeMap::new();
+                for b in &batches {
+                    for e in &b.events {
+                        if let LinkEvent::Link(l) = e {
+                            seen_at.entry(l.ifindex).or_insert(b.at);
+                        }
+                    }
+                }
                 let events: Vec<LinkEvent> = batches.into_iter().flat_map(|b| b.events).collect();
                 let (new, full) = node.on_events(&events);
                 if !new.is_empty() {
-                    fast_path(&mut node, &new, first_at);
+                    fast_path(&mut node, &new, |i| seen_at.get(&i).copied().unwrap_or(first_at));
                 }
                 if let Some(d) = full {
                     if gathering.is_some() {
@@ -266,7 +275,7 @@ pub async fn enforce(source: Box<dyn ClusterSource>, args: &RunArgs) -> anyhow::
 
 /// Writes the pending endpoints of newly attached interfaces and logs how long it took
 /// from the moment the link notification was read.
-fn fast_path(node: &mut Node, new: &[(u32, String)], first_at: Instant) {
+fn fast_path(node: &mut Node, new: &[(u32, String)], seen_at: impl Fn(u32) -> Instant) {
     let attached_at = (Instant::now(), SystemTime::now());
     let Some(report) = node.apply_pending() else {
         return;
@@ -279,8 +288,8 @@ fn fast_path(node: &mut Node, new: &[(u32, String)], first_at: Instant) {
             interface = %name,
             pending = ep.is_some_and(|e| e.id == crate::compiler::ID_PENDING),
             flags = ep.map_or(0, |e| e.flags),
-            attach_us = (attached_at.0 - first_at).as_micros() as u64,
-            endpoint_us = (written_at.0 - first_at).as_micros() as u64,
+            attach_us = (attached_at.0 - seen_at(*ifindex)).as_micros() as u64,
+            endpoint_us = (written_at.0 - seen_at(*ifindex)).as_micros() as u64,
             attached_unix_us = unix_us(attached_at.1),
             endpoint_unix_us = unix_us(written_at.1),
             "new pod interface enforced"
