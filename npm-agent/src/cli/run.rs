@@ -337,6 +337,16 @@ fn full_pass(
         }
         Err(e) => return Err(e),
     };
+    // Candidate links whose attach failed when they appeared: try again.
+    let missing: Vec<PodLinkDelta> = node
+        .pod_links
+        .links()
+        .values()
+        .filter(|l| !node.attached.contains_key(&l.ifindex))
+        .cloned()
+        .map(PodLinkDelta::Appeared)
+        .collect();
+    node.on_deltas(missing);
     let discovered =
         discovery::local_pods(&tables, snapshot.pods.values(), args.node_name.as_deref());
     for (pod, iface) in &discovered {
