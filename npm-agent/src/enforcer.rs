@@ -166,6 +166,12 @@ impl Enforcer {
         Ok(self.datapath.attach(ifname)?)
     }
 
+    /// Attaches the classifiers to interface `ifindex` (calling thread's netns); returns
+    /// its name.
+    pub fn attach_index(&mut self, ifindex: u32) -> Result<String, EnforcerError> {
+        Ok(self.datapath.attach_index(ifindex)?)
+    }
+
     pub fn datapath(&self) -> &Datapath {
         &self.datapath
     }

@@ -81,6 +81,13 @@ pub struct RunArgs {
     /// Apply once and exit (enforcement stays in place; no HTTP endpoints).
     #[arg(long)]
     pub once: bool,
+    /// Name prefix of the host-side veth a CNI creates for a pod; a new veth with one of
+    /// these prefixes gets the programs and a default-deny (for the directions a pod coming
+    /// to this node is isolated in) the moment it appears. Repeatable; an empty prefix takes
+    /// every veth. Default: azv, cali, veth, lxc, eni.
+    #[arg(long = "pod-interface-prefix", value_name = "PREFIX",
+          default_values_t = crate::node::links::DEFAULT_POD_PREFIXES.map(String::from))]
+    pub pod_interface_prefixes: Vec<String>,
 }
 
 #[derive(Debug, Args)]

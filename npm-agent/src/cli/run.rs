@@ -1,9 +1,25 @@
-//! `npm-agent run`: enforce on this node, from the Kubernetes API (default) or from the
-//! standalone manifests source (`--manifests`).
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+//! `npm-agent run`: enforce on this node.
+//!
+//! One loop, three inputs, one [`Enforcer`] (an incremental compiler and the map programmer):
+//! - **the cluster**: the Kubernetes API (default): `Change`s as they happen, applied
+//!   incrementally once Namespaces, Pods and NetworkPolicies have all been listed; or a
+//!   manifests directory (`--manifests`), re-read every poll interval on a blocking thread and
+//!   diffed into changes;
+//! - **the node**: rtnetlink link events drive the fast path (a new candidate pod interface gets
+//!   the programs and its pending, default-deny endpoint at once, before the pod's IP is
+//!   known); node passes read routes, neighbours and addresses on a blocking thread and tie
+//!   interfaces to pods (`Local`, `PendingLink`, `NodeIps` changes), every poll interval and
+//!   soon after a link, route or neighbour change or a change to one of this node's pods;
+//! - **the periodic resync** (ResyncPeriodInMinutes): the kernel maps compared in full with
+//!   the compiler's and repaired.
+//!
+//! Nothing is applied before the cluster view is complete (the first apply carries the whole
+//! cluster and the node's placement together, so maps adopted from a previous agent never pass
+//! through a half state), and a lost source removes nothing.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use npm_common::ABI_VERSION;
@@ -12,26 +28,54 @@ use super::args::RunArgs;
 use crate::config::{self, FileConfig, Overrides, Resolved};
 use crate::datapath::DatapathCounters;
 use crate::enforcer::{ApplyReport, Enforcer};
+use crate::model::Diagnostic;
 use crate::node::discovery::{self, NodeTables};
+use crate::node::links::{self, LinkEvent, LinkFilter, LinkWatcher, PodLinkDelta, PodLinks};
 use crate::observe::{Observer, Trigger, http};
-use crate::source::kube::{KubeSource, KubeSourceConfig, SourceEvent, SourceState};
-use crate::source::{ClusterSource, ManifestsSource};
-use crate::state::ClusterSnapshot;
+use crate::source::kube::{
+    KubeHandle, KubeSource, KubeSourceConfig, SourceEvent, SourceState, SourceTask,
+};
+use crate::source::{ClusterSource, ManifestsSource, SourceError};
+use crate::state::{Change, ClusterSnapshot};
+
+/// After a route or neighbour change, the next node pass waits at least this long after the
+/// previous one (a busy node changes neighbour entries often).
+const TABLES_DEBOUNCE: Duration = Duration::from_millis(100);
+/// How long to keep collecting API events that arrive together before compiling.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// At most this many API events go into one batch (a re-list is one event already).
+const BATCH_MAX: usize = 256;
 
 /// Runs until SIGINT/SIGTERM (or once with `--once`). Exits without detaching: the pinned maps
 /// and attached programs keep enforcing until the next agent adopts them.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    match &args.manifests {
-        Some(dir) => {
-            let source = ManifestsSource { dir: dir.clone() };
-            enforce(Box::new(source), &args).await
+    let agent = Agent::start(&args).await?;
+    let feed = match &args.manifests {
+        Some(dir) => Feed::Manifests(Some(Box::new(ManifestsSource { dir: dir.clone() }))),
+        None => {
+            let config = KubeSourceConfig {
+                relist_every: Some(agent.resync_every()),
+                ..KubeSourceConfig::default()
+            };
+            let source = KubeSource::connect(args.kubeconfig.as_deref(), config)
+                .await
+                .context("connecting to the Kubernetes API")?;
+            Feed::Api(Box::new(ApiFeed::new(source)))
         }
-        None => enforce_api(&args).await,
+    };
+    let enforcer = agent.load_enforcer(&args)?;
+    if args.node_name.is_none() {
+        tracing::warn!(
+            "no --node-name: new pod interfaces are not isolated before discovery ties them to their pod"
+        );
     }
+    let result = Loop::new(&agent, enforcer, feed, &args).run().await;
+    agent.stop();
+    result
 }
 
-/// What both loops share: the resolved configuration, the observer (metrics, health) and the
-/// HTTP endpoints serving it.
+/// What the loop shares with the outside: the resolved configuration, the observer (metrics,
+/// health) and the HTTP endpoints serving it.
 struct Agent {
     settings: config::Settings,
     observer: Arc<Observer>,
@@ -43,8 +87,8 @@ impl Agent {
         let (config, config_view) = load_config(args)?;
         let settings = config.settings;
         // Liveness: the loop ticks every poll interval; allow slow applies on big clusters.
-        let stall_after = Duration::from_millis(args.poll_interval_ms.max(50) * 10)
-            .max(Duration::from_secs(60));
+        let stall_after =
+            Duration::from_millis(args.poll_interval_ms.max(50) * 10).max(Duration::from_secs(60));
         let observer = Arc::new(Observer::new(stall_after, config_view));
         let server = if args.once {
             None
@@ -97,274 +141,609 @@ impl Agent {
         Ok(enforcer)
     }
 
-    fn stop(self) {
-        if let Some(server) = self.server {
+    fn stop(&self) {
+        if let Some(server) = &self.server {
             server.abort();
         }
         tracing::info!("stopping; enforcement stays in place (pinned maps, attached programs)");
     }
 }
 
-/// Finds this node's pods behind their host-side interfaces, attaches the classifiers to new
-/// ones, and sets `snapshot.local` (attached interfaces only) and `snapshot.node_ips`.
-fn place_local_pods(
-    enforcer: &mut Enforcer,
-    observer: &Observer,
-    attached: &mut BTreeMap<String, u32>,
-    snapshot: &mut ClusterSnapshot,
-    node_name: Option<&str>,
-) -> anyhow::Result<()> {
-    let tables = NodeTables::read().context("reading the node's links and routes")?;
-    let local = discovery::local_pods(&tables, snapshot.pods.values(), node_name);
-    for (pod, iface) in &local {
-        if attached.get(&iface.name) != Some(&iface.ifindex) {
-            match enforcer.attach(&iface.name) {
-                Ok(ifindex) => {
-                    tracing::info!(%pod, interface = %iface.name, ifindex, "attached");
-                    attached.insert(iface.name.clone(), ifindex);
-                }
+/// Where the cluster's objects come from.
+enum Feed {
+    /// Re-read on a blocking thread; `None` while a read is running.
+    Manifests(Option<Box<dyn ClusterSource>>),
+    Api(Box<ApiFeed>),
+}
+
+/// The Kubernetes API source as the loop consumes it.
+struct ApiFeed {
+    /// Taken by the loop (its own borrow in `select!`).
+    events: Option<tokio::sync::mpsc::Receiver<SourceEvent>>,
+    state: Option<tokio::sync::watch::Receiver<SourceState>>,
+    _task: SourceTask,
+    /// Every kind has been listed once.
+    synced: bool,
+    /// Changes received before the loop's first apply.
+    buffered: Vec<Change>,
+}
+
+impl ApiFeed {
+    fn new(source: KubeSource) -> Self {
+        let KubeHandle {
+            events,
+            state,
+            task,
+        } = source.spawn();
+        Self {
+            events: Some(events),
+            state: Some(state),
+            _task: task,
+            synced: false,
+            buffered: Vec::new(),
+        }
+    }
+}
+
+/// What a node pass read on its blocking thread.
+struct Gathered {
+    /// The manifests source travels with the read and comes back.
+    source: Option<Box<dyn ClusterSource>>,
+    cluster: Option<Result<(ClusterSnapshot, Vec<Diagnostic>), SourceError>>,
+    node: anyhow::Result<(NodeTables, Vec<IpAddr>)>,
+}
+
+fn gather(mut source: Option<Box<dyn ClusterSource>>) -> Gathered {
+    let cluster = source.as_mut().map(|s| s.snapshot());
+    let node = (|| {
+        let tables = NodeTables::read().context("reading the node's links and routes")?;
+        let ips = discovery::node_addresses().context("reading the node's addresses")?;
+        Ok((tables, ips))
+    })();
+    Gathered {
+        source,
+        cluster,
+        node,
+    }
+}
+
+fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+async fn next_link_event(w: &mut Option<LinkWatcher>) -> Result<links::Received, links::LinkError> {
+    match w {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_api_event(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<SourceEvent>>,
+) -> Option<SourceEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn api_state_changed(
+    rx: &mut Option<tokio::sync::watch::Receiver<SourceState>>,
+) -> SourceState {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => rx.borrow_and_update().clone(),
+            // The source is gone; `next_api_event` reports it.
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+struct Loop<'a> {
+    args: &'a RunArgs,
+    observer: Arc<Observer>,
+    enforcer: Enforcer,
+    feed: Feed,
+    /// ifindex -> name, for every interface carrying our programs.
+    attached: BTreeMap<u32, String>,
+    pod_links: PodLinks,
+    /// The first apply happened: the maps follow the cluster from here on.
+    ready: bool,
+    resync_every: Duration,
+    last_resync: Instant,
+    poll: Duration,
+    /// When the next node pass starts (it also re-reads the manifests).
+    next_pass: Instant,
+    last_pass: Instant,
+    /// A pass asked for while one was reading (it may have read too early).
+    again: Option<Duration>,
+}
+
+impl<'a> Loop<'a> {
+    fn new(agent: &Agent, enforcer: Enforcer, feed: Feed, args: &'a RunArgs) -> Self {
+        let now = Instant::now();
+        Self {
+            args,
+            observer: Arc::clone(&agent.observer),
+            enforcer,
+            feed,
+            attached: BTreeMap::new(),
+            pod_links: PodLinks::new(LinkFilter {
+                prefixes: args.pod_interface_prefixes.clone(),
+            }),
+            ready: false,
+            resync_every: agent.resync_every(),
+            last_resync: now,
+            poll: Duration::from_millis(args.poll_interval_ms.max(50)),
+            next_pass: now,
+            last_pass: now,
+            again: None,
+        }
+    }
+
+    async fn run(mut self) -> anyhow::Result<()> {
+        // Subscribe before listing, so no link falls between the two.
+        let mut watcher = if self.args.once {
+            None
+        } else {
+            match LinkWatcher::open() {
+                Ok(w) => Some(w),
                 Err(e) => {
-                    tracing::error!(%pod, interface = %iface.name, error = %format!("{e:#}"), "attach failed");
-                    observer.error("attach", &format!("{pod} on {}: {e:#}", iface.name));
+                    tracing::error!(error = %format!("{e:#}"), "cannot watch links; new pods wait for the next poll");
+                    self.observer.error(e.metric_label(), &e);
+                    None
                 }
             }
-        }
-    }
-    snapshot.local = local
-        .iter()
-        .filter(|(_, i)| attached.get(&i.name) == Some(&i.ifindex))
-        .map(|(p, i)| (p.clone(), i.ifindex))
-        .collect();
-    snapshot.node_ips = discovery::node_addresses().context("reading the node's addresses")?;
-    Ok(())
-}
-
-fn log_report(snapshot: &ClusterSnapshot, report: &ApplyReport) {
-    for d in &report.diagnostics {
-        tracing::warn!(problem = %d, "policy problem");
-    }
-    tracing::info!(
-        pods = snapshot.pods.len(),
-        local = snapshot.local.len(),
-        policies = snapshot.policies.len(),
-        entries = report.entries,
-        upserts = report.sync.upserts,
-        deletes = report.sync.deletes,
-        failed = report.sync.failed,
-        compile_us = report.compile_time.as_micros() as u64,
-        program_us = report.sync.elapsed.as_micros() as u64,
-        "maps in step"
-    );
-}
-
-/// The agent loop over any [`ClusterSource`].
-pub async fn enforce(mut source: Box<dyn ClusterSource>, args: &RunArgs) -> anyhow::Result<()> {
-    let agent = Agent::start(args).await?;
-    let observer = Arc::clone(&agent.observer);
-    let mut enforcer = agent.load_enforcer(args)?;
-    tracing::info!(source = %source.describe(), "npm-agent started");
-
-    let mut attached: BTreeMap<String, u32> = BTreeMap::new();
-    let mut last_applied: Option<ClusterSnapshot> = None;
-    let mut last_resync = Instant::now();
-    let resync_every = agent.resync_every();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-
-    loop {
-        observer.tick();
-        let (mut snapshot, diagnostics) = match source.snapshot() {
-            Ok(s) => {
-                observer.source_ok();
-                s
-            }
-            Err(e) if last_applied.is_some() => {
-                // Keep what is enforced; never flush because the source is unhappy.
-                tracing::error!(error = %format!("{e:#}"), "cluster source failed; enforcement unchanged");
-                observer.source_failed(&format!("{e:#}"));
-                tokio::time::sleep(Duration::from_millis(args.poll_interval_ms.max(50))).await;
-                continue;
-            }
-            Err(e) => return Err(e).context("reading the cluster state"),
         };
-        snapshot.node_name = args.node_name.clone();
-        place_local_pods(
-            &mut enforcer,
-            &observer,
-            &mut attached,
-            &mut snapshot,
-            args.node_name.as_deref(),
-        )?;
-
-        snapshot.generation = 0;
-        let changed = last_applied.as_ref() != Some(&snapshot);
-        if changed || last_resync.elapsed() >= resync_every {
-            for d in &diagnostics {
-                tracing::warn!(problem = %d, "manifest problem; object skipped or failed closed");
+        match links::dump_links() {
+            Ok(all) => {
+                let deltas = self.pod_links.relist(&all);
+                self.on_deltas(deltas);
             }
-            let (report, trigger) = if last_resync.elapsed() >= resync_every {
-                last_resync = Instant::now();
-                let report = enforcer
-                    .resync(&snapshot)
-                    .context("re-reading the kernel maps")?;
-                (report, Trigger::Resync)
-            } else {
-                (enforcer.apply(&snapshot), Trigger::Change)
-            };
-            observer.applied(&snapshot, &report, trigger);
-            log_report(&snapshot, &report);
-            last_applied = Some(snapshot);
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "listing links"),
         }
-        if args.once {
-            return Ok(());
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(args.poll_interval_ms.max(50))) => {}
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
-        }
-    }
-    agent.stop();
-    Ok(())
-}
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut gathering: Option<tokio::task::JoinHandle<Gathered>> = None;
+        let (mut api_events, mut api_state) = match &mut self.feed {
+            Feed::Api(api) => (api.events.take(), api.state.take()),
+            Feed::Manifests(_) => (None, None),
+        };
 
-/// How long to keep collecting changes that arrive together before compiling.
-const BATCH_WINDOW: Duration = Duration::from_millis(5);
-/// At most this many events go into one batch (a re-list is one event already).
-const BATCH_MAX: usize = 256;
-
-fn take_event(snapshot: &mut ClusterSnapshot, ev: SourceEvent, synced: &mut bool) -> bool {
-    match ev {
-        SourceEvent::Changes(changes) => {
-            let mut changed = false;
-            for c in &changes {
-                changed |= snapshot.apply(c);
-            }
-            changed
-        }
-        SourceEvent::Problems { object, problems } => {
-            if problems.is_empty() {
-                tracing::info!(%object, "object problems resolved");
-            }
-            for d in problems {
-                tracing::warn!(problem = %d, "object skipped or failed closed");
-            }
-            false
-        }
-        SourceEvent::Synced => {
-            *synced = true;
-            true
-        }
-    }
-}
-
-/// The agent loop over the Kubernetes API: waits until Namespaces, Pods and NetworkPolicies
-/// have all been listed, then compiles after every batch of changes. A lost API server changes
-/// nothing that is enforced (the source sends no removals); its state and `/readyz` say so.
-pub async fn enforce_api(args: &RunArgs) -> anyhow::Result<()> {
-    let agent = Agent::start(args).await?;
-    let observer = Arc::clone(&agent.observer);
-    let resync_every = agent.resync_every();
-    let config = KubeSourceConfig {
-        relist_every: Some(resync_every),
-        ..KubeSourceConfig::default()
-    };
-    let source = KubeSource::connect(args.kubeconfig.as_deref(), config)
-        .await
-        .context("connecting to the Kubernetes API")?;
-    let mut enforcer = agent.load_enforcer(args)?;
-    let mut handle = source.spawn();
-    tracing::info!(node = ?args.node_name, "npm-agent started; source: kubernetes api");
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-
-    let mut snapshot = ClusterSnapshot {
-        node_name: args.node_name.clone(),
-        ..ClusterSnapshot::default()
-    };
-    let mut synced = false;
-    let mut dirty = false;
-    let mut attached: BTreeMap<String, u32> = BTreeMap::new();
-    let mut last_applied: Option<ClusterSnapshot> = None;
-    let mut last_resync = Instant::now();
-    let mut poll = tokio::time::interval(Duration::from_millis(args.poll_interval_ms.max(50)));
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut state = handle.state.clone();
-
-    loop {
-        observer.tick();
-        let mut resync = false;
-        tokio::select! {
-            ev = handle.events.recv() => {
-                let Some(ev) = ev else {
-                    anyhow::bail!("the Kubernetes API source stopped");
+        loop {
+            self.observer.tick();
+            if gathering.is_none() && Instant::now() >= self.next_pass {
+                let source = match &mut self.feed {
+                    Feed::Manifests(s) => s.take(),
+                    Feed::Api(_) => None,
                 };
-                dirty |= take_event(&mut snapshot, ev, &mut synced);
-                // Batch what arrives together (a burst of pod events) into one compile.
-                for _ in 0..BATCH_MAX {
-                    match tokio::time::timeout(BATCH_WINDOW, handle.events.recv()).await {
-                        Ok(Some(ev)) => dirty |= take_event(&mut snapshot, ev, &mut synced),
-                        _ => break,
+                self.last_pass = Instant::now();
+                gathering = Some(tokio::task::spawn_blocking(move || gather(source)));
+            }
+            let tick = self.next_pass.min(self.last_resync + self.resync_every);
+            tokio::select! {
+                g = async { gathering.as_mut().expect("guarded").await }, if gathering.is_some() => {
+                    gathering = None;
+                    let g = g.context("the node pass's reader thread")?;
+                    self.next_pass = self.last_pass + self.poll;
+                    if let Some(d) = self.again.take() {
+                        self.next_pass = self.next_pass.min(Instant::now() + d);
+                    }
+                    self.on_gathered(g)?;
+                    if self.args.once && self.ready {
+                        return Ok(());
                     }
                 }
-            }
-            _ = poll.tick() => {
-                // New pod interfaces, node addresses; and the periodic repair.
-                dirty = true;
-                resync = last_resync.elapsed() >= resync_every;
-            }
-            r = state.changed() => {
-                if r.is_ok() {
-                    let st = state.borrow_and_update().clone();
-                    match &st {
+                _ = tokio::time::sleep_until(tick.into()) => {
+                    if self.ready && self.last_resync.elapsed() >= self.resync_every {
+                        self.resync()?;
+                    }
+                }
+                ev = next_api_event(&mut api_events) => {
+                    let Some(ev) = ev else {
+                        anyhow::bail!("the Kubernetes API source stopped");
+                    };
+                    let mut events = vec![ev];
+                    // Batch what arrives together (a burst of pod events) into one compile.
+                    if let Some(rx) = api_events.as_mut() {
+                        while events.len() < BATCH_MAX {
+                            match tokio::time::timeout(BATCH_WINDOW, rx.recv()).await {
+                                Ok(Some(ev)) => events.push(ev),
+                                _ => break,
+                            }
+                        }
+                    }
+                    let pass = self.on_api_events(events);
+                    if let Some(d) = pass {
+                        self.request_pass(d, gathering.is_some());
+                    }
+                }
+                st = api_state_changed(&mut api_state) => {
+                    match st {
                         SourceState::Disconnected { error, .. } => {
                             tracing::warn!(%error, "Kubernetes API unreachable; enforcement unchanged until it is back");
-                            observer.source_failed(&format!("Kubernetes API unreachable: {error}"));
+                            self.observer.source_failed(&format!("Kubernetes API unreachable: {error}"));
                         }
                         SourceState::Synced => {
                             tracing::info!("Kubernetes API source synced");
-                            observer.source_ok();
+                            self.observer.source_ok();
                         }
                         SourceState::Syncing { waiting_for, last_error } => tracing::info!(
                             ?waiting_for, ?last_error, "waiting for the first complete list"),
                     }
                 }
+                r = next_link_event(&mut watcher) => {
+                    let mut batches = Vec::new();
+                    match r {
+                        Ok(b) => batches.push(b),
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "link watcher stopped; falling back to polling");
+                            self.observer.error(e.metric_label(), &e);
+                            watcher = None;
+                        }
+                    }
+                    // Drain a burst: one compile for all of it.
+                    while let Some(Ok(b)) = watcher.as_mut().and_then(LinkWatcher::try_next) {
+                        batches.push(b);
+                    }
+                    let Some(first_at) = batches.first().map(|b| b.at) else { continue };
+                    // When each link's first notification was read (a drained burst spans many).
+                    let mut seen_at: BTreeMap<u32, Instant> = BTreeMap::new();
+                    for b in &batches {
+                        for e in &b.events {
+                            if let LinkEvent::Link(l) = e {
+                                seen_at.entry(l.ifindex).or_insert(b.at);
+                            }
+                        }
+                    }
+                    let events: Vec<LinkEvent> = batches.into_iter().flat_map(|b| b.events).collect();
+                    let (new, pass) = self.on_link_events(&events);
+                    if !new.is_empty() {
+                        self.fast_path(&new, |i| seen_at.get(&i).copied().unwrap_or(first_at));
+                    }
+                    if let Some(d) = pass {
+                        self.request_pass(d, gathering.is_some());
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => break,
+                _ = sigterm.recv() => break,
             }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
         }
-        // Never enforce a partial view: nothing before every kind has been listed once.
-        if !synced || !dirty {
-            continue;
-        }
-        dirty = false;
-        place_local_pods(
-            &mut enforcer,
-            &observer,
-            &mut attached,
-            &mut snapshot,
-            args.node_name.as_deref(),
-        )?;
-        let mut current = snapshot.clone();
-        current.generation = 0;
-        if resync {
-            last_resync = Instant::now();
-            let report = enforcer
-                .resync(&current)
-                .context("re-reading the kernel maps")?;
-            observer.applied(&current, &report, Trigger::Resync);
-            log_report(&current, &report);
-            last_applied = Some(current);
-        } else if last_applied.as_ref() != Some(&current) {
-            let report = enforcer.apply(&current);
-            observer.applied(&current, &report, Trigger::Change);
-            log_report(&current, &report);
-            last_applied = Some(current);
-        }
-        if args.once {
-            break;
+        Ok(())
+    }
+
+    /// Schedules a node pass `d` from the last one (now at the earliest).
+    fn request_pass(&mut self, d: Duration, running: bool) {
+        if running {
+            self.again = Some(self.again.map_or(d, |a| a.min(d)));
+        } else {
+            self.next_pass = self.next_pass.min((self.last_pass + d).max(Instant::now()));
         }
     }
-    agent.stop();
-    Ok(())
+
+    /// Applies API events (after the first apply) or buffers them (before it). Returns when a
+    /// node pass is wanted: at sync, and when one of this node's pods changed (its IP may now
+    /// tie an interface to it).
+    fn on_api_events(&mut self, events: Vec<SourceEvent>) -> Option<Duration> {
+        let Feed::Api(api) = &mut self.feed else {
+            return None;
+        };
+        let mut changes = Vec::new();
+        let mut pass = None;
+        for ev in events {
+            match ev {
+                SourceEvent::Changes(c) => changes.extend(c),
+                SourceEvent::Problems { object, problems } => {
+                    if problems.is_empty() {
+                        tracing::info!(%object, "object problems resolved");
+                    }
+                    for d in problems {
+                        tracing::warn!(problem = %d, "object skipped or failed closed");
+                    }
+                }
+                SourceEvent::Synced => {
+                    api.synced = true;
+                    pass = Some(Duration::ZERO);
+                }
+            }
+        }
+        let node = self.args.node_name.as_deref();
+        let touches_node = |c: &Change| match c {
+            Change::Pod(obj, pod) => {
+                pod.as_ref().is_some_and(|p| p.node_name.as_deref() == node)
+                    || self.enforcer.compiler().snapshot().local.contains_key(obj)
+            }
+            _ => false,
+        };
+        if changes.iter().any(touches_node) {
+            pass = Some(Duration::ZERO);
+        }
+        if !self.ready {
+            api.buffered.extend(changes);
+        } else if !changes.is_empty() {
+            let report = self.enforcer.apply_changes(&changes);
+            self.report(&report, Trigger::Change);
+        }
+        pass
+    }
+
+    /// A node pass came back: (with manifests) the cluster's changes, and this node's
+    /// placement. The first time the cluster view is complete, both go in one apply.
+    fn on_gathered(&mut self, g: Gathered) -> anyhow::Result<()> {
+        let mut cluster_changes = Vec::new();
+        let mut complete = self.ready;
+        if let Feed::Manifests(slot) = &mut self.feed {
+            *slot = g.source;
+            match g.cluster {
+                Some(Ok((snapshot, diagnostics))) => {
+                    self.observer.source_ok();
+                    let current = self.enforcer.compiler().snapshot();
+                    let target = ClusterSnapshot {
+                        local: current.local.clone(),
+                        pending_links: current.pending_links.clone(),
+                        node_ips: current.node_ips.clone(),
+                        node_name: current.node_name.clone(),
+                        generation: current.generation,
+                        ..snapshot
+                    };
+                    cluster_changes = current.diff(&target);
+                    if !cluster_changes.is_empty() || !self.ready {
+                        for d in &diagnostics {
+                            tracing::warn!(problem = %d, "manifest problem; object skipped or failed closed");
+                        }
+                    }
+                    complete = true;
+                }
+                Some(Err(e)) if self.ready => {
+                    // Keep what is enforced; never flush because the source is unhappy.
+                    tracing::error!(error = %format!("{e:#}"), "cluster source failed; enforcement unchanged");
+                    self.observer.source_failed(&format!("{e:#}"));
+                }
+                Some(Err(e)) => return Err(e).context("reading the cluster state"),
+                None => {}
+            }
+        }
+        if let Feed::Api(api) = &mut self.feed
+            && !self.ready
+            && api.synced
+        {
+            cluster_changes = std::mem::take(&mut api.buffered);
+            complete = true;
+        }
+        if !complete {
+            return Ok(());
+        }
+        let (tables, node_ips) = match g.node {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reading the node's tables failed; placement unchanged");
+                self.observer.error("node_tables", &format!("{e:#}"));
+                if !cluster_changes.is_empty() {
+                    let report = self.enforcer.apply_changes(&cluster_changes);
+                    self.report(&report, Trigger::Change);
+                    self.ready = true;
+                }
+                return Ok(());
+            }
+        };
+        // Placement is computed against the cluster as it will be after `cluster_changes`.
+        let mut base = self.enforcer.compiler().snapshot().clone();
+        for c in &cluster_changes {
+            base.apply(c);
+        }
+        let node_changes = self.place(&base, &tables, node_ips);
+        let report = if self.ready {
+            let mut changes = cluster_changes;
+            changes.extend(node_changes);
+            if changes.is_empty() {
+                return Ok(());
+            }
+            self.enforcer.apply_changes(&changes)
+        } else {
+            // The first apply: the whole view at once (adopted maps are compared in full).
+            for c in &node_changes {
+                base.apply(c);
+            }
+            base.node_name = self.args.node_name.clone();
+            self.enforcer.apply(&base)
+        };
+        self.report(&report, Trigger::Change);
+        self.ready = true;
+        Ok(())
+    }
+
+    /// Ties interfaces to this node's pods (attaching to new ones) and returns the `Local`,
+    /// `PendingLink` and `NodeIps` changes that bring `base` to what the node shows.
+    fn place(
+        &mut self,
+        base: &ClusterSnapshot,
+        tables: &NodeTables,
+        node_ips: Vec<IpAddr>,
+    ) -> Vec<Change> {
+        // Candidate links whose attach failed when they appeared: try again.
+        let missing: Vec<PodLinkDelta> = self
+            .pod_links
+            .links()
+            .values()
+            .filter(|l| !self.attached.contains_key(&l.ifindex))
+            .cloned()
+            .map(PodLinkDelta::Appeared)
+            .collect();
+        self.on_deltas(missing);
+        let discovered =
+            discovery::local_pods(tables, base.pods.values(), self.args.node_name.as_deref());
+        for (pod, iface) in &discovered {
+            if self.attached.get(&iface.ifindex) != Some(&iface.name) {
+                match self.enforcer.attach(&iface.name) {
+                    Ok(ifindex) => {
+                        tracing::info!(%pod, interface = %iface.name, ifindex, "attached");
+                        self.attached.insert(ifindex, iface.name.clone());
+                    }
+                    Err(e) => {
+                        tracing::error!(%pod, interface = %iface.name, error = %format!("{e:#}"), "attach failed");
+                        self.observer
+                            .error("attach", &format!("{pod} on {}: {e:#}", iface.name));
+                    }
+                }
+            }
+        }
+        let local: BTreeMap<_, _> = discovered
+            .iter()
+            .filter(|(_, i)| self.attached.get(&i.ifindex) == Some(&i.name))
+            .map(|(p, i)| (p.clone(), i.ifindex))
+            .collect();
+        let mut changes = links::node_changes(base, &self.live(), &local);
+        if base.node_ips != node_ips {
+            changes.push(Change::NodeIps(node_ips));
+        }
+        changes
+    }
+
+    /// Candidate pod interfaces that carry our programs.
+    fn live(&self) -> BTreeSet<u32> {
+        self.pod_links
+            .links()
+            .keys()
+            .filter(|i| self.attached.contains_key(i))
+            .copied()
+            .collect()
+    }
+
+    /// Attaches to appeared links, forgets gone ones. Returns the ifindexes newly attached.
+    fn on_deltas(&mut self, deltas: Vec<PodLinkDelta>) -> Vec<(u32, String)> {
+        let mut new = Vec::new();
+        for d in deltas {
+            match d {
+                PodLinkDelta::Appeared(link) => match self.enforcer.attach_index(link.ifindex) {
+                    Ok(name) => {
+                        self.attached.insert(link.ifindex, name.clone());
+                        new.push((link.ifindex, name));
+                    }
+                    Err(e) => {
+                        tracing::error!(ifindex = link.ifindex, interface = %link.name,
+                            error = %format!("{e:#}"), "attach to new interface failed");
+                        self.observer.error(
+                            "attach",
+                            &format!("{} ({}): {e:#}", link.name, link.ifindex),
+                        );
+                    }
+                },
+                PodLinkDelta::Gone(link) => {
+                    self.attached.remove(&link.ifindex);
+                    tracing::info!(ifindex = link.ifindex, interface = %link.name, "pod interface gone");
+                }
+            }
+        }
+        new
+    }
+
+    /// Handles one batch of link watcher events; returns the newly attached interfaces and
+    /// whether anything calls for a node pass (and how soon).
+    fn on_link_events(&mut self, events: &[LinkEvent]) -> (Vec<(u32, String)>, Option<Duration>) {
+        let mut deltas = Vec::new();
+        let mut pass: Option<Duration> = None;
+        for e in events {
+            match e {
+                LinkEvent::Overflow => {
+                    tracing::warn!("rtnetlink notifications lost; relisting links");
+                    match links::dump_links() {
+                        Ok(all) => deltas.extend(self.pod_links.relist(&all)),
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "relisting links"),
+                    }
+                    pass = Some(Duration::ZERO);
+                }
+                LinkEvent::Tables => {
+                    pass = Some(pass.map_or(TABLES_DEBOUNCE, |f| f.min(TABLES_DEBOUNCE)));
+                }
+                LinkEvent::Gone(i) => {
+                    // Any interface, candidate or not (discovery may have attached it).
+                    if self.attached.remove(i).is_some() {
+                        pass = Some(Duration::ZERO);
+                    }
+                    deltas.extend(self.pod_links.on_event(e));
+                }
+                LinkEvent::Link(_) => deltas.extend(self.pod_links.on_event(e)),
+            }
+        }
+        if !deltas.is_empty() {
+            pass = Some(Duration::ZERO);
+        }
+        (self.on_deltas(deltas), pass)
+    }
+
+    /// The fast path: newly attached interfaces become pending endpoints at once. Logs how
+    /// long it took from the moment each link's notification was read.
+    fn fast_path(&mut self, new: &[(u32, String)], seen_at: impl Fn(u32) -> Instant) {
+        let attached_at = (Instant::now(), SystemTime::now());
+        if !self.ready {
+            return;
+        }
+        let current = self.enforcer.compiler().snapshot();
+        let changes = links::node_changes(current, &self.live(), &current.local.clone());
+        if changes.is_empty() {
+            return;
+        }
+        let report = self.enforcer.apply_changes(&changes);
+        if report.sync.failed > 0 {
+            tracing::error!(
+                failed = report.sync.failed,
+                "writing pending endpoints failed"
+            );
+        }
+        let written_at = (Instant::now(), SystemTime::now());
+        for (ifindex, name) in new {
+            let ep = self.enforcer.compiler().maps().endpoints.get(ifindex);
+            tracing::info!(
+                ifindex,
+                interface = %name,
+                pending = ep.is_some_and(|e| e.id == npm_common::maps::ID_PENDING),
+                flags = ep.map_or(0, |e| e.flags),
+                attach_us = (attached_at.0 - seen_at(*ifindex)).as_micros() as u64,
+                endpoint_us = (written_at.0 - seen_at(*ifindex)).as_micros() as u64,
+                attached_unix_us = unix_us(attached_at.1),
+                endpoint_unix_us = unix_us(written_at.1),
+                "new pod interface enforced"
+            );
+        }
+        self.report(&report, Trigger::Change);
+    }
+
+    /// Re-reads the kernel maps and repairs any drift from the compiler's.
+    fn resync(&mut self) -> anyhow::Result<()> {
+        self.last_resync = Instant::now();
+        let snapshot = self.enforcer.compiler().snapshot().clone();
+        let report = self
+            .enforcer
+            .resync(&snapshot)
+            .context("re-reading the kernel maps")?;
+        self.report(&report, Trigger::Resync);
+        Ok(())
+    }
+
+    fn report(&self, report: &ApplyReport, trigger: Trigger) {
+        let snapshot = self.enforcer.compiler().snapshot();
+        self.observer.applied(snapshot, report, trigger);
+        for d in &report.diagnostics {
+            tracing::debug!(problem = %d, "policy problem");
+        }
+        tracing::info!(
+            changes = report.changes,
+            pods = snapshot.pods.len(),
+            local = snapshot.local.len(),
+            pending = snapshot.pending_links.len(),
+            policies = snapshot.policies.len(),
+            problems = report.diagnostics.len(),
+            entries = report.entries,
+            upserts = report.sync.upserts,
+            deletes = report.sync.deletes,
+            failed = report.sync.failed,
+            compile_us = report.compile_time.as_micros() as u64,
+            program_us = report.sync.elapsed.as_micros() as u64,
+            "maps in step"
+        );
+    }
 }
 
 /// Defaults < `--config` file < `NPM_*` environment < flags (see [`crate::config`]). Returns

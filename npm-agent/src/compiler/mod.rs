@@ -101,4 +101,6 @@ pub fn compile(snapshot: &ClusterSnapshot, ids: &mut IdAllocator) -> Compiled {
 }
 
 #[cfg(test)]
+mod pending_tests;
+#[cfg(test)]
 mod tests;

@@ -96,6 +96,12 @@ pub enum DatapathError {
         #[source]
         source: Box<TcError>,
     },
+    #[error("interface {iface} is now #{now}, not #{ifindex} (renamed while attaching)")]
+    Renamed {
+        iface: String,
+        ifindex: u32,
+        now: u32,
+    },
     #[error("map {map} is missing from the eBPF object or was already taken")]
     MapMissing { map: String },
     #[error("BPF_PROG_TEST_RUN of {prog}")]
@@ -121,7 +127,7 @@ impl DatapathError {
             Self::Load { .. } => "load",
             Self::ProgramMissing { .. } | Self::Program { .. } => "program",
             Self::Qdisc { .. } => "qdisc",
-            Self::Interface { .. } => "interface",
+            Self::Interface { .. } | Self::Renamed { .. } => "interface",
             Self::Attach { .. } => "attach",
             Self::Detach { .. } => "detach",
             Self::MapMissing { .. } => "map",
@@ -253,6 +259,26 @@ impl Datapath {
             std::mem::forget(link);
         }
         Ok(ifindex)
+    }
+
+    /// [`Datapath::attach`] by interface index: for links reported by rtnetlink, whose name
+    /// may change (a CNI renaming its veth). Fails with [`DatapathError::Renamed`] if the
+    /// interface changed its name between the lookup and the attach (the caller retries
+    /// on the next link event). Returns the name it attached under.
+    pub fn attach_index(&mut self, ifindex: u32) -> Result<String, DatapathError> {
+        let name = sys::if_indextoname(ifindex).map_err(|source| DatapathError::Interface {
+            iface: format!("#{ifindex}"),
+            source,
+        })?;
+        let attached = self.attach(&name)?;
+        if attached != ifindex {
+            return Err(DatapathError::Renamed {
+                iface: name,
+                ifindex,
+                now: attached,
+            });
+        }
+        Ok(name)
     }
 
     /// Removes our filters (found by program name, at any priority) from both TC hooks of

@@ -132,3 +132,17 @@ pub(crate) fn if_nametoindex(name: &std::ffi::CStr) -> io::Result<u32> {
     }
     Ok(index)
 }
+
+/// The name of interface `index` in the calling thread's network namespace.
+pub(crate) fn if_indextoname(index: u32) -> io::Result<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` is IF_NAMESIZE bytes, the size the call may write (name + NUL); it
+    // outlives the call.
+    let ret = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if ret.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the call wrote a NUL-terminated name into `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
+}

@@ -443,7 +443,6 @@ impl Collector for DatapathCollector {
 mod tests {
     use std::time::Duration;
 
-
     use super::*;
     use crate::datapath::DatapathError;
     use crate::programmer::SyncStats;

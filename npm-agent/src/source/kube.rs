@@ -110,16 +110,19 @@ pub struct KubeSource {
     config: KubeSourceConfig,
 }
 
-/// A running [`KubeSource`]. Dropping it stops the watchers.
+/// A running [`KubeSource`]. Dropping it (its `task`) stops the watchers.
 pub struct KubeHandle {
     pub events: mpsc::Receiver<SourceEvent>,
     pub state: watch::Receiver<SourceState>,
-    task: JoinHandle<()>,
+    pub task: SourceTask,
 }
 
-impl Drop for KubeHandle {
+/// The watchers' task: aborted when dropped.
+pub struct SourceTask(JoinHandle<()>);
+
+impl Drop for SourceTask {
     fn drop(&mut self) {
-        self.task.abort();
+        self.0.abort();
     }
 }
 
@@ -150,7 +153,7 @@ impl KubeSource {
         KubeHandle {
             events,
             state,
-            task,
+            task: SourceTask(task),
         }
     }
 
