@@ -164,7 +164,7 @@ struct Journal {
 
 fn put<K: Ord + Copy, V: Copy>(
     map: &mut BTreeMap<K, V>,
-    journal: &mut BTreeMap<K, Option<V>>,
+    journal: Option<&mut BTreeMap<K, Option<V>>>,
     k: K,
     v: Option<V>,
 ) {
@@ -172,20 +172,28 @@ fn put<K: Ord + Copy, V: Copy>(
         Some(v) => map.insert(k, v),
         None => map.remove(&k),
     };
-    journal.entry(k).or_insert(old);
+    if let Some(j) = journal {
+        j.entry(k).or_insert(old);
+    }
 }
 
 /// The maps and the journal of writes to them.
-#[derive(Default)]
 struct Out {
     maps: DesiredMaps,
     journal: Journal,
+    /// Off while building from scratch (nothing to diff against).
+    record: bool,
 }
 
 impl Out {
     fn endpoint(&mut self, k: u32, v: Option<EndpointInfo>) {
         if self.maps.endpoints.get(&k).copied() != v {
-            put(&mut self.maps.endpoints, &mut self.journal.endpoints, k, v);
+            put(
+                &mut self.maps.endpoints,
+                self.record.then_some(&mut self.journal.endpoints),
+                k,
+                v,
+            );
         }
     }
 
@@ -193,7 +201,7 @@ impl Out {
         if self.maps.identities.get(&k).copied() != v {
             put(
                 &mut self.maps.identities,
-                &mut self.journal.identities,
+                self.record.then_some(&mut self.journal.identities),
                 k,
                 v,
             );
@@ -202,7 +210,12 @@ impl Out {
 
     fn cidr(&mut self, k: Lpm<Addr16>, v: Option<u32>) {
         if self.maps.cidrs.get(&k).copied() != v {
-            put(&mut self.maps.cidrs, &mut self.journal.cidrs, k, v);
+            put(
+                &mut self.maps.cidrs,
+                self.record.then_some(&mut self.journal.cidrs),
+                k,
+                v,
+            );
         }
     }
 
@@ -211,7 +224,12 @@ impl Out {
         if let Some(old) = old {
             for k in old.keys() {
                 if new.is_none_or(|n| !n.contains_key(k)) {
-                    put(&mut self.maps.policy, &mut self.journal.policy, *k, None);
+                    put(
+                        &mut self.maps.policy,
+                        self.record.then_some(&mut self.journal.policy),
+                        *k,
+                        None,
+                    );
                 }
             }
         }
@@ -220,7 +238,7 @@ impl Out {
                 if old.and_then(|o| o.get(k)) != Some(v) {
                     put(
                         &mut self.maps.policy,
-                        &mut self.journal.policy,
+                        self.record.then_some(&mut self.journal.policy),
                         *k,
                         Some(*v),
                     );
@@ -318,7 +336,11 @@ impl Incremental {
         let mut me = Self {
             snap: base.clone(),
             ids,
-            out: Out::default(),
+            out: Out {
+                maps: DesiredMaps::default(),
+                journal: Journal::default(),
+                record: false,
+            },
             rules: RuleTable::default(),
             pods: BTreeMap::new(),
             identities: BTreeMap::new(),
@@ -340,10 +362,10 @@ impl Incremental {
             links: base.pending_links.clone(),
             ..Default::default()
         };
-        me.reconcile(d);
         // The first plan is the caller's to make (against what its maps hold), not a
         // journal of the build.
-        me.out.journal = Journal::default();
+        me.reconcile(d);
+        me.out.record = true;
         me
     }
 
