@@ -300,6 +300,8 @@ struct Dirty {
     links: BTreeSet<u32>,
     /// The node name changed: every pod's "not yet placed" status is recomputed.
     all_unplaced: bool,
+    /// Building from scratch: every pod of the snapshot is dirty (as if listed in `pods`).
+    all_pods: bool,
 }
 
 /// The incremental policy compiler. See the module documentation.
@@ -356,7 +358,8 @@ impl Incremental {
         };
         // Everything is new: every object is dirty, every policy was absent.
         let d = Dirty {
-            pods: base.pods.keys().chain(base.local.keys()).cloned().collect(),
+            all_pods: true,
+            all_unplaced: true,
             policies: base.policies.keys().map(|k| (k.clone(), None)).collect(),
             old_node_ips: Some(Vec::new()),
             links: base.pending_links.clone(),
@@ -498,7 +501,12 @@ impl Incremental {
         let mut touched: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
         let mut addrs: BTreeSet<Addr16> = BTreeSet::new();
         let mut ifs: BTreeSet<u32> = mem::take(&mut d.links);
-        for obj in &d.pods {
+        let dirty_pods: Box<dyn Iterator<Item = &ObjRef>> = if d.all_pods {
+            Box::new(self.snap.pods.keys().chain(d.pods.iter()))
+        } else {
+            Box::new(d.pods.iter())
+        };
+        for obj in dirty_pods {
             if let Some(old) = self.pods.remove(obj) {
                 let info = self
                     .identities
@@ -686,32 +694,38 @@ impl Incremental {
         }
 
         // 6. This node's not-yet-placed pods and the pending links' flags.
-        let mut unplaced_dirty: BTreeSet<ObjRef> = mem::take(&mut d.pods);
         if d.all_unplaced {
-            unplaced_dirty.extend(self.snap.pods.keys().cloned());
-            unplaced_dirty.extend(self.unplaced.keys().cloned());
-        }
-        for ns in &policy_namespaces {
-            unplaced_dirty.extend(
-                self.unplaced
-                    .range(ObjRef::new(ns.as_str(), "")..)
-                    .take_while(|(o, _)| &o.namespace == ns)
-                    .map(|(o, _)| o.clone()),
-            );
-        }
-        for obj in unplaced_dirty {
-            match self
-                .snap
-                .pods
-                .get(&obj)
-                .filter(|p| is_unplaced(&self.snap, p))
-            {
-                Some(p) => {
+            self.unplaced.clear();
+            for (obj, p) in &self.snap.pods {
+                if is_unplaced(&self.snap, p) {
                     let f = isolation(&self.snap, &p.namespace, &p.labels);
-                    self.unplaced.insert(obj, f);
+                    self.unplaced.insert(obj.clone(), f);
                 }
-                None => {
-                    self.unplaced.remove(&obj);
+            }
+        } else {
+            let mut unplaced_dirty: BTreeSet<ObjRef> = mem::take(&mut d.pods);
+            for ns in &policy_namespaces {
+                unplaced_dirty.extend(
+                    self.unplaced
+                        .range(ObjRef::new(ns.as_str(), "")..)
+                        .take_while(|(o, _)| &o.namespace == ns)
+                        .map(|(o, _)| o.clone()),
+                );
+            }
+            for obj in unplaced_dirty {
+                match self
+                    .snap
+                    .pods
+                    .get(&obj)
+                    .filter(|p| is_unplaced(&self.snap, p))
+                {
+                    Some(p) => {
+                        let f = isolation(&self.snap, &p.namespace, &p.labels);
+                        self.unplaced.insert(obj, f);
+                    }
+                    None => {
+                        self.unplaced.remove(&obj);
+                    }
                 }
             }
         }
