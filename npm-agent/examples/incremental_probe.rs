@@ -7,7 +7,7 @@
 //! wall time and as the thread's CPU time (on a shared machine the wall p99 includes waiting
 //! for a core). Events: a pod added with labels an existing identity has, or new ones; a pod's
 //! labels changed (any pod, or a local one: its identity's entries are compiled); a policy
-//! added (a third select a local pod); a namespace relabelled (all its pods change identity).
+//! added (about a fifth select a local pod); a namespace relabelled (all its pods change identity).
 use std::time::{Duration, Instant};
 
 use npm_agent::compiler::{IdAllocator, Incremental};
