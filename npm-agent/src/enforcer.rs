@@ -90,6 +90,16 @@ impl<B: MapBackend> Pipeline<B> {
         self.report(changes.len(), compile_time, sync)
     }
 
+    /// Sets this node's name (which pods count as "not yet placed" for pending links); the
+    /// change-driven path has no other way to learn it (`Change` does not carry it).
+    pub fn set_node_name(&mut self, name: Option<String>) -> ApplyReport {
+        let start = Instant::now();
+        let plan = self.compiler.set_node_name(name);
+        let compile_time = start.elapsed();
+        let sync = self.program(&plan);
+        self.report(0, compile_time, sync)
+    }
+
     /// Brings the compiler to `snapshot` (by the changes between the two) and the maps along.
     pub fn apply(&mut self, snapshot: &ClusterSnapshot) -> ApplyReport {
         let start = Instant::now();
@@ -192,6 +202,11 @@ impl Enforcer {
     /// Brings the maps to `snapshot` (diffed against what was compiled last).
     pub fn apply(&mut self, snapshot: &ClusterSnapshot) -> ApplyReport {
         self.pipeline.apply(snapshot)
+    }
+
+    /// Sets this node's name, for sources that send changes (see [`Pipeline::set_node_name`]).
+    pub fn set_node_name(&mut self, name: Option<String>) -> ApplyReport {
+        self.pipeline.set_node_name(name)
     }
 
     /// Applies `snapshot`, then re-reads the kernel maps and repairs drift.

@@ -1104,3 +1104,142 @@ fn attach_replace_detach_in_netns() {
     // Detaching again is a no-op.
     in_netns(&pair.a, || dp.detach("veth-a").expect("detach again"));
 }
+
+/// The compiler's output for a pending link (a new interface whose pod is not known yet),
+/// written to the real maps: the isolated direction drops every new flow, from pods, from
+/// addresses in an allowed ipBlock and from another pending interface's pod alike; the other
+/// direction passes untouched.
+#[test]
+fn pending_link_denies_the_isolated_direction_on_the_real_datapath() {
+    use npm_agent::compiler::{IdAllocator, compile};
+    use npm_agent::model::{Namespace, ObjRef, Peer, Pod, Policy, Rule, Selector};
+    use npm_agent::state::ClusterSnapshot;
+    use npm_common::maps::ID_PENDING;
+
+    let mut s = ClusterSnapshot {
+        node_name: Some("node".into()),
+        ..Default::default()
+    };
+    s.namespaces.insert(
+        "a".into(),
+        Namespace {
+            name: "a".into(),
+            labels: Default::default(),
+        },
+    );
+    let pod = |name: &str, ip: Option<&str>, node: &str| Pod {
+        namespace: "a".into(),
+        name: name.into(),
+        labels: [("app".to_string(), name.to_string())].into(),
+        ips: ip.map(|i| i.parse().expect("ip")).into_iter().collect(),
+        node_name: Some(node.into()),
+        host_network: false,
+        terminating: false,
+        ports: vec![],
+    };
+    // A running local pod, a remote pod, and this node's new pod without an IP yet.
+    for p in [
+        pod("web", Some("10.0.0.2"), "node"),
+        pod("remote", Some("10.0.0.3"), "other"),
+        pod("new", None, "node"),
+    ] {
+        s.pods.insert(p.obj_ref(), p);
+    }
+    s.local.insert(ObjRef::new("a", "web"), 50);
+    // Every pod of the namespace: ingress only from 10.0.0.0/8 (any port).
+    let pol = Policy {
+        namespace: "a".into(),
+        name: "from-ten".into(),
+        pod_selector: Selector::default(),
+        ingress: Some(vec![Rule {
+            peers: vec![Peer::IpBlock {
+                cidr: "10.0.0.0/8".parse().expect("net"),
+                except: vec![],
+            }],
+            ports: vec![],
+        }]),
+        egress: None,
+    };
+    s.policies.insert(pol.obj_ref(), pol);
+    s.pending_links.insert(IFINDEX);
+    let maps = compile(&s, &mut IdAllocator::default()).maps;
+    assert_eq!(
+        maps.endpoints[&IFINDEX],
+        EndpointInfo {
+            id: ID_PENDING,
+            flags: EP_ISOLATE_INGRESS
+        }
+    );
+
+    let mut env = Env::new();
+    for (k, v) in &maps.endpoints {
+        env.endpoints.insert(*k, *v, 0).expect("endpoint");
+    }
+    for (k, v) in &maps.identities {
+        env.identities.insert(*k, *v, 0).expect("identity");
+    }
+    for ((len, k), v) in &maps.cidrs {
+        env.cidrs.insert(&Key::new(*len, *k), *v, 0).expect("cidr");
+    }
+    for ((len, k), v) in &maps.policy {
+        env.policy
+            .insert(&Key::new(*len, *k), *v, 0)
+            .expect("policy");
+    }
+    // The pending link refuses new inbound flows: from a local pod, a remote pod, an address
+    // in the ipBlock that admits the namespace's pods, and any other.
+    for src in [
+        [10, 0, 0, 2],
+        [10, 0, 0, 3],
+        [10, 9, 9, 9],
+        [192, 168, 1, 1],
+    ] {
+        env.deny(
+            PROG_TO_POD,
+            &ipv4(src, [10, 0, 0, 77], PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+            REASON_DROP_POLICY,
+        );
+    }
+    // Not even "to itself": the pending interface's address is in no IDENTITIES entry.
+    env.deny(
+        PROG_TO_POD,
+        &ipv4([10, 0, 0, 77], [10, 0, 0, 77], PROTO_UDP, &udp(1, 2)),
+        REASON_DROP_POLICY,
+    );
+    // Egress is not isolated for any not-yet-placed pod: passes (and is tracked).
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(
+            [10, 0, 0, 77],
+            [10, 0, 0, 2],
+            PROTO_TCP,
+            &tcp(40001, 80, TCP_SYN),
+        ),
+        REASON_NOT_ISOLATED,
+    );
+    // The same interface as the running pod's endpoint: the ipBlock admits 10/8 (so the
+    // denials above come from the pending identity, not from missing entries).
+    env.endpoints
+        .insert(IFINDEX, maps.endpoints[&50], 0)
+        .expect("endpoint");
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(
+            [10, 9, 9, 9],
+            [10, 0, 0, 2],
+            PROTO_TCP,
+            &tcp(40002, 80, TCP_SYN),
+        ),
+        REASON_POLICY_ALLOW,
+    );
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(
+            [192, 168, 1, 1],
+            [10, 0, 0, 2],
+            PROTO_TCP,
+            &tcp(40003, 80, TCP_SYN),
+        ),
+        REASON_DROP_POLICY,
+    );
+}

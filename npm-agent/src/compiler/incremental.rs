@@ -164,7 +164,7 @@ struct Journal {
 
 fn put<K: Ord + Copy, V: Copy>(
     map: &mut BTreeMap<K, V>,
-    journal: &mut BTreeMap<K, Option<V>>,
+    journal: Option<&mut BTreeMap<K, Option<V>>>,
     k: K,
     v: Option<V>,
 ) {
@@ -172,20 +172,28 @@ fn put<K: Ord + Copy, V: Copy>(
         Some(v) => map.insert(k, v),
         None => map.remove(&k),
     };
-    journal.entry(k).or_insert(old);
+    if let Some(j) = journal {
+        j.entry(k).or_insert(old);
+    }
 }
 
 /// The maps and the journal of writes to them.
-#[derive(Default)]
 struct Out {
     maps: DesiredMaps,
     journal: Journal,
+    /// Off while building from scratch (nothing to diff against).
+    record: bool,
 }
 
 impl Out {
     fn endpoint(&mut self, k: u32, v: Option<EndpointInfo>) {
         if self.maps.endpoints.get(&k).copied() != v {
-            put(&mut self.maps.endpoints, &mut self.journal.endpoints, k, v);
+            put(
+                &mut self.maps.endpoints,
+                self.record.then_some(&mut self.journal.endpoints),
+                k,
+                v,
+            );
         }
     }
 
@@ -193,7 +201,7 @@ impl Out {
         if self.maps.identities.get(&k).copied() != v {
             put(
                 &mut self.maps.identities,
-                &mut self.journal.identities,
+                self.record.then_some(&mut self.journal.identities),
                 k,
                 v,
             );
@@ -202,7 +210,12 @@ impl Out {
 
     fn cidr(&mut self, k: Lpm<Addr16>, v: Option<u32>) {
         if self.maps.cidrs.get(&k).copied() != v {
-            put(&mut self.maps.cidrs, &mut self.journal.cidrs, k, v);
+            put(
+                &mut self.maps.cidrs,
+                self.record.then_some(&mut self.journal.cidrs),
+                k,
+                v,
+            );
         }
     }
 
@@ -211,7 +224,12 @@ impl Out {
         if let Some(old) = old {
             for k in old.keys() {
                 if new.is_none_or(|n| !n.contains_key(k)) {
-                    put(&mut self.maps.policy, &mut self.journal.policy, *k, None);
+                    put(
+                        &mut self.maps.policy,
+                        self.record.then_some(&mut self.journal.policy),
+                        *k,
+                        None,
+                    );
                 }
             }
         }
@@ -220,7 +238,7 @@ impl Out {
                 if old.and_then(|o| o.get(k)) != Some(v) {
                     put(
                         &mut self.maps.policy,
-                        &mut self.journal.policy,
+                        self.record.then_some(&mut self.journal.policy),
                         *k,
                         Some(*v),
                     );
@@ -282,6 +300,8 @@ struct Dirty {
     links: BTreeSet<u32>,
     /// The node name changed: every pod's "not yet placed" status is recomputed.
     all_unplaced: bool,
+    /// Building from scratch: every pod of the snapshot is dirty (as if listed in `pods`).
+    all_pods: bool,
 }
 
 /// The incremental policy compiler. See the module documentation.
@@ -318,7 +338,11 @@ impl Incremental {
         let mut me = Self {
             snap: base.clone(),
             ids,
-            out: Out::default(),
+            out: Out {
+                maps: DesiredMaps::default(),
+                journal: Journal::default(),
+                record: false,
+            },
             rules: RuleTable::default(),
             pods: BTreeMap::new(),
             identities: BTreeMap::new(),
@@ -334,16 +358,17 @@ impl Incremental {
         };
         // Everything is new: every object is dirty, every policy was absent.
         let d = Dirty {
-            pods: base.pods.keys().chain(base.local.keys()).cloned().collect(),
+            all_pods: true,
+            all_unplaced: true,
             policies: base.policies.keys().map(|k| (k.clone(), None)).collect(),
             old_node_ips: Some(Vec::new()),
             links: base.pending_links.clone(),
             ..Default::default()
         };
-        me.reconcile(d);
         // The first plan is the caller's to make (against what its maps hold), not a
         // journal of the build.
-        me.out.journal = Journal::default();
+        me.reconcile(d);
+        me.out.record = true;
         me
     }
 
@@ -476,7 +501,12 @@ impl Incremental {
         let mut touched: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
         let mut addrs: BTreeSet<Addr16> = BTreeSet::new();
         let mut ifs: BTreeSet<u32> = mem::take(&mut d.links);
-        for obj in &d.pods {
+        let dirty_pods: Box<dyn Iterator<Item = &ObjRef>> = if d.all_pods {
+            Box::new(self.snap.pods.keys().chain(d.pods.iter()))
+        } else {
+            Box::new(d.pods.iter())
+        };
+        for obj in dirty_pods {
             if let Some(old) = self.pods.remove(obj) {
                 let info = self
                     .identities
@@ -664,32 +694,38 @@ impl Incremental {
         }
 
         // 6. This node's not-yet-placed pods and the pending links' flags.
-        let mut unplaced_dirty: BTreeSet<ObjRef> = mem::take(&mut d.pods);
         if d.all_unplaced {
-            unplaced_dirty.extend(self.snap.pods.keys().cloned());
-            unplaced_dirty.extend(self.unplaced.keys().cloned());
-        }
-        for ns in &policy_namespaces {
-            unplaced_dirty.extend(
-                self.unplaced
-                    .range(ObjRef::new(ns.as_str(), "")..)
-                    .take_while(|(o, _)| &o.namespace == ns)
-                    .map(|(o, _)| o.clone()),
-            );
-        }
-        for obj in unplaced_dirty {
-            match self
-                .snap
-                .pods
-                .get(&obj)
-                .filter(|p| is_unplaced(&self.snap, p))
-            {
-                Some(p) => {
+            self.unplaced.clear();
+            for (obj, p) in &self.snap.pods {
+                if is_unplaced(&self.snap, p) {
                     let f = isolation(&self.snap, &p.namespace, &p.labels);
-                    self.unplaced.insert(obj, f);
+                    self.unplaced.insert(obj.clone(), f);
                 }
-                None => {
-                    self.unplaced.remove(&obj);
+            }
+        } else {
+            let mut unplaced_dirty: BTreeSet<ObjRef> = mem::take(&mut d.pods);
+            for ns in &policy_namespaces {
+                unplaced_dirty.extend(
+                    self.unplaced
+                        .range(ObjRef::new(ns.as_str(), "")..)
+                        .take_while(|(o, _)| &o.namespace == ns)
+                        .map(|(o, _)| o.clone()),
+                );
+            }
+            for obj in unplaced_dirty {
+                match self
+                    .snap
+                    .pods
+                    .get(&obj)
+                    .filter(|p| is_unplaced(&self.snap, p))
+                {
+                    Some(p) => {
+                        let f = isolation(&self.snap, &p.namespace, &p.labels);
+                        self.unplaced.insert(obj, f);
+                    }
+                    None => {
+                        self.unplaced.remove(&obj);
+                    }
                 }
             }
         }
