@@ -88,6 +88,14 @@ pub fn npm_to_pod(ctx: TcContext) -> i32 {
     handle(&ctx, DIR_INGRESS)
 }
 
+/// The benchmark's baseline: no parsing, no maps, always `TC_ACT_PIPE` (`PROG_PASS`). Not
+/// attached by the agent; it exists so `BPF_PROG_TEST_RUN` of the same packet through it
+/// shows what the test harness itself costs.
+#[classifier]
+pub fn npm_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_PIPE
+}
+
 /// Classifies, counts and turns the reason into a TC action. Nothing here can fail: every
 /// error path inside [`classify`] already chose a reason.
 #[inline(always)]

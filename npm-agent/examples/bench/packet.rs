@@ -1,0 +1,190 @@
+//! Part 1: per-packet cost of the classifier through `BPF_PROG_TEST_RUN`.
+//!
+//! For each (pods, policies) size the synthetic cluster is compiled and programmed into fresh
+//! maps by the real [`Enforcer`]; then one TCP packet from a peer to the local pod `p0`
+//! (ingress, `npm_to_pod`, ifindex 1) is run through the classifier:
+//! - new connection, denied: a SYN from the denied peer, `repeat` times in one call (a denied
+//!   packet creates no conntrack entry, so every repetition takes the full path);
+//! - new connection, allowed: a SYN from the allowed peer, one repetition per call with the
+//!   conntrack entry it created removed before the next call (with `repeat` > 1 every
+//!   repetition after the first would be a conntrack hit). A single repetition carries the
+//!   kernel's timer overhead, so the figure reported is the median of those single runs minus
+//!   (pass-only single run − pass-only repeated run): both measured the same way;
+//! - established: the allowed SYN once (creates the entry), then `repeat` times (conntrack
+//!   hit). A denied flow never gets an entry, so "established, denied" does not exist;
+//! - pass-only: the same packet through `npm_pass` (returns `TC_ACT_PIPE`, touches nothing).
+//!
+//! Every verdict is checked (allowed = `TC_ACT_PIPE`, denied = `TC_ACT_SHOT`), so a
+//! misconfigured size fails instead of timing the wrong path.
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use npm_agent::enforcer::Enforcer;
+use npm_common::maps::{PROG_PASS, PROG_TO_POD};
+
+use crate::report::{Row, Sink};
+use crate::synth;
+
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_PIPE: u32 = 3;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+pub(crate) struct Params {
+    pub(crate) pods: Vec<usize>,
+    pub(crate) policies: Vec<usize>,
+    /// Repetitions per `BPF_PROG_TEST_RUN` call for the repeated figures.
+    pub(crate) repeat: u32,
+    /// Calls per repeated figure (the median is reported).
+    pub(crate) rounds: usize,
+    /// Single-repetition calls for the new-allowed figure (the median is reported).
+    pub(crate) singles: usize,
+}
+
+fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    p.extend_from_slice(&ethertype.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = Vec::with_capacity(20);
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, l4: &[u8]) -> Vec<u8> {
+    let total = u16::try_from(20 + l4.len()).expect("small packet");
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(l4);
+    eth(0x0800, &ip)
+}
+
+fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, l4: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&u16::try_from(l4.len()).expect("small").to_be_bytes());
+    ip.extend_from_slice(&[6, 64]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(l4);
+    eth(0x86dd, &ip)
+}
+
+/// A TCP packet from pod `peer` to `p0`'s service port.
+fn packet(v6: bool, peer: usize, flags: u8) -> Vec<u8> {
+    let l4 = tcp(40_000, synth::SERVICE_PORT, flags);
+    if v6 {
+        ipv6(synth::v6(peer), synth::v6(0), &l4)
+    } else {
+        ipv4(synth::v4(peer), synth::v4(0), &l4)
+    }
+}
+
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median over `rounds` calls of `repeat` repetitions; checks the verdict of each call.
+fn repeated(e: &Enforcer, prog: &str, pkt: &[u8], repeat: u32, rounds: usize, want: u32) -> f64 {
+    let mut v: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let r = e
+                .datapath()
+                .test_run(prog, pkt, 1, repeat)
+                .expect("BPF_PROG_TEST_RUN");
+            assert_eq!(r.retval, want, "{prog}: unexpected verdict");
+            f64::from(r.duration_ns)
+        })
+        .collect();
+    median(&mut v)
+}
+
+/// Median of `n` single runs; with `flush`, the conntrack entry each run creates is removed
+/// (and its existence checked) before the next.
+fn singles(e: &mut Enforcer, prog: &str, pkt: &[u8], n: usize, want: u32, flush: bool) -> f64 {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = e
+            .datapath()
+            .test_run(prog, pkt, 1, 1)
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(r.retval, want, "{prog}: unexpected verdict");
+        v.push(f64::from(r.duration_ns));
+        if flush {
+            let removed = e.datapath_mut().flush_conntrack().expect("flush conntrack");
+            assert_eq!(removed, 1, "an allowed new connection creates one entry");
+        }
+    }
+    median(&mut v)
+}
+
+pub(crate) fn run(p: &Params, sink: &mut Sink) {
+    for &pods in &p.pods {
+        for &policies in &p.policies {
+            let snapshot = synth::cluster(pods, policies, 100);
+            let mut e = Enforcer::new(None).expect("load the datapath (root required)");
+            let report = e.apply(&snapshot);
+            assert_eq!(report.sync.failed, 0, "programming the maps failed");
+            let size = format!("pods={pods} policies={policies}");
+            eprintln!(
+                "per-packet {size}: {} policy entries, {} identities",
+                report.compiled.maps.policy.len(),
+                report.compiled.maps.identities.len()
+            );
+            for v6 in [false, true] {
+                let fam = if v6 { "IPv6" } else { "IPv4" };
+                let denied = packet(v6, synth::DENIED_PEER, TCP_SYN);
+                let allowed = packet(v6, synth::ALLOWED_PEER, TCP_SYN);
+                let est = packet(v6, synth::ALLOWED_PEER, TCP_ACK);
+
+                e.datapath_mut().flush_conntrack().expect("flush conntrack");
+                let new_denied =
+                    repeated(&e, PROG_TO_POD, &denied, p.repeat, p.rounds, TC_ACT_SHOT);
+                let pass_rep = repeated(&e, PROG_PASS, &allowed, p.repeat, p.rounds, TC_ACT_PIPE);
+                let pass_one = singles(&mut e, PROG_PASS, &allowed, p.singles, TC_ACT_PIPE, false);
+                let new_allowed_raw =
+                    singles(&mut e, PROG_TO_POD, &allowed, p.singles, TC_ACT_PIPE, true);
+                let new_allowed = new_allowed_raw - (pass_one - pass_rep);
+                // Create the entry, then time the hits.
+                let first = e
+                    .datapath()
+                    .test_run(PROG_TO_POD, &allowed, 1, 1)
+                    .expect("BPF_PROG_TEST_RUN");
+                assert_eq!(first.retval, TC_ACT_PIPE);
+                let established = repeated(&e, PROG_TO_POD, &est, p.repeat, p.rounds, TC_ACT_PIPE);
+                e.datapath_mut().flush_conntrack().expect("flush conntrack");
+
+                let mut row = |figure: &str, value: f64, target: Option<f64>| {
+                    sink.push(Row {
+                        section: "1 per-packet".into(),
+                        figure: format!("{figure}, {fam}"),
+                        size: size.clone(),
+                        pods: Some(pods),
+                        policies: Some(policies),
+                        value: Some(value),
+                        unit: "ns".into(),
+                        target_max: target,
+                        note: None,
+                    });
+                };
+                row("new connection, allowed", new_allowed, Some(150.0));
+                row("new connection, denied", new_denied, Some(150.0));
+                row("established (conntrack hit)", established, Some(60.0));
+                row("pass-only program", pass_rep, None);
+                row(
+                    "new connection, allowed, single-run raw",
+                    new_allowed_raw,
+                    None,
+                );
+                row("pass-only program, single-run raw", pass_one, None);
+            }
+        }
+    }
+}
