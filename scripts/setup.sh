@@ -7,7 +7,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 need_apt=()
 for pkg in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev bpftool iproute2 iputils-ping \
-           netcat-openbsd util-linux; do
+           netcat-openbsd util-linux iperf3 sockperf; do
+  # iperf3 and sockperf: the lab traffic figures of `cargo xtask bench`.
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -240,10 +240,10 @@ pub(crate) fn child(pods: usize, policies: usize, namespaces: usize, events: usi
 }
 
 /// Runs every size in its own child process and collects the rows.
-pub(crate) fn run(sizes: &[(usize, usize, usize)], events: usize) -> Vec<Row> {
+pub(crate) fn run(sizes: &[(usize, usize, usize, usize)]) -> Vec<Row> {
     let exe = std::env::current_exe().expect("own path");
     let mut rows = Vec::new();
-    for &(pods, policies, namespaces) in sizes {
+    for &(pods, policies, namespaces, events) in sizes {
         eprintln!("control plane: pods={pods} policies={policies} namespaces={namespaces}");
         let out = std::process::Command::new(&exe)
             .args([

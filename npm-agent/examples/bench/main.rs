@@ -41,6 +41,9 @@ struct Args {
     /// rows as JSON.
     #[arg(long, hide = true)]
     control_child: Option<String>,
+    /// For profiling: run one per-packet path (established, denied, pass) for SECONDS.
+    #[arg(long, hide = true, num_args = 2, value_names = ["PATH", "SECONDS"])]
+    spin: Vec<String>,
 }
 
 fn machine() -> String {
@@ -88,6 +91,10 @@ fn main() {
         println!("{}", serde_json::to_string(&rows).expect("rows serialize"));
         return;
     }
+    if let [kind, seconds] = args.spin.as_slice() {
+        packet::spin(kind, seconds.parse().expect("SECONDS"));
+        return;
+    }
     let full = args.size == Size::Full;
     let want = |part: &str| args.only.is_empty() || args.only.iter().any(|o| o == part);
     let started = std::time::Instant::now();
@@ -114,19 +121,17 @@ fn main() {
         packet::run(&p, &mut sink);
     }
     if want("control") {
-        let (sizes, events): (Vec<(usize, usize, usize)>, usize) = if full {
-            (
-                vec![
-                    (1_000, 100, 100),
-                    (10_000, 1_000, 100),
-                    (50_000, 5_000, 100),
-                ],
-                50,
-            )
+        // (pods, policies, namespaces, incremental events of each kind)
+        let sizes: Vec<(usize, usize, usize, usize)> = if full {
+            vec![
+                (1_000, 100, 100, 100),
+                (10_000, 1_000, 100, 100),
+                (50_000, 5_000, 100, 20),
+            ]
         } else {
-            (vec![(200, 20, 20), (500, 50, 50), (1_000, 100, 100)], 10)
+            vec![(200, 20, 20, 10), (500, 50, 50, 10), (1_000, 100, 100, 10)]
         };
-        for row in control::run(&sizes, events) {
+        for row in control::run(&sizes) {
             sink.push(row);
         }
     }

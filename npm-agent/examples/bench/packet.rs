@@ -125,6 +125,41 @@ fn singles(e: &mut Enforcer, prog: &str, pkt: &[u8], n: usize, want: u32, flush:
     median(&mut v)
 }
 
+/// For profiling (`perf record -a` around it): runs one path at pods=10000 policies=1000 for
+/// about `seconds` (kind: `established`, `denied` or `pass`, IPv4).
+pub(crate) fn spin(kind: &str, seconds: u64) {
+    let snapshot = synth::cluster(10_000, 1_000, 100);
+    let mut e = Enforcer::new(None).expect("load the datapath (root required)");
+    assert_eq!(e.apply(&snapshot).sync.failed, 0);
+    let allowed = packet(false, synth::ALLOWED_PEER, TCP_SYN);
+    let (prog, pkt, want) = match kind {
+        "established" => {
+            let r = e
+                .datapath()
+                .test_run(PROG_TO_POD, &allowed, 1, 1)
+                .expect("run");
+            assert_eq!(r.retval, TC_ACT_PIPE);
+            (
+                PROG_TO_POD,
+                packet(false, synth::ALLOWED_PEER, TCP_ACK),
+                TC_ACT_PIPE,
+            )
+        }
+        "denied" => (
+            PROG_TO_POD,
+            packet(false, synth::DENIED_PEER, TCP_SYN),
+            TC_ACT_SHOT,
+        ),
+        _ => (PROG_PASS, allowed, TC_ACT_PIPE),
+    };
+    let start = std::time::Instant::now();
+    while start.elapsed().as_secs() < seconds {
+        let ns = repeated(&e, prog, &pkt, 1_000_000, 1, want);
+        eprintln!("{kind}: {ns} ns");
+    }
+    e.datapath_mut().flush_conntrack().expect("flush");
+}
+
 pub(crate) fn run(p: &Params, sink: &mut Sink) {
     for &pods in &p.pods {
         for &policies in &p.policies {
