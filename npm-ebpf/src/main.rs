@@ -29,7 +29,7 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, map},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
@@ -151,8 +151,11 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
         }
     }
 
+    // The coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution) is plenty for timeouts of
+    // seconds and much cheaper than bpf_ktime_get_ns, which reads the clocksource on every
+    // packet (measured: ~35 ns of a 150 ns established packet, `cargo xtask bench`).
     // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut ct_key = CtKey {
         addr_lo: [0; 16],
         addr_hi: [0; 16],
