@@ -8,8 +8,9 @@
 //! - new connection, allowed: a SYN from the allowed peer, one repetition per call with the
 //!   conntrack entry it created removed before the next call (with `repeat` > 1 every
 //!   repetition after the first would be a conntrack hit). A single repetition carries the
-//!   kernel's timer overhead, so the figure reported is the median of those single runs minus
-//!   (pass-only single run − pass-only repeated run): both measured the same way;
+//!   kernel's timer overhead and starts with caches cooled by the flush syscalls, so the figure
+//!   reported is the median of those single runs minus (pass-only single run − pass-only
+//!   repeated run), the pass-only single runs being measured the same way (flush included);
 //! - established: the allowed SYN once (creates the entry), then `repeat` times (conntrack
 //!   hit). A denied flow never gets an entry, so "established, denied" does not exist;
 //! - pass-only: the same packet through `npm_pass` (returns `TC_ACT_PIPE`, touches nothing).
@@ -106,9 +107,10 @@ fn repeated(e: &Enforcer, prog: &str, pkt: &[u8], repeat: u32, rounds: usize, wa
     median(&mut v)
 }
 
-/// Median of `n` single runs; with `flush`, the conntrack entry each run creates is removed
-/// (and its existence checked) before the next.
-fn singles(e: &mut Enforcer, prog: &str, pkt: &[u8], n: usize, want: u32, flush: bool) -> f64 {
+/// Median of `n` single runs, each followed by a conntrack flush that must remove `created`
+/// entries (1 for an allowed new connection, 0 for the pass-only baseline: the baseline goes
+/// through the same syscalls between runs, so both start equally cold).
+fn singles(e: &mut Enforcer, prog: &str, pkt: &[u8], n: usize, want: u32, created: usize) -> f64 {
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
         let r = e
@@ -117,10 +119,11 @@ fn singles(e: &mut Enforcer, prog: &str, pkt: &[u8], n: usize, want: u32, flush:
             .expect("BPF_PROG_TEST_RUN");
         assert_eq!(r.retval, want, "{prog}: unexpected verdict");
         v.push(f64::from(r.duration_ns));
-        if flush {
-            let removed = e.datapath_mut().flush_conntrack().expect("flush conntrack");
-            assert_eq!(removed, 1, "an allowed new connection creates one entry");
-        }
+        let removed = e.datapath_mut().flush_conntrack().expect("flush conntrack");
+        assert_eq!(
+            removed, created,
+            "{prog}: conntrack entries created by one run"
+        );
     }
     median(&mut v)
 }
@@ -183,9 +186,9 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                 let new_denied =
                     repeated(&e, PROG_TO_POD, &denied, p.repeat, p.rounds, TC_ACT_SHOT);
                 let pass_rep = repeated(&e, PROG_PASS, &allowed, p.repeat, p.rounds, TC_ACT_PIPE);
-                let pass_one = singles(&mut e, PROG_PASS, &allowed, p.singles, TC_ACT_PIPE, false);
+                let pass_one = singles(&mut e, PROG_PASS, &allowed, p.singles, TC_ACT_PIPE, 0);
                 let new_allowed_raw =
-                    singles(&mut e, PROG_TO_POD, &allowed, p.singles, TC_ACT_PIPE, true);
+                    singles(&mut e, PROG_TO_POD, &allowed, p.singles, TC_ACT_PIPE, 1);
                 let new_allowed = new_allowed_raw - (pass_one - pass_rep);
                 // Create the entry, then time the hits.
                 let first = e
