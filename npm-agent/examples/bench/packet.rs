@@ -6,11 +6,11 @@
 //! - new connection, denied: a SYN from the denied peer, `repeat` times in one call (a denied
 //!   packet creates no conntrack entry, so every repetition takes the full path);
 //! - new connection, allowed: a SYN from the allowed peer, one repetition per call with the
-//!   conntrack entry it created removed before the next call (with `repeat` > 1 every
+//!   conntrack entry it created removed (one delete by key) before the next call (with `repeat` > 1 every
 //!   repetition after the first would be a conntrack hit). A single repetition carries the
-//!   kernel's timer overhead and starts with caches cooled by the flush syscalls, so the figure
-//!   reported is the median of those single runs minus (pass-only single run − pass-only
-//!   repeated run), the pass-only single runs being measured the same way (flush included);
+//!   kernel's timer overhead and follows two syscalls, so the figure reported is the median of
+//!   those single runs minus (pass-only single run − pass-only repeated run), the pass-only
+//!   single runs being measured the same way (same delete syscall between runs);
 //! - established: the allowed SYN once (creates the entry), then `repeat` times (conntrack
 //!   hit). A denied flow never gets an entry, so "established, denied" does not exist;
 //! - pass-only: the same packet through `npm_pass` (returns `TC_ACT_PIPE`, touches nothing).
@@ -20,7 +20,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use npm_agent::enforcer::Enforcer;
-use npm_common::maps::{PROG_PASS, PROG_TO_POD};
+use npm_common::maps::{CtKey, CtValue, MAP_CONNTRACK, PROG_PASS, PROG_TO_POD};
 
 use crate::report::{Row, Sink};
 use crate::synth;
@@ -107,10 +107,52 @@ fn repeated(e: &Enforcer, prog: &str, pkt: &[u8], repeat: u32, rounds: usize, wa
     median(&mut v)
 }
 
-/// Median of `n` single runs, each followed by a conntrack flush that must remove `created`
-/// entries (1 for an allowed new connection, 0 for the pass-only baseline: the baseline goes
-/// through the same syscalls between runs, so both start equally cold).
-fn singles(e: &mut Enforcer, prog: &str, pkt: &[u8], n: usize, want: u32, created: usize) -> f64 {
+/// The conntrack map, taken from the datapath so single entries can be removed.
+type CtMap = aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue>;
+
+fn take_ct(e: &mut Enforcer) -> CtMap {
+    let map = e
+        .datapath_mut()
+        .take_map(MAP_CONNTRACK)
+        .expect("conntrack map");
+    CtMap::try_from(map).expect("conntrack map type")
+}
+
+/// Removes every entry (walks the whole map: only between measurements, never inside one).
+fn ct_clear(ct: &mut CtMap) -> usize {
+    let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>().expect("conntrack keys");
+    keys.iter().filter(|k| ct.remove(k).is_ok()).count()
+}
+
+/// Runs the allowed SYN once and returns the conntrack key it created (then removes it).
+fn ct_key_of(e: &Enforcer, ct: &mut CtMap, pkt: &[u8]) -> CtKey {
+    ct_clear(ct);
+    let r = e
+        .datapath()
+        .test_run(PROG_TO_POD, pkt, 1, 1)
+        .expect("BPF_PROG_TEST_RUN");
+    assert_eq!(r.retval, TC_ACT_PIPE, "the allowed SYN passes");
+    let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>().expect("conntrack keys");
+    assert_eq!(keys.len(), 1, "an allowed new connection creates one entry");
+    ct.remove(&keys[0]).expect("remove the entry");
+    keys[0]
+}
+
+/// Median of `n` single runs, each followed by the removal of conntrack entry `key`, which
+/// must have been `created` by the run (true for an allowed new connection, false for the
+/// pass-only baseline: the baseline makes the same syscall between runs, so both start from
+/// the same cache state).
+#[allow(clippy::too_many_arguments)]
+fn singles(
+    e: &Enforcer,
+    ct: &mut CtMap,
+    key: &CtKey,
+    prog: &str,
+    pkt: &[u8],
+    n: usize,
+    want: u32,
+    created: bool,
+) -> f64 {
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
         let r = e
@@ -119,17 +161,17 @@ fn singles(e: &mut Enforcer, prog: &str, pkt: &[u8], n: usize, want: u32, create
             .expect("BPF_PROG_TEST_RUN");
         assert_eq!(r.retval, want, "{prog}: unexpected verdict");
         v.push(f64::from(r.duration_ns));
-        let removed = e.datapath_mut().flush_conntrack().expect("flush conntrack");
+        let removed = ct.remove(key).is_ok();
         assert_eq!(
             removed, created,
-            "{prog}: conntrack entries created by one run"
+            "{prog}: conntrack entry created by one run"
         );
     }
     median(&mut v)
 }
 
 /// For profiling (`perf record -a` around it): runs one path at pods=10000 policies=1000 for
-/// about `seconds` (kind: `established`, `denied` or `pass`, IPv4).
+/// about `seconds` (kind: `established`, `denied`, `new` (single runs) or `pass`, IPv4).
 pub(crate) fn spin(kind: &str, seconds: u64) {
     let snapshot = synth::cluster(10_000, 1_000, 100);
     let mut e = Enforcer::new(None).expect("load the datapath (root required)");
@@ -153,6 +195,25 @@ pub(crate) fn spin(kind: &str, seconds: u64) {
             packet(false, synth::DENIED_PEER, TCP_SYN),
             TC_ACT_SHOT,
         ),
+        "new" => {
+            let mut ct = take_ct(&mut e);
+            let key = ct_key_of(&e, &mut ct, &allowed);
+            let start = std::time::Instant::now();
+            while start.elapsed().as_secs() < seconds {
+                let ns = singles(
+                    &e,
+                    &mut ct,
+                    &key,
+                    PROG_TO_POD,
+                    &allowed,
+                    10_000,
+                    TC_ACT_PIPE,
+                    true,
+                );
+                eprintln!("new (single runs, raw): {ns} ns");
+            }
+            return;
+        }
         _ => (PROG_PASS, allowed, TC_ACT_PIPE),
     };
     let start = std::time::Instant::now();
@@ -160,7 +221,6 @@ pub(crate) fn spin(kind: &str, seconds: u64) {
         let ns = repeated(&e, prog, &pkt, 1_000_000, 1, want);
         eprintln!("{kind}: {ns} ns");
     }
-    e.datapath_mut().flush_conntrack().expect("flush");
 }
 
 pub(crate) fn run(p: &Params, sink: &mut Sink) {
@@ -170,6 +230,7 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
             let mut e = Enforcer::new(None).expect("load the datapath (root required)");
             let report = e.apply(&snapshot);
             assert_eq!(report.sync.failed, 0, "programming the maps failed");
+            let mut ct = take_ct(&mut e);
             let size = format!("pods={pods} policies={policies}");
             eprintln!(
                 "per-packet {size}: {} policy entries, {} identities",
@@ -182,13 +243,30 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                 let allowed = packet(v6, synth::ALLOWED_PEER, TCP_SYN);
                 let est = packet(v6, synth::ALLOWED_PEER, TCP_ACK);
 
-                e.datapath_mut().flush_conntrack().expect("flush conntrack");
+                let key = ct_key_of(&e, &mut ct, &allowed);
                 let new_denied =
                     repeated(&e, PROG_TO_POD, &denied, p.repeat, p.rounds, TC_ACT_SHOT);
                 let pass_rep = repeated(&e, PROG_PASS, &allowed, p.repeat, p.rounds, TC_ACT_PIPE);
-                let pass_one = singles(&mut e, PROG_PASS, &allowed, p.singles, TC_ACT_PIPE, 0);
-                let new_allowed_raw =
-                    singles(&mut e, PROG_TO_POD, &allowed, p.singles, TC_ACT_PIPE, 1);
+                let pass_one = singles(
+                    &e,
+                    &mut ct,
+                    &key,
+                    PROG_PASS,
+                    &allowed,
+                    p.singles,
+                    TC_ACT_PIPE,
+                    false,
+                );
+                let new_allowed_raw = singles(
+                    &e,
+                    &mut ct,
+                    &key,
+                    PROG_TO_POD,
+                    &allowed,
+                    p.singles,
+                    TC_ACT_PIPE,
+                    true,
+                );
                 let new_allowed = new_allowed_raw - (pass_one - pass_rep);
                 // Create the entry, then time the hits.
                 let first = e
@@ -197,7 +275,7 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                     .expect("BPF_PROG_TEST_RUN");
                 assert_eq!(first.retval, TC_ACT_PIPE);
                 let established = repeated(&e, PROG_TO_POD, &est, p.repeat, p.rounds, TC_ACT_PIPE);
-                e.datapath_mut().flush_conntrack().expect("flush conntrack");
+                assert_eq!(ct_clear(&mut ct), 1, "one tracked flow");
 
                 let mut row = |figure: &str, value: f64, target: Option<f64>| {
                     sink.push(Row {
