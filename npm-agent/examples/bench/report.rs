@@ -132,7 +132,7 @@ pub(crate) fn print_table(rows: &[Row], growth: &[Growth]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| section | figure | size | value | target | met |\n|---|---|---|---|---|---|"
+        "| section | figure | size | value | target | met | note |\n|---|---|---|---|---|---|---|"
     );
     for r in rows {
         let value = r.value.map_or_else(
@@ -157,8 +157,14 @@ pub(crate) fn print_table(rows: &[Row], growth: &[Growth]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} |",
-            r.section, r.figure, r.size, value, target, met
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.section,
+            r.figure,
+            r.size,
+            value,
+            target,
+            met,
+            r.note.as_deref().unwrap_or("")
         );
     }
     let _ = writeln!(

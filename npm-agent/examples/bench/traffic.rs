@@ -10,6 +10,10 @@
 //! - `kube-router + 1000 policies`: the same plus 1,000 synthetic policies (synth.rs) in 100
 //!   other namespaces.
 //!
+//! Each configuration is measured in turn within a round, and rounds repeat (3 in `full`);
+//! the median per figure is reported. Switching to `off` detaches the filters; switching on
+//! attaches them and programs that configuration's snapshot.
+//!
 //! Tools: sockperf ping-pong over TCP (latency p50/p99), iperf3 (TCP throughput), and for new
 //! connections a small Rust load generator in this file (each worker connects, sends a
 //! one-line HTTP/1.0 request, reads the response to EOF, closes; concurrency 1, 8, 32) against
@@ -28,6 +32,7 @@ use npm_agent::model::{Namespace, Peer, Pod, Policy, PortRef, PortSpec, Protocol
 use npm_agent::netns::NetNs;
 use npm_agent::state::ClusterSnapshot;
 
+use crate::packet::median;
 use crate::report::{Row, Sink};
 use crate::synth;
 
@@ -290,6 +295,7 @@ fn scenario(lab_pods: &[Pod], extra_policies: usize) -> ClusterSnapshot {
 }
 
 struct Durations {
+    rounds: usize,
     latency_s: u32,
     iperf_s: u32,
     conn_s: f64,
@@ -298,12 +304,14 @@ struct Durations {
 pub(crate) fn run(full: bool, sink: &mut Sink) {
     let d = if full {
         Durations {
+            rounds: 3,
             latency_s: 5,
             iperf_s: 5,
             conn_s: 3.0,
         }
     } else {
         Durations {
+            rounds: 1,
             latency_s: 1,
             iperf_s: 1,
             conn_s: 0.5,
@@ -351,59 +359,92 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
         ("kube-router", Some(0)),
         ("kube-router + 1000 policies", Some(1000)),
     ];
-    // (config, figure, value, unit)
-    let mut results: Vec<(String, String, f64, String)> = Vec::new();
-    for (name, extra) in configs {
-        if let Some(extra) = extra {
-            let mut snapshot = scenario(&built, extra);
-            snapshot.local = interfaces
-                .iter()
-                .map(|(k, (_, ifindex))| (k.clone(), *ifindex))
-                .collect();
-            snapshot.node_ips = lab.node_ips();
-            let report = enforcer.apply(&snapshot);
-            assert_eq!(report.sync.failed, 0, "programming the maps failed");
+    let snapshots: Vec<Option<ClusterSnapshot>> = configs
+        .iter()
+        .map(|(_, extra)| {
+            extra.map(|extra| {
+                let mut snapshot = scenario(&built, extra);
+                snapshot.local = interfaces
+                    .iter()
+                    .map(|(k, (_, ifindex))| (k.clone(), *ifindex))
+                    .collect();
+                snapshot.node_ips = lab.node_ips();
+                snapshot
+            })
+        })
+        .collect();
+    // (config, figure, unit) -> one value per round. Rounds interleave the configurations so
+    // drift on this shared machine hits all of them alike; the median is reported.
+    let mut results: Vec<((String, String, String), Vec<f64>)> = Vec::new();
+    for round in 0..d.rounds {
+        for ((name, _), snapshot) in configs.iter().zip(&snapshots) {
             lab.node().run(|| {
                 for (ifname, _) in interfaces.values() {
-                    enforcer.attach(ifname).expect("attach");
+                    match snapshot {
+                        Some(_) => {
+                            enforcer.attach(ifname).expect("attach");
+                        }
+                        None => enforcer.datapath_mut().detach(ifname).expect("detach"),
+                    }
                 }
             });
+            if let Some(snapshot) = snapshot {
+                let report = enforcer.apply(snapshot);
+                assert_eq!(report.sync.failed, 0, "programming the maps failed");
+            }
+            eprintln!("traffic round {round}: {name}");
+            let (p50, p99) = latency(client_ns, server_ip, d.latency_s);
+            let gbps = throughput(client_ns, server_ip, d.iperf_s);
+            let mut r = vec![
+                ("TCP latency p50 (sockperf)".to_string(), p50, "µs"),
+                ("TCP latency p99 (sockperf)".to_string(), p99, "µs"),
+                ("TCP throughput (iperf3)".to_string(), gbps, "Gbit/s"),
+            ];
+            for c in [1, 8, 32] {
+                let rate = conn_rate(
+                    client_ns,
+                    SocketAddr::new(server_ip, HTTP_PORT),
+                    c,
+                    d.conn_s,
+                );
+                r.push((
+                    format!("new HTTP connections/s, concurrency {c}"),
+                    rate,
+                    "conn/s",
+                ));
+            }
+            for (figure, value, unit) in r {
+                let key = (name.to_string(), figure, unit.to_string());
+                match results.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, v)) => v.push(value),
+                    None => results.push((key, vec![value])),
+                }
+            }
         }
-        eprintln!("traffic: {name}");
-        let (p50, p99) = latency(client_ns, server_ip, d.latency_s);
-        let gbps = throughput(client_ns, server_ip, d.iperf_s);
-        let mut r = vec![
-            ("TCP latency p50 (sockperf)".to_string(), p50, "µs"),
-            ("TCP latency p99 (sockperf)".to_string(), p99, "µs"),
-            ("TCP throughput (iperf3)".to_string(), gbps, "Gbit/s"),
-        ];
-        for c in [1, 8, 32] {
-            let rate = conn_rate(
-                client_ns,
-                SocketAddr::new(server_ip, HTTP_PORT),
-                c,
-                d.conn_s,
-            );
-            r.push((
-                format!("new HTTP connections/s, concurrency {c}"),
-                rate,
-                "conn/s",
-            ));
-        }
-        for (figure, value, unit) in r {
-            sink.push(Row {
-                section: "2 traffic".into(),
-                figure: figure.clone(),
-                size: format!("enforcement {name}"),
-                pods: None,
-                policies: None,
-                value: Some(value),
-                unit: unit.into(),
-                target_max: None,
-                note: None,
-            });
-            results.push((name.to_string(), figure, value, unit.to_string()));
-        }
+    }
+    let rounds_of: Vec<String> = results
+        .iter()
+        .map(|(_, v)| {
+            let v: Vec<String> = v.iter().map(|x| format!("{x:.3}")).collect();
+            v.join(", ")
+        })
+        .collect();
+    let results: Vec<(String, String, f64, String)> = results
+        .into_iter()
+        .map(|((name, figure, unit), mut v)| (name, figure, median(&mut v), unit))
+        .collect();
+    for ((name, figure, value, unit), rounds) in results.iter().zip(&rounds_of) {
+        sink.push(Row {
+            section: "2 traffic".into(),
+            figure: figure.clone(),
+            size: format!("enforcement {name}"),
+            pods: None,
+            policies: None,
+            value: Some(*value),
+            unit: unit.clone(),
+            target_max: None,
+            note: Some(format!("median of interleaved rounds: {rounds}")),
+        });
     }
     // Remove our filters before the lab goes (the lab deletes the interfaces anyway).
     lab.node().run(|| {
