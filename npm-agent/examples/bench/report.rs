@@ -136,12 +136,7 @@ pub(crate) fn print_table(rows: &[Row], growth: &[Growth]) -> String {
     );
     for r in rows {
         let value = r.value.map_or_else(
-            || {
-                format!(
-                    "not measured{}",
-                    r.note.as_ref().map_or(String::new(), |n| format!(" ({n})"))
-                )
-            },
+            || "not measured".to_string(),
             |v| {
                 let digits = if v.abs() < 10.0 { 2 } else { 1 };
                 format!("{v:.digits$} {}", r.unit)
