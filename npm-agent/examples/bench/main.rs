@@ -123,9 +123,14 @@ fn main() {
     if want("control") {
         // (pods, policies, namespaces, incremental events of each kind)
         let sizes: Vec<(usize, usize, usize, usize)> = if full {
+            // The two sizes, a small one, and single-axis steps (pods or policies
+            // alone) so growth in each can be told apart.
             vec![
                 (1_000, 100, 100, 100),
+                (10_000, 100, 100, 20),
                 (10_000, 1_000, 100, 100),
+                (10_000, 5_000, 100, 20),
+                (50_000, 1_000, 100, 20),
                 (50_000, 5_000, 100, 20),
             ]
         } else {
@@ -140,6 +145,9 @@ fn main() {
     }
 
     let growth = report::growth(&sink.rows);
+    for row in report::flatness(&sink.rows) {
+        sink.push(row);
+    }
     let date = now_utc();
     let machine = machine();
     let size = if full { "full" } else { "smoke" };

@@ -85,24 +85,50 @@ type SeriesKey = (String, String, &'static str, usize);
 pub(crate) fn growth(rows: &[Row]) -> Vec<Growth> {
     let mut out = Vec::new();
     let mut series: BTreeMap<SeriesKey, Vec<(usize, f64)>> = BTreeMap::new();
+    // The largest value of each axis per figure: series are taken with the other axis fixed
+    // at its largest (the case that matters), one per axis.
+    let mut max: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
+    for r in rows {
+        if let (Some(pods), Some(policies)) = (r.pods, r.policies) {
+            let m = max
+                .entry((r.section.clone(), r.figure.clone()))
+                .or_default();
+            m.0 = m.0.max(pods);
+            m.1 = m.1.max(policies);
+        }
+    }
     for r in rows {
         let (Some(pods), Some(policies), Some(v)) = (r.pods, r.policies, r.value) else {
             continue;
         };
         let key = |axis, fixed| (r.section.clone(), r.figure.clone(), axis, fixed);
+        let (max_pods, max_policies) = max[&(r.section.clone(), r.figure.clone())];
+        if policies == max_policies {
+            series
+                .entry(key("pods", policies))
+                .or_default()
+                .push((pods, v));
+        }
+        if pods == max_pods {
+            series
+                .entry(key("policies", pods))
+                .or_default()
+                .push((policies, v));
+        }
+        // Sizes that grow pods and policies together (the control plane's 10:1 clusters).
         series
-            .entry(key("pods", policies))
+            .entry(key("pods and policies together", 0))
             .or_default()
             .push((pods, v));
-        series
-            .entry(key("policies", pods))
-            .or_default()
-            .push((policies, v));
     }
     for ((section, figure, axis, fixed), mut pts) in series {
         pts.sort_by_key(|p| p.0);
         pts.dedup_by_key(|p| p.0);
         if pts.len() < 2 {
+            continue;
+        }
+        // The joint series only where no single-axis series exists.
+        if fixed == 0 && section.starts_with('1') {
             continue;
         }
         let (n0, v0) = pts[0];
@@ -122,6 +148,40 @@ pub(crate) fn growth(rows: &[Row]) -> Vec<Growth> {
             ratio,
             exponent,
             class: class(exponent).into(),
+        });
+    }
+    out
+}
+
+/// Flatness of each per-packet figure that has a target: its value at the largest size
+/// (most pods and policies) over its value at the smallest; the issue asks for at most 1.2.
+pub(crate) fn flatness(rows: &[Row]) -> Vec<Row> {
+    let mut by_figure: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+    for r in rows {
+        if r.section.starts_with('1') && r.target_max.is_some() && r.value.is_some() {
+            by_figure.entry(r.figure.as_str()).or_default().push(r);
+        }
+    }
+    let mut out = Vec::new();
+    for (figure, rs) in by_figure {
+        let key = |r: &&&Row| (r.pods.unwrap_or(0), r.policies.unwrap_or(0));
+        let (Some(small), Some(large)) = (rs.iter().min_by_key(key), rs.iter().max_by_key(key))
+        else {
+            continue;
+        };
+        let (Some(v0), Some(v1)) = (small.value, large.value) else {
+            continue;
+        };
+        out.push(Row {
+            section: "4 growth".into(),
+            figure: format!("flatness: {figure}"),
+            size: format!("({}) / ({})", large.size, small.size),
+            pods: None,
+            policies: None,
+            value: Some(v1 / v0),
+            unit: "×".into(),
+            target_max: Some(1.2),
+            note: None,
         });
     }
     out
