@@ -1,6 +1,5 @@
 //! Rebuild the BPF object when bpf-linker changes (aya-template habit): a new linker can
 //! change the emitted code or BTF even when no source changed.
-
 //!
 //! It also passes `--disable-expand-memcpy-in-order` to bpf-linker. By default bpf-linker asks
 //! LLVM to expand only memcpy itself (in order, for JITs that pattern-match copies), which

@@ -315,9 +315,10 @@ impl Datapath {
         Ok(removed)
     }
 
-    /// Runs program `prog` (`PROG_FROM_POD`, `PROG_TO_POD` or the pass-only `PROG_PASS`) on `packet` (Ethernet frame)
-    /// with `BPF_PROG_TEST_RUN`, `repeat` times (0 counts as 1), as if it crossed interface
-    /// `ifindex`, which must exist in the calling thread's network namespace (use 1, `lo`).
+    /// Runs program `prog` (`PROG_FROM_POD`, `PROG_TO_POD` or the pass-only `PROG_PASS`) on
+    /// `packet` (Ethernet frame) with `BPF_PROG_TEST_RUN`, `repeat` times (0 counts as 1), as
+    /// if it crossed interface `ifindex`, which must exist in the calling thread's network
+    /// namespace (use 1, `lo`).
     /// Maps are real: verdicts are counted and conntrack entries created.
     pub fn test_run(
         &self,
