@@ -61,6 +61,25 @@ fn spawn_in(ns: &NetNs, args: &[&str]) -> Proc {
     Proc(child.unwrap_or_else(|e| panic!("starting {}: {e}", args[0])))
 }
 
+/// Waits (at most 10 s) until every port has a TCP listener in `ns`.
+fn wait_listening(ns: &NetNs, ports: &[u16]) {
+    for _ in 0..100 {
+        let out = ns.exec(&["ss", "-Hltn"]).unwrap_or_default();
+        let listening = |p: &u16| {
+            out.lines().any(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .is_some_and(|local| local.ends_with(&format!(":{p}")))
+            })
+        };
+        if ports.iter().all(listening) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("servers did not start listening on {ports:?} within 10 s");
+}
+
 /// A tiny HTTP/1.0 responder in the server pod; stops when dropped.
 struct Http {
     stop: Arc<AtomicBool>,
@@ -350,7 +369,7 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
     );
     let _iperf = spawn_in(server_ns, &["iperf3", "-s", "-p", &IPERF_PORT.to_string()]);
     let _http = Http::start(server_ns);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_listening(server_ns, &[SOCKPERF_PORT, IPERF_PORT, HTTP_PORT]);
 
     let mut enforcer = Enforcer::new(None).expect("load the datapath");
     let interfaces = lab.pod_interfaces();
