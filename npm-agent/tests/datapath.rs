@@ -23,9 +23,9 @@ use npm_common::{
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS, CtKey,
         CtValue, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, MAP_CIDRS, MAP_CONNTRACK,
         MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY, PEER_HOST, POLICY_PREFIX_ANY_PORT,
-        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD, PROG_TO_POD, PROTO_ICMP,
-        PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue,
-        V4_MAPPED_PREFIX_LEN, addr_from_v4,
+        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD, PROG_PASS, PROG_TO_POD,
+        PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey,
+        PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
     },
     metrics::{MetricsKey, MetricsValue},
     verdict::{
@@ -853,6 +853,28 @@ fn test_run_repeat_counts_every_run() {
         env.counter(IFINDEX, DIR_INGRESS, REASON_ESTABLISHED)
             .packets,
         9
+    );
+}
+
+/// The benchmark's baseline passes everything and touches no map, even for a packet the
+/// classifier drops.
+#[test]
+fn pass_only_program_passes_and_touches_nothing() {
+    let env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    let p = ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    env.deny(PROG_TO_POD, &p, REASON_DROP_POLICY);
+    let res = env
+        .dp
+        .test_run(PROG_PASS, &p, IFINDEX, 100)
+        .expect("test run");
+    assert_eq!(res.retval, TC_ACT_PIPE);
+    assert_eq!(res.data_out, p, "the packet is not modified");
+    assert_eq!(env.ct_len(), 0);
+    assert_eq!(
+        env.counter(IFINDEX, DIR_INGRESS, REASON_DROP_POLICY)
+            .packets,
+        1,
+        "only the classifier's run was counted"
     );
 }
 

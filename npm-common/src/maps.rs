@@ -52,6 +52,9 @@ pub const MAP_METRICS: &str = "NPM_METRICS";
 /// Program names in the object file.
 pub const PROG_FROM_POD: &str = "npm_from_pod";
 pub const PROG_TO_POD: &str = "npm_to_pod";
+/// A classifier that touches nothing and returns `TC_ACT_PIPE`: the baseline the benchmark
+/// runs the same packet through, so the enforcement's own cost is visible. Never attached.
+pub const PROG_PASS: &str = "npm_pass";
 
 // ---- sizes ----
 pub const ENDPOINTS_MAX: u32 = 16_384;

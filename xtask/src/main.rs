@@ -21,11 +21,24 @@ enum Verb {
     BuildEbpf,
     /// Set up, build, and run the lab on the built-in example (the seed documents' policies).
     Demo,
-    /// Set up and run every check and test: fmt, clippy (userspace and eBPF), all tests.
+    /// Set up and run every check and test: fmt, clippy (userspace and eBPF), all tests, and
+    /// (without a filter) the smoke benchmark.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Set up and run the benchmarks (per-packet cost, lab traffic, control plane) in release
+    /// mode; prints one table. `smoke` keeps them working (CI); `full` is BENCHMARKS.md's run.
+    Bench {
+        #[arg(long, value_parser = ["smoke", "full"], default_value = "smoke")]
+        size: String,
+        /// Also write the table's rows as JSON to FILE.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Only these parts (comma-separated: packet, traffic, control).
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -63,9 +76,17 @@ fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, passing its output through, and closes with one summary line over
-/// every test binary (`tests: N passed, N failed, N skipped`).
-fn run_tests(args: &[&str]) -> anyhow::Result<()> {
+/// What `cargo test` reported over every test binary, and whether it succeeded.
+struct TestCounts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    ok: bool,
+}
+
+/// Runs `cargo test`, passing its output through, and adds up the result lines of every test
+/// binary (the caller prints the summary line).
+fn run_tests(args: &[&str]) -> anyhow::Result<TestCounts> {
     use std::io::{BufRead, BufReader, Write};
     eprintln!("+ cargo {}", args.join(" "));
     let mut child = Command::new("cargo")
@@ -98,11 +119,36 @@ fn run_tests(args: &[&str]) -> anyhow::Result<()> {
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
-    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
-    if !status.success() {
-        bail!("cargo test failed with {status}");
+    Ok(TestCounts {
+        passed,
+        failed,
+        ignored,
+        ok: status.success(),
+    })
+}
+
+/// Builds the bench example in release mode and runs it (as root, like every verb here).
+fn bench(size: &str, json: Option<&Path>, only: Option<&str>) -> anyhow::Result<()> {
+    sh(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--package",
+            "npm-agent",
+            "--example",
+            "bench",
+        ],
+    )?;
+    let mut args = vec!["--size", size];
+    let json = json.map(|p| p.to_string_lossy().into_owned());
+    if let Some(j) = &json {
+        args.extend(["--json", j.as_str()]);
     }
-    Ok(())
+    if let Some(o) = only {
+        args.extend(["--only", o]);
+    }
+    sh("target/release/examples/bench", &args)
 }
 
 fn setup() -> anyhow::Result<()> {
@@ -173,7 +219,38 @@ fn main() -> anyhow::Result<()> {
             )?;
             let mut test: Vec<&str> = vec!["test", "--all-targets"];
             test.extend(args.iter().map(String::as_str));
-            run_tests(&test)
+            let t = run_tests(&test)?;
+            // The smoke benchmark keeps the bench harness working; it counts as one test in
+            // the summary (passed when it ran through; its figures are printed, not checked).
+            // Skipped when a test filter was given (a developer running a few tests).
+            let smoke = if args.is_empty() {
+                let smoke = bench("smoke", None, None);
+                if let Err(e) = &smoke {
+                    eprintln!("bench smoke failed: {e:#}");
+                }
+                Some(smoke)
+            } else {
+                None
+            };
+            let (bp, bf) = match &smoke {
+                Some(Ok(())) => (1, 0),
+                Some(Err(_)) => (0, 1),
+                None => (0, 0),
+            };
+            println!(
+                "tests: {} passed, {} failed, {} skipped",
+                t.passed + bp,
+                t.failed + bf,
+                t.ignored
+            );
+            if !t.ok {
+                bail!("cargo test failed");
+            }
+            smoke.unwrap_or(Ok(()))
+        }
+        Verb::Bench { size, json, only } => {
+            setup()?;
+            bench(&size, json.as_deref(), only.as_deref())
         }
     }
 }

@@ -15,7 +15,7 @@ use aya::{
 };
 use npm_common::maps::{
     CtKey, CtValue, MAP_CIDRS, MAP_CONNTRACK, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS,
-    MAP_POLICY, PROG_FROM_POD, PROG_TO_POD,
+    MAP_POLICY, PROG_FROM_POD, PROG_PASS, PROG_TO_POD,
 };
 
 use super::sys;
@@ -193,7 +193,9 @@ impl Datapath {
             pin_dir: pin_dir.map(Path::to_owned),
             source: Box::new(source),
         })?;
-        for (prog, _) in HOOKS {
+        // The pass-only baseline is loaded too (it is tiny) so `test_run` can run it; it is
+        // never attached.
+        for prog in HOOKS.map(|(p, _)| p).into_iter().chain([PROG_PASS]) {
             classifier(&mut ebpf, prog)?
                 .load()
                 .map_err(|source| DatapathError::Program {
@@ -339,9 +341,10 @@ impl Datapath {
         Ok(removed)
     }
 
-    /// Runs program `prog` (`PROG_FROM_POD` or `PROG_TO_POD`) on `packet` (Ethernet frame)
-    /// with `BPF_PROG_TEST_RUN`, `repeat` times (0 counts as 1), as if it crossed interface
-    /// `ifindex`, which must exist in the calling thread's network namespace (use 1, `lo`).
+    /// Runs program `prog` (`PROG_FROM_POD`, `PROG_TO_POD` or the pass-only `PROG_PASS`) on
+    /// `packet` (Ethernet frame) with `BPF_PROG_TEST_RUN`, `repeat` times (0 counts as 1), as
+    /// if it crossed interface `ifindex`, which must exist in the calling thread's network
+    /// namespace (use 1, `lo`).
     /// Maps are real: verdicts are counted and conntrack entries created.
     pub fn test_run(
         &self,

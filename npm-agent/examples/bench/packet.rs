@@ -1,0 +1,305 @@
+//! Part 1: per-packet cost of the classifier through `BPF_PROG_TEST_RUN`.
+//!
+//! For each (pods, policies) size the synthetic cluster is compiled and programmed into fresh
+//! maps by the real [`Enforcer`]; then one TCP packet from a peer to the local pod `p0`
+//! (ingress, `npm_to_pod`, ifindex 1) is run through the classifier:
+//! - new connection, denied: a SYN from the denied peer, `repeat` times in one call (a denied
+//!   packet creates no conntrack entry, so every repetition takes the full path);
+//! - new connection, allowed: a SYN from the allowed peer, one repetition per call with the
+//!   conntrack entry it created removed (one delete by key) before the next call (with `repeat` > 1 every
+//!   repetition after the first would be a conntrack hit). A single repetition carries the
+//!   kernel's timer overhead and follows two syscalls, so the figure reported is the median of
+//!   those single runs minus (pass-only single run − pass-only repeated run), the pass-only
+//!   single runs being measured the same way (same delete syscall between runs);
+//! - established: the allowed SYN once (creates the entry), then `repeat` times (conntrack
+//!   hit). A denied flow never gets an entry, so "established, denied" does not exist;
+//! - pass-only: the same packet through `npm_pass` (returns `TC_ACT_PIPE`, touches nothing).
+//!
+//! Every verdict is checked (allowed = `TC_ACT_PIPE`, denied = `TC_ACT_SHOT`), so a
+//! misconfigured size fails instead of timing the wrong path.
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use npm_agent::enforcer::Enforcer;
+use npm_common::maps::{CtKey, CtValue, MAP_CONNTRACK, PROG_PASS, PROG_TO_POD};
+
+use crate::report::{Row, Sink};
+use crate::synth;
+
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_PIPE: u32 = 3;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+pub(crate) struct Params {
+    pub(crate) pods: Vec<usize>,
+    pub(crate) policies: Vec<usize>,
+    /// Repetitions per `BPF_PROG_TEST_RUN` call for the repeated figures.
+    pub(crate) repeat: u32,
+    /// Calls per repeated figure (the median is reported).
+    pub(crate) rounds: usize,
+    /// Single-repetition calls for the new-allowed figure (the median is reported).
+    pub(crate) singles: usize,
+}
+
+fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    p.extend_from_slice(&ethertype.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = Vec::with_capacity(20);
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, l4: &[u8]) -> Vec<u8> {
+    let total = u16::try_from(20 + l4.len()).expect("small packet");
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(l4);
+    eth(0x0800, &ip)
+}
+
+fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, l4: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&u16::try_from(l4.len()).expect("small").to_be_bytes());
+    ip.extend_from_slice(&[6, 64]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(l4);
+    eth(0x86dd, &ip)
+}
+
+/// A TCP packet from pod `peer` to `p0`'s service port.
+fn packet(v6: bool, peer: usize, flags: u8) -> Vec<u8> {
+    let l4 = tcp(40_000, synth::SERVICE_PORT, flags);
+    if v6 {
+        ipv6(synth::v6(peer), synth::v6(0), &l4)
+    } else {
+        ipv4(synth::v4(peer), synth::v4(0), &l4)
+    }
+}
+
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median over `rounds` calls of `repeat` repetitions; checks the verdict of each call.
+fn repeated(e: &Enforcer, prog: &str, pkt: &[u8], repeat: u32, rounds: usize, want: u32) -> f64 {
+    let mut v: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let r = e
+                .datapath()
+                .test_run(prog, pkt, 1, repeat)
+                .expect("BPF_PROG_TEST_RUN");
+            assert_eq!(r.retval, want, "{prog}: unexpected verdict");
+            f64::from(r.duration_ns)
+        })
+        .collect();
+    median(&mut v)
+}
+
+/// The conntrack map, taken from the datapath so single entries can be removed.
+type CtMap = aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue>;
+
+fn take_ct(e: &mut Enforcer) -> CtMap {
+    let map = e
+        .datapath_mut()
+        .take_map(MAP_CONNTRACK)
+        .expect("conntrack map");
+    CtMap::try_from(map).expect("conntrack map type")
+}
+
+/// Removes every entry (walks the whole map: only between measurements, never inside one).
+fn ct_clear(ct: &mut CtMap) -> usize {
+    let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>().expect("conntrack keys");
+    keys.iter().filter(|k| ct.remove(k).is_ok()).count()
+}
+
+/// Runs the allowed SYN once and returns the conntrack key it created (then removes it).
+fn ct_key_of(e: &Enforcer, ct: &mut CtMap, pkt: &[u8]) -> CtKey {
+    ct_clear(ct);
+    let r = e
+        .datapath()
+        .test_run(PROG_TO_POD, pkt, 1, 1)
+        .expect("BPF_PROG_TEST_RUN");
+    assert_eq!(r.retval, TC_ACT_PIPE, "the allowed SYN passes");
+    let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>().expect("conntrack keys");
+    assert_eq!(keys.len(), 1, "an allowed new connection creates one entry");
+    ct.remove(&keys[0]).expect("remove the entry");
+    keys[0]
+}
+
+/// Median of `n` single runs, each followed by the removal of conntrack entry `key`, which
+/// must have been `created` by the run (true for an allowed new connection, false for the
+/// pass-only baseline: the baseline makes the same syscall between runs, so both start from
+/// the same cache state).
+#[allow(clippy::too_many_arguments)]
+fn singles(
+    e: &Enforcer,
+    ct: &mut CtMap,
+    key: &CtKey,
+    prog: &str,
+    pkt: &[u8],
+    n: usize,
+    want: u32,
+    created: bool,
+) -> f64 {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = e
+            .datapath()
+            .test_run(prog, pkt, 1, 1)
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(r.retval, want, "{prog}: unexpected verdict");
+        v.push(f64::from(r.duration_ns));
+        let removed = ct.remove(key).is_ok();
+        assert_eq!(
+            removed, created,
+            "{prog}: conntrack entry created by one run"
+        );
+    }
+    median(&mut v)
+}
+
+/// For profiling (`perf record -a` around it): runs one path at pods=10000 policies=1000 for
+/// about `seconds` (kind: `established`, `denied`, `new` (single runs) or `pass`, IPv4).
+pub(crate) fn spin(kind: &str, seconds: u64) {
+    let snapshot = synth::cluster(10_000, 1_000, 100);
+    let mut e = Enforcer::new(None).expect("load the datapath (root required)");
+    assert_eq!(e.apply(&snapshot).sync.failed, 0);
+    let allowed = packet(false, synth::ALLOWED_PEER, TCP_SYN);
+    let (prog, pkt, want) = match kind {
+        "established" => {
+            let r = e
+                .datapath()
+                .test_run(PROG_TO_POD, &allowed, 1, 1)
+                .expect("run");
+            assert_eq!(r.retval, TC_ACT_PIPE);
+            (
+                PROG_TO_POD,
+                packet(false, synth::ALLOWED_PEER, TCP_ACK),
+                TC_ACT_PIPE,
+            )
+        }
+        "denied" => (
+            PROG_TO_POD,
+            packet(false, synth::DENIED_PEER, TCP_SYN),
+            TC_ACT_SHOT,
+        ),
+        "new" => {
+            let mut ct = take_ct(&mut e);
+            let key = ct_key_of(&e, &mut ct, &allowed);
+            let start = std::time::Instant::now();
+            while start.elapsed().as_secs() < seconds {
+                let ns = singles(
+                    &e,
+                    &mut ct,
+                    &key,
+                    PROG_TO_POD,
+                    &allowed,
+                    10_000,
+                    TC_ACT_PIPE,
+                    true,
+                );
+                eprintln!("new (single runs, raw): {ns} ns");
+            }
+            return;
+        }
+        _ => (PROG_PASS, allowed, TC_ACT_PIPE),
+    };
+    let start = std::time::Instant::now();
+    while start.elapsed().as_secs() < seconds {
+        let ns = repeated(&e, prog, &pkt, 1_000_000, 1, want);
+        eprintln!("{kind}: {ns} ns");
+    }
+}
+
+pub(crate) fn run(p: &Params, sink: &mut Sink) {
+    for &pods in &p.pods {
+        for &policies in &p.policies {
+            let snapshot = synth::cluster(pods, policies, 100);
+            let mut e = Enforcer::new(None).expect("load the datapath (root required)");
+            let report = e.apply(&snapshot);
+            assert_eq!(report.sync.failed, 0, "programming the maps failed");
+            let mut ct = take_ct(&mut e);
+            let size = format!("pods={pods} policies={policies}");
+            eprintln!(
+                "per-packet {size}: {} policy entries, {} identities",
+                report.map_entries.policy, report.map_entries.identities
+            );
+            for v6 in [false, true] {
+                let fam = if v6 { "IPv6" } else { "IPv4" };
+                let denied = packet(v6, synth::DENIED_PEER, TCP_SYN);
+                let allowed = packet(v6, synth::ALLOWED_PEER, TCP_SYN);
+                let est = packet(v6, synth::ALLOWED_PEER, TCP_ACK);
+
+                let key = ct_key_of(&e, &mut ct, &allowed);
+                let new_denied =
+                    repeated(&e, PROG_TO_POD, &denied, p.repeat, p.rounds, TC_ACT_SHOT);
+                let pass_rep = repeated(&e, PROG_PASS, &allowed, p.repeat, p.rounds, TC_ACT_PIPE);
+                let pass_one = singles(
+                    &e,
+                    &mut ct,
+                    &key,
+                    PROG_PASS,
+                    &allowed,
+                    p.singles,
+                    TC_ACT_PIPE,
+                    false,
+                );
+                let new_allowed_raw = singles(
+                    &e,
+                    &mut ct,
+                    &key,
+                    PROG_TO_POD,
+                    &allowed,
+                    p.singles,
+                    TC_ACT_PIPE,
+                    true,
+                );
+                let new_allowed = new_allowed_raw - (pass_one - pass_rep);
+                // Create the entry, then time the hits.
+                let first = e
+                    .datapath()
+                    .test_run(PROG_TO_POD, &allowed, 1, 1)
+                    .expect("BPF_PROG_TEST_RUN");
+                assert_eq!(first.retval, TC_ACT_PIPE);
+                let established = repeated(&e, PROG_TO_POD, &est, p.repeat, p.rounds, TC_ACT_PIPE);
+                assert_eq!(ct_clear(&mut ct), 1, "one tracked flow");
+
+                let mut row = |figure: &str, value: f64, target: Option<f64>| {
+                    sink.push(Row {
+                        section: "1 per-packet".into(),
+                        figure: format!("{figure}, {fam}"),
+                        size: size.clone(),
+                        pods: Some(pods),
+                        policies: Some(policies),
+                        value: Some(value),
+                        unit: "ns".into(),
+                        target_max: target,
+                        note: None,
+                    });
+                };
+                row("new connection, allowed", new_allowed, Some(150.0));
+                row("new connection, denied", new_denied, Some(150.0));
+                row("established (conntrack hit)", established, Some(60.0));
+                row("pass-only program", pass_rep, None);
+                row(
+                    "new connection, allowed, single-run raw",
+                    new_allowed_raw,
+                    None,
+                );
+                row("pass-only program, single-run raw", pass_one, None);
+            }
+        }
+    }
+}

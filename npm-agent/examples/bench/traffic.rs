@@ -1,0 +1,499 @@
+//! Part 2: real traffic between two lab pods (network namespaces behind veths on a lab node),
+//! with enforcement off and on.
+//!
+//! Pods: `default/server` and `bench-client/client`. Configurations:
+//! - `off`: no program attached;
+//! - `kube-router`: the seed document's performance scenario: policy `default/npd` (all pods
+//!   of `default`, three ipBlock 14.215.0.0/16 ingress rules on 9090, 8080, 80), 1,000
+//!   services' pods (2, 6, 8 pods in turn: 5,332 remote pods) and `allow-client` (the client
+//!   may reach the server, else npd would deny the measured traffic);
+//! - `kube-router + 1000 policies`: the same plus 1,000 synthetic policies (synth.rs) in 100
+//!   other namespaces.
+//!
+//! Each configuration is measured in turn within a round, and rounds repeat (3 in `full`);
+//! the median per figure is reported. Switching to `off` detaches the filters; switching on
+//! attaches them and programs that configuration's snapshot.
+//!
+//! Tools: sockperf ping-pong over TCP (latency p50/p99), iperf3 (TCP throughput), and for new
+//! connections a small Rust load generator in this file (each worker connects, sends a
+//! one-line HTTP/1.0 request, reads the response to EOF, closes; concurrency 1, 8, 32) against
+//! a small Rust HTTP responder in the server pod: ab is not used. Processes we start are ended
+//! by pid (Drop guard); the lab removes its namespaces on drop, also on panic.
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use npm_agent::enforcer::Enforcer;
+use npm_agent::lab::{Lab, LabSpec};
+use npm_agent::model::{Namespace, Peer, Pod, Policy, PortRef, PortSpec, Protocol, Rule, Selector};
+use npm_agent::netns::NetNs;
+use npm_agent::state::ClusterSnapshot;
+
+use crate::packet::median;
+use crate::report::{Row, Sink};
+use crate::synth;
+
+const SOCKPERF_PORT: u16 = 11111;
+const IPERF_PORT: u16 = 5201;
+const HTTP_PORT: u16 = 8080;
+
+/// A process started in a pod; killed (by its pid) and reaped on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(ns: &NetNs, args: &[&str]) -> Proc {
+    let child = ns.run(|| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    });
+    Proc(child.unwrap_or_else(|e| panic!("starting {}: {e}", args[0])))
+}
+
+/// Waits (at most 10 s) until every port has a TCP listener in `ns`.
+fn wait_listening(ns: &NetNs, ports: &[u16]) {
+    for _ in 0..100 {
+        let out = ns.exec(&["ss", "-Hltn"]).unwrap_or_default();
+        let listening = |p: &u16| {
+            out.lines().any(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .is_some_and(|local| local.ends_with(&format!(":{p}")))
+            })
+        };
+        if ports.iter().all(listening) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("servers did not start listening on {ports:?} within 10 s");
+}
+
+/// A tiny HTTP/1.0 responder in the server pod; stops when dropped.
+struct Http {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Http {
+    fn start(ns: &NetNs) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        // The listener is created inside the namespace; the serving thread only uses its fd.
+        let listener = ns
+            .run(|| TcpListener::bind(("0.0.0.0", HTTP_PORT)))
+            .expect("bind the HTTP responder");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                        let _ = s.read(&mut buf);
+                        let _ = s.write_all(
+                            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Http {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Completed request/response connections per second at `concurrency`, for `secs`.
+fn conn_rate(client: &NetNs, server: SocketAddr, concurrency: usize, secs: f64) -> f64 {
+    let done = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    client.run(|| {
+        std::thread::scope(|s| {
+            for _ in 0..concurrency {
+                s.spawn(|| {
+                    let mut buf = [0u8; 256];
+                    while Instant::now() < deadline {
+                        let ok = (|| -> std::io::Result<()> {
+                            let mut c =
+                                TcpStream::connect_timeout(&server, Duration::from_secs(1))?;
+                            c.set_read_timeout(Some(Duration::from_secs(1)))?;
+                            c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                            let mut got = 0;
+                            loop {
+                                let n = c.read(&mut buf)?;
+                                if n == 0 {
+                                    break;
+                                }
+                                got += n;
+                            }
+                            if got == 0 {
+                                return Err(std::io::ErrorKind::UnexpectedEof.into());
+                            }
+                            Ok(())
+                        })();
+                        match ok {
+                            Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                });
+            }
+        });
+    });
+    let failed = failed.load(Ordering::Relaxed);
+    assert_eq!(failed, 0, "{failed} HTTP connections failed");
+    done.load(Ordering::Relaxed) as f64 / secs
+}
+
+/// sockperf ping-pong over TCP: (p50, p99) one-way latency in µs as sockperf reports it.
+fn latency(client: &NetNs, server: IpAddr, secs: u32) -> (f64, f64) {
+    let out = client
+        .exec(&[
+            "sockperf",
+            "ping-pong",
+            "--tcp",
+            "-i",
+            &server.to_string(),
+            "-p",
+            &SOCKPERF_PORT.to_string(),
+            "-t",
+            &secs.to_string(),
+        ])
+        .expect("sockperf ping-pong");
+    let pct = |p: &str| -> f64 {
+        out.lines()
+            .find(|l| l.contains("percentile") && l.contains(p))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no percentile {p} in sockperf output:\n{out}"))
+    };
+    (pct("50.000"), pct("99.000"))
+}
+
+/// iperf3 TCP throughput in Gbit/s (receiver side).
+fn throughput(client: &NetNs, server: IpAddr, secs: u32) -> f64 {
+    let out = client
+        .exec(&[
+            "iperf3",
+            "-c",
+            &server.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ])
+        .expect("iperf3 client");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("iperf3 bits_per_second")
+        / 1e9
+}
+
+fn sel(k: &str, v: &str) -> Selector {
+    Selector {
+        match_labels: [(k.to_string(), v.to_string())].into(),
+        ..Default::default()
+    }
+}
+
+fn lab_pod(ns: &str, name: &str, app: &str) -> Pod {
+    Pod {
+        namespace: ns.into(),
+        name: name.into(),
+        labels: [("app".to_string(), app.to_string())].into(),
+        ips: vec![],
+        node_name: None,
+        host_network: false,
+        terminating: false,
+        ports: vec![],
+    }
+}
+
+/// The kube-router scenario around the two lab pods; with `extra_policies`, that many
+/// synthetic policies (and their 100 namespaces) on top.
+fn scenario(lab_pods: &[Pod], extra_policies: usize) -> ClusterSnapshot {
+    let mut s = ClusterSnapshot::default();
+    for (name, role) in [("default", "server"), ("bench-client", "client")] {
+        s.namespaces.insert(
+            name.into(),
+            Namespace {
+                name: name.into(),
+                labels: [("role".to_string(), role.to_string())].into(),
+            },
+        );
+    }
+    for p in lab_pods {
+        s.pods.insert(p.obj_ref(), p.clone());
+    }
+    // 1,000 services of 2, 6 and 8 pods in turn, remote (addresses 10.128.0.0/9).
+    let mut n = 0u32;
+    for svc in 0..1000 {
+        for k in 0..[2, 6, 8][svc % 3] {
+            n += 1;
+            let mut p = lab_pod(
+                "default",
+                &format!("nginx-{svc}-{k}"),
+                &format!("nginx-{svc}"),
+            );
+            p.ips = vec![IpAddr::from(std::net::Ipv4Addr::from(0x0a80_0000 + n))];
+            s.pods.insert(p.obj_ref(), p);
+        }
+    }
+    let block = |port: u16| Rule {
+        peers: vec![Peer::IpBlock {
+            cidr: "14.215.0.0/16".parse().expect("CIDR"),
+            except: vec![],
+        }],
+        ports: vec![PortSpec {
+            protocol: Protocol::Tcp,
+            port: Some(PortRef::Number(port)),
+            end_port: None,
+        }],
+    };
+    let npd = Policy {
+        namespace: "default".into(),
+        name: "npd".into(),
+        pod_selector: Selector::default(),
+        ingress: Some(vec![block(9090), block(8080), block(80)]),
+        egress: None,
+    };
+    let allow = Policy {
+        namespace: "default".into(),
+        name: "allow-client".into(),
+        pod_selector: sel("app", "server"),
+        ingress: Some(vec![Rule {
+            peers: vec![Peer::Pods {
+                namespace_selector: Some(sel("role", "client")),
+                pod_selector: None,
+            }],
+            ports: vec![],
+        }]),
+        egress: None,
+    };
+    for p in [npd, allow] {
+        s.policies.insert(p.obj_ref(), p);
+    }
+    if extra_policies > 0 {
+        for n in 0..100 {
+            let ns = synth::namespace(n, n % 10);
+            s.namespaces.insert(ns.name.clone(), ns);
+        }
+        for j in 0..extra_policies {
+            let p = synth::policy(j, 100);
+            s.policies.insert(p.obj_ref(), p);
+        }
+    }
+    s
+}
+
+struct Durations {
+    rounds: usize,
+    latency_s: u32,
+    iperf_s: u32,
+    conn_s: f64,
+}
+
+pub(crate) fn run(full: bool, sink: &mut Sink) {
+    let d = if full {
+        Durations {
+            rounds: 3,
+            latency_s: 5,
+            iperf_s: 5,
+            conn_s: 3.0,
+        }
+    } else {
+        Durations {
+            rounds: 1,
+            latency_s: 1,
+            iperf_s: 1,
+            conn_s: 0.5,
+        }
+    };
+    let pods = vec![
+        lab_pod("default", "server", "server"),
+        lab_pod("bench-client", "client", "client"),
+    ];
+    let lab = Lab::build(LabSpec {
+        pods,
+        externals: vec![],
+    })
+    .expect("build the lab (root required)");
+    let built: Vec<Pod> = lab.pods().to_vec();
+    let server = &built[0];
+    let server_ip = *server
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .expect("server has an IPv4 address");
+    let ns_of = |p: &Pod| {
+        lab.netns_of(&format!("{}/{}", p.namespace, p.name))
+            .unwrap_or_else(|| panic!("namespace of {}", p.name))
+    };
+    let (server_ns, client_ns) = (ns_of(&built[0]), ns_of(&built[1]));
+    let _sockperf = spawn_in(
+        server_ns,
+        &[
+            "sockperf",
+            "server",
+            "--tcp",
+            "-p",
+            &SOCKPERF_PORT.to_string(),
+        ],
+    );
+    let _iperf = spawn_in(server_ns, &["iperf3", "-s", "-p", &IPERF_PORT.to_string()]);
+    let _http = Http::start(server_ns);
+    wait_listening(server_ns, &[SOCKPERF_PORT, IPERF_PORT, HTTP_PORT]);
+
+    let mut enforcer = Enforcer::new(None).expect("load the datapath");
+    let interfaces = lab.pod_interfaces();
+    let configs: [(&str, Option<usize>); 3] = [
+        ("off", None),
+        ("kube-router", Some(0)),
+        ("kube-router + 1000 policies", Some(1000)),
+    ];
+    let snapshots: Vec<Option<ClusterSnapshot>> = configs
+        .iter()
+        .map(|(_, extra)| {
+            extra.map(|extra| {
+                let mut snapshot = scenario(&built, extra);
+                snapshot.local = interfaces
+                    .iter()
+                    .map(|(k, (_, ifindex))| (k.clone(), *ifindex))
+                    .collect();
+                snapshot.node_ips = lab.node_ips();
+                snapshot
+            })
+        })
+        .collect();
+    // (config, figure, unit) -> one value per round. Rounds interleave the configurations so
+    // drift on this shared machine hits all of them alike; the median is reported.
+    let mut results: Vec<((String, String, String), Vec<f64>)> = Vec::new();
+    for round in 0..d.rounds {
+        for ((name, _), snapshot) in configs.iter().zip(&snapshots) {
+            lab.node().run(|| {
+                for (ifname, _) in interfaces.values() {
+                    match snapshot {
+                        Some(_) => {
+                            enforcer.attach(ifname).expect("attach");
+                        }
+                        None => enforcer.datapath_mut().detach(ifname).expect("detach"),
+                    }
+                }
+            });
+            if let Some(snapshot) = snapshot {
+                let report = enforcer.apply(snapshot);
+                assert_eq!(report.sync.failed, 0, "programming the maps failed");
+            }
+            eprintln!("traffic round {round}: {name}");
+            let (p50, p99) = latency(client_ns, server_ip, d.latency_s);
+            let gbps = throughput(client_ns, server_ip, d.iperf_s);
+            let mut r = vec![
+                ("TCP latency p50 (sockperf)".to_string(), p50, "µs"),
+                ("TCP latency p99 (sockperf)".to_string(), p99, "µs"),
+                ("TCP throughput (iperf3)".to_string(), gbps, "Gbit/s"),
+            ];
+            for c in [1, 8, 32] {
+                let rate = conn_rate(
+                    client_ns,
+                    SocketAddr::new(server_ip, HTTP_PORT),
+                    c,
+                    d.conn_s,
+                );
+                r.push((
+                    format!("new HTTP connections/s, concurrency {c}"),
+                    rate,
+                    "conn/s",
+                ));
+            }
+            for (figure, value, unit) in r {
+                let key = (name.to_string(), figure, unit.to_string());
+                match results.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, v)) => v.push(value),
+                    None => results.push((key, vec![value])),
+                }
+            }
+        }
+    }
+    let rounds_of: Vec<String> = results
+        .iter()
+        .map(|(_, v)| {
+            let v: Vec<String> = v.iter().map(|x| format!("{x:.3}")).collect();
+            v.join(", ")
+        })
+        .collect();
+    let results: Vec<(String, String, f64, String)> = results
+        .into_iter()
+        .map(|((name, figure, unit), mut v)| (name, figure, median(&mut v), unit))
+        .collect();
+    for ((name, figure, value, unit), rounds) in results.iter().zip(&rounds_of) {
+        sink.push(Row {
+            section: "2 traffic".into(),
+            figure: figure.clone(),
+            size: format!("enforcement {name}"),
+            pods: None,
+            policies: None,
+            value: Some(*value),
+            unit: unit.clone(),
+            target_max: None,
+            note: Some(format!("median of interleaved rounds: {rounds}")),
+        });
+    }
+    // Remove our filters before the lab goes (the lab deletes the interfaces anyway).
+    lab.node().run(|| {
+        for (ifname, _) in interfaces.values() {
+            let _ = enforcer.datapath_mut().detach(ifname);
+        }
+    });
+    // Ratios on/off, written so that "cost" is above 1: latency on/off, rates off/on.
+    let off: Vec<_> = results.iter().filter(|r| r.0 == "off").cloned().collect();
+    for (name, figure, value, _) in results.iter().filter(|r| r.0 != "off") {
+        let Some(base) = off.iter().find(|o| &o.1 == figure) else {
+            continue;
+        };
+        let lower_is_better = figure.starts_with("TCP latency");
+        let ratio = if lower_is_better {
+            value / base.2
+        } else {
+            base.2 / value
+        };
+        let what = if lower_is_better { "on/off" } else { "off/on" };
+        sink.push(Row {
+            section: "2 traffic".into(),
+            figure: format!("{figure}: cost ratio {what}"),
+            size: format!("enforcement {name}"),
+            pods: None,
+            policies: None,
+            value: Some(ratio),
+            unit: "×".into(),
+            target_max: Some(1.03),
+            note: None,
+        });
+    }
+}
