@@ -5,12 +5,15 @@
 //! Privileged (root), as CI runs.
 #[path = "common/fake_apiserver.rs"]
 mod fake_apiserver;
+#[path = "common/http.rs"]
+mod http;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fake_apiserver::{FakeApi, Res};
+use http::http_get;
 use npm_agent::lab::{Lab, LabSpec};
 use npm_agent::model::{ContainerPort, Pod, Protocol};
 use serde_json::{Value, json};
@@ -176,13 +179,32 @@ fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() 
         3,
         "the three local pods (not node-2's)"
     );
+    // The HTTP endpoints (10091 in the node's namespace): ready, connected, the API's counts.
+    let get = |path: &str| http_get(lab.node(), 10091, path);
+    let (code, body) = get("/readyz").expect("/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains("disconnected"), "{body}");
+    let (_, metrics) = get("/cluster-metrics").expect("/cluster-metrics");
+    assert!(metrics.contains("npm_num_policies 1\n"), "{metrics}");
+    assert!(metrics.contains("npm_num_pods 4\n"), "{metrics}");
 
-    // The API server goes away: enforcement stays exactly as it was.
+    // The API server goes away: enforcement stays exactly as it was, and readiness says so
+    // while staying ready (the node keeps its enforcement; restarting would not help).
     api.set_down(true);
     std::thread::sleep(Duration::from_secs(2));
     assert!(!allowed("default/intruder"), "flushed after losing the API");
     assert!(allowed("default/client"));
     assert_eq!(map_entries(&endpoints), 3);
+    assert!(
+        eventually(20, || get("/readyz").is_ok_and(
+            |(code, body)| code == 200 && body.contains("disconnected")
+        )),
+        "/readyz never reported the lost API server: {:?}\n{}",
+        get("/readyz"),
+        log_tail(&agent_log)
+    );
+    let (_, metrics) = get("/node-metrics").expect("/node-metrics");
+    assert!(metrics.contains("npm_source_connected 0\n"), "{metrics}");
 
     // Back; a change made then is enforced: client relabelled, loses access.
     api.set_down(false);
@@ -196,6 +218,13 @@ fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() 
     assert!(
         log.contains("Kubernetes API unreachable"),
         "disconnect not logged:\n{log}"
+    );
+    assert!(
+        eventually(20, || get("/readyz").is_ok_and(
+            |(code, body)| code == 200 && !body.contains("disconnected")
+        )),
+        "/readyz still reports the API lost after it came back: {:?}",
+        get("/readyz")
     );
 
     // The agent stops (SIGTERM) and a new one starts while the API server is down: it cannot
