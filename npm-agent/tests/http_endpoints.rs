@@ -9,46 +9,17 @@
 //! (root), as CI runs.
 #[path = "common/http.rs"]
 mod http;
+#[path = "common/support.rs"]
+mod support;
 use http::http_get;
+use support::{KillOnDrop, RemoveOnDrop, eventually_some, pod};
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use npm_agent::lab::{Lab, LabSpec};
-use npm_agent::model::{ContainerPort, Pod, Protocol};
+use npm_agent::model::Protocol;
 use npm_agent::netns::NetNs;
-
-/// Removes a directory tree (pins, temp files) on drop, also when the test fails.
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Ends a process we started (by its pid) when the test ends, also on failure.
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Polls `f` every 200 ms for at most `secs` seconds; returns its last `Some`.
-fn eventually<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(t) = f() {
-            return Some(t);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// GET that must answer 200; panics with the answer otherwise.
 fn get_ok(ns: &NetNs, port: u16, path: &str) -> String {
@@ -65,23 +36,6 @@ fn sample(text: &str, series: &str) -> Option<f64> {
             .and_then(|rest| rest.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
     })
-}
-
-fn pod(name: &str, app: &str, ip: &str) -> Pod {
-    Pod {
-        namespace: "default".into(),
-        name: name.into(),
-        labels: [("app".to_string(), app.to_string())].into(),
-        ips: vec![ip.parse().expect("ip")],
-        node_name: None,
-        host_network: false,
-        terminating: false,
-        ports: vec![ContainerPort {
-            name: None,
-            port: 80,
-            protocol: Protocol::Tcp,
-        }],
-    }
 }
 
 const PODS: &str = r#"
@@ -216,7 +170,7 @@ fn endpoints_report_real_state_and_a_lost_source_keeps_enforcement() {
     let allowed = |from: &str| lab.probe(from, "default/web", 80, Protocol::Tcp).allowed;
 
     // Ready once the first enforcement is applied.
-    let ready = eventually(30, || match http_get(node, PORT, "/readyz") {
+    let ready = eventually_some(30, || match http_get(node, PORT, "/readyz") {
         Ok((200, body)) => Some(body),
         _ => None,
     })
@@ -322,7 +276,7 @@ fn endpoints_report_real_state_and_a_lost_source_keeps_enforcement() {
     // The source goes away: enforcement stays, readiness stays and says so, metrics too.
     let hidden = tmp.join("manifests.hidden");
     std::fs::rename(&manifests, &hidden).expect("hide manifests");
-    let ready = eventually(20, || match http_get(node, PORT, "/readyz") {
+    let ready = eventually_some(20, || match http_get(node, PORT, "/readyz") {
         Ok((200, body)) if body.contains("source disconnected since") => Some(body),
         _ => None,
     })
@@ -352,7 +306,7 @@ fn endpoints_report_real_state_and_a_lost_source_keeps_enforcement() {
 
     // And back.
     std::fs::rename(&hidden, &manifests).expect("restore manifests");
-    eventually(20, || {
+    eventually_some(20, || {
         let m = http_get(node, PORT, "/node-metrics").ok()?.1;
         (sample(&m, "npm_source_connected") == Some(1.0)).then_some(())
     })
@@ -393,7 +347,7 @@ fn toggles_off_hide_metrics_and_debug_and_env_overrides_the_file() {
         // The environment beats the file's port.
         &[("NPM_LISTEN_PORT", "18081")],
     );
-    eventually(30, || {
+    eventually_some(30, || {
         matches!(http_get(&ns, 18081, "/readyz"), Ok((200, _))).then_some(())
     })
     .expect("/readyz on the environment's port");
@@ -573,7 +527,7 @@ fn prometheus_scrapes_the_agent_with_the_deployed_jobs() {
         &[],
     );
     // The default port, as the DaemonSet and scrape config use it.
-    eventually(30, || {
+    eventually_some(30, || {
         matches!(http_get(&ns, 10091, "/readyz"), Ok((200, _))).then_some(())
     })
     .expect("agent ready on 10091");
@@ -599,7 +553,7 @@ fn prometheus_scrapes_the_agent_with_the_deployed_jobs() {
     let _prometheus = KillOnDrop(child);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
 
-    let policies = eventually(60, || {
+    let policies = eventually_some(60, || {
         let r = prom_query(&ns, prom_port, "npm_num_policies");
         (!r.is_empty()).then_some(r)
     })
@@ -616,7 +570,7 @@ fn prometheus_scrapes_the_agent_with_the_deployed_jobs() {
         [("npm-cluster-metrics".to_owned(), "2".to_owned())],
         "npm_num_policies comes from /cluster-metrics and counts the two policies"
     );
-    let up = eventually(30, || {
+    let up = eventually_some(30, || {
         let mut r = prom_query(&ns, prom_port, "up");
         r.sort();
         (r.len() == 2).then_some(r)
@@ -629,7 +583,7 @@ fn prometheus_scrapes_the_agent_with_the_deployed_jobs() {
             ("npm-node-metrics".to_owned(), "1".to_owned())
         ]
     );
-    let connected = eventually(30, || {
+    let connected = eventually_some(30, || {
         let r = prom_query(&ns, prom_port, "npm_source_connected");
         (!r.is_empty()).then_some(r)
     })

@@ -1,33 +1,17 @@
 //! Changes while traffic flows, with real packets: a long-lived allowed connection survives
 //! unrelated changes; a change that denies a peer refuses its new connections at once; a pod
 //! IP taken over by another pod carries the new pod's identity. Privileged (root).
+#[path = "common/support.rs"]
+mod support;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
+use support::pod;
 
 use npm_agent::enforcer::Enforcer;
 use npm_agent::lab::{Lab, LabSpec};
-use npm_agent::model::{
-    ContainerPort, ObjRef, Peer, Pod, Policy, PortRef, PortSpec, Protocol, Rule, Selector,
-};
+use npm_agent::model::{ObjRef, Peer, Pod, Policy, PortRef, PortSpec, Protocol, Rule, Selector};
 use npm_agent::state::ClusterSnapshot;
-
-fn pod(name: &str, app: &str, ip: &str) -> Pod {
-    Pod {
-        namespace: "default".into(),
-        name: name.into(),
-        labels: [("app".to_string(), app.to_string())].into(),
-        ips: vec![ip.parse().expect("ip")],
-        node_name: None,
-        host_network: false,
-        terminating: false,
-        ports: vec![ContainerPort {
-            name: None,
-            port: 80,
-            protocol: Protocol::Tcp,
-        }],
-    }
-}
 
 fn sel(app: &str) -> Selector {
     Selector {

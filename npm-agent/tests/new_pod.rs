@@ -3,6 +3,8 @@
 //! is isolated in, before the API (here: the manifests) knows the pod's IP. Real packets, the
 //! real binary in a lab node's network namespace; a CNI is simulated with `ip`. Also measures
 //! the time from interface creation to enforcement. Privileged (root), as CI runs.
+#[path = "common/support.rs"]
+mod support;
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -11,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
+use support::{KillOnDrop, RemoveOnDrop, eventually_every};
 
 use aya::maps::{HashMap, Map, MapData};
 use npm_agent::lab::{Lab, LabSpec};
@@ -19,41 +22,12 @@ use npm_agent::netns::NetNs;
 use npm_common::maps::ID_PENDING;
 use npm_common::maps::{EP_ISOLATE_INGRESS, EndpointInfo, MAP_ENDPOINTS};
 
-/// Removes a directory tree (pins, manifests) on drop, also when the test fails.
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Ends the agent we started (by its pid) when the test ends, also on failure.
-struct KillOnDrop(std::process::Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Sets a flag on drop: stops our sender/responder threads, also when the test fails.
 struct StopOnDrop(Arc<AtomicBool>);
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::SeqCst);
     }
-}
-
-/// Polls `f` every `every` for at most `within`.
-fn eventually(within: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(every);
-    }
-    false
 }
 
 fn spawn_agent(node: &str, manifests: &Path, bpffs: &Path, prefix: &str, log: &Path) -> KillOnDrop {
@@ -361,7 +335,7 @@ fn new_pod_is_isolated_from_its_first_packet_and_an_unisolated_one_is_not_stalle
         .next()
         .expect("client if");
     assert!(
-        eventually(Duration::from_secs(20), Duration::from_millis(50), || {
+        eventually_every(Duration::from_secs(20), Duration::from_millis(50), || {
             endpoints(&bpffs).is_some_and(|m| entry(&m, client_if).is_some())
         }),
         "agent up and enforcing"
@@ -415,7 +389,7 @@ fn new_pod_is_isolated_from_its_first_packet_and_an_unisolated_one_is_not_stalle
         std::fs::write(manifests.join("pods.yaml"), pods_yaml(Some("10.247.1.10")))
             .expect("rewrite pods");
         assert!(
-            eventually(Duration::from_secs(10), Duration::from_millis(20), || {
+            eventually_every(Duration::from_secs(10), Duration::from_millis(20), || {
                 entry(&map, ifindex).is_some_and(|e| e.id != ID_PENDING)
             }),
             "the pod's identity replaced the pending one"
@@ -440,7 +414,7 @@ fn new_pod_is_isolated_from_its_first_packet_and_an_unisolated_one_is_not_stalle
         let free_if = format!("{prefix}f");
         let created = cni_add(node, &free_ns, &free_if, "10.247.1.11", 2);
         assert!(
-            eventually(Duration::from_secs(5), Duration::from_millis(1), || free_rx
+            eventually_every(Duration::from_secs(5), Duration::from_millis(1), || free_rx
                 .first()
                 .is_some()),
             "traffic reaches the unisolated new pod ({} sent)",
@@ -501,7 +475,7 @@ fn time_from_link_creation_to_enforcement() {
     let prefix = format!("npm{pid}");
     let agent = spawn_agent(node.name(), &manifests, &bpffs, &prefix, &log);
     assert!(
-        eventually(Duration::from_secs(20), Duration::from_millis(50), || {
+        eventually_every(Duration::from_secs(20), Duration::from_millis(50), || {
             std::fs::read_to_string(&log).is_ok_and(|l| l.contains("maps in step"))
         }),
         "agent up"
@@ -555,7 +529,7 @@ fn time_from_link_creation_to_enforcement() {
         to_entry.push(took.as_micros() as i64);
         node.ip(&["link", "del", &name]).expect("link del");
         assert!(
-            eventually(Duration::from_secs(5), Duration::from_millis(1), || entry(
+            eventually_every(Duration::from_secs(5), Duration::from_millis(1), || entry(
                 &map, ifindex
             )
             .is_none()),
@@ -579,7 +553,7 @@ fn time_from_link_creation_to_enforcement() {
     node.ip_batch(&add).expect("burst add");
     let t0 = Instant::now();
     assert!(
-        eventually(Duration::from_secs(10), Duration::from_micros(100), || {
+        eventually_every(Duration::from_secs(10), Duration::from_micros(100), || {
             burst.iter().all(|(_, i)| entry(&map, *i).is_some())
         }),
         "every link of the burst gets its pending endpoint"
@@ -596,7 +570,7 @@ fn time_from_link_creation_to_enforcement() {
         .collect();
     node.ip_batch(&del).expect("burst del");
     assert!(
-        eventually(Duration::from_secs(10), Duration::from_millis(1), || burst
+        eventually_every(Duration::from_secs(10), Duration::from_millis(1), || burst
             .iter()
             .all(|(_, i)| entry(&map, *i).is_none())),
         "and loses it with its link"
@@ -622,7 +596,7 @@ fn time_from_link_creation_to_enforcement() {
     let _log2 = RemoveOnDrop(log2.clone());
     let agent = spawn_agent(node.name(), &manifests, &bpffs, &prefix, &log2);
     assert!(
-        eventually(
+        eventually_every(
             Duration::from_secs(20),
             Duration::from_millis(10),
             || entry(&map, 7000)
@@ -743,7 +717,7 @@ fn new_pod_on_a_bridge_is_isolated_from_its_first_packet() {
         .next()
         .expect("client if");
     assert!(
-        eventually(Duration::from_secs(20), Duration::from_millis(50), || {
+        eventually_every(Duration::from_secs(20), Duration::from_millis(50), || {
             endpoints(&bpffs).is_some_and(|m| entry(&m, client_if).is_some())
         }),
         "agent up and enforcing"
@@ -792,7 +766,7 @@ fn new_pod_on_a_bridge_is_isolated_from_its_first_packet() {
         // The IP becomes known: discovery goes bridge -> neighbour -> fdb -> this port.
         std::fs::write(manifests.join("pods.yaml"), pods(Some("10.246.0.10"))).expect("pods");
         assert!(
-            eventually(Duration::from_secs(10), Duration::from_millis(20), || {
+            eventually_every(Duration::from_secs(10), Duration::from_millis(20), || {
                 entry(&map, ifindex).is_some_and(|e| e.id != ID_PENDING)
             }),
             "discovery tied the bridge port to a/new"
@@ -807,7 +781,7 @@ fn new_pod_on_a_bridge_is_isolated_from_its_first_packet() {
         // Control: without the policy the same path delivers at once.
         std::fs::remove_file(manifests.join("policy.yaml")).expect("rm policy");
         assert!(
-            eventually(Duration::from_secs(10), Duration::from_millis(10), || rx
+            eventually_every(Duration::from_secs(10), Duration::from_millis(10), || rx
                 .counts()
                 .0
                 > 0),

@@ -2,36 +2,14 @@
 //! pinned maps. Checks local-pod discovery from routes, enforcement with real packets, that a
 //! stopped agent leaves enforcement in place, and that a restarted agent adopts the pinned maps
 //! and applies only what changed. Privileged (root), as CI runs.
+#[path = "common/support.rs"]
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use support::{KillOnDrop, RemoveOnDrop, eventually, pod};
 
 use npm_agent::lab::{Lab, LabSpec};
-use npm_agent::model::{ContainerPort, Pod, Protocol};
-
-/// Removes a directory tree (pins) on drop, also when the test fails.
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn pod(name: &str, app: &str, ip: &str) -> Pod {
-    Pod {
-        namespace: "default".into(),
-        name: name.into(),
-        labels: [("app".to_string(), app.to_string())].into(),
-        ips: vec![ip.parse().expect("ip")],
-        node_name: None,
-        host_network: false,
-        terminating: false,
-        ports: vec![ContainerPort {
-            name: None,
-            port: 80,
-            protocol: Protocol::Tcp,
-        }],
-    }
-}
+use npm_agent::model::Protocol;
 
 const PODS: &str = r#"
 apiVersion: v1
@@ -132,27 +110,6 @@ fn run_enforces_survives_exit_and_adopts_pinned_maps() {
     assert!(!allowed("default/intruder"));
     assert!(allowed("default/client"));
     drop(lab);
-}
-
-/// Ends the agent we started (by its pid) when the test ends, also on failure.
-struct KillOnDrop(std::process::Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Polls `f` every 100 ms for at most `secs` seconds.
-fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    false
 }
 
 #[test]

@@ -8,48 +8,23 @@ mod fake_apiserver;
 #[path = "common/http.rs"]
 mod http;
 
+#[path = "common/support.rs"]
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use support::{KillOnDrop, RemoveOnDrop, eventually, log_tail, pod};
 
 use fake_apiserver::{FakeApi, Res};
 use http::http_get;
 use npm_agent::lab::{Lab, LabSpec};
-use npm_agent::model::{ContainerPort, Pod, Protocol};
+use npm_agent::model::{Pod, Protocol};
 use serde_json::{Value, json};
-
-/// Removes a file or directory tree on drop, also when the test fails.
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Ends the agent we started (by its pid) when the test ends, also on failure.
-struct KillOnDrop(std::process::Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn lab_pod(name: &str, app: &str, ip: &str) -> Pod {
     Pod {
-        namespace: "default".into(),
-        name: name.into(),
-        labels: [("app".to_string(), app.to_string())].into(),
-        ips: vec![ip.parse().expect("ip")],
         node_name: Some("node-1".into()),
-        host_network: false,
-        terminating: false,
-        ports: vec![ContainerPort {
-            name: None,
-            port: 80,
-            protocol: Protocol::Tcp,
-        }],
+        ..pod(name, app, ip)
     }
 }
 
@@ -69,18 +44,6 @@ fn web_from_client() -> Value {
                          "ports": [{"port": 80}]}]}})
 }
 
-/// Polls `f` every 100 ms for at most `secs` seconds.
-fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
 /// Entries of a pinned map, through bpftool.
 fn map_entries(pinned: &Path) -> usize {
     let out = Command::new("bpftool")
@@ -95,12 +58,6 @@ fn map_entries(pinned: &Path) -> usize {
     );
     let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
     v.as_array().map(Vec::len).unwrap_or(0)
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 #[test]
