@@ -773,3 +773,92 @@ async fn thousands_of_pods_sync_and_each_event_arrives() {
         worst.as_micros()
     );
 }
+
+/// Every order of creating a namespace, two pods and a policy, then every order of deleting
+/// them, each through the watch (one event per object): the source's view after the last event
+/// is the same whatever the order, and equals the view a fresh list of the same objects gives.
+/// (The compiler turns equal views into equal maps: `incremental_equals_a_fresh_compile_after_
+/// every_random_change` in `compiler/tests/incremental.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_order_of_creation_and_deletion_gives_the_same_view() {
+    let objects = [
+        namespace("o", json!({"env": "prod"})),
+        pod("o", "web", json!({"app": "web"}), "10.12.0.2", "n"),
+        pod("o", "client", json!({"app": "client"}), "10.12.0.3", "n"),
+        policy("o", "p", "web", "client"),
+    ];
+    let key = |o: &Value| {
+        (
+            o["kind"].as_str().unwrap_or_default().to_string(),
+            o["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            o["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+    // The reference: everything listed at start-up.
+    let listed = {
+        let api = FakeApi::start();
+        for o in &objects {
+            api.apply(o.clone());
+        }
+        let mut h = start(&api, fast(None)).await;
+        assert!(h.until(10, |h| h.synced).await);
+        h.snapshot.clone()
+    };
+    assert_eq!(listed.pods.len(), 2);
+    assert_eq!(listed.policies.len(), 1);
+    assert!(listed.namespaces.contains_key("o"));
+    assert!(
+        listed
+            .pods
+            .values()
+            .all(|p| p.node_name.as_deref() == Some("n"))
+    );
+
+    // The objects (not the snapshot's change counter).
+    let view = |s: &ClusterSnapshot| (s.namespaces.clone(), s.pods.clone(), s.policies.clone());
+    let listed = view(&listed);
+    let empty = view(&ClusterSnapshot::default());
+    let mut orders = 0;
+    let mut perm = [0usize, 1, 2, 3];
+    loop {
+        let api = FakeApi::start();
+        let mut h = start(&api, fast(None)).await;
+        assert!(h.until(10, |h| h.synced).await);
+        for &i in &perm {
+            api.apply(objects[i].clone());
+        }
+        assert!(
+            h.until(10, |h| view(&h.snapshot) == listed).await,
+            "created in order {perm:?}: {:?}\nexpected {listed:?}",
+            h.snapshot
+        );
+        // Deleted in the same order (the namespace first in 6 of them).
+        for &i in &perm {
+            let (kind, ns, name) = key(&objects[i]);
+            api.delete(&kind, &ns, &name);
+        }
+        assert!(
+            h.until(10, |h| view(&h.snapshot) == empty).await,
+            "deleted in order {perm:?}: {:?}",
+            h.snapshot
+        );
+        orders += 1;
+        // Next permutation in lexicographic order.
+        let Some(i) = (0..perm.len() - 1).rev().find(|&i| perm[i] < perm[i + 1]) else {
+            break;
+        };
+        let j = (i + 1..perm.len())
+            .rev()
+            .find(|&j| perm[j] > perm[i])
+            .expect("a larger element");
+        perm.swap(i, j);
+        perm[i + 1..].reverse();
+    }
+    assert_eq!(orders, 24);
+}

@@ -14,6 +14,9 @@
 //!   ([`FakeApi::set_down`]), answer lists slowly ([`FakeApi::set_list_delay`]).
 //!
 //! It runs on its own thread and runtime (so a test may be synchronous), and stops on drop.
+//! [`FakeApi::start_tls_on`] serves HTTPS instead, as kube-apiserver does in a cluster (for the
+//! in-cluster config, which is always `https://`); every request's method and `Authorization`
+//! header are recorded.
 // Shared by several test crates: each uses a part, and `pub` is for them.
 #![allow(dead_code, unreachable_pub)]
 
@@ -23,9 +26,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// A client connection: plain TCP or TLS over it.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+type Sock = Box<dyn Conn>;
 
 /// The three collections served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -71,6 +79,9 @@ impl Res {
 /// One request the server received.
 #[derive(Clone, Debug)]
 pub struct Request {
+    pub method: String,
+    /// The `Authorization` header, as sent.
+    pub authorization: Option<String>,
     pub res: Option<Res>,
     pub path: String,
     pub query: BTreeMap<String, String>,
@@ -135,6 +146,42 @@ impl FakeApi {
 
     /// Serves on a listener already bound (e.g. inside a test's network namespace).
     pub fn start_on(listener: std::net::TcpListener) -> FakeApi {
+        Self::serve_on(listener, None)
+    }
+
+    /// Serves HTTPS on `listener` with the certificate chain and private key in these PEM
+    /// files (e.g. made with `openssl`; the certificate must name the address clients use).
+    pub fn start_tls_on(
+        listener: std::net::TcpListener,
+        cert_pem: &Path,
+        key_pem: &Path,
+    ) -> FakeApi {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_pem)
+            .expect("read certificate PEM")
+            .collect::<Result<_, _>>()
+            .expect("parse certificate PEM");
+        let key = PrivateKeyDer::from_pem_file(key_pem).expect("read private key PEM");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server certificate");
+        Self::serve_on(
+            listener,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+    }
+
+    fn serve_on(
+        listener: std::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> FakeApi {
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("local addr").port();
         let state = Arc::new(Mutex::new(State {
@@ -150,7 +197,7 @@ impl FakeApi {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(serve(listener, st, bump_rx, stop_rx));
+            rt.block_on(serve(listener, tls, st, bump_rx, stop_rx));
         });
         FakeApi {
             state,
@@ -163,6 +210,10 @@ impl FakeApi {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// A kubeconfig pointing at this server (plain HTTP, no credentials).
@@ -365,6 +416,7 @@ impl Drop for FakeApi {
 
 async fn serve(
     listener: std::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<Mutex<State>>,
     bump: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
@@ -379,7 +431,18 @@ async fn serve(
                     drop(sock);
                     continue;
                 }
-                conns.spawn(handle(sock, state.clone(), bump.clone(), stop.clone()));
+                let (state, bump, stop, tls) = (state.clone(), bump.clone(), stop.clone(), tls.clone());
+                conns.spawn(async move {
+                    let sock: Sock = match tls {
+                        None => Box::new(sock),
+                        Some(tls) => match tls.accept(sock).await {
+                            Ok(s) => Box::new(s),
+                            // A failed handshake is a client that does not trust us: no request.
+                            Err(_) => return,
+                        },
+                    };
+                    handle(sock, state, bump, stop).await;
+                });
             }
             _ = stop.changed() => break,
         }
@@ -415,7 +478,7 @@ fn parse_query(q: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn read_head(sock: &mut TcpStream) -> Option<String> {
+async fn read_head(sock: &mut Sock) -> Option<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -436,7 +499,7 @@ fn status_json(code: u16, reason: &str, message: &str) -> Value {
         "message": message, "reason": reason, "code": code})
 }
 
-async fn respond(sock: &mut TcpStream, code: u16, body: &Value) {
+async fn respond(sock: &mut Sock, code: u16, body: &Value) {
     let body = body.to_string();
     let reason = match code {
         200 => "OK",
@@ -454,7 +517,7 @@ async fn respond(sock: &mut TcpStream, code: u16, body: &Value) {
 }
 
 async fn handle(
-    mut sock: TcpStream,
+    mut sock: Sock,
     state: Arc<Mutex<State>>,
     bump: watch::Receiver<u64>,
     stop: watch::Receiver<bool>,
@@ -462,17 +525,22 @@ async fn handle(
     let Some(head) = read_head(&mut sock).await else {
         return;
     };
-    let target = head
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("/")
-        .to_string();
+    let mut request_line = head.lines().next().unwrap_or("").split_whitespace();
+    let method = request_line.next().unwrap_or("").to_string();
+    let target = request_line.next().unwrap_or("/").to_string();
+    let authorization = head.lines().skip(1).find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("authorization")
+            .then(|| value.trim().to_string())
+    });
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p.to_string(), parse_query(q)),
         None => (target.clone(), BTreeMap::new()),
     };
     let req = Request {
+        method,
+        authorization,
         res: Res::from_path(&path),
         path,
         query,
@@ -496,7 +564,7 @@ async fn handle(
     }
 }
 
-async fn list(mut sock: TcpStream, res: Res, req: &Request, state: Arc<Mutex<State>>) {
+async fn list(mut sock: Sock, res: Res, req: &Request, state: Arc<Mutex<State>>) {
     let delay = state
         .lock()
         .expect("state")
@@ -568,14 +636,14 @@ async fn list(mut sock: TcpStream, res: Res, req: &Request, state: Arc<Mutex<Sta
     respond(&mut sock, code, &body).await;
 }
 
-async fn write_chunk(sock: &mut TcpStream, line: &str) -> bool {
+async fn write_chunk(sock: &mut Sock, line: &str) -> bool {
     let data = format!("{line}\n");
     let framed = format!("{:x}\r\n{data}\r\n", data.len());
     sock.write_all(framed.as_bytes()).await.is_ok() && sock.flush().await.is_ok()
 }
 
 async fn watch_stream(
-    mut sock: TcpStream,
+    mut sock: Sock,
     res: Res,
     req: &Request,
     state: Arc<Mutex<State>>,
