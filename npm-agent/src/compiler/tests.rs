@@ -698,6 +698,112 @@ fn named_ports_resolve_per_destination_pod() {
     assert_ne!(m.endpoints[&10].id, m.endpoints[&11].id);
 }
 
+/// docs/MIGRATING-FROM-AZURE-NPM.md: an ipBlock matches pod IPs and other nodes' IPs; a
+/// named port in an egress rule whose peer is an ipBlock matches nothing (the number does);
+/// the pod's own node is reachable whatever the egress rules say.
+#[test]
+fn ipblocks_match_pods_and_other_nodes_but_not_through_a_named_port() {
+    let mut s = ClusterSnapshot::default();
+    s.namespaces.insert(
+        "d".into(),
+        Namespace {
+            name: "d".into(),
+            labels: Labels::new(),
+        },
+    );
+    s.node_ips = vec!["192.0.2.1".parse().expect("ip")];
+    let mk = |name: &str, app: &str, ip: &str| Pod {
+        namespace: "d".into(),
+        name: name.into(),
+        labels: labels(&[("app", app)]),
+        ips: vec![ip.parse().expect("ip")],
+        node_name: None,
+        host_network: false,
+        terminating: false,
+        ports: vec![ContainerPort {
+            name: Some("web".into()),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }],
+    };
+    for (i, p) in [mk("srv", "srv", "10.0.0.1"), mk("c", "cli", "10.0.0.3")]
+        .into_iter()
+        .enumerate()
+    {
+        s.local.insert(p.obj_ref(), 10 + i as u32);
+        s.pods.insert(p.obj_ref(), p);
+    }
+    let block = |cidr: &str| Peer::IpBlock {
+        cidr: cidr.parse().expect("cidr"),
+        except: vec![],
+    };
+    let port = |p: PortRef| PortSpec {
+        protocol: Protocol::Tcp,
+        port: Some(p),
+        end_port: None,
+    };
+    let pol = Policy {
+        namespace: "d".into(),
+        name: "p".into(),
+        pod_selector: Selector {
+            match_labels: labels(&[("app", "cli")]),
+            ..Selector::default()
+        },
+        ingress: None,
+        egress: Some(vec![
+            // A pod range with the named port: matches nothing.
+            Rule {
+                peers: vec![block("10.0.0.0/24")],
+                ports: vec![port(PortRef::Name("web".into()))],
+            },
+            // The same range with the number: matches the pod in it.
+            Rule {
+                peers: vec![block("10.0.0.0/24")],
+                ports: vec![port(PortRef::Number(8080))],
+            },
+            // Other nodes' addresses.
+            Rule {
+                peers: vec![block("192.0.2.0/24")],
+                ports: vec![port(PortRef::Number(10250))],
+            },
+        ]),
+    };
+    s.policies.insert(pol.obj_ref(), pol);
+    let m = compile(&s, &mut IdAllocator::default()).maps;
+    let c = || {
+        let p = &s.pods[&ObjRef::new("d", "c")];
+        End::Pod(p, p.ips[0])
+    };
+    let srv = || {
+        let p = &s.pods[&ObjRef::new("d", "srv")];
+        End::Pod(p, p.ips[0])
+    };
+    let ext = |ip: &str| End::Ext(ip.parse().expect("ip"));
+    assert!(
+        !datapath(&s, &m, c(), srv(), 6, 80),
+        "named port through an ipBlock"
+    );
+    assert!(
+        !datapath(&s, &m, c(), ext("10.0.0.9"), 6, 80),
+        "named port through an ipBlock, non-pod address"
+    );
+    assert!(
+        datapath(&s, &m, c(), srv(), 6, 8080),
+        "ipBlock covering a pod IP"
+    );
+    assert!(datapath(&s, &m, c(), ext("10.0.0.9"), 6, 8080));
+    assert!(
+        datapath(&s, &m, c(), ext("192.0.2.7"), 6, 10250),
+        "ipBlock covering another node's IP"
+    );
+    assert!(!datapath(&s, &m, c(), ext("192.0.2.7"), 6, 22));
+    assert!(!datapath(&s, &m, c(), ext("198.51.100.1"), 6, 10250));
+    assert!(
+        datapath(&s, &m, c(), ext("192.0.2.1"), 6, 22),
+        "the pod's own node, whatever the egress rules"
+    );
+}
+
 #[test]
 fn seed_scenario_azure_npm() {
     // deny-all-inbound, allow-go-webapp (8080 from anywhere), allow-src-ip (8080 from
