@@ -689,6 +689,7 @@ fn the_daemonset_pod_runs_in_cluster_with_its_capabilities_and_enforces() {
         "exit status {status}:\n{}",
         log_tail(&agent_log)
     );
+    eprintln!("exited {:?} after SIGTERM", stopped.elapsed());
     assert!(!allowed("default/intruder"), "enforcement removed at exit");
     assert!(allowed("default/client"));
 }

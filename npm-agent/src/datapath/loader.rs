@@ -50,6 +50,11 @@ const HOOKS: [(&str, TcAttachType); 2] = [
 pub enum DatapathError {
     #[error("the embedded eBPF object is empty (was the agent built with AYA_BUILD_SKIP=1?)")]
     EmptyObject,
+    #[error(
+        "{path} is not on a bpffs, so pins would not outlive the agent: mount one on the node \
+         (`mount -t bpf bpf /sys/fs/bpf`; systemd does it at boot)"
+    )]
+    NotBpffs { path: PathBuf },
     #[error("creating the pin directory {path}")]
     PinDir {
         path: PathBuf,
@@ -123,7 +128,7 @@ impl DatapathError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::EmptyObject => "empty_object",
-            Self::PinDir { .. } => "pin_dir",
+            Self::PinDir { .. } | Self::NotBpffs { .. } => "pin_dir",
             Self::Load { .. } => "load",
             Self::ProgramMissing { .. } | Self::Program { .. } => "program",
             Self::Qdisc { .. } => "qdisc",
@@ -134,6 +139,26 @@ impl DatapathError {
             Self::TestRun { .. } => "test_run",
             Self::Map { .. } => "map_io",
         }
+    }
+}
+
+/// Fails unless the nearest existing ancestor of `dir` (itself included) is on a bpffs: pins
+/// elsewhere fail, and a directory on the host's sysfs (where the DaemonSet's hostPath lands
+/// when the node has no bpffs mounted) cannot even be created.
+fn check_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    match sys::fs_type(existing) {
+        Ok(sys::BPF_FS_MAGIC) => Ok(()),
+        Ok(_) => Err(DatapathError::NotBpffs {
+            path: existing.to_owned(),
+        }),
+        Err(source) => Err(DatapathError::PinDir {
+            path: existing.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -173,6 +198,9 @@ impl Datapath {
     /// layout are never adopted. With `None`, nothing is pinned: the maps live as long as
     /// this value and any attached program.
     pub fn load(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        if let Some(dir) = pin_dir {
+            check_bpffs(dir)?;
+        }
         if OBJECT.is_empty() {
             return Err(DatapathError::EmptyObject);
         }
@@ -401,4 +429,21 @@ fn ifindex(ifname: &str) -> Result<u32, DatapathError> {
         iface: ifname.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pin_directory_outside_bpffs_is_refused_with_the_fix() {
+        let dir = std::env::temp_dir().join(format!("npm-not-bpffs-{}", std::process::id()));
+        let err = Datapath::load(Some(&dir.join("v1"))).expect_err("tmp is not a bpffs");
+        assert!(
+            matches!(&err, DatapathError::NotBpffs { path } if *path == std::env::temp_dir()),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("mount -t bpf"), "{err}");
+        assert!(!dir.exists(), "nothing created outside bpffs");
+    }
 }

@@ -108,6 +108,27 @@ pub(crate) fn prog_test_run(
     })
 }
 
+/// bpffs's `statfs` magic (`BPF_FS_MAGIC` in linux/magic.h).
+pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The type (`f_type`) of the filesystem holding `path`.
+pub(crate) fn fs_type(path: &std::path::Path) -> io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c` is NUL-terminated and `st` is a writable statfs; the call writes only it.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded, so it filled `st` (which was zeroed before anyway).
+    let st = unsafe { st.assume_init() };
+    // `f_type` is i64 on x86_64 and aarch64 but narrower on some targets.
+    #[allow(clippy::useless_conversion)]
+    Ok(i64::from(st.f_type))
+}
+
 /// Raises RLIMIT_MEMLOCK to infinity. Kernels before 5.11 charge BPF maps against it; later
 /// ones use memcg accounting, so a failure here only matters on old kernels.
 pub(crate) fn raise_memlock() -> io::Result<()> {
