@@ -156,12 +156,13 @@ fn check_deferred(ctx: &TcContext, m: u32) -> bool {
         }
     }
     let src_ifindex = judge(&pkt, len);
+    let key = defer_key(&pkt);
     if src_ifindex == 0 {
-        let _ = DEFERRED.remove(&defer_key(&pkt));
+        let _ = DEFERRED.remove(&key);
         return false;
     }
     ctx.set_mark(m & !MARK_DEFERRED);
-    confirm(&pkt, src_ifindex);
+    confirm(&key, src_ifindex);
     true
 }
 
@@ -196,44 +197,36 @@ fn judge(pkt: &Packet, len: u32) -> u32 {
     if is_allow(reason) { src_ifindex } else { 0 }
 }
 
-/// Confirms the pending conntrack entry of the deferred flow of `pkt` (original tuple at the
-/// client's interface) and forgets the side entry.
+/// Confirms the pending conntrack entry of the deferred flow `key` (original tuple at the
+/// client's interface) and forgets the side entry. Lean on purpose: it runs three calls deep
+/// under `npm_to_pod`, whose frames share the 512-byte stack.
 #[inline(never)]
-fn confirm(pkt: &Packet, src_ifindex: u32) {
-    let key = defer_key(pkt);
-    // SAFETY: plain-integer values.
-    let Some(v) = (unsafe { DEFERRED.get(&key) }).copied() else {
+fn confirm(key: &DeferKey, src_ifindex: u32) {
+    let Some(v) = DEFERRED.get_ptr(key) else {
         return;
     };
-    let _ = DEFERRED.remove(&key);
+    // SAFETY: the pointer comes from a successful lookup and stays valid for this run (RCU).
+    let v = unsafe { &*v };
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if v.expires_ns <= now || v.ifindex != src_ifindex {
-        return;
+    if v.expires_ns > now && v.ifindex == src_ifindex {
+        // The key `conntrack::key` built for the original packet (src -> orig_dst).
+        let mut ct_key = CtKey {
+            addr_lo: key.src,
+            addr_hi: v.orig_dst,
+            ifindex: src_ifindex,
+            port_lo_be: key.sport_be,
+            port_hi_be: v.orig_dport_be,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        if !conntrack::pair_le(&key.src, key.sport_be, &v.orig_dst, v.orig_dport_be) {
+            ct_key.addr_lo = v.orig_dst;
+            ct_key.addr_hi = key.src;
+            ct_key.port_lo_be = v.orig_dport_be;
+            ct_key.port_hi_be = key.sport_be;
+        }
+        conntrack::confirm(&ct_key, now);
     }
-    let mut ct_key = CtKey {
-        addr_lo: [0; 16],
-        addr_hi: [0; 16],
-        ifindex: 0,
-        port_lo_be: 0,
-        port_hi_be: 0,
-        proto: 0,
-        _pad: [0; 3],
-    };
-    // The key `conntrack::key` builds for the original packet (src -> orig_dst).
-    let src_is_lo = conntrack::pair_le(&pkt.src, pkt.sport_be, &v.orig_dst, v.orig_dport_be);
-    ct_key.ifindex = src_ifindex;
-    ct_key.proto = pkt.proto;
-    if src_is_lo {
-        ct_key.addr_lo = pkt.src;
-        ct_key.addr_hi = v.orig_dst;
-        ct_key.port_lo_be = pkt.sport_be;
-        ct_key.port_hi_be = v.orig_dport_be;
-    } else {
-        ct_key.addr_lo = v.orig_dst;
-        ct_key.addr_hi = pkt.src;
-        ct_key.port_lo_be = v.orig_dport_be;
-        ct_key.port_hi_be = pkt.sport_be;
-    }
-    conntrack::confirm(&ct_key, now);
+    let _ = DEFERRED.remove(key);
 }

@@ -77,7 +77,9 @@ pub(crate) fn prog_test_run(
         mark,
         ..SkBuffCtx::default()
     };
-    let mut ctx_out = SkBuffCtx::default();
+    // The kernel writes its whole `struct __sk_buff` back (ENOSPC if the buffer is smaller):
+    // room for it (192 bytes today) with margin; `mark` is the third u32.
+    let mut ctx_out = [0u32; 64];
     let mut attr = TestRunAttr {
         prog_fd: u32::try_from(prog.as_raw_fd())
             .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?,
@@ -88,7 +90,7 @@ pub(crate) fn prog_test_run(
         repeat,
         ctx_size_in: size_of::<SkBuffCtx>() as u32,
         ctx_in: &raw const ctx as u64,
-        ctx_size_out: size_of::<SkBuffCtx>() as u32,
+        ctx_size_out: size_of::<[u32; 64]>() as u32,
         ctx_out: &raw mut ctx_out as u64,
         ..TestRunAttr::default()
     };
@@ -117,7 +119,7 @@ pub(crate) fn prog_test_run(
         retval: attr.retval,
         duration_ns: attr.duration,
         data_out: out,
-        mark_out: ctx_out.mark,
+        mark_out: ctx_out[2],
     })
 }
 
