@@ -199,6 +199,18 @@ impl Enforcer {
         Ok(self.datapath.attach_index(ifindex)?)
     }
 
+    /// Attaches the post-DNAT program (`npm_host_egress`) to a node link that is neither
+    /// loopback nor a pod interface (calling thread's netns); returns its ifindex.
+    pub fn attach_host(&mut self, ifname: &str) -> Result<u32, EnforcerError> {
+        Ok(self.datapath.attach_host(ifname)?)
+    }
+
+    /// Sets the cluster's Service ranges (SERVICES). Attach `npm_host_egress` to the node's
+    /// other links first: a deferred packet leaving by a link without it is not checked.
+    pub fn set_service_cidrs(&mut self, cidrs: Vec<ipnet::IpNet>) -> ApplyReport {
+        self.pipeline.set_service_cidrs(cidrs)
+    }
+
     pub fn datapath(&self) -> &Datapath {
         &self.datapath
     }
