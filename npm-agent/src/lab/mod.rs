@@ -225,6 +225,15 @@ impl Lab {
             .collect()
     }
 
+    /// Per external (by its first IP), the node-side interface it is reached through: the
+    /// node's "uplinks", which carry `npm_host_egress` when Service ranges are enforced.
+    pub fn external_interfaces(&self) -> Vec<(IpAddr, String)> {
+        self.plan.endpoints[self.plan.pod_count..]
+            .iter()
+            .filter_map(|ep| Some((*ep.ips.first()?, ep.host_if.clone())))
+            .collect()
+    }
+
     /// The node netns: attach enforcement here (`lab.node().run(|| ...)`).
     pub fn node(&self) -> &NetNs {
         match &self.node {
