@@ -138,24 +138,22 @@ pub(crate) fn deferred_denied(ctx: &TcContext) -> bool {
 }
 
 /// The post-DNAT check of a marked packet; true when allowed (bit cleared, flow confirmed).
+/// Its callees run one after the other, never nested, so that under `npm_to_pod` (whose own
+/// frame holds the inlined classifier) the deepest chain stays well inside the 512-byte
+/// stack all frames share.
 #[inline(never)]
 fn check_deferred(ctx: &TcContext, m: u32) -> bool {
-    let len = ctx.len();
-    let want = if len < PULL_LEN { len } else { PULL_LEN };
-    if ctx.data_end() - ctx.data() < want as usize {
-        let _ = ctx.pull_data(want);
-    }
     let mut pkt = Packet::new();
-    match parse::parse(ctx, &mut pkt) {
-        Ok(true) => {}
+    match read_packet(ctx, &mut pkt) {
+        PARSED => {}
         // We mark only IP packets; someone else's use of the bit is not ours to judge.
-        Ok(false) => return true,
-        Err(parse::Malformed) => {
-            count(0, DIR_EGRESS, REASON_DROP_MALFORMED, len);
+        NOT_IP => return true,
+        _ => {
+            count(0, DIR_EGRESS, REASON_DROP_MALFORMED, ctx.len());
             return false;
         }
     }
-    let src_ifindex = judge(&pkt, len);
+    let src_ifindex = judge(&pkt, ctx.len());
     let key = defer_key(&pkt);
     if src_ifindex == 0 {
         let _ = DEFERRED.remove(&key);
@@ -164,6 +162,25 @@ fn check_deferred(ctx: &TcContext, m: u32) -> bool {
     ctx.set_mark(m & !MARK_DEFERRED);
     confirm(&key, src_ifindex);
     true
+}
+
+const PARSED: u8 = 0;
+const NOT_IP: u8 = 1;
+const MALFORMED: u8 = 2;
+
+/// Makes the headers linear if needed (as `classify` does) and parses them into `pkt`.
+#[inline(never)]
+fn read_packet(ctx: &TcContext, pkt: &mut Packet) -> u8 {
+    let len = ctx.len();
+    let want = if len < PULL_LEN { len } else { PULL_LEN };
+    if ctx.data_end() - ctx.data() < want as usize {
+        let _ = ctx.pull_data(want);
+    }
+    match parse::parse(ctx, pkt) {
+        Ok(true) => PARSED,
+        Ok(false) => NOT_IP,
+        Err(parse::Malformed) => MALFORMED,
+    }
 }
 
 /// The source pod's egress verdict for the translated packet, counted under the source pod
