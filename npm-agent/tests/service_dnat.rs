@@ -121,6 +121,42 @@ fn reaches(lab: &Lab, ip: &str, port: u16) -> Result<(), String> {
     })
 }
 
+/// kube-proxy's part: DNAT in PREROUTING (ClusterIP:80 -> pod:5432, ClusterIP:443 ->
+/// host:443). The table lives in the lab's node namespace and goes with it.
+fn install_dnat(lab: &Lab, db: IpAddr, other: IpAddr) {
+    let rules = format!(
+        "table ip npmtest {{\n\
+         chain prerouting {{\n\
+         type nat hook prerouting priority dstnat; policy accept;\n\
+         ip daddr {SVC_DB} tcp dport 80 dnat to {db}:5432\n\
+         ip daddr {SVC_OTHER} tcp dport 80 dnat to {other}:5432\n\
+         ip daddr {SVC_REMOTE_OK} tcp dport 443 dnat to {EXT_OK}:443\n\
+         ip daddr {SVC_REMOTE_DENIED} tcp dport 443 dnat to {EXT_DENIED}:443\n\
+         }}\n}}\n"
+    );
+    let file = std::env::temp_dir().join(format!(
+        "npm-svc-dnat-{}-{}.nft",
+        std::process::id(),
+        lab.prefix()
+    ));
+    std::fs::write(&file, rules).expect("write nft rules");
+    let loaded = lab
+        .node()
+        .exec(&["nft", "-f", file.to_str().expect("utf-8")]);
+    let _ = std::fs::remove_file(&file);
+    loaded.expect("nft -f in the node netns");
+}
+
+fn externals() -> Vec<External> {
+    [EXT_OK, EXT_DENIED]
+        .iter()
+        .map(|ip| External {
+            ip: ip.parse().expect("ip"),
+            ports: vec![(443, Protocol::Tcp)],
+        })
+        .collect()
+}
+
 #[test]
 fn clusterip_egress_is_checked_against_the_backend_after_a_real_dnat() {
     if !privileged() {
@@ -132,39 +168,12 @@ fn clusterip_egress_is_checked_against_the_backend_after_a_real_dnat() {
             pod("db", "db", &[5432]),
             pod("other", "other", &[5432]),
         ],
-        externals: vec![
-            External {
-                ip: EXT_OK.parse().expect("ip"),
-                ports: vec![(443, Protocol::Tcp)],
-            },
-            External {
-                ip: EXT_DENIED.parse().expect("ip"),
-                ports: vec![(443, Protocol::Tcp)],
-            },
-        ],
+        externals: externals(),
     };
     let lab = Lab::build(spec).expect("build lab");
     let (db, other) = (ipv4_of(&lab, "db"), ipv4_of(&lab, "other"));
 
-    // kube-proxy's part: DNAT in PREROUTING (ClusterIP:80 -> pod:5432, ClusterIP:443 ->
-    // host:443). The table lives in the lab's node namespace and goes with it.
-    let rules = format!(
-        "table ip npmtest {{\n\
-         chain prerouting {{\n\
-         type nat hook prerouting priority dstnat; policy accept;\n\
-         ip daddr {SVC_DB} tcp dport 80 dnat to {db}:5432\n\
-         ip daddr {SVC_OTHER} tcp dport 80 dnat to {other}:5432\n\
-         ip daddr {SVC_REMOTE_OK} tcp dport 443 dnat to {EXT_OK}:443\n\
-         ip daddr {SVC_REMOTE_DENIED} tcp dport 443 dnat to {EXT_DENIED}:443\n\
-         }}\n}}\n"
-    );
-    let file = std::env::temp_dir().join(format!("npm-svc-dnat-{}.nft", std::process::id()));
-    std::fs::write(&file, rules).expect("write nft rules");
-    let loaded = lab
-        .node()
-        .exec(&["nft", "-f", file.to_str().expect("utf-8")]);
-    let _ = std::fs::remove_file(&file);
-    loaded.expect("nft -f in the node netns");
+    install_dnat(&lab, db, other);
 
     // Before enforcement everything connects (the DNAT and the responders work).
     for (ip, port) in [
@@ -264,4 +273,132 @@ fn clusterip_egress_is_checked_against_the_backend_after_a_real_dnat() {
     assert_eq!(report.map_entries.services, 0);
     assert!(reaches(&lab, SVC_DB, 80).is_err());
     assert!(reaches(&lab, SVC_OTHER, 80).is_err());
+}
+
+/// Removes a directory or file (a bpffs pin directory, a manifests directory) on drop.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const AGENT_PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: default, labels: {app: client}}
+spec: {containers: [{name: c, image: busybox}]}
+status: {podIP: 10.247.0.2, podIPs: [{ip: 10.247.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: default, labels: {app: db}}
+spec: {containers: [{name: db, image: postgres, ports: [{containerPort: 5432}]}]}
+status: {podIP: 10.247.0.3, podIPs: [{ip: 10.247.0.3}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: default, labels: {app: other}}
+spec: {containers: [{name: db, image: postgres, ports: [{containerPort: 5432}]}]}
+status: {podIP: 10.247.0.4, podIPs: [{ip: 10.247.0.4}]}
+"#;
+
+/// `npm-agent run --once` in the lab's node, with or without `--service-cidr`.
+fn agent_once(node_netns: &str, manifests: &std::path::Path, bpffs: &std::path::Path, svc: bool) {
+    let mut cmd = std::process::Command::new("nsenter");
+    // nsenter (not `ip netns exec`, which remounts /sys and would hide bpffs).
+    cmd.arg(format!("--net=/run/netns/{node_netns}"))
+        .arg(env!("CARGO_BIN_EXE_npm-agent"))
+        .args(["run", "--once", "--manifests"])
+        .arg(manifests)
+        .arg("--bpffs-dir")
+        .arg(bpffs);
+    if svc {
+        cmd.args(["--service-cidr", SERVICE_RANGE]);
+    }
+    let out = cmd.output().expect("spawn npm-agent");
+    assert!(
+        out.status.success(),
+        "npm-agent run failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Entries of the pinned NPM_SERVICES map.
+fn pinned_services(bpffs: &std::path::Path) -> usize {
+    use aya::maps::{Map, MapData, lpm_trie::LpmTrie};
+    let data = MapData::from_pin(bpffs.join("v1").join(npm_common::maps::MAP_SERVICES))
+        .expect("NPM_SERVICES is pinned");
+    let trie: LpmTrie<MapData, [u8; 16], u32> =
+        LpmTrie::try_from(Map::LpmTrie(data)).expect("an LPM trie");
+    trie.iter().take(1000).count()
+}
+
+#[test]
+fn agent_attaches_the_post_dnat_check_to_uplinks_and_programs_the_ranges() {
+    if !privileged() {
+        return;
+    }
+    let pid = std::process::id();
+    let bpffs = std::path::PathBuf::from(format!("/sys/fs/bpf/npm-svctest-{pid}"));
+    let _pins = RemoveOnDrop(bpffs.clone());
+    let manifests = std::env::temp_dir().join(format!("npm-svctest-{pid}"));
+    let _dir = RemoveOnDrop(manifests.clone());
+    std::fs::create_dir_all(&manifests).expect("mkdir");
+    std::fs::write(manifests.join("pods.yaml"), AGENT_PODS).expect("write pods");
+    std::fs::write(manifests.join("policy.yaml"), POLICIES).expect("write policy");
+
+    let with_ip = |mut p: Pod, ip: &str| {
+        p.ips = vec![ip.parse().expect("ip")];
+        p
+    };
+    let lab = Lab::build(LabSpec {
+        pods: vec![
+            with_ip(pod("client", "client", &[]), "10.247.0.2"),
+            with_ip(pod("db", "db", &[5432]), "10.247.0.3"),
+            with_ip(pod("other", "other", &[5432]), "10.247.0.4"),
+        ],
+        externals: externals(),
+    })
+    .expect("lab");
+    install_dnat(
+        &lab,
+        "10.247.0.3".parse().expect("ip"),
+        "10.247.0.4".parse().expect("ip"),
+    );
+    let node = lab.node().name().to_string();
+
+    agent_once(&node, &manifests, &bpffs, true);
+    // Every uplink carries the post-DNAT check; the pod veths carry the pod programs.
+    for (_, ifname) in lab.external_interfaces() {
+        let filters = lab
+            .node()
+            .exec(&["tc", "filter", "show", "dev", &ifname, "egress"])
+            .expect("tc filter show");
+        assert!(filters.contains("npm_host_egress"), "{ifname}: {filters}");
+    }
+    for (ifname, _) in lab.pod_interfaces().values() {
+        let filters = lab
+            .node()
+            .exec(&["tc", "filter", "show", "dev", ifname, "egress"])
+            .expect("tc filter show");
+        assert!(
+            filters.contains("npm_to_pod") && !filters.contains("npm_host_egress"),
+            "{ifname}: {filters}"
+        );
+    }
+    assert_eq!(pinned_services(&bpffs), 1);
+    // The agent has exited; its programs and maps enforce through the ClusterIPs.
+    reaches(&lab, SVC_DB, 80).expect("ClusterIP -> allowed local pod");
+    reaches(&lab, SVC_REMOTE_OK, 443).expect("ClusterIP -> allowed remote host");
+    assert!(reaches(&lab, SVC_OTHER, 80).is_err());
+    assert!(reaches(&lab, SVC_REMOTE_DENIED, 443).is_err());
+
+    // A restarted agent without the range adopts the maps and removes it: the gap again.
+    agent_once(&node, &manifests, &bpffs, false);
+    assert_eq!(pinned_services(&bpffs), 0);
+    assert!(reaches(&lab, SVC_DB, 80).is_err());
+    reaches(&lab, "10.247.0.3", 5432).expect("client -> db directly");
 }
