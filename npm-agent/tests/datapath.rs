@@ -1303,7 +1303,6 @@ const OTHER_MARK: u32 = 0x4000 | 0x1;
 struct SvcEnv {
     env: Env,
     client_if: u32,
-    backend_if: u32,
 }
 
 impl SvcEnv {
@@ -1345,7 +1344,6 @@ impl SvcEnv {
         Self {
             env,
             client_if: IFINDEX,
-            backend_if,
         }
     }
 

@@ -93,7 +93,7 @@ pub(crate) fn defer(
     src_is_lo: bool,
     live: bool,
 ) -> bool {
-    if SERVICES.get(&Key::new(ADDR_PREFIX_FULL, pkt.dst)).is_none() {
+    if SERVICES.get(Key::new(ADDR_PREFIX_FULL, pkt.dst)).is_none() {
         return false;
     }
     let ifindex = ct_key.ifindex;
@@ -101,7 +101,7 @@ pub(crate) fn defer(
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let key = defer_key(pkt);
     // SAFETY: plain-integer values.
-    if let Some(v) = unsafe { DEFERRED.get(&key) }
+    if let Some(v) = unsafe { DEFERRED.get(key) }
         && v.expires_ns > now
         && (!addr_eq(&v.orig_dst, &pkt.dst)
             || v.orig_dport_be != pkt.dport_be
@@ -118,7 +118,7 @@ pub(crate) fn defer(
         orig_dport_be: pkt.dport_be,
         _pad: [0; 2],
     };
-    if DEFERRED.insert(&key, &value, u64::from(BPF_ANY)).is_err() {
+    if DEFERRED.insert(key, value, u64::from(BPF_ANY)).is_err() {
         return false;
     }
     if !live {
@@ -156,7 +156,7 @@ fn check_deferred(ctx: &TcContext, m: u32) -> bool {
     let src_ifindex = judge(&pkt, ctx.len());
     let key = defer_key(&pkt);
     if src_ifindex == 0 {
-        let _ = DEFERRED.remove(&key);
+        let _ = DEFERRED.remove(key);
         return false;
     }
     ctx.set_mark(m & !MARK_DEFERRED);
@@ -190,7 +190,7 @@ fn read_packet(ctx: &TcContext, pkt: &mut Packet) -> u8 {
 fn judge(pkt: &Packet, len: u32) -> u32 {
     // The source pod: a local pod's address, its interface, its endpoint.
     // SAFETY: plain-integer values, see `classify`.
-    let src = unsafe { IDENTITIES.get(&pkt.src) }.copied();
+    let src = unsafe { IDENTITIES.get(pkt.src) }.copied();
     let src_ifindex = match src {
         Some(p) if p.flags & PEER_HOST == 0 => p.ifindex,
         _ => 0,

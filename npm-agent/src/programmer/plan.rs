@@ -8,6 +8,7 @@
 //! 4. ENDPOINTS upserts: isolation flags and local identities switch last, when every entry
 //!    they need is present (a newly isolated pod never loses an allowed path mid-update).
 //! 5. ENDPOINTS, 6. IDENTITIES, 7. CIDRS, 8. POLICY deletes: nothing points at what is removed.
+//!
 //! SERVICES (the Service ranges) are independent of the rest: removals first, then additions,
 //! after everything else. (The agent attaches the post-DNAT program before it adds a range.)
 //!
