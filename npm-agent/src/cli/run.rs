@@ -10,6 +10,8 @@
 //!   known); node passes read routes, neighbours and addresses on a blocking thread and tie
 //!   interfaces to pods (`Local`, `PendingLink`, `NodeIps` changes), every poll interval and
 //!   soon after a link, route or neighbour change or a change to one of this node's pods;
+//!   with Service ranges configured, every other link (not `lo`, not a pod interface) gets
+//!   `npm_host_egress`, and the ranges reach the datapath only while all of them carry it;
 //! - **the periodic resync** (ResyncPeriodInMinutes): the kernel maps compared in full with
 //!   the compiler's and repaired.
 //!
