@@ -8,8 +8,10 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 need_apt=()
 # prometheus: a real Prometheus server for npm-agent/tests/http_endpoints.rs (scrapes the agent).
 # iperf3 and sockperf: the lab traffic figures of `cargo xtask bench`.
+# nftables: kube-proxy-like Service DNAT rules in npm-agent/tests/service_dnat.rs.
 for pkg in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev bpftool iproute2 iputils-ping \
-           netcat-openbsd util-linux prometheus iperf3 sockperf; do
+           netcat-openbsd util-linux prometheus iperf3 sockperf \
+           nftables; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use serde_json::Value;
 
 /// Azure NPM's default ResyncPeriodInMinutes.
@@ -31,6 +32,8 @@ pub const ENV_LISTEN_ADDRESS: &str = "NPM_LISTEN_ADDRESS";
 pub const ENV_LISTEN_PORT: &str = "NPM_LISTEN_PORT";
 pub const ENV_ENABLE_PROMETHEUS_METRICS: &str = "NPM_ENABLE_PROMETHEUS_METRICS";
 pub const ENV_ENABLE_HTTP_DEBUG_API: &str = "NPM_ENABLE_HTTP_DEBUG_API";
+/// Comma-separated Service ranges (`ServiceCIDRs`).
+pub const ENV_SERVICE_CIDRS: &str = "NPM_SERVICE_CIDRS";
 
 /// Azure NPM keys accepted and ignored, with the reason (dotted paths, canonical spelling).
 pub const IGNORED_KEYS: [(&str, &str); 14] = [
@@ -90,6 +93,10 @@ pub struct Settings {
     pub enable_prometheus_metrics: bool,
     /// Toggles.EnableHTTPDebugAPI: `/debug/state` (404 when off).
     pub enable_http_debug_api: bool,
+    /// ServiceCIDRs (npm's own key): the cluster's Service ranges (IPv4 and/or IPv6). Egress
+    /// to them that the pre-DNAT lookup denies is checked again after kube-proxy's DNAT.
+    /// Empty (the default): egress is checked against the ClusterIP (the documented gap).
+    pub service_cidrs: Vec<IpNet>,
 }
 
 impl Default for Settings {
@@ -100,6 +107,7 @@ impl Default for Settings {
             listen_port: DEFAULT_LISTEN_PORT,
             enable_prometheus_metrics: true,
             enable_http_debug_api: true,
+            service_cidrs: Vec::new(),
         }
     }
 }
@@ -112,6 +120,7 @@ pub struct Overrides {
     pub listen_port: Option<u16>,
     pub enable_prometheus_metrics: Option<bool>,
     pub enable_http_debug_api: Option<bool>,
+    pub service_cidrs: Option<Vec<IpNet>>,
 }
 
 /// What a config file said: the values npm uses, and what it ignored or did not know.
@@ -181,6 +190,23 @@ const EXPECT_PORT: &str = "a port number from 1 to 65535";
 const EXPECT_ADDRESS: &str = "an IPv4 or IPv6 address such as 0.0.0.0 or ::";
 const EXPECT_BOOL: &str = "true or false";
 const EXPECT_OBJECT: &str = "a JSON object";
+const EXPECT_CIDRS: &str = "a list of CIDRs such as [\"10.96.0.0/12\", \"fd00:10:96::/112\"] (network addresses, no host bits)";
+
+/// A CIDR as written in ServiceCIDRs: a network address (host bits zero) with a prefix length.
+fn cidr(s: &str) -> Option<IpNet> {
+    let net: IpNet = s.trim().parse().ok()?;
+    (net.trunc() == net).then_some(net)
+}
+
+/// Sorted and deduplicated, so equal sets compare equal whatever their order.
+fn cidr_list<'a>(items: impl Iterator<Item = Option<&'a str>>) -> Option<Vec<IpNet>> {
+    let mut out = items
+        .map(|s| s.and_then(cidr))
+        .collect::<Option<Vec<_>>>()?;
+    out.sort();
+    out.dedup();
+    Some(out)
+}
 
 impl FileConfig {
     /// Reads and parses `path`.
@@ -224,6 +250,13 @@ impl FileConfig {
                             .and_then(|s| s.trim().parse().ok())
                             .ok_or_else(|| invalid(key, v, EXPECT_ADDRESS))?,
                     );
+                }
+                "servicecidrs" => {
+                    let list = v
+                        .as_array()
+                        .and_then(|a| cidr_list(a.iter().map(Value::as_str)))
+                        .ok_or_else(|| invalid(key, v, EXPECT_CIDRS))?;
+                    out.values.service_cidrs = Some(list);
                 }
                 "toggles" => {
                     let Value::Object(toggles) = v else {
@@ -301,12 +334,20 @@ impl Overrides {
         let listen_address = get(n)
             .map(|v| v.trim().parse().map_err(|_| invalid(n, &v, EXPECT_ADDRESS)))
             .transpose()?;
+        let n = ENV_SERVICE_CIDRS;
+        let service_cidrs = get(n)
+            .map(|v| {
+                cidr_list(v.split(',').filter(|s| !s.trim().is_empty()).map(Some))
+                    .ok_or_else(|| invalid(n, &v, EXPECT_CIDRS))
+            })
+            .transpose()?;
         Ok(Self {
             resync_period_minutes,
             listen_address,
             listen_port,
             enable_prometheus_metrics: parse_bool(ENV_ENABLE_PROMETHEUS_METRICS)?,
             enable_http_debug_api: parse_bool(ENV_ENABLE_HTTP_DEBUG_API)?,
+            service_cidrs,
         })
     }
 
@@ -330,6 +371,11 @@ impl Overrides {
         if self.listen_port == Some(0) {
             return Err(invalid("listen-port", "0".into(), EXPECT_PORT));
         }
+        if let Some(list) = &self.service_cidrs
+            && let Some(bad) = list.iter().find(|n| n.trunc() != **n)
+        {
+            return Err(invalid("service-cidr", bad.to_string(), EXPECT_CIDRS));
+        }
         Ok(())
     }
 }
@@ -343,6 +389,7 @@ pub fn resolve(file: Option<&FileConfig>, env: &Overrides, flags: &Overrides) ->
         "ListeningPort",
         "Toggles.EnablePrometheusMetrics",
         "Toggles.EnableHTTPDebugAPI",
+        "ServiceCIDRs",
     ]
     .into_iter()
     .map(|k| (k, Origin::Default))
@@ -385,6 +432,10 @@ pub fn resolve(file: Option<&FileConfig>, env: &Overrides, flags: &Overrides) ->
             "Toggles.EnableHTTPDebugAPI",
             l.enable_http_debug_api.is_some(),
         );
+        if let Some(v) = &l.service_cidrs {
+            settings.service_cidrs = v.clone();
+        }
+        set("ServiceCIDRs", l.service_cidrs.is_some());
     }
     Resolved { settings, origins }
 }
@@ -430,6 +481,7 @@ mod tests {
                 listen_port: Some(10091),
                 enable_prometheus_metrics: Some(true),
                 enable_http_debug_api: Some(true),
+                service_cidrs: None,
             }
         );
         let ignored: Vec<&str> = f.ignored.iter().map(|(k, _)| k.as_str()).collect();
@@ -560,6 +612,7 @@ mod tests {
                 listen_port: 3333,
                 enable_prometheus_metrics: false,
                 enable_http_debug_api: false,
+                service_cidrs: Vec::new(),
             }
         );
         assert_eq!(r.origins["ResyncPeriodInMinutes"], Origin::File);
@@ -620,6 +673,83 @@ mod tests {
         };
         assert!(o.validate_flags().is_err());
         assert!(Overrides::default().validate_flags().is_ok());
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().expect("CIDR")).collect()
+    }
+
+    #[test]
+    fn service_cidrs_come_from_file_env_or_flags_sorted_and_checked() {
+        // File: both families, any key case, sorted and deduplicated.
+        let f = FileConfig::parse(
+            r#"{"servicecidrs": ["fd00:10:96::/112", "10.96.0.0/12", "10.96.0.0/12"]}"#,
+            "cfg.json",
+        )
+        .expect("parses");
+        assert_eq!(
+            f.values.service_cidrs,
+            Some(nets(&["10.96.0.0/12", "fd00:10:96::/112"]))
+        );
+        assert!(f.unknown.is_empty() && f.ignored.is_empty());
+        let r = resolve(Some(&f), &Overrides::default(), &Overrides::default());
+        assert_eq!(
+            r.settings.service_cidrs,
+            nets(&["10.96.0.0/12", "fd00:10:96::/112"])
+        );
+        assert_eq!(r.origins["ServiceCIDRs"], Origin::File);
+
+        // Environment: comma separated, spaces and empty items tolerated; beats the file.
+        let e = Overrides::from_env(env(&[(ENV_SERVICE_CIDRS, " 10.0.0.0/16, ,fd00::/108 ")]))
+            .expect("env");
+        assert_eq!(e.service_cidrs, Some(nets(&["10.0.0.0/16", "fd00::/108"])));
+        let r = resolve(Some(&f), &e, &Overrides::default());
+        assert_eq!(
+            r.settings.service_cidrs,
+            nets(&["10.0.0.0/16", "fd00::/108"])
+        );
+        assert_eq!(r.origins["ServiceCIDRs"], Origin::Env);
+
+        // Flags beat both; an explicit empty file list clears nothing below it but sets [].
+        let flags = Overrides {
+            service_cidrs: Some(nets(&["172.16.0.0/16"])),
+            ..Overrides::default()
+        };
+        assert!(flags.validate_flags().is_ok());
+        let r = resolve(Some(&f), &e, &flags);
+        assert_eq!(r.settings.service_cidrs, nets(&["172.16.0.0/16"]));
+        assert_eq!(r.origins["ServiceCIDRs"], Origin::Flag);
+        let empty = FileConfig::parse(r#"{"ServiceCIDRs": []}"#, "cfg.json").expect("parses");
+        assert_eq!(empty.values.service_cidrs, Some(vec![]));
+
+        // Unset everywhere: none (the documented gap).
+        let r = resolve(None, &Overrides::default(), &Overrides::default());
+        assert!(r.settings.service_cidrs.is_empty());
+        assert_eq!(r.origins["ServiceCIDRs"], Origin::Default);
+
+        // Bad values name the key and what was expected.
+        for bad in [
+            r#"{"ServiceCIDRs": "10.96.0.0/12"}"#,
+            r#"{"ServiceCIDRs": ["10.96.0.1/12"]}"#,
+            r#"{"ServiceCIDRs": ["10.96.0.0"]}"#,
+            r#"{"ServiceCIDRs": [12]}"#,
+        ] {
+            let err = FileConfig::parse(bad, "cfg.json").expect_err(bad);
+            assert!(
+                err.to_string().contains("ServiceCIDRs") && err.to_string().contains("CIDRs"),
+                "{err}"
+            );
+        }
+        for bad in ["10.96.0.0/33", "10.96.0.1/12", "10.96.0.0/12,nope"] {
+            let err = Overrides::from_env(env(&[(ENV_SERVICE_CIDRS, bad)])).expect_err(bad);
+            assert!(err.to_string().contains(ENV_SERVICE_CIDRS), "{err}");
+        }
+        let flags = Overrides {
+            service_cidrs: Some(nets(&["10.96.0.1/12"])),
+            ..Overrides::default()
+        };
+        let err = flags.validate_flags().expect_err("host bits");
+        assert!(err.to_string().contains("--service-cidr"), "{err}");
     }
 
     /// The ConfigMap the DaemonSet mounts holds a config npm reads completely.

@@ -100,10 +100,24 @@ impl<B: MapBackend> Pipeline<B> {
         self.report(0, compile_time, sync)
     }
 
+    /// Sets the cluster's Service ranges (configuration; `Change` does not carry them).
+    pub fn set_service_cidrs(&mut self, cidrs: Vec<ipnet::IpNet>) -> ApplyReport {
+        let start = Instant::now();
+        let plan = self.compiler.set_service_cidrs(cidrs);
+        let compile_time = start.elapsed();
+        let sync = self.program(&plan);
+        self.report(0, compile_time, sync)
+    }
+
     /// Brings the compiler to `snapshot` (by the changes between the two) and the maps along.
     pub fn apply(&mut self, snapshot: &ClusterSnapshot) -> ApplyReport {
         let start = Instant::now();
         let mut plan = self.compiler.set_node_name(snapshot.node_name.clone());
+        plan.ops.extend(
+            self.compiler
+                .set_service_cidrs(snapshot.service_cidrs.clone())
+                .ops,
+        );
         let changes = self.compiler.snapshot().diff(snapshot);
         plan.ops.extend(self.compiler.apply(&changes).ops);
         let compile_time = start.elapsed();
@@ -157,13 +171,16 @@ impl Enforcer {
     /// Loads the datapath (pinning/adopting its maps under `pin_dir` when given) and reads
     /// what the maps already hold, so ids still in use are never handed out again.
     pub fn new(pin_dir: Option<&Path>) -> Result<Self, EnforcerError> {
-        use npm_common::maps::{MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_POLICY};
+        use npm_common::maps::{
+            MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_POLICY, MAP_SERVICES,
+        };
         let mut datapath = Datapath::load(pin_dir)?;
         let backend = AyaBackend::new(
             datapath.take_map(MAP_ENDPOINTS)?,
             datapath.take_map(MAP_IDENTITIES)?,
             datapath.take_map(MAP_CIDRS)?,
             datapath.take_map(MAP_POLICY)?,
+            datapath.take_map(MAP_SERVICES)?,
         )?;
         Ok(Self {
             datapath,
@@ -180,6 +197,18 @@ impl Enforcer {
     /// its name.
     pub fn attach_index(&mut self, ifindex: u32) -> Result<String, EnforcerError> {
         Ok(self.datapath.attach_index(ifindex)?)
+    }
+
+    /// Attaches the post-DNAT program (`npm_host_egress`) to a node link that is neither
+    /// loopback nor a pod interface (calling thread's netns); returns its ifindex.
+    pub fn attach_host(&mut self, ifname: &str) -> Result<u32, EnforcerError> {
+        Ok(self.datapath.attach_host(ifname)?)
+    }
+
+    /// Sets the cluster's Service ranges (SERVICES). Attach `npm_host_egress` to the node's
+    /// other links first: a deferred packet leaving by a link without it is not checked.
+    pub fn set_service_cidrs(&mut self, cidrs: Vec<ipnet::IpNet>) -> ApplyReport {
+        self.pipeline.set_service_cidrs(cidrs)
     }
 
     pub fn datapath(&self) -> &Datapath {

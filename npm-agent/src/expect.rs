@@ -7,7 +7,8 @@
 //! deny  * -> default/src-ip-internal *
 //! allow default/busybox -> default/src-ip-internal 8080/TCP
 //! ```
-//! `from`/`to` are `*`, `ns/*`, `ns/pod` or an external's IP; the port is `*`, `PORT/PROTO`
+//! `from`/`to` are `*`, `ns/*`, `ns/pod` or an external's IP (`to` also `svc:ns/name`, a
+//! Service's ClusterIP, whose port is the Service port); the port is `*`, `PORT/PROTO`
 //! or `*/PROTO`, where PROTO is TCP, UDP, SCTP or ICMP (ICMP echo probes, `lab --icmp`, have
 //! no port: write `*/ICMP`). Every probe must be decided by some line.
 use std::fmt;

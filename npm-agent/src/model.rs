@@ -196,3 +196,37 @@ impl fmt::Display for Diagnostic {
         }
     }
 }
+
+/// A Service as the lab needs it to play kube-proxy (`npm-agent lab` only: the agent never
+/// watches Services; it learns the Service ranges from its configuration).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.clusterIPs` (or `spec.clusterIP`); empty for a headless Service.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `spec.selector` (equality only, as the API has it); empty: no endpoints the lab knows.
+    pub selector: Labels,
+    pub ports: Vec<ServicePort>,
+}
+
+impl Service {
+    pub fn obj_ref(&self) -> ObjRef {
+        ObjRef::new(&self.namespace, &self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub port: u16,
+    pub protocol: Protocol,
+    /// `targetPort`; absent means the same number as `port`.
+    pub target: TargetPort,
+}
+
+/// A Service's `targetPort`: a number, or a container port's name on each backend pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}

@@ -3,6 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use crate::model::{Namespace, ObjRef, Pod, Policy};
 
 /// The cluster as one node's agent sees it, plus the node-local facts (which pods sit here and
@@ -26,6 +28,10 @@ pub struct ClusterSnapshot {
     /// This node's name (pods with `node_name` equal to it are this node's). Set once at
     /// start; [`Change`] does not carry it.
     pub node_name: Option<String>,
+    /// The cluster's Service ranges (config `ServiceCIDRs`): egress to them that the pre-DNAT
+    /// lookup denies is checked again after kube-proxy's DNAT. Empty: it is not (the
+    /// documented gap). Configuration, set once like `node_name`; [`Change`] does not carry it.
+    pub service_cidrs: Vec<IpNet>,
 }
 
 /// One change to a [`ClusterSnapshot`]: an object set (added or replaced) or removed (`None`).
@@ -86,7 +92,8 @@ impl ClusterSnapshot {
         changed
     }
 
-    /// The changes that turn `self` into `new` (generation and node name aside), in a
+    /// The changes that turn `self` into `new` (generation, node name and Service ranges
+    /// aside), in a
     /// deterministic order: namespaces, policies, pods, local interfaces, node addresses,
     /// pending interfaces.
     pub fn diff(&self, new: &ClusterSnapshot) -> Vec<Change> {

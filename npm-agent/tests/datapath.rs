@@ -19,19 +19,20 @@ use aya::maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key};
 use npm_agent::datapath::Datapath;
 use npm_common::{
     maps::{
-        Addr16, CIDR_CLASS_BIT, CT_ORIGIN_LO, CT_SEEN_REPLY, CT_TCP_CLOSING,
+        Addr16, CIDR_CLASS_BIT, CT_ORIGIN_LO, CT_PENDING, CT_SEEN_REPLY, CT_TCP_CLOSING,
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS, CtKey,
-        CtValue, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, MAP_CIDRS, MAP_CONNTRACK,
-        MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY, PEER_HOST, POLICY_PREFIX_ANY_PORT,
-        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD, PROG_PASS, PROG_TO_POD,
-        PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey,
-        PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
+        CtValue, DeferKey, DeferValue, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo,
+        MAP_CIDRS, MAP_CONNTRACK, MAP_DEFERRED, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS,
+        MAP_POLICY, MAP_SERVICES, MARK_DEFERRED, PEER_HOST, POLICY_PREFIX_ANY_PORT,
+        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS,
+        PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo,
+        PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
     },
     metrics::{MetricsKey, MetricsValue},
     verdict::{
-        DIR_EGRESS, DIR_INGRESS, REASON_DROP_MALFORMED, REASON_DROP_POLICY, REASON_ESTABLISHED,
-        REASON_HOST, REASON_NOT_ISOLATED, REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_REPLY,
-        REASON_SELF,
+        DIR_EGRESS, DIR_INGRESS, REASON_DEFERRED, REASON_DROP_MALFORMED, REASON_DROP_POLICY,
+        REASON_DROP_UNKNOWN_SOURCE, REASON_ESTABLISHED, REASON_HOST, REASON_NOT_ISOLATED,
+        REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_REPLY, REASON_SELF,
     },
 };
 
@@ -173,6 +174,8 @@ struct Env {
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     ct: HashMap<MapData, CtKey, CtValue>,
     metrics: PerCpuHashMap<MapData, MetricsKey, MetricsValue>,
+    services: LpmTrie<MapData, Addr16, u32>,
+    deferred: HashMap<MapData, DeferKey, DeferValue>,
 }
 
 impl Env {
@@ -185,6 +188,8 @@ impl Env {
         let policy = LpmTrie::try_from(take(MAP_POLICY)).expect("policy map");
         let ct = HashMap::try_from(take(MAP_CONNTRACK)).expect("conntrack map");
         let metrics = PerCpuHashMap::try_from(take(MAP_METRICS)).expect("metrics map");
+        let services = LpmTrie::try_from(take(MAP_SERVICES)).expect("services map");
+        let deferred = HashMap::try_from(take(MAP_DEFERRED)).expect("deferred map");
         Self {
             dp,
             endpoints,
@@ -193,6 +198,8 @@ impl Env {
             policy,
             ct,
             metrics,
+            services,
+            deferred,
         }
     }
 
@@ -980,10 +987,13 @@ struct NetnsPair {
 
 impl NetnsPair {
     fn new() -> Self {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let pid = std::process::id();
+        // Unique per pair: tests of this binary run in parallel.
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pair = Self {
-            a: format!("npmtest-{pid}-a"),
-            b: format!("npmtest-{pid}-b"),
+            a: format!("npmtest-{pid}-{seq}-a"),
+            b: format!("npmtest-{pid}-{seq}-b"),
         };
         must(&["ip", "netns", "add", &pair.a]);
         must(&["ip", "netns", "add", &pair.b]);
@@ -1264,4 +1274,535 @@ fn pending_link_denies_the_isolated_direction_on_the_real_datapath() {
         ),
         REASON_DROP_POLICY,
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Services: the egress check after kube-proxy's DNAT
+// ---------------------------------------------------------------------------------------
+//
+// The client pod sits behind `lo` (ifindex 1), the backend pod behind a veth of a test
+// namespace (its own ifindex), so the post-DNAT check can tell the two endpoints apart. The
+// DNAT itself is what the test does between the two runs: it rewrites the destination.
+
+/// The Service range and two ClusterIPs in it.
+const SVC_RANGE: [u8; 4] = [10, 96, 0, 0];
+const CLUSTER_IP: [u8; 4] = [10, 96, 0, 10];
+const CLUSTER_IP_2: [u8; 4] = [10, 96, 0, 20];
+/// A local backend the client's egress policy allows (TCP 8080), with identity `BACKEND_ID`.
+const BACKEND: [u8; 4] = [10, 0, 0, 5];
+const BACKEND_ID: u32 = 300;
+/// A remote pod the client's egress policy does not allow.
+const DENIED: [u8; 4] = [10, 0, 0, 6];
+const DENIED_ID: u32 = 400;
+/// A remote address in an ipBlock the client may reach (CIDR class), TCP 8080.
+const REMOTE_OK: [u8; 4] = [192, 168, 7, 7];
+const REMOTE_CLASS: u32 = CIDR_CLASS_BIT | 7;
+/// Bits of someone else's (kube-proxy's masquerade bit and a low one) that must survive.
+const OTHER_MARK: u32 = 0x4000 | 0x1;
+
+struct SvcEnv {
+    env: Env,
+    client_if: u32,
+}
+
+impl SvcEnv {
+    /// Client at `lo`, isolated both ways (so a reply must earn its way in), allowed egress
+    /// to the backend and to REMOTE_OK on TCP 8080; backend at `backend_if`, not isolated.
+    fn new(backend_if: u32, with_range: bool) -> Self {
+        let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+        env.endpoints
+            .insert(
+                backend_if,
+                EndpointInfo {
+                    id: BACKEND_ID,
+                    flags: 0,
+                },
+                0,
+            )
+            .expect("backend endpoint");
+        env.identity(v4(POD), LOCAL_ID, IFINDEX, 0);
+        env.identity(v4(BACKEND), BACKEND_ID, backend_if, 0);
+        env.identity(v4(DENIED), DENIED_ID, 0, 0);
+        env.cidr(
+            v4([192, 168, 7, 0]),
+            V4_MAPPED_PREFIX_LEN + 24,
+            REMOTE_CLASS,
+        );
+        env.allow(BACKEND_ID, DIR_EGRESS, PROTO_TCP, 8080, POLICY_PREFIX_FULL);
+        env.allow(
+            REMOTE_CLASS,
+            DIR_EGRESS,
+            PROTO_TCP,
+            8080,
+            POLICY_PREFIX_FULL,
+        );
+        if with_range {
+            env.services
+                .insert(&Key::new(V4_MAPPED_PREFIX_LEN + 12, v4(SVC_RANGE)), 1, 0)
+                .expect("service range");
+        }
+        Self {
+            env,
+            client_if: IFINDEX,
+        }
+    }
+
+    /// Runs `packet` through `prog` at `ifindex` with `mark`; asserts the TC action (from
+    /// `allowed`) and that counter `{count_if, dir, reason}` grew by one packet. Returns the
+    /// mark the program left.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        &self,
+        prog: &str,
+        packet: &[u8],
+        ifindex: u32,
+        mark: u32,
+        allowed: bool,
+        counted: (u32, u8, u8),
+    ) -> u32 {
+        let (count_if, dir, reason) = counted;
+        let before = self.env.counter(count_if, dir, reason).packets;
+        let r = self
+            .env
+            .dp
+            .test_run_mark(prog, packet, ifindex, mark)
+            .expect("BPF_PROG_TEST_RUN");
+        let want = if allowed { TC_ACT_PIPE } else { TC_ACT_SHOT };
+        assert_eq!(
+            r.retval, want,
+            "{prog} at #{ifindex}: want retval {want} (counted as {counted:?})"
+        );
+        assert_eq!(
+            self.env.counter(count_if, dir, reason).packets - before,
+            1,
+            "{prog} at #{ifindex}: counter {counted:?}"
+        );
+        r.mark_out
+    }
+
+    fn pending_entry(&self, sport: u16, dst: [u8; 4], dport: u16) -> Option<CtValue> {
+        let (mut key, _) = ct_key(v4(POD), sport, v4(dst), dport, PROTO_TCP);
+        key.ifindex = self.client_if;
+        self.env.ct_entry(&key)
+    }
+
+    fn side_entry(&self, sport: u16) -> Option<DeferValue> {
+        let key = DeferKey {
+            src: v4(POD),
+            sport_be: sport.to_be(),
+            proto: PROTO_TCP,
+            _pad: 0,
+        };
+        match self.env.deferred.get(&key, 0) {
+            Ok(v) => Some(v),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => panic!("reading NPM_DEFERRED: {e}"),
+        }
+    }
+}
+
+/// Runs `f` in a fresh namespace with a veth (`veth-a`), passing that veth's ifindex (a
+/// second interface for `BPF_PROG_TEST_RUN`, besides `lo`).
+fn with_second_ifindex(f: impl FnOnce(u32) + Send) {
+    let pair = NetnsPair::new();
+    in_netns(&pair.a, || {
+        let name = std::ffi::CString::new("veth-a").expect("name");
+        // SAFETY: a valid NUL-terminated name, only read.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(index > 1, "veth-a: {}", std::io::Error::last_os_error());
+        f(index);
+    });
+}
+
+#[test]
+fn service_egress_deferred_then_allowed_after_dnat_to_a_local_backend() {
+    with_second_ifindex(|backend_if| {
+        let svc = SvcEnv::new(backend_if, true);
+        let c = svc.client_if;
+        let syn = ipv4(POD, CLUSTER_IP, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+
+        // Pre-DNAT: denied by the lookup (the ClusterIP is nobody), but in a Service range:
+        // passed with the bit set, other bits kept, counted as deferred.
+        let mark = svc.check(
+            PROG_FROM_POD,
+            &syn,
+            c,
+            OTHER_MARK,
+            true,
+            (c, DIR_EGRESS, REASON_DEFERRED),
+        );
+        assert_eq!(mark, OTHER_MARK | MARK_DEFERRED);
+        let ct = svc
+            .pending_entry(40000, CLUSTER_IP, 80)
+            .expect("pending entry");
+        assert_eq!(ct.flags & CT_PENDING, CT_PENDING);
+        assert_eq!(ct.origin_dir, DIR_EGRESS);
+        let side = svc.side_entry(40000).expect("side entry");
+        assert_eq!(
+            (side.orig_dst, side.orig_dport_be, side.ifindex),
+            (v4(CLUSTER_IP), 80u16.to_be(), c)
+        );
+
+        // While pending, a "reply" (after the reverse NAT) does not pass on its account, and
+        // the client's next packet is deferred again, not established.
+        let reply = ipv4(
+            CLUSTER_IP,
+            POD,
+            PROTO_TCP,
+            &tcp(80, 40000, TCP_SYN | TCP_ACK),
+        );
+        svc.check(
+            PROG_TO_POD,
+            &reply,
+            c,
+            0,
+            false,
+            (c, DIR_INGRESS, REASON_DROP_POLICY),
+        );
+        let ack = ipv4(POD, CLUSTER_IP, PROTO_TCP, &tcp(40000, 80, TCP_ACK));
+        let mark = svc.check(
+            PROG_FROM_POD,
+            &ack,
+            c,
+            0,
+            true,
+            (c, DIR_EGRESS, REASON_DEFERRED),
+        );
+        assert_eq!(mark, MARK_DEFERRED);
+
+        // Post-DNAT at the backend's interface: the client's egress policy allows the
+        // backend on 8080. Counted as the client's egress allow; the bit is cleared (the
+        // rest kept); then the backend's own ingress check runs as for any packet.
+        let translated = ipv4(POD, BACKEND, PROTO_TCP, &tcp(40000, 8080, TCP_SYN));
+        let before_ingress = svc
+            .env
+            .counter(backend_if, DIR_INGRESS, REASON_NOT_ISOLATED)
+            .packets;
+        let mark = svc.check(
+            PROG_TO_POD,
+            &translated,
+            backend_if,
+            OTHER_MARK | MARK_DEFERRED,
+            true,
+            (c, DIR_EGRESS, REASON_POLICY_ALLOW),
+        );
+        assert_eq!(
+            mark, OTHER_MARK,
+            "the deferred bit is cleared, nothing else"
+        );
+        assert_eq!(
+            svc.env
+                .counter(backend_if, DIR_INGRESS, REASON_NOT_ISOLATED)
+                .packets
+                - before_ingress,
+            1,
+            "the backend's ingress check ran too"
+        );
+        let ct = svc.pending_entry(40000, CLUSTER_IP, 80).expect("entry");
+        assert_eq!(ct.flags & CT_PENDING, 0, "confirmed");
+        assert!(svc.side_entry(40000).is_none(), "side entry consumed");
+
+        // Confirmed: replies pass, the client's packets are established and unmarked.
+        svc.check(
+            PROG_TO_POD,
+            &reply,
+            c,
+            0,
+            true,
+            (c, DIR_INGRESS, REASON_REPLY),
+        );
+        let mark = svc.check(
+            PROG_FROM_POD,
+            &ack,
+            c,
+            0,
+            true,
+            (c, DIR_EGRESS, REASON_ESTABLISHED),
+        );
+        assert_eq!(mark, 0);
+    });
+}
+
+#[test]
+fn service_egress_denied_after_dnat_is_dropped_and_counted_for_the_client() {
+    with_second_ifindex(|backend_if| {
+        let svc = SvcEnv::new(backend_if, true);
+        let c = svc.client_if;
+        let syn = ipv4(POD, CLUSTER_IP_2, PROTO_TCP, &tcp(40001, 80, TCP_SYN));
+        svc.check(
+            PROG_FROM_POD,
+            &syn,
+            c,
+            0,
+            true,
+            (c, DIR_EGRESS, REASON_DEFERRED),
+        );
+        // The ClusterIP maps to a remote pod the policy does not allow: the uplink's
+        // npm_host_egress drops it as the client's egress policy drop.
+        let translated = ipv4(POD, DENIED, PROTO_TCP, &tcp(40001, 8080, TCP_SYN));
+        svc.check(
+            PROG_HOST_EGRESS,
+            &translated,
+            backend_if,
+            MARK_DEFERRED,
+            false,
+            (c, DIR_EGRESS, REASON_DROP_POLICY),
+        );
+        // The flow stays pending (nothing confirmed it): replies do not pass, the next
+        // packet is deferred (and dropped) again.
+        let ct = svc.pending_entry(40001, CLUSTER_IP_2, 80).expect("entry");
+        assert_eq!(ct.flags & CT_PENDING, CT_PENDING);
+        let reply = ipv4(
+            CLUSTER_IP_2,
+            POD,
+            PROTO_TCP,
+            &tcp(80, 40001, TCP_SYN | TCP_ACK),
+        );
+        svc.check(
+            PROG_TO_POD,
+            &reply,
+            c,
+            0,
+            false,
+            (c, DIR_INGRESS, REASON_DROP_POLICY),
+        );
+        // Same port, 8080 but a denied *local* backend's port: allowed pod, wrong port.
+        svc.check(
+            PROG_FROM_POD,
+            &syn,
+            c,
+            0,
+            true,
+            (c, DIR_EGRESS, REASON_DEFERRED),
+        );
+        let wrong_port = ipv4(POD, BACKEND, PROTO_TCP, &tcp(40001, 9090, TCP_SYN));
+        svc.check(
+            PROG_TO_POD,
+            &wrong_port,
+            backend_if,
+            MARK_DEFERRED,
+            false,
+            (c, DIR_EGRESS, REASON_DROP_POLICY),
+        );
+        // A Service address nothing translated leaves by the uplink as is: denied.
+        svc.check(
+            PROG_FROM_POD,
+            &syn,
+            c,
+            0,
+            true,
+            (c, DIR_EGRESS, REASON_DEFERRED),
+        );
+        svc.check(
+            PROG_HOST_EGRESS,
+            &syn,
+            backend_if,
+            MARK_DEFERRED,
+            false,
+            (c, DIR_EGRESS, REASON_DROP_POLICY),
+        );
+    });
+}
+
+#[test]
+fn service_egress_to_a_remote_backend_allowed_by_ip_block_confirms_the_flow() {
+    with_second_ifindex(|uplink_if| {
+        let svc = SvcEnv::new(uplink_if, true);
+        let c = svc.client_if;
+        let syn = ipv4(POD, CLUSTER_IP, PROTO_TCP, &tcp(40002, 80, TCP_SYN));
+        svc.check(
+            PROG_FROM_POD,
+            &syn,
+            c,
+            0,
+            true,
+            (c, DIR_EGRESS, REASON_DEFERRED),
+        );
+        let translated = ipv4(POD, REMOTE_OK, PROTO_TCP, &tcp(40002, 8080, TCP_SYN));
+        let mark = svc.check(
+            PROG_HOST_EGRESS,
+            &translated,
+            uplink_if,
+            MARK_DEFERRED | OTHER_MARK,
+            true,
+            (c, DIR_EGRESS, REASON_POLICY_ALLOW),
+        );
+        assert_eq!(mark, OTHER_MARK);
+        let ct = svc.pending_entry(40002, CLUSTER_IP, 80).expect("entry");
+        assert_eq!(ct.flags & CT_PENDING, 0, "confirmed");
+        let reply = ipv4(
+            CLUSTER_IP,
+            POD,
+            PROTO_TCP,
+            &tcp(80, 40002, TCP_SYN | TCP_ACK),
+        );
+        svc.check(
+            PROG_TO_POD,
+            &reply,
+            c,
+            0,
+            true,
+            (c, DIR_INGRESS, REASON_REPLY),
+        );
+    });
+}
+
+#[test]
+fn only_denied_flows_to_service_ranges_are_deferred() {
+    with_second_ifindex(|backend_if| {
+        // No Service range configured: today's behaviour, dropped pre-DNAT, no mark.
+        let svc = SvcEnv::new(backend_if, false);
+        let c = svc.client_if;
+        let syn = ipv4(POD, CLUSTER_IP, PROTO_TCP, &tcp(40003, 80, TCP_SYN));
+        let mark = svc.check(
+            PROG_FROM_POD,
+            &syn,
+            c,
+            OTHER_MARK,
+            false,
+            (c, DIR_EGRESS, REASON_DROP_POLICY),
+        );
+        assert_eq!(mark, OTHER_MARK);
+        assert_eq!(svc.env.ct_len(), 0);
+
+        let svc = SvcEnv::new(backend_if, true);
+        // Outside the ranges: dropped as before.
+        let other = ipv4(POD, [10, 200, 0, 1], PROTO_TCP, &tcp(40004, 80, TCP_SYN));
+        let mark = svc.check(
+            PROG_FROM_POD,
+            &other,
+            c,
+            0,
+            false,
+            (c, DIR_EGRESS, REASON_DROP_POLICY),
+        );
+        assert_eq!(mark, 0);
+        // Allowed before the DNAT already (to the backend directly): passed unmarked.
+        let direct = ipv4(POD, BACKEND, PROTO_TCP, &tcp(40005, 8080, TCP_SYN));
+        let mark = svc.check(
+            PROG_FROM_POD,
+            &direct,
+            c,
+            0,
+            true,
+            (c, DIR_EGRESS, REASON_POLICY_ALLOW),
+        );
+        assert_eq!(mark, 0);
+        // Not isolated for egress: nothing to defer.
+        let mut svc = svc;
+        svc.env
+            .endpoints
+            .insert(
+                IFINDEX,
+                EndpointInfo {
+                    id: LOCAL_ID,
+                    flags: EP_ISOLATE_INGRESS,
+                },
+                0,
+            )
+            .expect("endpoint");
+        let mark = svc.check(
+            PROG_FROM_POD,
+            &syn,
+            c,
+            0,
+            true,
+            (c, DIR_EGRESS, REASON_NOT_ISOLATED),
+        );
+        assert_eq!(mark, 0);
+    });
+}
+
+#[test]
+fn deferred_packets_without_a_local_source_pod_fail_closed_and_unmarked_ones_pass() {
+    with_second_ifindex(|uplink_if| {
+        let mut svc = SvcEnv::new(uplink_if, true);
+        // kube-proxy masqueraded the source to the node's address.
+        let node = [192, 0, 2, 1];
+        svc.env.identity(v4(node), 0, 0, PEER_HOST);
+        for src in [node, [10, 0, 0, 99]] {
+            let p = ipv4(src, BACKEND, PROTO_TCP, &tcp(40006, 8080, TCP_SYN));
+            svc.check(
+                PROG_HOST_EGRESS,
+                &p,
+                uplink_if,
+                MARK_DEFERRED,
+                false,
+                (0, DIR_EGRESS, REASON_DROP_UNKNOWN_SOURCE),
+            );
+            svc.check(
+                PROG_TO_POD,
+                &p,
+                uplink_if,
+                MARK_DEFERRED,
+                false,
+                (0, DIR_EGRESS, REASON_DROP_UNKNOWN_SOURCE),
+            );
+        }
+        // Unmarked traffic on the host program passes untouched and uncounted.
+        let p = ipv4(DENIED, [10, 200, 0, 1], PROTO_TCP, &tcp(1, 2, TCP_SYN));
+        let r = svc
+            .env
+            .dp
+            .test_run_mark(PROG_HOST_EGRESS, &p, uplink_if, OTHER_MARK)
+            .expect("run");
+        assert_eq!((r.retval, r.mark_out), (TC_ACT_PIPE, OTHER_MARK));
+        assert_eq!(
+            svc.env.metrics.keys().take(1000).count(),
+            1,
+            "only the unknown-source counter exists"
+        );
+        assert_eq!(
+            svc.env
+                .counter(0, DIR_EGRESS, REASON_DROP_UNKNOWN_SOURCE)
+                .packets,
+            4
+        );
+    });
+}
+
+#[test]
+fn a_second_pending_flow_from_the_same_source_port_is_refused() {
+    with_second_ifindex(|backend_if| {
+        let svc = SvcEnv::new(backend_if, true);
+        let c = svc.client_if;
+        let a = ipv4(POD, CLUSTER_IP, PROTO_TCP, &tcp(40007, 80, TCP_SYN));
+        let b = ipv4(POD, CLUSTER_IP_2, PROTO_TCP, &tcp(40007, 80, TCP_SYN));
+        svc.check(
+            PROG_FROM_POD,
+            &a,
+            c,
+            0,
+            true,
+            (c, DIR_EGRESS, REASON_DEFERRED),
+        );
+        // After the DNAT the two would look alike (same source): the second fails closed.
+        svc.check(
+            PROG_FROM_POD,
+            &b,
+            c,
+            0,
+            false,
+            (c, DIR_EGRESS, REASON_DROP_POLICY),
+        );
+        assert!(svc.pending_entry(40007, CLUSTER_IP_2, 80).is_none());
+        // Once the first is confirmed, the second may be deferred.
+        let translated = ipv4(POD, BACKEND, PROTO_TCP, &tcp(40007, 8080, TCP_SYN));
+        svc.check(
+            PROG_TO_POD,
+            &translated,
+            backend_if,
+            MARK_DEFERRED,
+            true,
+            (c, DIR_EGRESS, REASON_POLICY_ALLOW),
+        );
+        svc.check(
+            PROG_FROM_POD,
+            &b,
+            c,
+            0,
+            true,
+            (c, DIR_EGRESS, REASON_DEFERRED),
+        );
+    });
 }

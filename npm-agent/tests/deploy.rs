@@ -504,6 +504,8 @@ fn configmap_holds_the_config_in_azure_npm_format() {
             "ResyncPeriodInMinutes": 15,
             "ListeningPort": PORT,
             "ListeningAddress": "0.0.0.0",
+            // AKS's default Service range; operators set their cluster's (deploy/README.md).
+            "ServiceCIDRs": ["10.0.0.0/16"],
             "Toggles": {"EnablePrometheusMetrics": true, "EnableHTTPDebugAPI": true}
         })
     );

@@ -154,6 +154,18 @@ fn tke_4_egress_whitelist_with_stateful_replies() {
 }
 
 #[test]
+fn egress_through_cluster_ips_is_judged_against_the_backend_after_the_dnat() {
+    let outcome = scenario("tests/scenarios/service-clusterip");
+    let to_services = outcome
+        .results
+        .iter()
+        .filter(|r| r.to.starts_with("svc:"))
+        .count();
+    // 4 pods × (kube-dns 53/UDP, 53/TCP, db 80, other 80).
+    assert_eq!(to_services, 16, "every pod probes every Service port");
+}
+
+#[test]
 fn tke_5_ingress_from_cidr_only() {
     scenario("tests/scenarios/tke-5-ingress-cidr");
 }

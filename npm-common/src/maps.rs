@@ -48,6 +48,8 @@ pub const MAP_CIDRS: &str = "NPM_CIDRS";
 pub const MAP_POLICY: &str = "NPM_POLICY";
 pub const MAP_CONNTRACK: &str = "NPM_CT";
 pub const MAP_METRICS: &str = "NPM_METRICS";
+pub const MAP_SERVICES: &str = "NPM_SERVICES";
+pub const MAP_DEFERRED: &str = "NPM_DEFERRED";
 
 /// Program names in the object file.
 pub const PROG_FROM_POD: &str = "npm_from_pod";
@@ -55,6 +57,9 @@ pub const PROG_TO_POD: &str = "npm_to_pod";
 /// A classifier that touches nothing and returns `TC_ACT_PIPE`: the baseline the benchmark
 /// runs the same packet through, so the enforcement's own cost is visible. Never attached.
 pub const PROG_PASS: &str = "npm_pass";
+/// The post-DNAT egress check for deferred packets leaving the node (TC egress of every host
+/// link that is neither loopback nor a managed pod interface); unmarked packets pass at once.
+pub const PROG_HOST_EGRESS: &str = "npm_host_egress";
 
 // ---- sizes ----
 pub const ENDPOINTS_MAX: u32 = 16_384;
@@ -63,6 +68,8 @@ pub const CIDRS_MAX: u32 = 65_536;
 pub const POLICY_MAX: u32 = 1_048_576;
 pub const CONNTRACK_MAX: u32 = 262_144;
 pub const METRICS_MAX: u32 = 65_536;
+pub const SERVICES_MAX: u32 = 256;
+pub const DEFERRED_MAX: u32 = 65_536;
 
 // ---- ENDPOINTS: host-side ifindex (u32) -> EndpointInfo ----
 
@@ -183,6 +190,12 @@ pub const CT_TCP_CLOSING: u8 = 1 << 1;
 /// timeout for the established one). Set and read only by the datapath.
 pub const CT_SEEN_REPLY: u8 = 1 << 2;
 
+/// `CtValue::flags`: the flow's egress check was deferred to after the Service DNAT
+/// ([`MARK_DEFERRED`]) and has not passed it yet. A pending entry lets nothing through: packets
+/// of the originator are deferred again, packets towards it are judged as new. The post-DNAT
+/// check clears the bit when the translated packet is allowed. Set and read only by the datapath.
+pub const CT_PENDING: u8 = 1 << 3;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
@@ -201,6 +214,45 @@ pub const CT_TIMEOUT_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
 pub const CT_TIMEOUT_OTHER_NS: u64 = 30 * 1_000_000_000;
+
+// ---- Services: the egress check after kube-proxy's DNAT ----
+
+/// `skb->mark` bit set by `npm_from_pod` on a packet whose egress check is deferred until
+/// after the Service DNAT (its destination is in a Service range and the pre-DNAT lookup
+/// denied it). Chosen clear of kube-proxy's bits (0x4000 masquerade, 0x8000 drop) and of
+/// Calico's (0xffff0000); every other bit of the mark is preserved. `npm_to_pod` and
+/// `npm_host_egress` check such a packet against the source pod's egress policy with the
+/// translated destination, then clear the bit (allowed) or drop it.
+pub const MARK_DEFERRED: u32 = 0x0000_2000;
+
+// SERVICES: LPM trie, Addr16 -> u32 (1): the cluster's Service ranges (config `ServiceCIDRs`).
+// Empty: nothing is deferred (egress is checked against the ClusterIP, the documented gap).
+
+/// Key of DEFERRED: a deferred flow by its source (which the DNAT leaves alone), so the
+/// post-DNAT check, which sees only the translated destination, finds the original one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeferKey {
+    pub src: Addr16,
+    pub sport_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<DeferKey>() == 20);
+
+/// Value of DEFERRED: the original (pre-DNAT) destination of the deferred flow and the
+/// interface it was recorded at, i.e. what the pending conntrack entry is keyed on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeferValue {
+    /// Dead after this `bpf_ktime_get_coarse_ns()` (the flow's pending timeout).
+    pub expires_ns: u64,
+    pub orig_dst: Addr16,
+    pub ifindex: u32,
+    pub orig_dport_be: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<DeferValue>() == 32);
 
 // ---- IP protocol numbers ----
 pub const PROTO_ICMP: u8 = 1;

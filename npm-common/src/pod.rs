@@ -3,7 +3,9 @@
 //! SAFETY (all impls): every type is `#[repr(C)]`, `Copy`, made only of integers and byte
 //! arrays, has no implicit padding (checked by the size assertions next to each type), and
 //! every bit pattern is a valid value.
-use crate::maps::{CtKey, CtValue, EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use crate::maps::{
+    CtKey, CtValue, DeferKey, DeferValue, EndpointInfo, PeerInfo, PolicyKey, PolicyValue,
+};
 use crate::metrics::{MetricsKey, MetricsValue};
 
 unsafe impl aya::Pod for EndpointInfo {}
@@ -14,3 +16,5 @@ unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for MetricsKey {}
 unsafe impl aya::Pod for MetricsValue {}
+unsafe impl aya::Pod for DeferKey {}
+unsafe impl aya::Pod for DeferValue {}

@@ -24,12 +24,18 @@ pub const REASON_POLICY_ALLOW: u8 = 4;
 pub const REASON_HOST: u8 = 5;
 /// Traffic from the pod to itself (a pod cannot block itself).
 pub const REASON_SELF: u8 = 6;
+/// Egress to a Service range that the pre-DNAT lookup denied: passed with `MARK_DEFERRED`
+/// for the post-DNAT check, which counts the packet again under its final reason.
+pub const REASON_DEFERRED: u8 = 7;
 /// First reason code that drops the packet.
 pub const REASON_DROP_FIRST: u8 = 128;
 /// No policy entry allows this new connection in an isolated direction.
 pub const REASON_DROP_POLICY: u8 = 128;
 /// An IP packet too short or malformed to classify in an isolated direction.
 pub const REASON_DROP_MALFORMED: u8 = 129;
+/// A deferred packet whose source is not a local pod with an endpoint (kube-proxy
+/// masqueraded it, or the pod went away): dropped, counted under ifindex 0, egress.
+pub const REASON_DROP_UNKNOWN_SOURCE: u8 = 130;
 
 /// True when `reason` passes the packet.
 #[inline(always)]

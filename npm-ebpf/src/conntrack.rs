@@ -12,7 +12,7 @@
 use aya_ebpf::bindings::BPF_ANY;
 use npm_common::{
     maps::{
-        CT_ORIGIN_LO, CT_SEEN_REPLY, CT_TCP_CLOSING, CT_TIMEOUT_OTHER_NS,
+        CT_ORIGIN_LO, CT_PENDING, CT_SEEN_REPLY, CT_TCP_CLOSING, CT_TIMEOUT_OTHER_NS,
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS,
         CT_TIMEOUT_UDP_NS, CtKey, CtValue, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     },
@@ -36,11 +36,14 @@ pub(crate) enum Ct {
     LiveMismatch,
     /// No live entry: the packet is a new flow.
     Miss,
+    /// A live entry whose egress check is deferred (`CT_PENDING`), and this packet is sent by
+    /// its originator: judged (and deferred) again as a new flow, which may overwrite it.
+    Pending,
 }
 
 /// True when pair `a` sorts before or equal to pair `b`.
 #[inline(always)]
-fn pair_le(a: &[u8; 16], a_port_be: u16, b: &[u8; 16], b_port_be: u16) -> bool {
+pub(crate) fn pair_le(a: &[u8; 16], a_port_be: u16, b: &[u8; 16], b_port_be: u16) -> bool {
     for (x, y) in a.iter().zip(b.iter()) {
         if x != y {
             return x < y;
@@ -87,6 +90,14 @@ pub(crate) fn lookup(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u
         return Ct::Miss;
     }
     let origin_lo = v.flags & CT_ORIGIN_LO != 0;
+    if v.flags & CT_PENDING != 0 {
+        // Not verified after the DNAT yet: nothing passes on its account (crate::service).
+        return if dir == v.origin_dir && src_is_lo == origin_lo {
+            Ct::Pending
+        } else {
+            Ct::LiveMismatch
+        };
+    }
     let reason = if dir == v.origin_dir && src_is_lo == origin_lo {
         // Sent by the originator, in the direction it was allowed in.
         if pkt.kind == L4Kind::EchoReply || pkt.kind == L4Kind::IcmpOther {
@@ -155,10 +166,51 @@ fn other_timeout(proto: u8) -> u64 {
 /// Tracks a new allowed flow whose originator is this packet's source.
 #[inline(always)]
 pub(crate) fn create(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u64) {
+    create_flags(key, src_is_lo, pkt, dir, now, 0);
+}
+
+/// The timeout of a flow's first packet (what [`create`] gives a new entry).
+#[inline(always)]
+pub(crate) fn new_flow_timeout(pkt: &Packet) -> u64 {
+    if pkt.proto == PROTO_TCP {
+        tcp_timeout(if tcp_closing(pkt.tcp_flags) {
+            CT_TCP_CLOSING
+        } else {
+            0
+        })
+    } else {
+        other_timeout(pkt.proto)
+    }
+}
+
+/// Clears `CT_PENDING` of the live entry `key`, if it has it: the deferred flow passed its
+/// post-DNAT check, so its packets are established and replies pass from now on.
+#[inline(always)]
+pub(crate) fn confirm(key: &CtKey, now: u64) {
+    let Some(ptr) = CONNTRACK.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: as in `lookup`.
+    let v = unsafe { &mut *ptr };
+    if v.expires_ns > now && v.flags & CT_PENDING != 0 {
+        v.flags &= !CT_PENDING;
+    }
+}
+
+/// [`create`] with `extra` `CT_*` bits (`CT_PENDING` for a deferred flow).
+#[inline(always)]
+pub(crate) fn create_flags(
+    key: &CtKey,
+    src_is_lo: bool,
+    pkt: &Packet,
+    dir: u8,
+    now: u64,
+    extra: u8,
+) {
     if pkt.kind == L4Kind::EchoReply || pkt.kind == L4Kind::IcmpOther {
         return;
     }
-    let mut flags = if src_is_lo { CT_ORIGIN_LO } else { 0 };
+    let mut flags = extra | if src_is_lo { CT_ORIGIN_LO } else { 0 };
     let timeout = if pkt.proto == PROTO_TCP {
         if tcp_closing(pkt.tcp_flags) {
             flags |= CT_TCP_CLOSING;

@@ -1,9 +1,13 @@
-//! npm datapath: two TC classifiers on the host-side interface (veth) of every local pod.
+//! npm datapath: two TC classifiers on the host-side interface (veth) of every local pod,
+//! and one on the node's other links when Service ranges are configured.
 //!
 //! - `npm_from_pod` (TC ingress of the host-side veth): packets leaving the pod, checked
-//!   against the pod's EGRESS policy; the peer is the destination address.
+//!   against the pod's EGRESS policy; the peer is the destination address. A denied new flow
+//!   to a Service range is deferred past kube-proxy's DNAT instead ([`service`]).
 //! - `npm_to_pod` (TC egress of the host-side veth): packets entering the pod, checked
-//!   against the pod's INGRESS policy; the peer is the source address.
+//!   against the pod's INGRESS policy; the peer is the source address. A deferred packet is
+//!   first checked against its source pod's egress policy.
+//! - `npm_host_egress` (TC egress of other links): the post-DNAT check of deferred packets.
 //!
 //! Verdicts: allow → `TC_ACT_PIPE` (let later filters run, then pass), drop → `TC_ACT_SHOT`.
 //! Per packet: ENDPOINTS → parse → CONNTRACK → (IDENTITIES → POLICY) → (CIDRS → POLICY),
@@ -26,6 +30,7 @@
 
 mod conntrack;
 mod parse;
+mod service;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT},
@@ -42,8 +47,9 @@ use npm_common::{
     },
     metrics::{MetricsKey, MetricsValue},
     verdict::{
-        DIR_EGRESS, DIR_INGRESS, REASON_DROP_MALFORMED, REASON_DROP_POLICY, REASON_HOST,
-        REASON_NOT_ISOLATED, REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_SELF, is_allow,
+        DIR_EGRESS, DIR_INGRESS, REASON_DEFERRED, REASON_DROP_MALFORMED, REASON_DROP_POLICY,
+        REASON_HOST, REASON_NOT_ISOLATED, REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_SELF,
+        is_allow,
     },
 };
 
@@ -51,16 +57,17 @@ use crate::{conntrack::Ct, parse::Packet};
 
 /// Bytes of headers we make sure are linear (Ethernet + IPv6 + a few extension headers +
 /// the L4 header in the common case).
-const PULL_LEN: u32 = 128;
+pub(crate) const PULL_LEN: u32 = 128;
 
 /// Prefix length of a full 16-byte address in the CIDRS trie.
-const ADDR_PREFIX_FULL: u32 = 128;
+pub(crate) const ADDR_PREFIX_FULL: u32 = 128;
 
 #[map(name = "NPM_ENDPOINTS")]
-static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::with_max_entries(ENDPOINTS_MAX, 0);
+pub(crate) static ENDPOINTS: HashMap<u32, EndpointInfo> =
+    HashMap::with_max_entries(ENDPOINTS_MAX, 0);
 
 #[map(name = "NPM_IDENTITIES")]
-static IDENTITIES: HashMap<Addr16, PeerInfo> =
+pub(crate) static IDENTITIES: HashMap<Addr16, PeerInfo> =
     HashMap::with_max_entries(IDENTITIES_MAX, BPF_F_NO_PREALLOC);
 
 /// `BPF_F_NO_PREALLOC` is added by aya-ebpf for every LPM trie (the kernel requires it).
@@ -85,7 +92,25 @@ pub fn npm_from_pod(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn npm_to_pod(ctx: TcContext) -> i32 {
+    // A packet whose egress check was deferred past the Service DNAT (local backend): the
+    // source pod's egress policy first, then this pod's ingress policy as for any packet.
+    if service::deferred_denied(&ctx) {
+        return TC_ACT_SHOT;
+    }
     handle(&ctx, DIR_INGRESS)
+}
+
+/// TC egress of the node's other links (not loopback, not a managed pod interface), attached
+/// only when Service ranges are configured: the post-DNAT egress check of deferred packets
+/// leaving for a remote backend (or to a Service address nothing translated). Unmarked
+/// packets pass at once and are not counted.
+#[classifier]
+pub fn npm_host_egress(ctx: TcContext) -> i32 {
+    if service::deferred_denied(&ctx) {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_PIPE
+    }
 }
 
 /// The benchmark's baseline: no parsing, no maps, always `TC_ACT_PIPE` (`PROG_PASS`). Not
@@ -169,7 +194,8 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     let live = match conntrack::lookup(&ct_key, src_is_lo, &pkt, dir, now) {
         Ct::Hit(reason) => return (reason, ifindex),
         Ct::LiveMismatch => true,
-        Ct::Miss => false,
+        // A pending (deferred) flow's entry may be overwritten by this packet's verdict.
+        Ct::Miss | Ct::Pending => false,
     };
 
     let reason = if isolated {
@@ -177,6 +203,13 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     } else {
         REASON_NOT_ISOLATED
     };
+    // Egress to a Service range: judged again after the DNAT (crate::service).
+    if reason == REASON_DROP_POLICY
+        && dir == DIR_EGRESS
+        && service::defer(ctx, &pkt, &ct_key, src_is_lo, live)
+    {
+        return (REASON_DEFERRED, ifindex);
+    }
     if is_allow(reason) && !live {
         conntrack::create(&ct_key, src_is_lo, &pkt, dir, now);
     }
@@ -186,7 +219,7 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
 /// The verdict for a new flow in an isolated direction. Not inlined: its lookup keys get
 /// their own stack frame instead of adding to the (tight, 512-byte) frame of `classify`.
 #[inline(never)]
-fn policy_verdict(local_id: u32, pkt: &Packet, ifindex: u32, dir: u8) -> u8 {
+pub(crate) fn policy_verdict(local_id: u32, pkt: &Packet, ifindex: u32, dir: u8) -> u8 {
     // The peer is the remote side: the source of traffic entering the pod, else the
     // destination. The port is always the destination port (the service port of a new flow).
     let peer = if dir == DIR_INGRESS {
@@ -233,7 +266,7 @@ fn policy_allows(local_id: u32, peer_id: u32, dir: u8, proto: u8, dport_be: u16)
 
 /// Adds one packet of `bytes` to the per-CPU counter `{ifindex, dir, reason}`.
 #[inline(always)]
-fn count(ifindex: u32, dir: u8, reason: u8, bytes: u32) {
+pub(crate) fn count(ifindex: u32, dir: u8, reason: u8, bytes: u32) {
     let key = MetricsKey {
         ifindex,
         dir,

@@ -70,6 +70,12 @@ pub struct RunArgs {
     /// Port of the HTTP endpoints [default: ListeningPort, else 10091; env NPM_LISTEN_PORT].
     #[arg(long, value_name = "PORT")]
     pub listen_port: Option<u16>,
+    /// A Service range of the cluster (kube-apiserver's --service-cluster-ip-range), IPv4 or
+    /// IPv6; repeatable. Egress to it that the pod's policy denies before kube-proxy's DNAT is
+    /// checked again after it, against the backend [default: ServiceCIDRs, else none; env
+    /// NPM_SERVICE_CIDRS, comma separated].
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    pub service_cidrs: Vec<ipnet::IpNet>,
     /// Serve /node-metrics and /cluster-metrics [default: Toggles.EnablePrometheusMetrics,
     /// else true; env NPM_ENABLE_PROMETHEUS_METRICS].
     #[arg(long, value_name = "BOOL")]

@@ -80,6 +80,8 @@ struct Rig {
     enforcer: Enforcer,
     /// Pods as built (with the addresses the lab assigned).
     built: BTreeMap<ObjRef, Pod>,
+    /// The Services' ClusterIPs, enforced as the Service ranges (empty without Services).
+    service_ranges: Vec<ipnet::IpNet>,
 }
 
 impl Rig {
@@ -106,7 +108,33 @@ impl Rig {
             lab,
             enforcer,
             built,
+            service_ranges: Vec::new(),
         })
+    }
+
+    /// Plays kube-proxy for `services` (nftables DNAT in the node) and enforces egress to
+    /// their ClusterIPs after the DNAT: `npm_host_egress` on the uplinks, the ClusterIPs as
+    /// the Service ranges. Returns the Services the lab cannot translate.
+    fn set_services(&mut self, services: &[crate::model::Service]) -> anyhow::Result<Vec<String>> {
+        if services.is_empty() {
+            return Ok(Vec::new());
+        }
+        let done = self
+            .lab
+            .set_services(services)
+            .context("installing the Services' DNAT rules (nft; scripts/setup.sh installs it)")?;
+        let uplinks = self.lab.external_interfaces();
+        let enforcer = &mut self.enforcer;
+        self.lab.node().run(|| -> anyhow::Result<()> {
+            for (_, ifname) in &uplinks {
+                enforcer
+                    .attach_host(ifname)
+                    .with_context(|| format!("attaching the post-DNAT check to {ifname}"))?;
+            }
+            Ok(())
+        })?;
+        self.service_ranges = done.ranges;
+        Ok(done.problems.iter().map(ToString::to_string).collect())
     }
 
     /// Enforces `state` (its pods get the lab's addresses) and probes the endpoints present.
@@ -129,6 +157,7 @@ impl Rig {
             .map(|(k, (_, ifindex))| (k.clone(), *ifindex))
             .collect();
         snapshot.node_ips = self.lab.node_ips();
+        snapshot.service_cidrs = self.service_ranges.clone();
         let report = self.enforcer.apply(&snapshot);
         if report.sync.failed > 0 {
             anyhow::bail!(
@@ -179,8 +208,10 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
         .manifests
         .as_ref()
         .context("--manifests DIR is required without --steps")?;
-    let (snapshot, diagnostics) =
-        manifests::load_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let loader = manifests::read_dir_into(dir, manifests::Loader::default())
+        .with_context(|| format!("reading {}", dir.display()))?;
+    let services = loader.services();
+    let (snapshot, diagnostics) = loader.finish();
     let mut problems: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
     let expectation = read_expect(args)?;
     let pods: Vec<Pod> = snapshot.pods.values().cloned().collect();
@@ -191,6 +222,7 @@ pub fn execute(args: &LabArgs) -> anyhow::Result<LabOutcome> {
             .chain(expectation.iter().flat_map(|e| e.externals.iter())),
     );
     let mut rig = Rig::new(pods, ext, args.probe_options())?;
+    problems.extend(rig.set_services(&services)?);
     let out = rig.round("manifests", &snapshot, expectation.as_ref())?;
     problems.extend(out.problems);
     Ok(LabOutcome {

@@ -10,6 +10,8 @@
 //!   known); node passes read routes, neighbours and addresses on a blocking thread and tie
 //!   interfaces to pods (`Local`, `PendingLink`, `NodeIps` changes), every poll interval and
 //!   soon after a link, route or neighbour change or a change to one of this node's pods;
+//!   with Service ranges configured, every other link (not `lo`, not a pod interface) gets
+//!   `npm_host_egress`, and the ranges reach the datapath only while all of them carry it;
 //! - **the periodic resync** (ResyncPeriodInMinutes): the kernel maps compared in full with
 //!   the compiler's and repaired.
 //!
@@ -259,6 +261,18 @@ struct Loop<'a> {
     last_pass: Instant,
     /// A pass asked for while one was reading (it may have read too early).
     again: Option<Duration>,
+    /// The configured Service ranges (ServiceCIDRs); empty: no post-DNAT check.
+    service_cidrs: Vec<ipnet::IpNet>,
+    /// Which links are pod interfaces (they get the pod programs, not the host one).
+    pod_filter: LinkFilter,
+    /// ifindex -> name of the node's other links carrying `npm_host_egress`.
+    host_attached: BTreeMap<u32, String>,
+    /// Other links whose attach failed (retried every pass). While any is left, the Service
+    /// ranges are withheld from the datapath: a deferred packet leaving by such a link would
+    /// go unchecked, so nothing is deferred (fail closed: the documented gap).
+    host_failed: BTreeMap<u32, String>,
+    /// The "egress to ClusterIPs is checked pre-DNAT" warning was logged.
+    warned_gap: bool,
 }
 
 impl<'a> Loop<'a> {
@@ -280,6 +294,13 @@ impl<'a> Loop<'a> {
             next_pass: now,
             last_pass: now,
             again: None,
+            service_cidrs: agent.settings.service_cidrs.clone(),
+            pod_filter: LinkFilter {
+                prefixes: args.pod_interface_prefixes.clone(),
+            },
+            host_attached: BTreeMap::new(),
+            host_failed: BTreeMap::new(),
+            warned_gap: false,
         }
     }
 
@@ -301,6 +322,9 @@ impl<'a> Loop<'a> {
             Ok(all) => {
                 let deltas = self.pod_links.relist(&all);
                 self.on_deltas(deltas);
+                for link in &all {
+                    self.host_link(link);
+                }
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "listing links"),
         }
@@ -472,6 +496,8 @@ impl<'a> Loop<'a> {
     /// A node pass came back: (with manifests) the cluster's changes, and this node's
     /// placement. The first time the cluster view is complete, both go in one apply.
     fn on_gathered(&mut self, g: Gathered) -> anyhow::Result<()> {
+        self.retry_host_links();
+        self.sync_service_ranges();
         let mut cluster_changes = Vec::new();
         let mut complete = self.ready;
         if let Feed::Manifests(slot) = &mut self.feed {
@@ -547,11 +573,97 @@ impl<'a> Loop<'a> {
                 base.apply(c);
             }
             base.node_name = self.args.node_name.clone();
+            base.service_cidrs = self.wanted_service_ranges();
             self.enforcer.apply(&base)
         };
         self.report(&report, Trigger::Change);
         self.ready = true;
+        self.sync_service_ranges();
         Ok(())
+    }
+
+    /// With Service ranges configured, attaches `npm_host_egress` to `link` when it is one of
+    /// the node's other links: not loopback, not a (candidate or attached) pod interface.
+    fn host_link(&mut self, link: &links::Link) {
+        if self.service_cidrs.is_empty()
+            || link.name == "lo"
+            || self.attached.contains_key(&link.ifindex)
+            || self.pod_filter.is_pod_interface(link)
+            || self.host_attached.get(&link.ifindex) == Some(&link.name)
+        {
+            return;
+        }
+        match self.enforcer.attach_host(&link.name) {
+            Ok(ifindex) if ifindex == link.ifindex => {
+                tracing::info!(interface = %link.name, ifindex, "post-DNAT check attached");
+                self.host_failed.remove(&link.ifindex);
+                self.host_attached.insert(link.ifindex, link.name.clone());
+            }
+            Ok(now) => {
+                tracing::warn!(interface = %link.name, ifindex = link.ifindex, now, "link renamed while attaching; retrying");
+                self.host_failed.insert(link.ifindex, link.name.clone());
+            }
+            Err(e) => {
+                tracing::error!(interface = %link.name, error = %format!("{e:#}"),
+                    "attaching the post-DNAT check failed; Service ranges withheld (egress to ClusterIPs checked before the DNAT) until it succeeds");
+                self.observer
+                    .error("attach", &format!("{} (host link): {e:#}", link.name));
+                self.host_failed.insert(link.ifindex, link.name.clone());
+            }
+        }
+        self.sync_service_ranges();
+    }
+
+    /// The configured ranges once every other link carries the post-DNAT check, else none.
+    fn wanted_service_ranges(&self) -> Vec<ipnet::IpNet> {
+        if self.host_failed.is_empty() {
+            self.service_cidrs.clone()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Retries the other links whose attach failed.
+    fn retry_host_links(&mut self) {
+        let failed: Vec<(u32, String)> = self
+            .host_failed
+            .iter()
+            .map(|(i, n)| (*i, n.clone()))
+            .collect();
+        for (ifindex, name) in failed {
+            self.host_failed.remove(&ifindex);
+            self.host_link(&links::Link {
+                ifindex,
+                name,
+                kind: None,
+                master: None,
+            });
+        }
+    }
+
+    /// Brings the datapath's Service ranges to the configured ones once every other link
+    /// carries the post-DNAT check (else to none), after the first apply. Warns once when
+    /// egress is enforced without them.
+    fn sync_service_ranges(&mut self) {
+        if !self.ready {
+            return;
+        }
+        let want = self.wanted_service_ranges();
+        let snapshot = self.enforcer.compiler().snapshot();
+        if self.service_cidrs.is_empty()
+            && !self.warned_gap
+            && snapshot.policies.values().any(|p| p.egress.is_some())
+        {
+            tracing::warn!(
+                "egress policies are enforced but no Service ranges are configured (ServiceCIDRs, NPM_SERVICE_CIDRS, --service-cidr): egress to a ClusterIP is checked against the ClusterIP, not the backend pod, so egress rules naming pods do not match Service traffic"
+            );
+            self.warned_gap = true;
+        }
+        if snapshot.service_cidrs != want {
+            let report = self.enforcer.set_service_cidrs(want.clone());
+            tracing::info!(ranges = ?want, "Service ranges in the datapath");
+            self.report(&report, Trigger::Change);
+        }
     }
 
     /// Ties interfaces to this node's pods (attaching to new ones) and returns the `Local`,
@@ -580,6 +692,9 @@ impl<'a> Loop<'a> {
                     Ok(ifindex) => {
                         tracing::info!(%pod, interface = %iface.name, ifindex, "attached");
                         self.attached.insert(ifindex, iface.name.clone());
+                        // Its TC egress filter is npm_to_pod now (same priority and handle).
+                        self.host_attached.remove(&ifindex);
+                        self.host_failed.remove(&ifindex);
                     }
                     Err(e) => {
                         tracing::error!(%pod, interface = %iface.name, error = %format!("{e:#}"), "attach failed");
@@ -649,7 +764,12 @@ impl<'a> Loop<'a> {
                 LinkEvent::Overflow => {
                     tracing::warn!("rtnetlink notifications lost; relisting links");
                     match links::dump_links() {
-                        Ok(all) => deltas.extend(self.pod_links.relist(&all)),
+                        Ok(all) => {
+                            deltas.extend(self.pod_links.relist(&all));
+                            for link in &all {
+                                self.host_link(link);
+                            }
+                        }
                         Err(e) => tracing::error!(error = %format!("{e:#}"), "relisting links"),
                     }
                     pass = Some(Duration::ZERO);
@@ -662,9 +782,14 @@ impl<'a> Loop<'a> {
                     if self.attached.remove(i).is_some() {
                         pass = Some(Duration::ZERO);
                     }
+                    self.host_attached.remove(i);
+                    self.host_failed.remove(i);
                     deltas.extend(self.pod_links.on_event(e));
                 }
-                LinkEvent::Link(_) => deltas.extend(self.pod_links.on_event(e)),
+                LinkEvent::Link(link) => {
+                    self.host_link(link);
+                    deltas.extend(self.pod_links.on_event(e));
+                }
             }
         }
         if !deltas.is_empty() {
@@ -765,6 +890,12 @@ fn load_config(args: &RunArgs) -> anyhow::Result<(Resolved, serde_json::Value)> 
         listen_port: args.listen_port,
         enable_prometheus_metrics: args.enable_prometheus_metrics,
         enable_http_debug_api: args.enable_http_debug_api,
+        service_cidrs: (!args.service_cidrs.is_empty()).then(|| {
+            let mut v = args.service_cidrs.clone();
+            v.sort();
+            v.dedup();
+            v
+        }),
     };
     flags.validate_flags()?;
     let resolved = config::resolve(file.as_ref(), &env, &flags);

@@ -19,11 +19,17 @@ pub struct DesiredMaps {
     pub cidrs: BTreeMap<Lpm<Addr16>, u32>,
     /// (local identity, peer, direction, protocol, port prefix) -> allow.
     pub policy: BTreeMap<Lpm<PolicyKey>, PolicyValue>,
+    /// Service range -> 1 (egress to it is checked again after the DNAT).
+    pub services: BTreeMap<Lpm<Addr16>, u32>,
 }
 
 impl DesiredMaps {
     pub fn total_entries(&self) -> usize {
-        self.endpoints.len() + self.identities.len() + self.cidrs.len() + self.policy.len()
+        self.endpoints.len()
+            + self.identities.len()
+            + self.cidrs.len()
+            + self.policy.len()
+            + self.services.len()
     }
 
     /// Entries per map.
@@ -33,6 +39,7 @@ impl DesiredMaps {
             identities: self.identities.len(),
             cidrs: self.cidrs.len(),
             policy: self.policy.len(),
+            services: self.services.len(),
         }
     }
 }
@@ -44,16 +51,18 @@ pub struct MapCounts {
     pub identities: usize,
     pub cidrs: usize,
     pub policy: usize,
+    pub services: usize,
 }
 
 impl MapCounts {
     /// (map name, entries), in a fixed order, for metrics and logs.
-    pub fn by_name(&self) -> [(&'static str, usize); 4] {
+    pub fn by_name(&self) -> [(&'static str, usize); 5] {
         [
             ("endpoints", self.endpoints),
             ("identities", self.identities),
             ("cidrs", self.cidrs),
             ("policy", self.policy),
+            ("services", self.services),
         ]
     }
 }

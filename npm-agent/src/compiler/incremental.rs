@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::mem;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use npm_common::maps::{
     Addr16, CIDR_CLASS_BIT, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, ID_PENDING,
     PEER_HOST, PeerInfo, PolicyKey, PolicyValue,
@@ -36,7 +37,7 @@ use npm_common::verdict::{DIR_EGRESS, DIR_INGRESS};
 
 use super::desired::{DesiredMaps, Lpm, RuleRef};
 use super::ids::{IdAllocator, IdentityKey};
-use super::peers::{self, Block};
+use super::peers::{self, Block, Prefix};
 use super::ports::PortPrefix;
 use super::{addr16, port_prefixes};
 use crate::model::{Diagnostic, Labels, ObjRef, Peer, Pod, Policy, PortRef, PortSpec, Rule};
@@ -160,6 +161,7 @@ struct Journal {
     identities: BTreeMap<Addr16, Option<PeerInfo>>,
     cidrs: BTreeMap<Lpm<Addr16>, Option<u32>>,
     policy: BTreeMap<Lpm<PolicyKey>, Option<PolicyValue>>,
+    services: BTreeMap<Lpm<Addr16>, Option<u32>>,
 }
 
 fn put<K: Ord + Copy, V: Copy>(
@@ -213,6 +215,17 @@ impl Out {
             put(
                 &mut self.maps.cidrs,
                 self.record.then_some(&mut self.journal.cidrs),
+                k,
+                v,
+            );
+        }
+    }
+
+    fn service(&mut self, k: Lpm<Addr16>, v: Option<u32>) {
+        if self.maps.services.get(&k).copied() != v {
+            put(
+                &mut self.maps.services,
+                self.record.then_some(&mut self.journal.services),
                 k,
                 v,
             );
@@ -284,6 +297,12 @@ impl Out {
             &self.maps.policy,
             &mut old.policy,
             &mut new.policy,
+        );
+        split(
+            j.services,
+            &self.maps.services,
+            &mut old.services,
+            &mut new.services,
         );
         plan::plan(&old, &new)
     }
@@ -368,8 +387,45 @@ impl Incremental {
         // The first plan is the caller's to make (against what its maps hold), not a
         // journal of the build.
         me.reconcile(d);
+        me.program_services();
         me.out.record = true;
         me
+    }
+
+    /// Sets the cluster's Service ranges (SERVICES: egress to them is checked again after the
+    /// DNAT). Configuration: no policy entry depends on it.
+    pub fn set_service_cidrs(&mut self, cidrs: Vec<IpNet>) -> Plan {
+        if self.snap.service_cidrs != cidrs {
+            self.snap.service_cidrs = cidrs;
+            self.program_services();
+        }
+        self.out.take_plan()
+    }
+
+    fn program_services(&mut self) {
+        let want: BTreeMap<Lpm<Addr16>, u32> = self
+            .snap
+            .service_cidrs
+            .iter()
+            .map(|net| {
+                let p = Prefix::from_net(*net);
+                ((p.len, p.addr16()), 1)
+            })
+            .collect();
+        let stale: Vec<Lpm<Addr16>> = self
+            .out
+            .maps
+            .services
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            self.out.service(k, None);
+        }
+        for (k, v) in want {
+            self.out.service(k, Some(v));
+        }
     }
 
     /// The ground state compiled so far.

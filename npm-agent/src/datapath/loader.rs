@@ -14,8 +14,8 @@ use aya::{
     },
 };
 use npm_common::maps::{
-    CtKey, CtValue, MAP_CIDRS, MAP_CONNTRACK, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS,
-    MAP_POLICY, PROG_FROM_POD, PROG_PASS, PROG_TO_POD,
+    CtKey, CtValue, MAP_CIDRS, MAP_CONNTRACK, MAP_DEFERRED, MAP_ENDPOINTS, MAP_IDENTITIES,
+    MAP_METRICS, MAP_POLICY, MAP_SERVICES, PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD,
 };
 
 use super::sys;
@@ -24,13 +24,15 @@ use super::sys;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npm"));
 
 /// Every map of the object; all are pinned by name when a pin directory is given.
-const MAPS: [&str; 6] = [
+const MAPS: [&str; 8] = [
     MAP_ENDPOINTS,
     MAP_IDENTITIES,
     MAP_CIDRS,
     MAP_POLICY,
     MAP_CONNTRACK,
     MAP_METRICS,
+    MAP_SERVICES,
+    MAP_DEFERRED,
 ];
 
 /// Priority of our TC filters (lower runs first). Fixed, together with [`TC_HANDLE`], so a
@@ -44,6 +46,10 @@ const HOOKS: [(&str, TcAttachType); 2] = [
     (PROG_FROM_POD, TcAttachType::Ingress),
     (PROG_TO_POD, TcAttachType::Egress),
 ];
+
+/// Which program runs on the node's other links (not loopback, not a pod interface) when
+/// Service ranges are configured: the post-DNAT check of deferred egress.
+const HOST_HOOKS: [(&str, TcAttachType); 1] = [(PROG_HOST_EGRESS, TcAttachType::Egress)];
 
 /// Errors of the datapath; each names the interface, program or map involved.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +177,8 @@ pub struct TestRunResult {
     pub duration_ns: u32,
     /// The packet after the last run.
     pub data_out: Vec<u8>,
+    /// `skb->mark` after the last run.
+    pub mark_out: u32,
 }
 
 /// The loaded datapath: the eBPF object with both classifiers loaded (verified).
@@ -223,7 +231,11 @@ impl Datapath {
         })?;
         // The pass-only baseline is loaded too (it is tiny) so `test_run` can run it; it is
         // never attached.
-        for prog in HOOKS.map(|(p, _)| p).into_iter().chain([PROG_PASS]) {
+        for prog in HOOKS
+            .map(|(p, _)| p)
+            .into_iter()
+            .chain([PROG_HOST_EGRESS, PROG_PASS])
+        {
             classifier(&mut ebpf, prog)?
                 .load()
                 .map_err(|source| DatapathError::Program {
@@ -241,6 +253,26 @@ impl Datapath {
     /// Idempotent: a filter already at that priority and handle (ours, e.g. left by a previous
     /// agent) is replaced atomically, never stacked. Returns the interface index.
     pub fn attach(&mut self, ifname: &str) -> Result<u32, DatapathError> {
+        self.attach_hooks(ifname, &HOOKS)
+    }
+
+    /// Attaches `npm_host_egress` (TC egress) to a node link that is neither loopback nor a
+    /// pod interface, like [`Datapath::attach`] (same priority and handle, replaced in place,
+    /// idempotent). Returns the interface index.
+    pub fn attach_host(&mut self, ifname: &str) -> Result<u32, DatapathError> {
+        self.attach_hooks(ifname, &HOST_HOOKS)
+    }
+
+    /// Removes `npm_host_egress` from `ifname` (absent is not an error).
+    pub fn detach_host(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        detach_hooks(ifname, &HOST_HOOKS)
+    }
+
+    fn attach_hooks(
+        &mut self,
+        ifname: &str,
+        hooks: &[(&str, TcAttachType)],
+    ) -> Result<u32, DatapathError> {
         let ifindex = ifindex(ifname)?;
         match tc::qdisc_add_clsact(ifname) {
             Ok(()) => {}
@@ -252,7 +284,7 @@ impl Datapath {
                 });
             }
         }
-        for (prog, hook) in HOOKS {
+        for &(prog, hook) in hooks {
             let attach_err = |source: ProgramError| DatapathError::Attach {
                 iface: ifname.to_owned(),
                 prog: prog.to_owned(),
@@ -315,21 +347,7 @@ impl Datapath {
     /// `ifname`, in the calling thread's network namespace. Absent filters are not an error;
     /// the clsact qdisc is left in place (other tools may use it).
     pub fn detach(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        ifindex(ifname)?;
-        for (prog, hook) in HOOKS {
-            match tc::qdisc_detach_program(ifname, hook, prog) {
-                Ok(()) => {}
-                Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(DatapathError::Detach {
-                        iface: ifname.to_owned(),
-                        prog: prog.to_owned(),
-                        source: Box::new(source),
-                    });
-                }
-            }
-        }
-        Ok(())
+        detach_hooks(ifname, &HOOKS)
     }
 
     /// Takes ownership of map `name` (a `MAP_*` constant), e.g. for the map programmer, who
@@ -381,6 +399,29 @@ impl Datapath {
         ifindex: u32,
         repeat: u32,
     ) -> Result<TestRunResult, DatapathError> {
+        self.run_test(prog, packet, ifindex, 0, repeat)
+    }
+
+    /// [`Datapath::test_run`] once, with `skb->mark` set to `mark` on entry; the result's
+    /// `mark_out` is the mark the program left.
+    pub fn test_run_mark(
+        &self,
+        prog: &str,
+        packet: &[u8],
+        ifindex: u32,
+        mark: u32,
+    ) -> Result<TestRunResult, DatapathError> {
+        self.run_test(prog, packet, ifindex, mark, 1)
+    }
+
+    fn run_test(
+        &self,
+        prog: &str,
+        packet: &[u8],
+        ifindex: u32,
+        mark: u32,
+        repeat: u32,
+    ) -> Result<TestRunResult, DatapathError> {
         let program = self
             .ebpf
             .program(prog)
@@ -391,18 +432,39 @@ impl Datapath {
             prog: prog.to_owned(),
             source: Box::new(source),
         })?;
-        let raw = sys::prog_test_run(fd.as_fd(), packet, ifindex, repeat).map_err(|source| {
-            DatapathError::TestRun {
-                prog: prog.to_owned(),
-                source,
-            }
-        })?;
+        let raw =
+            sys::prog_test_run(fd.as_fd(), packet, ifindex, mark, repeat).map_err(|source| {
+                DatapathError::TestRun {
+                    prog: prog.to_owned(),
+                    source,
+                }
+            })?;
         Ok(TestRunResult {
             retval: raw.retval,
             duration_ns: raw.duration_ns,
             data_out: raw.data_out,
+            mark_out: raw.mark_out,
         })
     }
+}
+
+/// Removes our filters of `hooks` (found by program name, at any priority) from `ifname`.
+fn detach_hooks(ifname: &str, hooks: &[(&str, TcAttachType)]) -> Result<(), DatapathError> {
+    ifindex(ifname)?;
+    for &(prog, hook) in hooks {
+        match tc::qdisc_detach_program(ifname, hook, prog) {
+            Ok(()) => {}
+            Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DatapathError::Detach {
+                    iface: ifname.to_owned(),
+                    prog: prog.to_owned(),
+                    source: Box::new(source),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn classifier<'a>(

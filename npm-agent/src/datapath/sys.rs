@@ -38,9 +38,12 @@ const _: () = assert!(size_of::<TestRunAttr>() == 80);
 #[derive(Default)]
 #[allow(dead_code, reason = "fields are read by the kernel")]
 struct SkBuffCtx {
-    /// `len, pkt_type, mark, queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto,
-    /// priority, ingress_ifindex`: all zero.
-    head: [u32; 10],
+    len: u32,
+    pkt_type: u32,
+    mark: u32,
+    /// `queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto, priority,
+    /// ingress_ifindex`: all zero.
+    head: [u32; 7],
     ifindex: u32,
     tc_index: u32,
 }
@@ -51,15 +54,19 @@ pub(crate) struct RawTestRun {
     pub(crate) retval: u32,
     pub(crate) duration_ns: u32,
     pub(crate) data_out: Vec<u8>,
+    /// `skb->mark` after the last run.
+    pub(crate) mark_out: u32,
 }
 
 /// Runs the sched_cls program `prog` on `packet` (starting with its Ethernet header)
 /// `repeat` times. `ifindex` becomes `skb->dev`; the kernel requires it to exist in the
-/// calling thread's network namespace (1, `lo`, always does).
+/// calling thread's network namespace (1, `lo`, always does). `mark` is `skb->mark` on entry;
+/// the mark after the run is returned.
 pub(crate) fn prog_test_run(
     prog: BorrowedFd<'_>,
     packet: &[u8],
     ifindex: u32,
+    mark: u32,
     repeat: u32,
 ) -> io::Result<RawTestRun> {
     let too_big = |_| io::Error::from_raw_os_error(libc::E2BIG);
@@ -67,8 +74,12 @@ pub(crate) fn prog_test_run(
     let mut out = vec![0u8; packet.len() + 256];
     let ctx = SkBuffCtx {
         ifindex,
+        mark,
         ..SkBuffCtx::default()
     };
+    // The kernel writes its whole `struct __sk_buff` back (ENOSPC if the buffer is smaller):
+    // room for it (192 bytes today) with margin; `mark` is the third u32.
+    let mut ctx_out = [0u32; 64];
     let mut attr = TestRunAttr {
         prog_fd: u32::try_from(prog.as_raw_fd())
             .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?,
@@ -79,12 +90,15 @@ pub(crate) fn prog_test_run(
         repeat,
         ctx_size_in: size_of::<SkBuffCtx>() as u32,
         ctx_in: &raw const ctx as u64,
+        ctx_size_out: size_of::<[u32; 64]>() as u32,
+        ctx_out: &raw mut ctx_out as u64,
         ..TestRunAttr::default()
     };
     // SAFETY: `attr` is a valid, fully initialised `bpf_attr.test` of the size we pass; the
     // pointers in it reference `packet` (read, `data_size_in` bytes), `out` (written, at most
-    // `data_size_out` bytes) and `ctx` (read, `ctx_size_in` bytes), all of which outlive the
-    // call; `ctx_out` is null so nothing else is written. The fd is borrowed for the call.
+    // `data_size_out` bytes), `ctx` (read, `ctx_size_in` bytes) and `ctx_out` (written, at
+    // most `ctx_size_out` bytes), all of which outlive the call. The fd is borrowed for the
+    // call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -105,6 +119,7 @@ pub(crate) fn prog_test_run(
         retval: attr.retval,
         duration_ns: attr.duration,
         data_out: out,
+        mark_out: ctx_out[2],
     })
 }
 

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
     ContainerPort, Labels, Namespace, Peer, Pod, Policy, PortRef, PortSpec, Protocol, Requirement,
-    Rule, Selector, SelectorOp,
+    Rule, Selector, SelectorOp, Service, ServicePort, TargetPort,
 };
 
 /// The label Kubernetes sets on every namespace (and users select namespaces by).
@@ -41,6 +41,70 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
     let mut labels: Labels = ns.metadata.labels.clone().unwrap_or_default();
     labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
     Ok(Namespace { name, labels })
+}
+
+/// A Service, for the lab's kube-proxy emulation (`npm-agent lab`; the agent never reads
+/// Services). A headless Service (`clusterIP: None`) has no cluster IPs.
+pub fn service(s: &core::Service) -> Result<Service, ConvertError> {
+    let name = s.metadata.name.clone().ok_or(ConvertError::NoName)?;
+    let namespace = s
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let spec = s.spec.clone().unwrap_or_default();
+    let mut texts: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    if texts.is_empty()
+        && let Some(ip) = &spec.cluster_ip
+    {
+        texts.push(ip.clone());
+    }
+    let mut cluster_ips = Vec::new();
+    for (i, t) in texts.iter().enumerate() {
+        if t.is_empty() || t == "None" {
+            continue;
+        }
+        let ip: IpAddr = t.parse().map_err(|_| {
+            invalid(
+                format!("spec.clusterIPs[{i}]"),
+                format!("{t:?} is not an IP"),
+            )
+        })?;
+        cluster_ips.push(ip);
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.as_deref().unwrap_or_default().iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or_else(|| invalid(format!("{field}.port"), "not a port number 1-65535"))?;
+        let target = match &p.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => TargetPort::Number(
+                u16::try_from(*n)
+                    .ok()
+                    .filter(|n| *n != 0)
+                    .ok_or_else(|| invalid(format!("{field}.targetPort"), "not a port number"))?,
+            ),
+            Some(IntOrString::String(s)) => match s.parse::<u16>() {
+                Ok(n) if n != 0 => TargetPort::Number(n),
+                _ => TargetPort::Name(s.clone()),
+            },
+        };
+        ports.push(ServicePort {
+            port,
+            protocol: protocol(&format!("{field}.protocol"), p.protocol.as_deref())?,
+            target,
+        });
+    }
+    Ok(Service {
+        namespace,
+        name,
+        cluster_ips,
+        selector: spec.selector.unwrap_or_default(),
+        ports,
+    })
 }
 
 pub fn protocol(field: &str, p: Option<&str>) -> Result<Protocol, ConvertError> {

@@ -8,6 +8,7 @@
 //!   responder.rs        TCP/UDP/raw-SCTP servers on the lab's tokio runtime
 //!   probe.rs            batched, concurrent probes from sockets opened in the source netns
 //!   report.rs           ProbeResult (JSON contract) and render_matrix
+//!   services.rs         kube-proxy emulation: Services -> nftables DNAT in the node (pure plan)
 //! ```
 //!
 //! `<prefix>` is `npmlab-<pid>-<n>` (n counts labs built by this process), so several labs
@@ -24,10 +25,14 @@
 //! ([`Outcome::NoCommonFamily`], counted as denied). [`Lab::set_prefer_ipv6`] swaps the
 //! order, to exercise the IPv6 path between dual-stack pods. Either way a result stays one
 //! row per (from, to, port, protocol).
+//!
+//! Services ([`Lab::set_services`]): each ClusterIP port is DNAT'd by nftables in the node (as
+//! kube-proxy does) to one backend pod, and probed from every pod as `svc:ns/name`.
 mod probe;
 mod report;
 mod responder;
 mod sctp;
+mod services;
 mod topology;
 
 use std::collections::BTreeMap;
@@ -119,6 +124,19 @@ pub struct Lab {
     timeout: Duration,
     prefer_ipv6: bool,
     icmp: bool,
+    /// ClusterIP targets of the Services set with [`Lab::set_services`].
+    services: Vec<services::Target>,
+}
+
+/// What [`Lab::set_services`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabServices {
+    /// The ClusterIPs as host prefixes: enforce with these as the Service ranges
+    /// (`ClusterSnapshot::service_cidrs`), and attach `npm_host_egress` to
+    /// [`Lab::external_interfaces`].
+    pub ranges: Vec<ipnet::IpNet>,
+    /// Services or ports the lab cannot translate (headless, no selector, SCTP).
+    pub problems: Vec<crate::model::Diagnostic>,
 }
 
 impl Lab {
@@ -144,6 +162,7 @@ impl Lab {
             timeout: DEFAULT_TIMEOUT,
             prefer_ipv6: false,
             icmp: false,
+            services: Vec::new(),
         };
         let (res, took) = probe::timed(|| lab.wire());
         res?;
@@ -225,6 +244,51 @@ impl Lab {
             .collect()
     }
 
+    /// Per external (by its first IP), the node-side interface it is reached through: the
+    /// node's "uplinks", which carry `npm_host_egress` when Service ranges are enforced.
+    pub fn external_interfaces(&self) -> Vec<(IpAddr, String)> {
+        self.plan.endpoints[self.plan.pod_count..]
+            .iter()
+            .filter_map(|ep| Some((*ep.ips.first()?, ep.host_if.clone())))
+            .collect()
+    }
+
+    /// Plays kube-proxy for `services`: replaces the lab's nftables DNAT rules in the node
+    /// (each ClusterIP port to its first backend pod by name, see `services.rs`) and adds
+    /// every ClusterIP port to what [`Lab::probe_all`] probes from each pod (`svc:ns/name`).
+    /// Needs `nft` (scripts/setup.sh installs nftables).
+    pub fn set_services(
+        &mut self,
+        services: &[crate::model::Service],
+    ) -> Result<LabServices, LabError> {
+        let node = (IpAddr::V4(topology::NODE_V4), IpAddr::V6(topology::NODE_V6));
+        let plan = services::plan(services, &self.plan.pods, node);
+        let script = if plan.script.is_empty() {
+            // Nothing to translate: an empty table replaces any earlier rules.
+            format!(
+                "table inet {t}\ndelete table inet {t}\n",
+                t = services::TABLE
+            )
+        } else {
+            plan.script.clone()
+        };
+        let file = std::env::temp_dir().join(format!("{}-services.nft", self.prefix));
+        std::fs::write(&file, script).map_err(|source| LabError::Socket {
+            what: format!("writing {}", file.display()),
+            source,
+        })?;
+        let loaded = self
+            .node()
+            .exec(&["nft", "-f", &file.display().to_string()]);
+        let _ = std::fs::remove_file(&file);
+        loaded?;
+        self.services = plan.targets;
+        Ok(LabServices {
+            ranges: plan.ranges,
+            problems: plan.problems,
+        })
+    }
+
     /// The node netns: attach enforcement here (`lab.node().run(|| ...)`).
     pub fn node(&self) -> &NetNs {
         match &self.node {
@@ -304,6 +368,9 @@ impl Lab {
                     tasks.push(self.task(src, dst, 0, ProbeProtocol::Icmp));
                 }
             }
+            if src < self.plan.pod_count {
+                tasks.extend(self.service_tasks(src));
+            }
         }
         self.run(&tasks)
     }
@@ -342,6 +409,46 @@ impl Lab {
 
     fn endpoint_index(&self, label: &str) -> Option<usize> {
         self.plan.endpoints.iter().position(|e| e.label == label)
+    }
+
+    /// One task per Service port from pod `src`, to the ClusterIP of the family a probe
+    /// between endpoints would use (IPv4 first unless IPv6 is preferred).
+    fn service_tasks(&self, src: usize) -> Vec<probe::Task> {
+        let s = &self.plan.endpoints[src];
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        let families: [bool; 2] = if self.prefer_ipv6 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for t in &self.services {
+            if !seen.insert((t.label.clone(), t.port, t.protocol)) {
+                continue;
+            }
+            let pick = families.iter().find_map(|v4| {
+                let src_has = if *v4 { s.ipv4() } else { s.ipv6() };
+                src_has?;
+                self.services
+                    .iter()
+                    .find(|o| {
+                        o.label == t.label
+                            && o.port == t.port
+                            && o.protocol == t.protocol
+                            && o.ip.is_ipv4() == *v4
+                    })
+                    .map(|o| o.ip)
+            });
+            out.push(probe::Task {
+                from: s.label.clone(),
+                to: t.label.clone(),
+                src,
+                dst_ip: pick,
+                port: t.port,
+                protocol: t.protocol.into(),
+            });
+        }
+        out
     }
 
     fn task(&self, src: usize, dst: usize, port: u16, protocol: ProbeProtocol) -> probe::Task {

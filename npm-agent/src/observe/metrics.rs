@@ -7,9 +7,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use npm_common::verdict::{
-    DIR_EGRESS, DIR_INGRESS, REASON_DROP_MALFORMED, REASON_DROP_POLICY, REASON_ESTABLISHED,
-    REASON_HOST, REASON_NOT_ISOLATED, REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_REPLY,
-    REASON_SELF, is_allow,
+    DIR_EGRESS, DIR_INGRESS, REASON_DEFERRED, REASON_DROP_MALFORMED, REASON_DROP_POLICY,
+    REASON_DROP_UNKNOWN_SOURCE, REASON_ESTABLISHED, REASON_HOST, REASON_NOT_ISOLATED,
+    REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_REPLY, REASON_SELF, is_allow,
 };
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -283,14 +283,16 @@ fn reason_label(reason: u8) -> &'static str {
         REASON_POLICY_ALLOW => "policy_allow",
         REASON_HOST => "host",
         REASON_SELF => "self",
+        REASON_DEFERRED => "deferred",
         REASON_DROP_POLICY => "policy_deny",
         REASON_DROP_MALFORMED => "malformed",
+        REASON_DROP_UNKNOWN_SOURCE => "unknown_source",
         _ => "unknown",
     }
 }
 
 /// Every reason the datapath has, so each series exists (at 0) before its first packet.
-const REASONS: [u8; 9] = [
+const REASONS: [u8; 11] = [
     REASON_NOT_MANAGED,
     REASON_NOT_ISOLATED,
     REASON_ESTABLISHED,
@@ -298,8 +300,10 @@ const REASONS: [u8; 9] = [
     REASON_POLICY_ALLOW,
     REASON_HOST,
     REASON_SELF,
+    REASON_DEFERRED,
     REASON_DROP_POLICY,
     REASON_DROP_MALFORMED,
+    REASON_DROP_UNKNOWN_SOURCE,
 ];
 
 fn direction_label(dir: u8) -> &'static str {

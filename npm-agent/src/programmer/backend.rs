@@ -2,8 +2,8 @@
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, Map, MapData, MapError};
 use npm_common::maps::{
-    Addr16, EndpointInfo, MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_POLICY, PeerInfo,
-    PolicyKey, PolicyValue,
+    Addr16, EndpointInfo, MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_POLICY, MAP_SERVICES,
+    PeerInfo, PolicyKey, PolicyValue,
 };
 
 use super::plan::Op;
@@ -43,7 +43,7 @@ impl ProgrammerError {
     }
 }
 
-/// Reads and writes the four policy maps.
+/// Reads and writes the policy maps (and the Service ranges).
 pub trait MapBackend {
     /// The maps' present contents.
     fn dump(&self) -> Result<DesiredMaps, ProgrammerError>;
@@ -57,6 +57,7 @@ pub struct AyaBackend {
     identities: HashMap<MapData, Addr16, PeerInfo>,
     cidrs: LpmTrie<MapData, Addr16, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    services: LpmTrie<MapData, Addr16, u32>,
 }
 
 impl AyaBackend {
@@ -66,6 +67,7 @@ impl AyaBackend {
         identities: Map,
         cidrs: Map,
         policy: Map,
+        services: Map,
     ) -> Result<Self, ProgrammerError> {
         Ok(Self {
             endpoints: HashMap::try_from(endpoints).map_err(|source| ProgrammerError::Open {
@@ -82,6 +84,10 @@ impl AyaBackend {
             })?,
             policy: LpmTrie::try_from(policy).map_err(|source| ProgrammerError::Open {
                 map: MAP_POLICY,
+                source,
+            })?,
+            services: LpmTrie::try_from(services).map_err(|source| ProgrammerError::Open {
+                map: MAP_SERVICES,
                 source,
             })?,
         })
@@ -115,6 +121,10 @@ impl MapBackend for AyaBackend {
             let (k, v) = item.map_err(dump_err(MAP_POLICY))?;
             out.policy.insert((k.prefix_len(), k.data()), v);
         }
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(dump_err(MAP_SERVICES))?;
+            out.services.insert((k.prefix_len(), k.data()), v);
+        }
         Ok(out)
     }
 
@@ -144,6 +154,14 @@ impl MapBackend for AyaBackend {
                 .map_err(update_err(MAP_CIDRS, "remove")),
             Op::DeletePolicy((len, k)) => ignore_missing(self.policy.remove(&Key::new(*len, *k)))
                 .map_err(update_err(MAP_POLICY, "remove")),
+            Op::UpsertService((len, k), v) => self
+                .services
+                .insert(&Key::new(*len, *k), *v, 0)
+                .map_err(update_err(MAP_SERVICES, "insert")),
+            Op::DeleteService((len, k)) => {
+                ignore_missing(self.services.remove(&Key::new(*len, *k)))
+                    .map_err(update_err(MAP_SERVICES, "remove"))
+            }
         }
     }
 }

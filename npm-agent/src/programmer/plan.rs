@@ -9,6 +9,9 @@
 //!    they need is present (a newly isolated pod never loses an allowed path mid-update).
 //! 5. ENDPOINTS, 6. IDENTITIES, 7. CIDRS, 8. POLICY deletes: nothing points at what is removed.
 //!
+//! SERVICES (the Service ranges) are independent of the rest: removals first, then additions,
+//! after everything else. (The agent attaches the post-DNAT program before it adds a range.)
+//!
 //! Identity and class ids are never reused while an entry may still hold them (the compiler's
 //! allocator guarantees it), so stale entries left during the window never grant anything new.
 use std::collections::BTreeMap;
@@ -28,13 +31,19 @@ pub enum Op {
     DeleteIdentity(Addr16),
     DeleteCidr(Lpm<Addr16>),
     DeletePolicy(Lpm<PolicyKey>),
+    UpsertService(Lpm<Addr16>, u32),
+    DeleteService(Lpm<Addr16>),
 }
 
 impl Op {
     pub fn is_delete(&self) -> bool {
         matches!(
             self,
-            Op::DeleteEndpoint(_) | Op::DeleteIdentity(_) | Op::DeleteCidr(_) | Op::DeletePolicy(_)
+            Op::DeleteEndpoint(_)
+                | Op::DeleteIdentity(_)
+                | Op::DeleteCidr(_)
+                | Op::DeletePolicy(_)
+                | Op::DeleteService(_)
         )
     }
 
@@ -64,6 +73,12 @@ impl Op {
             }
             Op::DeletePolicy(k) => {
                 maps.policy.remove(k);
+            }
+            Op::UpsertService(k, v) => {
+                maps.services.insert(*k, *v);
+            }
+            Op::DeleteService(k) => {
+                maps.services.remove(k);
             }
         }
     }
@@ -105,6 +120,7 @@ pub fn plan(current: &DesiredMaps, desired: &DesiredMaps) -> Plan {
     let (cidr_up, cidr_del) = diff(&current.cidrs, &desired.cidrs);
     let (id_up, id_del) = diff(&current.identities, &desired.identities);
     let (ep_up, ep_del) = diff(&current.endpoints, &desired.endpoints);
+    let (svc_up, svc_del) = diff(&current.services, &desired.services);
 
     let mut ops = Vec::with_capacity(
         pol_up.len()
@@ -114,7 +130,9 @@ pub fn plan(current: &DesiredMaps, desired: &DesiredMaps) -> Plan {
             + id_up.len()
             + id_del.len()
             + ep_up.len()
-            + ep_del.len(),
+            + ep_del.len()
+            + svc_up.len()
+            + svc_del.len(),
     );
     ops.extend(pol_up.into_iter().map(|(k, v)| Op::UpsertPolicy(k, v)));
     ops.extend(cidr_up.into_iter().map(|(k, v)| Op::UpsertCidr(k, v)));
@@ -124,6 +142,8 @@ pub fn plan(current: &DesiredMaps, desired: &DesiredMaps) -> Plan {
     ops.extend(id_del.into_iter().map(Op::DeleteIdentity));
     ops.extend(cidr_del.into_iter().map(Op::DeleteCidr));
     ops.extend(pol_del.into_iter().map(Op::DeletePolicy));
+    ops.extend(svc_del.into_iter().map(Op::DeleteService));
+    ops.extend(svc_up.into_iter().map(|(k, v)| Op::UpsertService(k, v)));
     Plan { ops }
 }
 

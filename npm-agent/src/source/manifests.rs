@@ -3,8 +3,10 @@
 //! Every `*.yaml`/`*.yml` file below the directory is read, in sorted path order; other files
 //! are ignored. Files may hold several documents and `kind: List`. Namespaces, Pods and
 //! NetworkPolicies (`networking.k8s.io/v1`, and the older `extensions/v1beta1`, which has the
-//! same schema) are used; other kinds (Deployments, Services, ...) are ignored silently. A
-//! malformed object is reported with its file, kind/namespace/name and reason, and skipped.
+//! same schema) are used; Services are collected for the lab's kube-proxy emulation
+//! ([`Loader::services`]; the agent ignores them); other kinds (Deployments, ...) are ignored
+//! silently. A malformed object is reported with its file, kind/namespace/name and reason, and
+//! skipped.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -88,6 +90,7 @@ pub fn read_dir_into(dir: &Path, mut loader: Loader) -> Result<Loader, Manifests
 #[derive(Default)]
 pub struct Loader {
     snapshot: ClusterSnapshot,
+    services: BTreeMap<crate::model::ObjRef, crate::model::Service>,
     diagnostics: Vec<Diagnostic>,
     seen: BTreeMap<String, String>,
 }
@@ -191,8 +194,18 @@ impl Loader {
                     }
                 }
             }
+            ("v1", "Service") => match serde_yaml::from_value::<core::Service>(v) {
+                Ok(o) => match convert::service(&o) {
+                    Ok(s) => {
+                        self.note_duplicate(source, &object);
+                        self.services.insert(s.obj_ref(), s);
+                    }
+                    Err(e) => self.problem(source, object, e.to_string()),
+                },
+                Err(e) => self.problem(source, object, format!("not a valid Service: {e}")),
+            },
             (_, "") => self.problem(source, object, "no kind".into()),
-            _ => {} // Deployments, Services, ...: not ours.
+            _ => {} // Deployments, ...: not ours.
         }
     }
 
@@ -204,6 +217,11 @@ impl Loader {
                 format!("defined again (first in {first}); the later one is used"),
             );
         }
+    }
+
+    /// The Services read so far (for the lab; not part of the snapshot).
+    pub fn services(&self) -> Vec<crate::model::Service> {
+        self.services.values().cloned().collect()
     }
 
     /// The snapshot, with implicit namespaces for names used but not declared.
