@@ -29,6 +29,8 @@
 mod fake_apiserver;
 #[path = "common/http.rs"]
 mod http;
+#[path = "common/objects.rs"]
+mod objects;
 #[path = "common/support.rs"]
 mod support;
 
@@ -46,10 +48,11 @@ use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use npm_agent::cli::args::{Cli, Command as Verb};
 use npm_agent::lab::{Lab, LabSpec};
-use npm_agent::model::{Pod, Protocol};
+use npm_agent::model::Protocol;
 use npm_agent::source::kube::{KubeHandle, KubeSource, KubeSourceConfig, SourceEvent};
+use objects::{api_pod, lab_pod, web_from_client};
 use serde_json::{Value, json};
-use support::{KillOnDrop, RemoveOnDrop, eventually, log_tail, pod};
+use support::{KillOnDrop, RemoveOnDrop, eventually, log_tail};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -326,29 +329,6 @@ async fn drain(handle: &mut KubeHandle, ms: u64) -> bool {
         synced |= matches!(ev, SourceEvent::Synced);
     }
     synced
-}
-
-fn lab_pod(name: &str, app: &str, ip: &str) -> Pod {
-    Pod {
-        node_name: Some("node-1".into()),
-        ..pod(name, app, ip)
-    }
-}
-
-fn api_pod(name: &str, app: &str, ip: &str, node: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "nginx",
-            "ports": [{"containerPort": 80, "protocol": "TCP"}]}]},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
-}
-
-fn web_from_client() -> Value {
-    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "web-from-client", "namespace": "default"},
-        "spec": {"podSelector": {"matchLabels": {"app": "web"}},
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                         "ports": [{"port": 80}]}]}})
 }
 
 fn run_ok(cmd: &mut Command) -> String {

@@ -8,41 +8,21 @@ mod fake_apiserver;
 #[path = "common/http.rs"]
 mod http;
 
+#[path = "common/objects.rs"]
+mod objects;
 #[path = "common/support.rs"]
 mod support;
+use objects::{api_pod, lab_pod, web_from_client};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::{KillOnDrop, RemoveOnDrop, eventually, log_tail, pod};
+use support::{KillOnDrop, RemoveOnDrop, eventually, log_tail};
 
 use fake_apiserver::{FakeApi, Res};
 use http::http_get;
 use npm_agent::lab::{Lab, LabSpec};
-use npm_agent::model::{Pod, Protocol};
+use npm_agent::model::Protocol;
 use serde_json::{Value, json};
-
-fn lab_pod(name: &str, app: &str, ip: &str) -> Pod {
-    Pod {
-        node_name: Some("node-1".into()),
-        ..pod(name, app, ip)
-    }
-}
-
-fn api_pod(name: &str, app: &str, ip: &str, node: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "nginx",
-            "ports": [{"containerPort": 80, "protocol": "TCP"}]}]},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
-}
-
-fn web_from_client() -> Value {
-    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "web-from-client", "namespace": "default"},
-        "spec": {"podSelector": {"matchLabels": {"app": "web"}},
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                         "ports": [{"port": 80}]}]}})
-}
 
 /// Entries of a pinned map, through bpftool.
 fn map_entries(pinned: &Path) -> usize {
