@@ -4,7 +4,7 @@
 //! arrays, has no implicit padding (checked by the size assertions next to each type), and
 //! every bit pattern is a valid value.
 use crate::maps::{CtKey, CtValue, EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
-use crate::metrics::{MetricsKey, MetricsValue};
+use crate::metrics::MetricsValue;
 
 unsafe impl aya::Pod for EndpointInfo {}
 unsafe impl aya::Pod for PeerInfo {}
@@ -12,5 +12,4 @@ unsafe impl aya::Pod for PolicyKey {}
 unsafe impl aya::Pod for PolicyValue {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
-unsafe impl aya::Pod for MetricsKey {}
 unsafe impl aya::Pod for MetricsValue {}

@@ -30,8 +30,9 @@ const REFRESH_SLACK_NS: u64 = 1_000_000_000;
 
 /// The result of the conntrack lookup.
 pub(crate) enum Ct {
-    /// The packet belongs to a tracked flow: pass with this reason (entry already refreshed).
-    Hit(u8),
+    /// The packet belongs to a tracked flow: pass with this reason (entry already refreshed),
+    /// counted under the endpoint counter slot stored in the entry.
+    Hit(u8, u32),
     /// A live entry exists but this packet does not match it as established or reply.
     LiveMismatch,
     /// No live entry: the packet is a new flow.
@@ -127,7 +128,7 @@ pub(crate) fn lookup(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u
         v.flags = flags;
         v.expires_ns = expires;
     }
-    Ct::Hit(reason)
+    Ct::Hit(reason, u32::from(v.slot))
 }
 
 #[inline(always)]
@@ -152,9 +153,10 @@ fn other_timeout(proto: u8) -> u64 {
     }
 }
 
-/// Tracks a new allowed flow whose originator is this packet's source.
+/// Tracks a new allowed flow whose originator is this packet's source, at the endpoint
+/// whose counter slot is `slot`.
 #[inline(always)]
-pub(crate) fn create(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u64) {
+pub(crate) fn create(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u64, slot: u32) {
     if pkt.kind == L4Kind::EchoReply || pkt.kind == L4Kind::IcmpOther {
         return;
     }
@@ -171,7 +173,10 @@ pub(crate) fn create(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u
         expires_ns: now + timeout,
         origin_dir: dir,
         flags,
-        _pad: [0; 6],
+        // Slots are below COUNTER_SLOTS (2048); a larger value could only be a slot that
+        // counts nowhere anyway.
+        slot: slot as u16,
+        _pad: [0; 4],
     };
     // Failure (e.g. -ENOMEM) only means the flow is re-evaluated on its next packet.
     let _ = CONNTRACK.insert(key, value, u64::from(BPF_ANY));

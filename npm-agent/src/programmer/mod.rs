@@ -17,6 +17,8 @@ use crate::compiler::DesiredMaps;
 pub struct SyncStats {
     pub upserts: usize,
     pub deletes: usize,
+    /// Counter slots reset (`Op::ResetCounters`), counted apart from map entries.
+    pub resets: usize,
     /// Operations the kernel refused (logged; the rest of the plan still ran).
     pub failed: usize,
     pub elapsed: Duration,
@@ -67,7 +69,9 @@ impl<B: MapBackend> Programmer<B> {
         for op in &plan.ops {
             match self.backend.apply(op) {
                 Ok(()) => {
-                    if op.is_delete() {
+                    if matches!(op, Op::ResetCounters(_)) {
+                        stats.resets += 1;
+                    } else if op.is_delete() {
                         stats.deletes += 1;
                     } else {
                         stats.upserts += 1;
@@ -103,7 +107,7 @@ mod tests {
         let mut desired = DesiredMaps::default();
         desired
             .endpoints
-            .insert(3, EndpointInfo { id: 1, flags: 1 });
+            .insert(3, EndpointInfo { id: 1, flags: 1, slot: 0 });
         desired.identities.insert(
             addr_from_v4([10, 1, 0, 1]),
             PeerInfo {
@@ -124,7 +128,7 @@ mod tests {
         drifted.endpoints.clear();
         drifted
             .endpoints
-            .insert(99, EndpointInfo { id: 5, flags: 0 });
+            .insert(99, EndpointInfo { id: 5, flags: 0, slot: 0 });
         let mut p = Programmer {
             backend: FakeBackend {
                 maps: drifted,

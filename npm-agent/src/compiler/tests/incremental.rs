@@ -504,15 +504,22 @@ fn pending_links_default_deny_the_directions_of_unplaced_pods() {
     let mut inc = Incremental::new(&s, IdAllocator::default());
     // A pending link with no unplaced pod: tracked, not isolated.
     let plan = inc.apply(&[Change::PendingLink(500, true)]);
+    let slot = inc.maps().endpoints[&500].slot;
+    assert!(slot >= npm_common::metrics::SLOT_FIRST);
     assert_eq!(
         plan.ops,
-        vec![Op::UpsertEndpoint(
-            500,
-            EndpointInfo {
-                id: ID_PENDING,
-                flags: 0
-            }
-        )]
+        vec![
+            // A new interface's counters start from zero.
+            Op::ResetCounters(slot),
+            Op::UpsertEndpoint(
+                500,
+                EndpointInfo {
+                    id: ID_PENDING,
+                    flags: 0,
+                    slot,
+                }
+            )
+        ]
     );
     // This node's new pod, no IP yet, selected by deny-in: the pending link isolates ingress.
     let newpod = Pod {
@@ -532,7 +539,8 @@ fn pending_links_default_deny_the_directions_of_unplaced_pods() {
             500,
             EndpointInfo {
                 id: ID_PENDING,
-                flags: EP_ISOLATE_INGRESS
+                flags: EP_ISOLATE_INGRESS,
+                slot,
             }
         )]
     );
@@ -627,7 +635,8 @@ fn node_name_decides_which_pods_are_not_yet_placed() {
             700,
             EndpointInfo {
                 id: ID_PENDING,
-                flags: both
+                flags: both,
+                slot: inc.maps().endpoints[&700].slot,
             }
         )]
     );
