@@ -216,3 +216,49 @@ impl SlotAllocator {
         self.by_if.get(&ifindex).copied()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_stable_reused_oldest_first_and_adopted_back() {
+        let mut a = SlotAllocator::default();
+        assert_eq!(a.get_or_alloc(10), SLOT_FIRST);
+        assert_eq!(a.get_or_alloc(11), SLOT_FIRST + 1);
+        assert_eq!(a.get_or_alloc(10), SLOT_FIRST, "stable while held");
+        a.release(10);
+        // Never-used slots come before freed ones.
+        assert_eq!(a.get_or_alloc(12), SLOT_FIRST + 2);
+        assert_eq!(a.get(10), None);
+
+        // Adopted maps: interfaces get their slots back, gaps are free, new ones go above.
+        let mut a = SlotAllocator::default();
+        a.reserve([(7, 9), (8, 4), (9, 4), (5, 0), (6, COUNTER_SLOTS)]);
+        assert_eq!(a.get_or_alloc(8), 4);
+        assert_eq!(a.get_or_alloc(7), 9);
+        assert_eq!(a.get_or_alloc(9), 10, "slot 4 was claimed twice: #9 gets a new one");
+        assert_eq!(a.get_or_alloc(5), 11);
+
+        // Exhausted: freed slots oldest first, then slots kept for interfaces that did not
+        // come back, then the unmanaged slot.
+        let mut a = SlotAllocator::default();
+        a.reserve([(1000, SLOT_FIRST)]);
+        for i in 0..COUNTER_SLOTS - SLOT_FIRST - 1 {
+            let s = a.get_or_alloc(10_000 + i);
+            assert!(s > SLOT_FIRST && s < COUNTER_SLOTS, "#{i}: {s}");
+        }
+        a.release(10_003);
+        a.release(10_001);
+        let (s3, s1) = (SLOT_FIRST + 1 + 3, SLOT_FIRST + 1 + 1);
+        assert_eq!(a.get_or_alloc(5000), s3);
+        assert_eq!(a.get_or_alloc(5001), s1);
+        assert_eq!(a.get_or_alloc(5002), SLOT_FIRST, "the reservation of #1000");
+        assert_eq!(a.get_or_alloc(5003), SLOT_UNMANAGED);
+        assert_eq!(a.get_or_alloc(1000), SLOT_UNMANAGED);
+        a.release(5003);
+        a.release(5000);
+        a.release(1000);
+        assert_eq!(a.get_or_alloc(1000), s3);
+    }
+}
