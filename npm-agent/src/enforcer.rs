@@ -162,9 +162,7 @@ impl Enforcer {
     /// Loads the datapath (pinning/adopting its maps under `pin_dir` when given) and reads
     /// what the maps already hold, so ids still in use are never handed out again.
     pub fn new(pin_dir: Option<&Path>) -> Result<Self, EnforcerError> {
-        use npm_common::maps::{
-            MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY,
-        };
+        use npm_common::maps::{MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY};
         let mut datapath = Datapath::load(pin_dir)?;
         let endpoints_handle = Some(datapath.map_handle(MAP_ENDPOINTS)?);
         let backend = AyaBackend::new(
@@ -185,12 +183,12 @@ impl Enforcer {
     /// The verdict counters, for the metrics (takes the METRICS map: once).
     pub fn counters(&mut self) -> Result<DatapathCounters, DatapathError> {
         let metrics = self.datapath.take_map(npm_common::maps::MAP_METRICS)?;
-        let endpoints =
-            self.endpoints_handle
-                .take()
-                .ok_or_else(|| DatapathError::MapMissing {
-                    map: npm_common::maps::MAP_ENDPOINTS.to_owned(),
-                })?;
+        let endpoints = self
+            .endpoints_handle
+            .take()
+            .ok_or_else(|| DatapathError::MapMissing {
+                map: npm_common::maps::MAP_ENDPOINTS.to_owned(),
+            })?;
         DatapathCounters::from_maps(metrics, endpoints)
     }
 
@@ -282,9 +280,14 @@ mod tests {
     fn adopted_maps_are_reconciled_in_full_and_their_ids_never_reused() {
         // Maps left by a previous agent: a stale endpoint and identity with id 40.
         let mut fake = FakeBackend::default();
-        fake.maps
-            .endpoints
-            .insert(9999, EndpointInfo { id: 40, flags: 1, slot: 0 });
+        fake.maps.endpoints.insert(
+            9999,
+            EndpointInfo {
+                id: 40,
+                flags: 1,
+                slot: 0,
+            },
+        );
         fake.maps.identities.insert(
             addr_from_v4([10, 99, 0, 1]),
             PeerInfo {

@@ -22,11 +22,10 @@ use npm_common::{
         Addr16, CIDR_CLASS_BIT, CT_ORIGIN_LO, CT_SEEN_REPLY, CT_TCP_CLOSING,
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS, CtKey,
         CtValue, EP_CLASS_EGRESS, EP_CLASS_INGRESS, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS,
-        EndpointInfo, MAP_CIDRS, MAP_CONNTRACK,
-        MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY, PEER_HOST, POLICY_PREFIX_ANY_PORT,
-        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD, PROG_PASS, PROG_TO_POD,
-        PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey,
-        PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
+        EndpointInfo, MAP_CIDRS, MAP_CONNTRACK, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS,
+        MAP_POLICY, PEER_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+        PROG_FROM_POD, PROG_PASS, PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
+        PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
     },
     metrics::{MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
@@ -464,7 +463,11 @@ fn conntrack_hit_counts_under_the_slot_the_entry_holds() {
     );
     let (key, _) = ct_key(v4(PEER), 40000, v4(POD), 80, PROTO_TCP);
     let entry = env.ct.get(&key, 0).expect("tracked");
-    assert_eq!(u32::from(entry.slot), SLOT, "the entry holds the endpoint's slot");
+    assert_eq!(
+        u32::from(entry.slot),
+        SLOT,
+        "the entry holds the endpoint's slot"
+    );
     // The established path reads no ENDPOINTS entry: with the endpoint's slot changed behind
     // its back, the ACK still counts under the slot of the entry.
     env.endpoints
@@ -985,7 +988,15 @@ fn pinned_maps_are_adopted() {
         let mut endpoints: HashMap<MapData, u32, EndpointInfo> =
             HashMap::try_from(dp.take_map(MAP_ENDPOINTS).expect("map")).expect("typed");
         endpoints
-            .insert(IFINDEX, EndpointInfo { id: 7, flags: 0, slot: 0 }, 0)
+            .insert(
+                IFINDEX,
+                EndpointInfo {
+                    id: 7,
+                    flags: 0,
+                    slot: 0,
+                },
+                0,
+            )
             .expect("insert");
     }
 
@@ -998,7 +1009,11 @@ fn pinned_maps_are_adopted() {
         HashMap::try_from(dp.take_map(MAP_ENDPOINTS).expect("map")).expect("typed");
     assert_eq!(
         endpoints.get(&IFINDEX, 0).expect("entry survives"),
-        EndpointInfo { id: 7, flags: 0, slot: 0 }
+        EndpointInfo {
+            id: 7,
+            flags: 0,
+            slot: 0
+        }
     );
     let metrics: PerCpuArray<MapData, MetricsValue> =
         PerCpuArray::try_from(dp.take_map(MAP_METRICS).expect("map")).expect("typed");
@@ -1343,7 +1358,12 @@ fn total(counters: &npm_agent::datapath::DatapathCounters, dir: u8, reason: u8) 
         .sum()
 }
 
-fn slot_packets(metrics: &PerCpuArray<MapData, MetricsValue>, slot: u32, dir: u8, reason: u8) -> u64 {
+fn slot_packets(
+    metrics: &PerCpuArray<MapData, MetricsValue>,
+    slot: u32,
+    dir: u8,
+    reason: u8,
+) -> u64 {
     metrics
         .get(&counter_index(slot, dir, reason), 0)
         .expect("read slot")

@@ -237,7 +237,11 @@ mod tests {
         a.reserve([(7, 9), (8, 4), (9, 4), (5, 0), (6, COUNTER_SLOTS)]);
         assert_eq!(a.get_or_alloc(8), 4);
         assert_eq!(a.get_or_alloc(7), 9);
-        assert_eq!(a.get_or_alloc(9), 10, "slot 4 was claimed twice: #9 gets a new one");
+        assert_eq!(
+            a.get_or_alloc(9),
+            10,
+            "slot 4 was claimed twice: #9 gets a new one"
+        );
         assert_eq!(a.get_or_alloc(5), 11);
 
         // Exhausted: freed slots oldest first, then slots kept for interfaces that did not

@@ -30,8 +30,7 @@ use std::net::IpAddr;
 
 use npm_common::maps::{
     Addr16, CIDR_CLASS_BIT, EP_CLASS_EGRESS, EP_CLASS_INGRESS, EP_ISOLATE_EGRESS,
-    EP_ISOLATE_INGRESS, EndpointInfo, ID_PENDING,
-    PEER_HOST, PeerInfo, PolicyKey, PolicyValue,
+    EP_ISOLATE_INGRESS, EndpointInfo, ID_PENDING, PEER_HOST, PeerInfo, PolicyKey, PolicyValue,
 };
 use npm_common::verdict::{DIR_EGRESS, DIR_INGRESS};
 

@@ -65,8 +65,7 @@ impl DatapathCounters {
     /// Opens the maps pinned as `pin_dir/NPM_METRICS` and `pin_dir/NPM_ENDPOINTS` by a
     /// running agent.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let metrics =
-            MapData::from_pin(pin_dir.join(MAP_METRICS)).map_err(map_err(MAP_METRICS))?;
+        let metrics = MapData::from_pin(pin_dir.join(MAP_METRICS)).map_err(map_err(MAP_METRICS))?;
         let endpoints =
             MapData::from_pin(pin_dir.join(MAP_ENDPOINTS)).map_err(map_err(MAP_ENDPOINTS))?;
         Self::from_maps(Map::PerCpuArray(metrics), Map::HashMap(endpoints))

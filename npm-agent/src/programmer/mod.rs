@@ -105,9 +105,14 @@ mod tests {
     #[test]
     fn sync_reaches_desired_and_resync_repairs_drift() {
         let mut desired = DesiredMaps::default();
-        desired
-            .endpoints
-            .insert(3, EndpointInfo { id: 1, flags: 1, slot: 0 });
+        desired.endpoints.insert(
+            3,
+            EndpointInfo {
+                id: 1,
+                flags: 1,
+                slot: 0,
+            },
+        );
         desired.identities.insert(
             addr_from_v4([10, 1, 0, 1]),
             PeerInfo {
@@ -126,9 +131,14 @@ mod tests {
         // Someone deletes an entry behind our back and adds a stray one.
         let mut drifted = desired.clone();
         drifted.endpoints.clear();
-        drifted
-            .endpoints
-            .insert(99, EndpointInfo { id: 5, flags: 0, slot: 0 });
+        drifted.endpoints.insert(
+            99,
+            EndpointInfo {
+                id: 5,
+                flags: 0,
+                slot: 0,
+            },
+        );
         let mut p = Programmer {
             backend: FakeBackend {
                 maps: drifted,

@@ -224,9 +224,14 @@ mod tests {
                 flags: 0,
             },
         );
-        desired
-            .endpoints
-            .insert(8, EndpointInfo { id: 3, flags: 0, slot: 0 });
+        desired.endpoints.insert(
+            8,
+            EndpointInfo {
+                id: 3,
+                flags: 0,
+                slot: 0,
+            },
+        );
         let p = plan(&current, &desired);
         let mut state = current.clone();
         for op in &p.ops {
@@ -271,9 +276,14 @@ mod tests {
     #[test]
     fn isolation_is_switched_on_only_after_its_allow_entries() {
         let mut current = sample();
-        current
-            .endpoints
-            .insert(7, EndpointInfo { id: 1, flags: 0, slot: 0 });
+        current.endpoints.insert(
+            7,
+            EndpointInfo {
+                id: 1,
+                flags: 0,
+                slot: 0,
+            },
+        );
         current.policy.clear();
         let desired = sample();
         let ops = plan(&current, &desired).ops;

@@ -371,7 +371,12 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
             let before = inc.maps().endpoints.clone();
             let plan = inc.apply(&batch);
             ops += plan.ops.len();
-            resets += check_slots(&before, &inc.maps().endpoints, &plan, &format!("seed {seed} step {step}"));
+            resets += check_slots(
+                &before,
+                &inc.maps().endpoints,
+                &plan,
+                &format!("seed {seed} step {step}"),
+            );
             replay(&mut fake, &plan);
             assert_eq!(
                 &fake.maps,
@@ -379,7 +384,12 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
                 "seed {seed} step {step}: replaying the plan must give the maps\n{batch:#?}"
             );
             let fresh = Incremental::new(inc.snapshot(), IdAllocator::default());
-            check_slots(&BTreeMap::new(), &fresh.maps().endpoints, &plan::plan(&DesiredMaps::default(), fresh.maps()), "fresh");
+            check_slots(
+                &BTreeMap::new(),
+                &fresh.maps().endpoints,
+                &plan::plan(&DesiredMaps::default(), fresh.maps()),
+                "fresh",
+            );
             assert_eq!(
                 canon(&inc),
                 canon(&fresh),
@@ -401,7 +411,10 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
     println!(
         "{steps} steps, {ops} plan operations ({resets} counter resets), {flows} flows checked against the reference"
     );
-    assert!(resets > 100, "interfaces must come and go ({resets} resets)");
+    assert!(
+        resets > 100,
+        "interfaces must come and go ({resets} resets)"
+    );
     assert_eq!(steps, 2400);
     assert!(ops > 2400, "the sequences must change the maps ({ops} ops)");
     assert!(
@@ -432,12 +445,10 @@ fn pod_event_with_an_existing_identity_touches_only_identities_and_endpoints() {
             Change::Local(twin.obj_ref(), Some(999)),
         ]);
         assert!(
-            plan.ops
-                .iter()
-                .all(|o| matches!(
-                    o,
-                    Op::UpsertIdentity(..) | Op::UpsertEndpoint(..) | Op::ResetCounters(_)
-                )),
+            plan.ops.iter().all(|o| matches!(
+                o,
+                Op::UpsertIdentity(..) | Op::UpsertEndpoint(..) | Op::ResetCounters(_)
+            )),
             "seed {seed}: {:?}",
             plan.ops
         );
@@ -449,12 +460,10 @@ fn pod_event_with_an_existing_identity_touches_only_identities_and_endpoints() {
         // Deleting it again removes exactly those two.
         let plan = inc.apply(&[Change::Pod(twin.obj_ref(), None)]);
         assert!(
-            plan.ops
-                .iter()
-                .all(|o| matches!(
-                    o,
-                    Op::DeleteIdentity(..) | Op::DeleteEndpoint(..) | Op::ResetCounters(_)
-                )),
+            plan.ops.iter().all(|o| matches!(
+                o,
+                Op::DeleteIdentity(..) | Op::DeleteEndpoint(..) | Op::ResetCounters(_)
+            )),
             "seed {seed}: {:?}",
             plan.ops
         );
