@@ -50,7 +50,12 @@ fn spawn_agent(node: &str, manifests: &Path, bpffs: &Path, prefix: &str, log: &P
 }
 
 fn endpoints(bpffs: &Path) -> Option<HashMap<MapData, u32, EndpointInfo>> {
-    let data = MapData::from_pin(bpffs.join("v1").join(MAP_ENDPOINTS)).ok()?;
+    let data = MapData::from_pin(
+        bpffs
+            .join(format!("v{}", npm_common::ABI_VERSION))
+            .join(MAP_ENDPOINTS),
+    )
+    .ok()?;
     HashMap::try_from(Map::HashMap(data)).ok()
 }
 
