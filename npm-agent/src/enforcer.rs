@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::compiler::{IdAllocator, Incremental};
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::{Datapath, DatapathCounters, DatapathError};
 use crate::model::Diagnostic;
 use crate::programmer::{AyaBackend, MapBackend, Programmer, ProgrammerError, SyncStats};
 use crate::state::{Change, ClusterSnapshot};
@@ -65,6 +65,9 @@ impl<B: MapBackend> Pipeline<B> {
                         .flat_map(|(_, k)| [k.local_id, k.peer_id]),
                 ),
         );
+        // Interfaces keep the counter slots the adopted maps gave them (their counters go on).
+        ids.slots
+            .reserve(present.endpoints.iter().map(|(i, e)| (*i, e.slot)));
         let full_sync = present.total_entries() > 0;
         Ok(Self {
             compiler: Incremental::new(&ClusterSnapshot::default(), ids),
@@ -165,6 +168,8 @@ impl<B: MapBackend> Pipeline<B> {
 pub struct Enforcer {
     datapath: Datapath,
     pipeline: Pipeline<AyaBackend>,
+    /// A second ENDPOINTS handle for [`Enforcer::counters`] (the backend owns the map).
+    endpoints_handle: Option<aya::maps::Map>,
 }
 
 impl Enforcer {
@@ -172,20 +177,36 @@ impl Enforcer {
     /// what the maps already hold, so ids still in use are never handed out again.
     pub fn new(pin_dir: Option<&Path>) -> Result<Self, EnforcerError> {
         use npm_common::maps::{
-            MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_POLICY, MAP_SERVICES,
+            MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY, MAP_SERVICES,
         };
         let mut datapath = Datapath::load(pin_dir)?;
+        let endpoints_handle = Some(datapath.map_handle(MAP_ENDPOINTS)?);
         let backend = AyaBackend::new(
             datapath.take_map(MAP_ENDPOINTS)?,
             datapath.take_map(MAP_IDENTITIES)?,
             datapath.take_map(MAP_CIDRS)?,
             datapath.take_map(MAP_POLICY)?,
             datapath.take_map(MAP_SERVICES)?,
+            // A second handle: the metrics reader takes the map itself.
+            datapath.map_handle(MAP_METRICS)?,
         )?;
         Ok(Self {
             datapath,
             pipeline: Pipeline::new(backend)?,
+            endpoints_handle,
         })
+    }
+
+    /// The verdict counters, for the metrics (takes the METRICS map: once).
+    pub fn counters(&mut self) -> Result<DatapathCounters, DatapathError> {
+        let metrics = self.datapath.take_map(npm_common::maps::MAP_METRICS)?;
+        let endpoints = self
+            .endpoints_handle
+            .take()
+            .ok_or_else(|| DatapathError::MapMissing {
+                map: npm_common::maps::MAP_ENDPOINTS.to_owned(),
+            })?;
+        DatapathCounters::from_maps(metrics, endpoints)
     }
 
     /// Attaches the classifiers to a host-side interface in the calling thread's netns.
@@ -288,9 +309,14 @@ mod tests {
     fn adopted_maps_are_reconciled_in_full_and_their_ids_never_reused() {
         // Maps left by a previous agent: a stale endpoint and identity with id 40.
         let mut fake = FakeBackend::default();
-        fake.maps
-            .endpoints
-            .insert(9999, EndpointInfo { id: 40, flags: 1 });
+        fake.maps.endpoints.insert(
+            9999,
+            EndpointInfo {
+                id: 40,
+                flags: 1,
+                slot: 0,
+            },
+        );
         fake.maps.identities.insert(
             addr_from_v4([10, 99, 0, 1]),
             PeerInfo {

@@ -596,7 +596,9 @@ fn the_daemonset_pod_runs_in_cluster_with_its_capabilities_and_enforces() {
         log_tail(&agent_log)
     );
     assert!(allowed("default/client"));
-    let endpoints = bpffs.join("v1").join(npm_common::maps::MAP_ENDPOINTS);
+    let endpoints = bpffs
+        .join(format!("v{}", npm_common::ABI_VERSION))
+        .join(npm_common::maps::MAP_ENDPOINTS);
     assert_eq!(map_keys(&endpoints).len(), 3, "the three pods of node-1");
     let (_, metrics) = get("/cluster-metrics").expect("/cluster-metrics");
     assert!(metrics.contains("npm_num_pods 4\n"), "{metrics}");

@@ -15,20 +15,20 @@ use std::{
     process::Command,
 };
 
-use aya::maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key};
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use npm_agent::datapath::Datapath;
 use npm_common::{
     maps::{
         Addr16, CIDR_CLASS_BIT, CT_ORIGIN_LO, CT_PENDING, CT_SEEN_REPLY, CT_TCP_CLOSING,
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS, CtKey,
-        CtValue, DeferKey, DeferValue, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo,
-        MAP_CIDRS, MAP_CONNTRACK, MAP_DEFERRED, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS,
-        MAP_POLICY, MAP_SERVICES, MARK_DEFERRED, PEER_HOST, POLICY_PREFIX_ANY_PORT,
-        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS,
-        PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo,
-        PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
+        CtValue, DeferKey, DeferValue, EP_CLASS_EGRESS, EP_CLASS_INGRESS, EP_ISOLATE_EGRESS,
+        EP_ISOLATE_INGRESS, EndpointInfo, MAP_CIDRS, MAP_CONNTRACK, MAP_DEFERRED, MAP_ENDPOINTS,
+        MAP_IDENTITIES, MAP_METRICS, MAP_POLICY, MAP_SERVICES, MARK_DEFERRED, PEER_HOST,
+        POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD,
+        PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
+        PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
     },
-    metrics::{MetricsKey, MetricsValue},
+    metrics::{COUNTER_STRIDE, MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
         DIR_EGRESS, DIR_INGRESS, REASON_DEFERRED, REASON_DROP_MALFORMED, REASON_DROP_POLICY,
         REASON_DROP_UNKNOWN_SOURCE, REASON_ESTABLISHED, REASON_HOST, REASON_NOT_ISOLATED,
@@ -41,6 +41,8 @@ const TC_ACT_PIPE: u32 = 3;
 /// `lo`: exists in every network namespace, as `BPF_PROG_TEST_RUN` requires.
 const IFINDEX: u32 = 1;
 const LOCAL_ID: u32 = 100;
+/// The local pod's counter slot.
+const SLOT: u32 = 5;
 const PEER_ID: u32 = 200;
 
 const TCP_FIN: u8 = 0x01;
@@ -173,7 +175,7 @@ struct Env {
     cidrs: LpmTrie<MapData, Addr16, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     ct: HashMap<MapData, CtKey, CtValue>,
-    metrics: PerCpuHashMap<MapData, MetricsKey, MetricsValue>,
+    metrics: PerCpuArray<MapData, MetricsValue>,
     services: LpmTrie<MapData, Addr16, u32>,
     deferred: HashMap<MapData, DeferKey, DeferValue>,
 }
@@ -187,7 +189,7 @@ impl Env {
         let cidrs = LpmTrie::try_from(take(MAP_CIDRS)).expect("cidrs map");
         let policy = LpmTrie::try_from(take(MAP_POLICY)).expect("policy map");
         let ct = HashMap::try_from(take(MAP_CONNTRACK)).expect("conntrack map");
-        let metrics = PerCpuHashMap::try_from(take(MAP_METRICS)).expect("metrics map");
+        let metrics = PerCpuArray::try_from(take(MAP_METRICS)).expect("metrics map");
         let services = LpmTrie::try_from(take(MAP_SERVICES)).expect("services map");
         let deferred = HashMap::try_from(take(MAP_DEFERRED)).expect("deferred map");
         Self {
@@ -203,7 +205,8 @@ impl Env {
         }
     }
 
-    /// An endpoint (the local pod) at `IFINDEX` with `LOCAL_ID` and isolation `flags`.
+    /// An endpoint (the local pod) at `IFINDEX` with `LOCAL_ID`, isolation `flags` and
+    /// counter slot `SLOT`.
     fn endpoint(mut self, flags: u32) -> Self {
         self.endpoints
             .insert(
@@ -211,6 +214,7 @@ impl Env {
                 EndpointInfo {
                     id: LOCAL_ID,
                     flags,
+                    slot: SLOT,
                 },
                 0,
             )
@@ -286,21 +290,24 @@ impl Env {
         self.expect(prog, packet, reason, IFINDEX);
     }
 
+    /// The counter of the endpoint at `ifindex` (the slot its ENDPOINTS entry names; 0, the
+    /// unmanaged slot, for 0 or an interface without an entry).
     fn counter(&self, ifindex: u32, dir: u8, reason: u8) -> MetricsValue {
-        let key = MetricsKey {
-            ifindex,
-            dir,
-            reason,
-            _pad: [0; 2],
+        let slot = match self.endpoints.get(&ifindex, 0) {
+            Ok(ep) if ifindex != 0 => ep.slot,
+            _ => SLOT_UNMANAGED,
         };
-        match self.metrics.get(&key, 0) {
+        self.slot_counter(slot, dir, reason)
+    }
+
+    fn slot_counter(&self, slot: u32, dir: u8, reason: u8) -> MetricsValue {
+        match self.metrics.get(&counter_index(slot, dir, reason), 0) {
             Ok(values) => values
                 .iter()
                 .fold(MetricsValue::default(), |acc, v| MetricsValue {
                     packets: acc.packets + v.packets,
                     bytes: acc.bytes + v.bytes,
                 }),
-            Err(aya::maps::MapError::KeyNotFound) => MetricsValue::default(),
             Err(e) => panic!("reading metrics: {e}"),
         }
     }
@@ -429,8 +436,72 @@ fn allow_by_pod_identity_exact_port() {
 }
 
 #[test]
+fn cidr_classes_are_looked_up_only_with_the_class_flag() {
+    // Class entries for ingress exist, but the endpoint says it has no ingress class rules:
+    // the CIDRS lookup is skipped and the SYN is dropped. With EP_CLASS_INGRESS it passes.
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_CLASS_EGRESS);
+    let class = CIDR_CLASS_BIT | 1;
+    env.cidr(v4([192, 168, 0, 0]), V4_MAPPED_PREFIX_LEN + 16, class);
+    env.allow(class, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+    let syn = ipv4([192, 168, 3, 3], POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    env.deny(PROG_TO_POD, &syn, REASON_DROP_POLICY);
+    let env = env.endpoint(EP_ISOLATE_INGRESS | EP_CLASS_INGRESS);
+    env.pass(PROG_TO_POD, &syn, REASON_POLICY_ALLOW);
+    // The pod-identity path does not depend on the flag.
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40001, 80, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+}
+
+#[test]
+fn conntrack_hit_counts_under_the_slot_the_entry_holds() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    let (key, _) = ct_key(v4(PEER), 40000, v4(POD), 80, PROTO_TCP);
+    let entry = env.ct.get(&key, 0).expect("tracked");
+    assert_eq!(
+        u32::from(entry.slot),
+        SLOT,
+        "the entry holds the endpoint's slot"
+    );
+    // The established path reads no ENDPOINTS entry: with the endpoint's slot changed behind
+    // its back, the ACK still counts under the slot of the entry.
+    env.endpoints
+        .insert(
+            IFINDEX,
+            EndpointInfo {
+                id: LOCAL_ID,
+                flags: EP_ISOLATE_INGRESS,
+                slot: SLOT + 1,
+            },
+            0,
+        )
+        .expect("endpoint");
+    let ack = ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_ACK));
+    let before = env.slot_counter(SLOT, DIR_INGRESS, REASON_ESTABLISHED);
+    assert_eq!(env.run(PROG_TO_POD, &ack), TC_ACT_PIPE);
+    let after = env.slot_counter(SLOT, DIR_INGRESS, REASON_ESTABLISHED);
+    assert_eq!(after.packets - before.packets, 1);
+    assert_eq!(
+        env.slot_counter(SLOT + 1, DIR_INGRESS, REASON_ESTABLISHED),
+        MetricsValue::default()
+    );
+}
+
+#[test]
 fn allow_by_cidr_class() {
-    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS | EP_CLASS_EGRESS);
     let class = CIDR_CLASS_BIT | 1;
     // 192.168.0.0/16 → class 1
     env.cidr(v4([192, 168, 0, 0]), V4_MAPPED_PREFIX_LEN + 16, class);
@@ -527,7 +598,7 @@ fn sctp_ports() {
 fn ipv6_identity_cidr_exthdrs_and_fragments() {
     let pod = v6("fd00::1");
     let peer = v6("fd00::2");
-    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS | EP_CLASS_EGRESS);
     env.identity(peer, PEER_ID, 0, 0);
     env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 443, POLICY_PREFIX_FULL);
     let class = CIDR_CLASS_BIT | 2;
@@ -749,7 +820,8 @@ fn conntrack_expired_entry_counts_as_absent() {
         expires_ns: 1,
         origin_dir: DIR_EGRESS,
         flags: if src_is_lo { CT_ORIGIN_LO } else { 0 },
-        _pad: [0; 6],
+        slot: SLOT as u16,
+        _pad: [0; 4],
     };
     env.ct.insert(key, stale, 0).expect("insert ct");
     let back = ipv4(PEER, POD, PROTO_UDP, &udp(53, 5000));
@@ -923,7 +995,15 @@ fn pinned_maps_are_adopted() {
         let mut endpoints: HashMap<MapData, u32, EndpointInfo> =
             HashMap::try_from(dp.take_map(MAP_ENDPOINTS).expect("map")).expect("typed");
         endpoints
-            .insert(IFINDEX, EndpointInfo { id: 7, flags: 0 }, 0)
+            .insert(
+                IFINDEX,
+                EndpointInfo {
+                    id: 7,
+                    flags: 0,
+                    slot: 0,
+                },
+                0,
+            )
             .expect("insert");
     }
 
@@ -936,18 +1016,16 @@ fn pinned_maps_are_adopted() {
         HashMap::try_from(dp.take_map(MAP_ENDPOINTS).expect("map")).expect("typed");
     assert_eq!(
         endpoints.get(&IFINDEX, 0).expect("entry survives"),
-        EndpointInfo { id: 7, flags: 0 }
+        EndpointInfo {
+            id: 7,
+            flags: 0,
+            slot: 0
+        }
     );
-    let metrics: PerCpuHashMap<MapData, MetricsKey, MetricsValue> =
-        PerCpuHashMap::try_from(dp.take_map(MAP_METRICS).expect("map")).expect("typed");
-    let key = MetricsKey {
-        ifindex: IFINDEX,
-        dir: DIR_INGRESS,
-        reason: REASON_NOT_ISOLATED,
-        _pad: [0; 2],
-    };
+    let metrics: PerCpuArray<MapData, MetricsValue> =
+        PerCpuArray::try_from(dp.take_map(MAP_METRICS).expect("map")).expect("typed");
     let n: u64 = metrics
-        .get(&key, 0)
+        .get(&counter_index(0, DIR_INGRESS, REASON_NOT_ISOLATED), 0)
         .expect("counted")
         .iter()
         .map(|v| v.packets)
@@ -1102,6 +1180,7 @@ fn attach_replace_detach_in_netns() {
             EndpointInfo {
                 id: LOCAL_ID,
                 flags: EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS,
+                slot: SLOT,
             },
             0,
         )
@@ -1199,7 +1278,8 @@ fn pending_link_denies_the_isolated_direction_on_the_real_datapath() {
         maps.endpoints[&IFINDEX],
         EndpointInfo {
             id: ID_PENDING,
-            flags: EP_ISOLATE_INGRESS
+            flags: EP_ISOLATE_INGRESS,
+            slot: maps.endpoints[&IFINDEX].slot,
         }
     );
 
@@ -1291,6 +1371,8 @@ const CLUSTER_IP_2: [u8; 4] = [10, 96, 0, 20];
 /// A local backend the client's egress policy allows (TCP 8080), with identity `BACKEND_ID`.
 const BACKEND: [u8; 4] = [10, 0, 0, 5];
 const BACKEND_ID: u32 = 300;
+/// The backend endpoint's counter slot (the client's is `SLOT`).
+const BACKEND_SLOT: u32 = 6;
 /// A remote pod the client's egress policy does not allow.
 const DENIED: [u8; 4] = [10, 0, 0, 6];
 const DENIED_ID: u32 = 400;
@@ -1309,13 +1391,14 @@ impl SvcEnv {
     /// Client at `lo`, isolated both ways (so a reply must earn its way in), allowed egress
     /// to the backend and to REMOTE_OK on TCP 8080; backend at `backend_if`, not isolated.
     fn new(backend_if: u32, with_range: bool) -> Self {
-        let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+        let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS | EP_CLASS_EGRESS);
         env.endpoints
             .insert(
                 backend_if,
                 EndpointInfo {
                     id: BACKEND_ID,
                     flags: 0,
+                    slot: BACKEND_SLOT,
                 },
                 0,
             )
@@ -1697,6 +1780,7 @@ fn only_denied_flows_to_service_ranges_are_deferred() {
                 EndpointInfo {
                     id: LOCAL_ID,
                     flags: EP_ISOLATE_INGRESS,
+                    slot: SLOT,
                 },
                 0,
             )
@@ -1747,11 +1831,17 @@ fn deferred_packets_without_a_local_source_pod_fail_closed_and_unmarked_ones_pas
             .test_run_mark(PROG_HOST_EGRESS, &p, uplink_if, OTHER_MARK)
             .expect("run");
         assert_eq!((r.retval, r.mark_out), (TC_ACT_PIPE, OTHER_MARK));
-        assert_eq!(
-            svc.env.metrics.keys().take(1000).count(),
-            1,
-            "only the unknown-source counter exists"
-        );
+        // Only the unknown-source counter moved: every counter of the slots in use (the
+        // unmanaged one, the client's and the backend's) adds up to its 4 packets.
+        let all: u64 = [SLOT_UNMANAGED, SLOT, BACKEND_SLOT]
+            .into_iter()
+            .flat_map(|slot| (0..COUNTER_STRIDE).map(move |i| slot * COUNTER_STRIDE + i))
+            .map(|i| {
+                let v = svc.env.metrics.get(&i, 0).expect("read metrics");
+                v.iter().map(|c| c.packets).sum::<u64>()
+            })
+            .sum();
+        assert_eq!(all, 4, "only the unknown-source counter counts");
         assert_eq!(
             svc.env
                 .counter(0, DIR_EGRESS, REASON_DROP_UNKNOWN_SOURCE)
@@ -1805,4 +1895,154 @@ fn a_second_pending_flow_from_the_same_source_port_is_refused() {
             (c, DIR_EGRESS, REASON_DEFERRED),
         );
     });
+}
+
+/// Total packets of (dir, reason) over every slot, as the metrics see them.
+fn total(counters: &npm_agent::datapath::DatapathCounters, dir: u8, reason: u8) -> u64 {
+    use npm_agent::datapath::CounterReader as _;
+    counters
+        .read()
+        .expect("read counters")
+        .iter()
+        .filter(|c| c.dir == dir && c.reason == reason)
+        .map(|c| c.packets)
+        .sum()
+}
+
+fn slot_packets(
+    metrics: &PerCpuArray<MapData, MetricsValue>,
+    slot: u32,
+    dir: u8,
+    reason: u8,
+) -> u64 {
+    metrics
+        .get(&counter_index(slot, dir, reason), 0)
+        .expect("read slot")
+        .iter()
+        .map(|v| v.packets)
+        .sum()
+}
+
+#[test]
+fn counter_slots_start_from_zero_and_totals_survive_reuse_removal_and_restart() {
+    use aya::maps::PerCpuValues;
+    use npm_agent::enforcer::Enforcer;
+    use npm_agent::model::{Namespace, Pod, Policy, Selector};
+    use npm_agent::state::ClusterSnapshot;
+    use npm_common::metrics::SLOT_RETIRED;
+
+    let dir = PathBuf::from(format!("/sys/fs/bpf/npm-test-slots-{}", std::process::id()));
+    let _guard = DirGuard(dir.clone());
+    let pin = dir.join("v");
+
+    // One local pod on IFINDEX, isolated for ingress with no rule: every new flow is dropped.
+    let mut s = ClusterSnapshot::default();
+    s.namespaces.insert(
+        "a".into(),
+        Namespace {
+            name: "a".into(),
+            labels: Default::default(),
+        },
+    );
+    let web = Pod {
+        namespace: "a".into(),
+        name: "web".into(),
+        labels: Default::default(),
+        ips: vec!["10.0.0.1".parse().expect("ip")],
+        node_name: None,
+        host_network: false,
+        terminating: false,
+        ports: vec![],
+    };
+    s.local.insert(web.obj_ref(), IFINDEX);
+    s.pods.insert(web.obj_ref(), web.clone());
+    let deny = Policy {
+        namespace: "a".into(),
+        name: "deny".into(),
+        pod_selector: Selector::default(),
+        ingress: Some(vec![]),
+        egress: None,
+    };
+    s.policies.insert(deny.obj_ref(), deny);
+    let syn = ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    let drop_syns = |e: &Enforcer, n: usize| {
+        for _ in 0..n {
+            let r = e
+                .datapath()
+                .test_run(PROG_TO_POD, &syn, IFINDEX, 1)
+                .expect("test run");
+            assert_eq!(r.retval, TC_ACT_SHOT);
+        }
+    };
+    let (dirn, why) = (DIR_INGRESS, REASON_DROP_POLICY);
+
+    let mut with_link = s.clone();
+    with_link.pending_links.insert(4242);
+    let slot = {
+        let mut e = Enforcer::new(Some(&pin)).expect("load (root required)");
+        assert_eq!(e.apply(&s).sync.failed, 0);
+        let slot = e.compiler().maps().endpoints[&IFINDEX].slot;
+        assert!(slot >= npm_common::metrics::SLOT_FIRST);
+        drop_syns(&e, 3);
+        let mut metrics: PerCpuArray<MapData, MetricsValue> = PerCpuArray::try_from(
+            e.datapath()
+                .map_handle(MAP_METRICS)
+                .expect("metrics handle"),
+        )
+        .expect("typed");
+        let counters = e.counters().expect("counters");
+        assert_eq!(slot_packets(&metrics, slot, dirn, why), 3);
+        assert_eq!(total(&counters, dirn, why), 3);
+
+        // Left-over counts in the slot the next interface gets (the lowest never handed out).
+        let next = slot + 1;
+        let n = aya::util::nr_cpus().expect("cpus");
+        let mut stale = vec![MetricsValue::default(); n];
+        stale[0] = MetricsValue {
+            packets: 1000,
+            bytes: 1,
+        };
+        metrics
+            .set(
+                counter_index(next, dirn, why),
+                PerCpuValues::try_from(stale).expect("values"),
+                0,
+            )
+            .expect("prefill");
+        let r = e.apply(&with_link);
+        assert_eq!((r.sync.failed, r.sync.resets), (0, 1));
+        assert_eq!(e.compiler().maps().endpoints[&4242].slot, next);
+        assert_eq!(
+            slot_packets(&metrics, next, dirn, why),
+            0,
+            "a slot handed to a new interface starts from zero"
+        );
+        assert_eq!(slot_packets(&metrics, SLOT_RETIRED, dirn, why), 1000);
+        assert_eq!(total(&counters, dirn, why), 1003, "totals never go down");
+        slot
+    };
+
+    // A new agent adopts the pinned maps: the interfaces keep their slots, nothing is reset,
+    // and the counts carry on.
+    let mut e = Enforcer::new(Some(&pin)).expect("reload");
+    let r = e.apply(&with_link);
+    assert_eq!((r.sync.failed, r.sync.resets), (0, 0));
+    assert_eq!(e.compiler().maps().endpoints[&IFINDEX].slot, slot);
+    drop_syns(&e, 1);
+    let metrics: PerCpuArray<MapData, MetricsValue> =
+        PerCpuArray::try_from(e.datapath().map_handle(MAP_METRICS).expect("handle"))
+            .expect("typed");
+    let counters = e.counters().expect("counters");
+    assert_eq!(slot_packets(&metrics, slot, dirn, why), 4);
+    assert_eq!(total(&counters, dirn, why), 1004);
+
+    // The pod goes: its slot's counts move to the retired slot, the total stays.
+    let mut gone = with_link.clone();
+    gone.pods.remove(&web.obj_ref());
+    gone.local.remove(&web.obj_ref());
+    let r = e.apply(&gone);
+    assert_eq!((r.sync.failed, r.sync.resets), (0, 1));
+    assert!(!e.compiler().maps().endpoints.contains_key(&IFINDEX));
+    assert_eq!(slot_packets(&metrics, slot, dirn, why), 0);
+    assert_eq!(total(&counters, dirn, why), 1004);
 }

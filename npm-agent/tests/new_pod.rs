@@ -50,12 +50,25 @@ fn spawn_agent(node: &str, manifests: &Path, bpffs: &Path, prefix: &str, log: &P
 }
 
 fn endpoints(bpffs: &Path) -> Option<HashMap<MapData, u32, EndpointInfo>> {
-    let data = MapData::from_pin(bpffs.join("v1").join(MAP_ENDPOINTS)).ok()?;
+    let data = MapData::from_pin(
+        bpffs
+            .join(format!("v{}", npm_common::ABI_VERSION))
+            .join(MAP_ENDPOINTS),
+    )
+    .ok()?;
     HashMap::try_from(Map::HashMap(data)).ok()
 }
 
+/// The endpoint of `ifindex`, its counter slot checked (every endpoint has one of its own
+/// kind) and then shown as 0, since its number is the agent's choice.
 fn entry(map: &HashMap<MapData, u32, EndpointInfo>, ifindex: u32) -> Option<EndpointInfo> {
-    map.get(&ifindex, 0).ok()
+    map.get(&ifindex, 0).ok().map(|e| {
+        assert!(
+            e.slot >= npm_common::metrics::SLOT_FIRST,
+            "#{ifindex} has a counter slot: {e:?}"
+        );
+        EndpointInfo { slot: 0, ..e }
+    })
 }
 
 /// The agent's "new pod interface enforced" lines, as key -> value maps.
@@ -380,7 +393,8 @@ fn new_pod_is_isolated_from_its_first_packet_and_an_unisolated_one_is_not_stalle
             e,
             EndpointInfo {
                 id: ID_PENDING,
-                flags: EP_ISOLATE_INGRESS
+                flags: EP_ISOLATE_INGRESS,
+                slot: 0,
             }
         );
 
@@ -427,7 +441,8 @@ fn new_pod_is_isolated_from_its_first_packet_and_an_unisolated_one_is_not_stalle
             entry(&map, free_index),
             Some(EndpointInfo {
                 id: ID_PENDING,
-                flags: 0
+                flags: 0,
+                slot: 0,
             }),
             "its interface is managed (pending, not isolated)"
         );
@@ -517,7 +532,8 @@ fn time_from_link_creation_to_enforcement() {
             e,
             EndpointInfo {
                 id: ID_PENDING,
-                flags: EP_ISOLATE_INGRESS
+                flags: EP_ISOLATE_INGRESS,
+                slot: 0,
             }
         );
         if i == 0 {
@@ -602,7 +618,8 @@ fn time_from_link_creation_to_enforcement() {
             || entry(&map, 7000)
                 == Some(EndpointInfo {
                     id: ID_PENDING,
-                    flags: EP_ISOLATE_INGRESS
+                    flags: EP_ISOLATE_INGRESS,
+                    slot: 0,
                 })
         ),
         "the restarted agent isolates the link that appeared while it was away"
@@ -759,7 +776,8 @@ fn new_pod_on_a_bridge_is_isolated_from_its_first_packet() {
             entry(&map, ifindex),
             Some(EndpointInfo {
                 id: ID_PENDING,
-                flags: EP_ISOLATE_INGRESS
+                flags: EP_ISOLATE_INGRESS,
+                slot: 0,
             })
         );
 

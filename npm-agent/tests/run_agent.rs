@@ -89,7 +89,10 @@ fn run_enforces_survives_exit_and_adopts_pinned_maps() {
 
     agent_once(&node, &manifests, &bpffs);
     assert!(
-        bpffs.join("v1").join(npm_common::maps::MAP_POLICY).exists(),
+        bpffs
+            .join(format!("v{}", npm_common::ABI_VERSION))
+            .join(npm_common::maps::MAP_POLICY)
+            .exists(),
         "maps are pinned"
     );
     // The agent has exited: its programs and pinned maps keep enforcing.
@@ -152,7 +155,7 @@ fn running_agent_reapplies_when_manifests_change() {
 
     // No policy yet: open, once the agent is up (maps pinned).
     assert!(eventually(20, || bpffs
-        .join("v1")
+        .join(format!("v{}", npm_common::ABI_VERSION))
         .join(npm_common::maps::MAP_ENDPOINTS)
         .exists()));
     assert!(allowed("default/intruder"));

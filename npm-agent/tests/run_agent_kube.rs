@@ -80,7 +80,9 @@ fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() 
 
     let agent = spawn_agent(&node, &kubeconfig, &bpffs, &agent_log);
     let allowed = |from: &str| lab.probe(from, "default/web", 80, Protocol::Tcp).allowed;
-    let endpoints = bpffs.join("v1").join(npm_common::maps::MAP_ENDPOINTS);
+    let endpoints = bpffs
+        .join(format!("v{}", npm_common::ABI_VERSION))
+        .join(npm_common::maps::MAP_ENDPOINTS);
 
     // Maps pinned (datapath loaded) but nothing programmed while the policies are still
     // being listed.

@@ -329,8 +329,12 @@ fn agent_once(node_netns: &str, manifests: &std::path::Path, bpffs: &std::path::
 /// Entries of the pinned NPM_SERVICES map.
 fn pinned_services(bpffs: &std::path::Path) -> usize {
     use aya::maps::{Map, MapData, lpm_trie::LpmTrie};
-    let data = MapData::from_pin(bpffs.join("v1").join(npm_common::maps::MAP_SERVICES))
-        .expect("NPM_SERVICES is pinned");
+    let data = MapData::from_pin(
+        bpffs
+            .join(format!("v{}", npm_common::ABI_VERSION))
+            .join(npm_common::maps::MAP_SERVICES),
+    )
+    .expect("NPM_SERVICES is pinned");
     let trie: LpmTrie<MapData, [u8; 16], u32> =
         LpmTrie::try_from(Map::LpmTrie(data)).expect("an LPM trie");
     trie.iter().take(1000).count()

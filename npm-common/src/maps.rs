@@ -5,8 +5,9 @@
 //! CIDR `a.b.c.d/n` is stored with prefix length `96 + n`. (The compiler keeps IPv6 CIDRs such
 //! as `::/0` from matching IPv4 traffic by excluding `::ffff:0:0/96` from them.)
 //!
-//! Lookups per packet are fixed: `ENDPOINTS` (by interface), `CONNTRACK` (one lookup),
-//! `IDENTITIES` (peer pod IP), `CIDRS` (LPM, peer IP) and at most two `POLICY` LPM lookups.
+//! Lookups per packet are fixed: `CONNTRACK` (one lookup; a hit ends the packet's path),
+//! `ENDPOINTS` (by interface), `IDENTITIES` (peer pod IP), `CIDRS` (LPM, peer IP), at most two
+//! `POLICY` LPM lookups, and one `METRICS` array slot.
 
 /// A 16-byte address in network byte order (IPv4 mapped into IPv6).
 pub type Addr16 = [u8; 16];
@@ -67,7 +68,12 @@ pub const IDENTITIES_MAX: u32 = 262_144;
 pub const CIDRS_MAX: u32 = 65_536;
 pub const POLICY_MAX: u32 = 1_048_576;
 pub const CONNTRACK_MAX: u32 = 262_144;
-pub const METRICS_MAX: u32 = 65_536;
+/// Counter slots of [`crate::metrics`]: one per local endpoint (host-side interface in
+/// ENDPOINTS), sized for the pods one node runs (kubelet's default is 110, AKS allows 250)
+/// with room for pending interfaces and churn. An endpoint beyond it counts under
+/// [`crate::metrics::SLOT_UNMANAGED`].
+pub const COUNTER_SLOTS: u32 = 2_048;
+pub const METRICS_MAX: u32 = COUNTER_SLOTS * crate::metrics::COUNTER_STRIDE;
 pub const SERVICES_MAX: u32 = 256;
 pub const DEFERRED_MAX: u32 = 65_536;
 
@@ -77,6 +83,12 @@ pub const DEFERRED_MAX: u32 = 65_536;
 pub const EP_ISOLATE_INGRESS: u32 = 1 << 0;
 /// The endpoint is isolated for egress: new outbound connections need a POLICY entry.
 pub const EP_ISOLATE_EGRESS: u32 = 1 << 1;
+/// Some POLICY entry of the endpoint's identity for ingress may name a CIDR class (it has an
+/// ipBlock or "any peer" ingress rule); without it the CIDRS lookup and its POLICY lookup are
+/// skipped. Set by the compiler; never set without `EP_ISOLATE_INGRESS`.
+pub const EP_CLASS_INGRESS: u32 = 1 << 2;
+/// As [`EP_CLASS_INGRESS`], for egress.
+pub const EP_CLASS_EGRESS: u32 = 1 << 3;
 
 /// A local pod, found by the host-side interface its traffic crosses.
 #[repr(C)]
@@ -84,10 +96,14 @@ pub const EP_ISOLATE_EGRESS: u32 = 1 << 1;
 pub struct EndpointInfo {
     /// The pod's identity (namespace, labels, named ports): the `local_id` of its POLICY entries.
     pub id: u32,
-    /// `EP_ISOLATE_*` bits.
+    /// `EP_ISOLATE_*` and `EP_CLASS_*` bits.
     pub flags: u32,
+    /// The endpoint's counter slot in METRICS ([`crate::metrics::counter_index`]): stable
+    /// while the interface is in ENDPOINTS, zeroed before it is handed to a new interface.
+    /// 0 ([`crate::metrics::SLOT_UNMANAGED`]) when the slots ran out.
+    pub slot: u32,
 }
-const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 12);
 
 // ---- IDENTITIES: pod or node IP (Addr16) -> PeerInfo ----
 
@@ -205,7 +221,10 @@ pub struct CtValue {
     pub origin_dir: u8,
     /// `CT_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 6],
+    /// The counter slot of the endpoint that tracked the flow (its `EndpointInfo::slot` when
+    /// the entry was created), so a conntrack hit counts without an ENDPOINTS lookup.
+    pub slot: u16,
+    pub _pad: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
 

@@ -6,7 +6,7 @@
 use crate::maps::{
     CtKey, CtValue, DeferKey, DeferValue, EndpointInfo, PeerInfo, PolicyKey, PolicyValue,
 };
-use crate::metrics::{MetricsKey, MetricsValue};
+use crate::metrics::MetricsValue;
 
 unsafe impl aya::Pod for EndpointInfo {}
 unsafe impl aya::Pod for PeerInfo {}
@@ -14,7 +14,6 @@ unsafe impl aya::Pod for PolicyKey {}
 unsafe impl aya::Pod for PolicyValue {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
-unsafe impl aya::Pod for MetricsKey {}
 unsafe impl aya::Pod for MetricsValue {}
 unsafe impl aya::Pod for DeferKey {}
 unsafe impl aya::Pod for DeferValue {}

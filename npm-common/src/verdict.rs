@@ -34,7 +34,7 @@ pub const REASON_DROP_POLICY: u8 = 128;
 /// An IP packet too short or malformed to classify in an isolated direction.
 pub const REASON_DROP_MALFORMED: u8 = 129;
 /// A deferred packet whose source is not a local pod with an endpoint (kube-proxy
-/// masqueraded it, or the pod went away): dropped, counted under ifindex 0, egress.
+/// masqueraded it, or the pod went away): dropped, counted under the unmanaged slot, egress.
 pub const REASON_DROP_UNKNOWN_SOURCE: u8 = 130;
 
 /// True when `reason` passes the packet.

@@ -21,7 +21,7 @@ use npm_common::{
 
 use crate::{
     CONNTRACK,
-    parse::{L4Kind, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{L4Kind, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, be_words},
 };
 
 /// Do not rewrite an entry only to move its deadline by less than this (saves cache-line
@@ -30,8 +30,9 @@ const REFRESH_SLACK_NS: u64 = 1_000_000_000;
 
 /// The result of the conntrack lookup.
 pub(crate) enum Ct {
-    /// The packet belongs to a tracked flow: pass with this reason (entry already refreshed).
-    Hit(u8),
+    /// The packet belongs to a tracked flow: pass with this reason (entry already refreshed),
+    /// counted under the endpoint counter slot stored in the entry.
+    Hit(u8, u32),
     /// A live entry exists but this packet does not match it as established or reply.
     LiveMismatch,
     /// No live entry: the packet is a new flow.
@@ -41,9 +42,25 @@ pub(crate) enum Ct {
     Pending,
 }
 
-/// True when pair `a` sorts before or equal to pair `b`.
+/// True when pair `a` sorts before or equal to pair `b` (addresses of a [`Packet`]). The
+/// addresses are compared as two big-endian words each, which is their byte order, instead
+/// of byte by byte (12 equal bytes for every IPv4-mapped pair).
 #[inline(always)]
-pub(crate) fn pair_le(a: &[u8; 16], a_port_be: u16, b: &[u8; 16], b_port_be: u16) -> bool {
+fn pair_le(a: &[u8; 16], a_port_be: u16, b: &[u8; 16], b_port_be: u16) -> bool {
+    let (a0, a1) = be_words(a);
+    let (b0, b1) = be_words(b);
+    if a0 != b0 {
+        return a0 < b0;
+    }
+    if a1 != b1 {
+        return a1 < b1;
+    }
+    u16::from_be(a_port_be) <= u16::from_be(b_port_be)
+}
+
+/// [`pair_le`] for addresses of any alignment (map keys and values), byte by byte.
+#[inline(always)]
+pub(crate) fn pair_le_bytes(a: &[u8; 16], a_port_be: u16, b: &[u8; 16], b_port_be: u16) -> bool {
     for (x, y) in a.iter().zip(b.iter()) {
         if x != y {
             return x < y;
@@ -138,7 +155,7 @@ pub(crate) fn lookup(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u
         v.flags = flags;
         v.expires_ns = expires;
     }
-    Ct::Hit(reason)
+    Ct::Hit(reason, u32::from(v.slot))
 }
 
 #[inline(always)]
@@ -163,10 +180,11 @@ fn other_timeout(proto: u8) -> u64 {
     }
 }
 
-/// Tracks a new allowed flow whose originator is this packet's source.
+/// Tracks a new allowed flow whose originator is this packet's source, at the endpoint
+/// whose counter slot is `slot`.
 #[inline(always)]
-pub(crate) fn create(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u64) {
-    create_flags(key, src_is_lo, pkt, dir, now, 0);
+pub(crate) fn create(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u64, slot: u32) {
+    create_flags(key, src_is_lo, pkt, dir, now, slot, 0);
 }
 
 /// The timeout of a flow's first packet (what [`create`] gives a new entry).
@@ -186,7 +204,7 @@ pub(crate) fn new_flow_timeout(pkt: &Packet) -> u64 {
 /// Clears `CT_PENDING` of the live entry `key`, if it has it: the deferred flow passed its
 /// post-DNAT check, so its packets are established and replies pass from now on.
 #[inline(always)]
-pub(crate) fn confirm(key: &CtKey, now: u64) {
+pub(crate) fn confirm(key: &CtKey, now: u64, slot: u32) {
     let Some(ptr) = CONNTRACK.get_ptr_mut(key) else {
         return;
     };
@@ -194,6 +212,7 @@ pub(crate) fn confirm(key: &CtKey, now: u64) {
     let v = unsafe { &mut *ptr };
     if v.expires_ns > now && v.flags & CT_PENDING != 0 {
         v.flags &= !CT_PENDING;
+        v.slot = slot as u16;
     }
 }
 
@@ -205,6 +224,7 @@ pub(crate) fn create_flags(
     pkt: &Packet,
     dir: u8,
     now: u64,
+    slot: u32,
     extra: u8,
 ) {
     if pkt.kind == L4Kind::EchoReply || pkt.kind == L4Kind::IcmpOther {
@@ -223,7 +243,10 @@ pub(crate) fn create_flags(
         expires_ns: now + timeout,
         origin_dir: dir,
         flags,
-        _pad: [0; 6],
+        // Slots are below COUNTER_SLOTS (2048); a larger value could only be a slot that
+        // counts nowhere anyway.
+        slot: slot as u16,
+        _pad: [0; 4],
     };
     // Failure (e.g. -ENOMEM) only means the flow is re-evaluated on its next packet.
     let _ = CONNTRACK.insert(key, value, u64::from(BPF_ANY));

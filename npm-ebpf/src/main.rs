@@ -10,9 +10,13 @@
 //! - `npm_host_egress` (TC egress of other links): the post-DNAT check of deferred packets.
 //!
 //! Verdicts: allow → `TC_ACT_PIPE` (let later filters run, then pass), drop → `TC_ACT_SHOT`.
-//! Per packet: ENDPOINTS → parse → CONNTRACK → (IDENTITIES → POLICY) → (CIDRS → POLICY),
-//! a fixed number of lookups and no loops over rules. Every verdict is counted in METRICS
-//! under `{ifindex, dir, reason}`; unmanaged interfaces count under ifindex 0.
+//! Per packet: parse → CONNTRACK → ENDPOINTS → (IDENTITIES → POLICY) → (CIDRS → POLICY),
+//! a fixed number of lookups and no loops over rules. A conntrack key holds the ifindex, so a
+//! hit means this interface's endpoint allowed the flow: an established packet costs one hash
+//! lookup, and counts under the slot stored in the entry. Every verdict is counted in the
+//! METRICS per-CPU array under (endpoint slot, dir, reason); unmanaged interfaces count under
+//! slot 0. The CIDRS lookup (and its POLICY lookup) runs only for endpoints whose identity has
+//! ipBlock or "any peer" rules in that direction (`EP_CLASS_*`, set by the compiler).
 //!
 //! Maps are declared unpinned here; the loader pins them by name in its pin directory
 //! (`EbpfLoader::map_pin_path`), so a test load with no pin directory leaves nothing behind.
@@ -33,19 +37,19 @@ mod parse;
 mod service;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_PIPE, TC_ACT_SHOT},
     helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, map},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use npm_common::{
     maps::{
-        Addr16, CIDRS_MAX, CONNTRACK_MAX, CtKey, CtValue, ENDPOINTS_MAX, EP_ISOLATE_EGRESS,
-        EP_ISOLATE_INGRESS, EndpointInfo, IDENTITIES_MAX, METRICS_MAX, PEER_HOST, POLICY_MAX,
-        POLICY_PREFIX_FULL, PeerInfo, PolicyKey, PolicyValue,
+        Addr16, CIDRS_MAX, CONNTRACK_MAX, CtKey, CtValue, ENDPOINTS_MAX, EP_CLASS_EGRESS,
+        EP_CLASS_INGRESS, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, IDENTITIES_MAX,
+        METRICS_MAX, PEER_HOST, POLICY_MAX, POLICY_PREFIX_FULL, PeerInfo, PolicyKey, PolicyValue,
     },
-    metrics::{MetricsKey, MetricsValue},
+    metrics::{MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
         DIR_EGRESS, DIR_INGRESS, REASON_DEFERRED, REASON_DROP_MALFORMED, REASON_DROP_POLICY,
         REASON_HOST, REASON_NOT_ISOLATED, REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_SELF,
@@ -82,8 +86,7 @@ pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
 
 #[map(name = "NPM_METRICS")]
-static METRICS: PerCpuHashMap<MetricsKey, MetricsValue> =
-    PerCpuHashMap::with_max_entries(METRICS_MAX, 0);
+static METRICS: PerCpuArray<MetricsValue> = PerCpuArray::with_max_entries(METRICS_MAX, 0);
 
 #[classifier]
 pub fn npm_from_pod(ctx: TcContext) -> i32 {
@@ -127,8 +130,8 @@ pub fn npm_pass(_ctx: TcContext) -> i32 {
 fn handle(ctx: &TcContext, dir: u8) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel passed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (reason, metric_ifindex) = classify(ctx, ifindex, dir);
-    count(metric_ifindex, dir, reason, ctx.len());
+    let (reason, slot) = classify(ctx, ifindex, dir);
+    count(slot, dir, reason, ctx.len());
     if is_allow(reason) {
         TC_ACT_PIPE
     } else {
@@ -136,21 +139,9 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     }
 }
 
-/// Returns the verdict reason and the ifindex to count it under.
+/// Returns the verdict reason and the counter slot to count it under.
 #[inline(always)]
 fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
-    // SAFETY: hash map values are plain integers; a concurrent update can at worst give a
-    // mix of old and new flags for this one packet.
-    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
-        return (REASON_NOT_MANAGED, 0);
-    };
-    let isolate_bit = if dir == DIR_INGRESS {
-        EP_ISOLATE_INGRESS
-    } else {
-        EP_ISOLATE_EGRESS
-    };
-    let isolated = ep.flags & isolate_bit != 0;
-
     // Headers are read with direct packet access, which sees only the linear part of the
     // skb. If that part is shorter than the packet and than PULL_LEN, pull it in first (rare:
     // the stack and veth usually keep the headers linear).
@@ -162,18 +153,9 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     }
 
     let mut pkt = Packet::new();
-    match parse::parse(ctx, &mut pkt) {
-        Ok(true) => {}
-        // Not IP: ARP, LLDP, ... pass untouched.
-        Ok(false) => return (REASON_NOT_MANAGED, ifindex),
-        Err(parse::Malformed) => {
-            let reason = if isolated {
-                REASON_DROP_MALFORMED
-            } else {
-                REASON_NOT_ISOLATED
-            };
-            return (reason, ifindex);
-        }
+    let parsed = parse::parse(ctx, &mut pkt);
+    if !matches!(parsed, Ok(true)) {
+        return unparsed(ifindex, dir, parsed.is_err());
     }
 
     // The coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution) is plenty for timeouts of
@@ -191,15 +173,27 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
         _pad: [0; 3],
     };
     let src_is_lo = conntrack::key(&pkt, ifindex, &mut ct_key);
+    // Conntrack first: the key holds the ifindex, so a hit is a flow this interface's
+    // endpoint allowed, and the entry holds the endpoint's counter slot.
     let live = match conntrack::lookup(&ct_key, src_is_lo, &pkt, dir, now) {
-        Ct::Hit(reason) => return (reason, ifindex),
+        Ct::Hit(reason, slot) => return (reason, slot),
         Ct::LiveMismatch => true,
         // A pending (deferred) flow's entry may be overwritten by this packet's verdict.
         Ct::Miss | Ct::Pending => false,
     };
 
-    let reason = if isolated {
-        policy_verdict(ep.id, &pkt, ifindex, dir)
+    // SAFETY: hash map values are plain integers; a concurrent update can at worst give a
+    // mix of old and new flags for this one packet.
+    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
+        return (REASON_NOT_MANAGED, SLOT_UNMANAGED);
+    };
+    let (isolate_bit, class_bit) = if dir == DIR_INGRESS {
+        (EP_ISOLATE_INGRESS, EP_CLASS_INGRESS)
+    } else {
+        (EP_ISOLATE_EGRESS, EP_CLASS_EGRESS)
+    };
+    let reason = if ep.flags & isolate_bit != 0 {
+        policy_verdict(ep.id, &pkt, ifindex, dir, ep.flags & class_bit != 0)
     } else {
         REASON_NOT_ISOLATED
     };
@@ -208,18 +202,50 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
         && dir == DIR_EGRESS
         && service::defer(ctx, &pkt, &ct_key, src_is_lo, live)
     {
-        return (REASON_DEFERRED, ifindex);
+        return (REASON_DEFERRED, ep.slot);
     }
     if is_allow(reason) && !live {
-        conntrack::create(&ct_key, src_is_lo, &pkt, dir, now);
+        conntrack::create(&ct_key, src_is_lo, &pkt, dir, now, ep.slot);
     }
-    (reason, ifindex)
+    (reason, ep.slot)
+}
+
+/// The verdict of a frame that is not IP (`malformed` false: passes untouched) or an IP
+/// packet we cannot parse (dropped in an isolated direction, else passed untracked). Not
+/// inlined: the rare path keeps its own frame.
+#[inline(never)]
+fn unparsed(ifindex: u32, dir: u8, malformed: bool) -> (u8, u32) {
+    // SAFETY: plain-integer values, see `classify`.
+    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
+        return (REASON_NOT_MANAGED, SLOT_UNMANAGED);
+    };
+    let isolate_bit = if dir == DIR_INGRESS {
+        EP_ISOLATE_INGRESS
+    } else {
+        EP_ISOLATE_EGRESS
+    };
+    let reason = if !malformed {
+        REASON_NOT_MANAGED
+    } else if ep.flags & isolate_bit != 0 {
+        REASON_DROP_MALFORMED
+    } else {
+        REASON_NOT_ISOLATED
+    };
+    (reason, ep.slot)
 }
 
 /// The verdict for a new flow in an isolated direction. Not inlined: its lookup keys get
 /// their own stack frame instead of adding to the (tight, 512-byte) frame of `classify`.
+/// `classes`: the identity has rules naming CIDR classes in this direction (`EP_CLASS_*`);
+/// without them no (local, class) entry exists and the CIDRS lookup is skipped.
 #[inline(never)]
-pub(crate) fn policy_verdict(local_id: u32, pkt: &Packet, ifindex: u32, dir: u8) -> u8 {
+pub(crate) fn policy_verdict(
+    local_id: u32,
+    pkt: &Packet,
+    ifindex: u32,
+    dir: u8,
+    classes: bool,
+) -> u8 {
     // The peer is the remote side: the source of traffic entering the pod, else the
     // destination. The port is always the destination port (the service port of a new flow).
     let peer = if dir == DIR_INGRESS {
@@ -239,6 +265,9 @@ pub(crate) fn policy_verdict(local_id: u32, pkt: &Packet, ifindex: u32, dir: u8)
         if policy_allows(local_id, id.id, dir, proto, dport_be) {
             return REASON_POLICY_ALLOW;
         }
+    }
+    if !classes {
+        return REASON_DROP_POLICY;
     }
     let key = Key::new(ADDR_PREFIX_FULL, *peer);
     if let Some(class) = CIDRS.get(&key).copied()
@@ -264,42 +293,19 @@ fn policy_allows(local_id: u32, peer_id: u32, dir: u8, proto: u8, dport_be: u16)
     POLICY.get(&key).is_some()
 }
 
-/// Adds one packet of `bytes` to the per-CPU counter `{ifindex, dir, reason}`.
+/// Adds one packet of `bytes` to this CPU's counter (slot, dir, reason). A slot out of range
+/// (never handed out) counts nowhere.
 #[inline(always)]
-pub(crate) fn count(ifindex: u32, dir: u8, reason: u8, bytes: u32) {
-    let key = MetricsKey {
-        ifindex,
-        dir,
-        reason,
-        _pad: [0; 2],
-    };
-    if add(&key, bytes) {
+pub(crate) fn count(slot: u32, dir: u8, reason: u8, bytes: u32) {
+    let Some(v) = METRICS.get_ptr_mut(counter_index(slot, dir, reason)) else {
         return;
-    }
-    let v = MetricsValue {
-        packets: 1,
-        bytes: u64::from(bytes),
     };
-    // NOEXIST: if another CPU created the key meanwhile (which creates a zeroed slot for this
-    // CPU too), add to that slot instead. A full map counts nowhere.
-    if METRICS.insert(key, v, u64::from(BPF_NOEXIST)).is_err() {
-        let _ = add(&key, bytes);
-    }
-}
-
-/// Adds to an existing counter; false when the key is absent.
-#[inline(always)]
-fn add(key: &MetricsKey, bytes: u32) -> bool {
-    let Some(v) = METRICS.get_ptr_mut(key) else {
-        return false;
-    };
-    // SAFETY: the pointer is this CPU's slot from a successful lookup. Only this CPU writes
+    // SAFETY: the pointer is this CPU's element from a successful lookup. Only this CPU writes
     // it; a nested run on the same CPU could at worst lose one increment (counters only).
     unsafe {
         (*v).packets += 1;
         (*v).bytes += u64::from(bytes);
     }
-    true
 }
 
 #[cfg(not(test))]

@@ -51,8 +51,11 @@ pub(crate) enum L4Kind {
     IcmpOther,
 }
 
-/// The classified view of one IP packet.
+/// The classified view of one IP packet. Aligned to 8 with the addresses first, so
+/// [`be_words`] can read each address as two 8-byte words (BPF stack accesses must be
+/// aligned).
 #[derive(Clone, Copy)]
+#[repr(C, align(8))]
 pub(crate) struct Packet {
     pub(crate) src: Addr16,
     pub(crate) dst: Addr16,
@@ -63,6 +66,18 @@ pub(crate) struct Packet {
     pub(crate) kind: L4Kind,
     /// TCP flags byte, 0 for other protocols.
     pub(crate) tcp_flags: u8,
+}
+
+const _: () = assert!(core::mem::offset_of!(Packet, src) == 0);
+const _: () = assert!(core::mem::offset_of!(Packet, dst) == 16);
+
+/// An address of a [`Packet`] as two big-endian words (numeric order = byte order).
+#[inline(always)]
+pub(crate) fn be_words(a: &Addr16) -> (u64, u64) {
+    let p = a.as_ptr().cast::<u64>();
+    // SAFETY: callers pass `Packet::src` or `Packet::dst`, which are 8-byte aligned (the
+    // struct is `align(8)`, the fields at offsets 0 and 16) and 16 bytes long.
+    unsafe { (u64::from_be(p.read()), u64::from_be(p.add(1).read())) }
 }
 
 /// An IP packet we cannot classify (truncated header, bad version/IHL, too many ext headers).

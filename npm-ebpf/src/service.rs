@@ -33,9 +33,10 @@ use aya_ebpf::{
 };
 use npm_common::{
     maps::{
-        Addr16, CT_PENDING, CtKey, DEFERRED_MAX, DeferKey, DeferValue, EP_ISOLATE_EGRESS,
-        MARK_DEFERRED, PEER_HOST, SERVICES_MAX,
+        Addr16, CT_PENDING, CtKey, DEFERRED_MAX, DeferKey, DeferValue, EP_CLASS_EGRESS,
+        EP_ISOLATE_EGRESS, MARK_DEFERRED, PEER_HOST, SERVICES_MAX,
     },
+    metrics::SLOT_UNMANAGED,
     verdict::{
         DIR_EGRESS, REASON_DROP_MALFORMED, REASON_DROP_UNKNOWN_SOURCE, REASON_NOT_ISOLATED,
         is_allow,
@@ -122,7 +123,16 @@ pub(crate) fn defer(
         return false;
     }
     if !live {
-        conntrack::create_flags(ct_key, src_is_lo, pkt, DIR_EGRESS, now, CT_PENDING);
+        // The pending entry counts nothing until `confirm` gives it the endpoint's slot.
+        conntrack::create_flags(
+            ct_key,
+            src_is_lo,
+            pkt,
+            DIR_EGRESS,
+            now,
+            SLOT_UNMANAGED,
+            CT_PENDING,
+        );
     }
     ctx.set_mark(mark(ctx) | MARK_DEFERRED);
     true
@@ -149,18 +159,18 @@ fn check_deferred(ctx: &TcContext, m: u32) -> bool {
         // We mark only IP packets; someone else's use of the bit is not ours to judge.
         NOT_IP => return true,
         _ => {
-            count(0, DIR_EGRESS, REASON_DROP_MALFORMED, ctx.len());
+            count(SLOT_UNMANAGED, DIR_EGRESS, REASON_DROP_MALFORMED, ctx.len());
             return false;
         }
     }
-    let src_ifindex = judge(&pkt, ctx.len());
+    let src = judge(&pkt, ctx.len());
     let key = defer_key(&pkt);
-    if src_ifindex == 0 {
+    if src == 0 {
         let _ = DEFERRED.remove(key);
         return false;
     }
     ctx.set_mark(m & !MARK_DEFERRED);
-    confirm(&key, src_ifindex);
+    confirm(&key, src);
     true
 }
 
@@ -183,11 +193,11 @@ fn read_packet(ctx: &TcContext, pkt: &mut Packet) -> u8 {
     }
 }
 
-/// The source pod's egress verdict for the translated packet, counted under the source pod
-/// (or under ifindex 0 when there is no local source pod). Returns the source pod's
-/// interface when allowed, 0 when denied.
+/// The source pod's egress verdict for the translated packet, counted under the source pod's
+/// slot (or the unmanaged slot when there is no local source pod). Returns the source pod's
+/// interface and counter slot packed by [`pack_src`] when allowed, 0 when denied.
 #[inline(never)]
-fn judge(pkt: &Packet, len: u32) -> u32 {
+fn judge(pkt: &Packet, len: u32) -> u64 {
     // The source pod: a local pod's address, its interface, its endpoint.
     // SAFETY: plain-integer values, see `classify`.
     let src = unsafe { IDENTITIES.get(pkt.src) }.copied();
@@ -202,23 +212,36 @@ fn judge(pkt: &Packet, len: u32) -> u32 {
         unsafe { ENDPOINTS.get(src_ifindex) }.copied()
     };
     let Some(ep) = ep else {
-        count(0, DIR_EGRESS, REASON_DROP_UNKNOWN_SOURCE, len);
+        count(SLOT_UNMANAGED, DIR_EGRESS, REASON_DROP_UNKNOWN_SOURCE, len);
         return 0;
     };
     let reason = if ep.flags & EP_ISOLATE_EGRESS != 0 {
-        policy_verdict(ep.id, pkt, src_ifindex, DIR_EGRESS)
+        let classes = ep.flags & EP_CLASS_EGRESS != 0;
+        policy_verdict(ep.id, pkt, src_ifindex, DIR_EGRESS, classes)
     } else {
         REASON_NOT_ISOLATED
     };
-    count(src_ifindex, DIR_EGRESS, reason, len);
-    if is_allow(reason) { src_ifindex } else { 0 }
+    count(ep.slot, DIR_EGRESS, reason, len);
+    if is_allow(reason) {
+        pack_src(src_ifindex, ep.slot)
+    } else {
+        0
+    }
+}
+
+/// An interface index and a counter slot in one register (non-zero: ifindexes start at 1).
+#[inline(always)]
+fn pack_src(ifindex: u32, slot: u32) -> u64 {
+    u64::from(ifindex) << 32 | u64::from(slot)
 }
 
 /// Confirms the pending conntrack entry of the deferred flow `key` (original tuple at the
-/// client's interface) and forgets the side entry. Lean on purpose: it runs three calls deep
+/// client's interface), giving it the client endpoint's counter slot, and forgets the side
+/// entry. `src`: the client's interface and slot ([`pack_src`]). Lean on purpose: it runs three calls deep
 /// under `npm_to_pod`, whose frames share the 512-byte stack.
 #[inline(never)]
-fn confirm(key: &DeferKey, src_ifindex: u32) {
+fn confirm(key: &DeferKey, src: u64) {
+    let (src_ifindex, slot) = ((src >> 32) as u32, src as u32);
     let Some(v) = DEFERRED.get_ptr(key) else {
         return;
     };
@@ -237,13 +260,13 @@ fn confirm(key: &DeferKey, src_ifindex: u32) {
             proto: key.proto,
             _pad: [0; 3],
         };
-        if !conntrack::pair_le(&key.src, key.sport_be, &v.orig_dst, v.orig_dport_be) {
+        if !conntrack::pair_le_bytes(&key.src, key.sport_be, &v.orig_dst, v.orig_dport_be) {
             ct_key.addr_lo = v.orig_dst;
             ct_key.addr_hi = key.src;
             ct_key.port_lo_be = v.orig_dport_be;
             ct_key.port_hi_be = key.sport_be;
         }
-        conntrack::confirm(&ct_key, now);
+        conntrack::confirm(&ct_key, now, slot);
     }
     let _ = DEFERRED.remove(key);
 }

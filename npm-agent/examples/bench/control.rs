@@ -55,9 +55,11 @@ fn map_memory() -> Vec<(String, u64)> {
         (11, CIDRS_MAX, "cidrs"),
         (11, POLICY_MAX, "policy"),
         (9, CONNTRACK_MAX, "conntrack"),
-        (5, METRICS_MAX, "metrics"),
+        (6, METRICS_MAX, "metrics"),
     ];
     let mut out = Vec::new();
+    // A map can be open through two fds (the agent keeps second handles): count it once.
+    let mut seen = std::collections::BTreeSet::new();
     let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
         return out;
     };
@@ -75,6 +77,11 @@ fn map_memory() -> Vec<(String, u64)> {
         else {
             continue;
         };
+        if let Some(id) = field("map_id:")
+            && !seen.insert(id)
+        {
+            continue;
+        }
         let name = known
             .iter()
             .find(|(t, m, _)| *t == ty && u64::from(*m) == max)

@@ -13,6 +13,11 @@
 //!   single runs being measured the same way (same delete syscall between runs);
 //! - established: the allowed SYN once (creates the entry), then `repeat` times (conntrack
 //!   hit). A denied flow never gets an entry, so "established, denied" does not exist;
+//! - new connection, allowed, without the conntrack insert: the allowed SYN `repeat` times
+//!   in one call against a live entry of the same tuple that it does not match (recorded as
+//!   originating in the other direction): every repetition takes the whole allowed policy path
+//!   and creates nothing. It shows what the single-run method adds (the insert, and the cache
+//!   cooling of two syscalls per run);
 //! - pass-only: the same packet through `npm_pass` (returns `TC_ACT_PIPE`, touches nothing).
 //!
 //! Every verdict is checked (allowed = `TC_ACT_PIPE`, denied = `TC_ACT_SHOT`), so a
@@ -21,6 +26,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use npm_agent::enforcer::Enforcer;
 use npm_common::maps::{CtKey, CtValue, MAP_CONNTRACK, PROG_PASS, PROG_TO_POD};
+use npm_common::verdict::DIR_EGRESS;
 
 use crate::report::{Row, Sink};
 use crate::synth;
@@ -267,6 +273,25 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                     true,
                 );
                 let new_allowed = new_allowed_raw - (pass_one - pass_rep);
+                // A live entry for the tuple that the SYN does not match (as if the flow had
+                // been opened the other way): the whole allowed path, no insert, no refresh.
+                let first = e
+                    .datapath()
+                    .test_run(PROG_TO_POD, &allowed, 1, 1)
+                    .expect("BPF_PROG_TEST_RUN");
+                assert_eq!(first.retval, TC_ACT_PIPE);
+                let mut v = ct.get(&key, 0).expect("entry created");
+                v.origin_dir = DIR_EGRESS;
+                v.expires_ns = u64::MAX / 2;
+                ct.insert(key, v, 0).expect("mismatching entry");
+                let new_allowed_no_insert =
+                    repeated(&e, PROG_TO_POD, &allowed, p.repeat, p.rounds, TC_ACT_PIPE);
+                assert_eq!(
+                    ct.get(&key, 0).expect("entry kept"),
+                    v,
+                    "the mismatching entry is left alone"
+                );
+                ct.remove(&key).expect("remove the entry");
                 // Create the entry, then time the hits.
                 let first = e
                     .datapath()
@@ -292,6 +317,11 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                 row("new connection, allowed", new_allowed, Some(150.0));
                 row("new connection, denied", new_denied, Some(150.0));
                 row("established (conntrack hit)", established, Some(60.0));
+                row(
+                    "new connection, allowed, without the conntrack insert (repeated)",
+                    new_allowed_no_insert,
+                    None,
+                );
                 row("pass-only program", pass_rep, None);
                 row(
                     "new connection, allowed, single-run raw",

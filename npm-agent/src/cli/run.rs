@@ -28,7 +28,6 @@ use npm_common::ABI_VERSION;
 
 use super::args::RunArgs;
 use crate::config::{self, FileConfig, Overrides, Resolved};
-use crate::datapath::DatapathCounters;
 use crate::enforcer::{ApplyReport, Enforcer};
 use crate::model::Diagnostic;
 use crate::node::discovery::{self, NodeTables};
@@ -129,11 +128,7 @@ impl Agent {
             )
         })?;
         tracing::info!(pin_dir = %pin_dir.display(), "datapath loaded");
-        match enforcer
-            .datapath_mut()
-            .take_map(npm_common::maps::MAP_METRICS)
-            .and_then(DatapathCounters::from_map)
-        {
+        match enforcer.counters() {
             Ok(counters) => self.observer.metrics.set_counter_reader(Box::new(counters)),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "datapath counters unavailable");

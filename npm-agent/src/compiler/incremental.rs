@@ -30,8 +30,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use npm_common::maps::{
-    Addr16, CIDR_CLASS_BIT, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, ID_PENDING,
-    PEER_HOST, PeerInfo, PolicyKey, PolicyValue,
+    Addr16, CIDR_CLASS_BIT, EP_CLASS_EGRESS, EP_CLASS_INGRESS, EP_ISOLATE_EGRESS,
+    EP_ISOLATE_INGRESS, EndpointInfo, ID_PENDING, PEER_HOST, PeerInfo, PolicyKey, PolicyValue,
 };
 use npm_common::verdict::{DIR_EGRESS, DIR_INGRESS};
 
@@ -791,21 +791,29 @@ impl Incremental {
             ifs.extend(self.snap.pending_links.iter().copied());
         }
 
-        // 7. ENDPOINTS of the touched interfaces.
+        // 7. ENDPOINTS of the touched interfaces; each interface in ENDPOINTS holds a counter
+        //    slot from when it appears until it goes.
         for i in ifs {
             let v = match self.if_claims.get(&i).and_then(|s| s.first()) {
                 Some(obj) => {
                     let id = self.pods[obj].id;
-                    Some(EndpointInfo {
-                        id,
-                        flags: self.locals.get(&id).map_or(0, |s| s.flags),
-                    })
+                    Some((id, self.locals.get(&id).map_or(0, |s| s.flags)))
                 }
-                None if self.snap.pending_links.contains(&i) => Some(EndpointInfo {
-                    id: ID_PENDING,
-                    flags: self.pending_flags,
-                }),
+                None if self.snap.pending_links.contains(&i) => {
+                    Some((ID_PENDING, self.pending_flags))
+                }
                 None => None,
+            };
+            let v = match v {
+                Some((id, flags)) => Some(EndpointInfo {
+                    id,
+                    flags,
+                    slot: self.ids.slots.get_or_alloc(i),
+                }),
+                None => {
+                    self.ids.slots.release(i);
+                    None
+                }
             };
             self.out.endpoint(i, v);
         }
@@ -1033,7 +1041,8 @@ fn isolation(snap: &ClusterSnapshot, ns: &str, labels: &Labels) -> u32 {
     })
 }
 
-/// The flags, rules and block allows of a local identity.
+/// The flags (isolation, and which directions have class entries), rules and block allows
+/// of a local identity.
 fn local_rules(
     snap: &ClusterSnapshot,
     table: &RuleTable,
@@ -1098,6 +1107,14 @@ fn local_rules(
                 });
             }
         }
+    }
+    // Class entries exist only in the directions that have block allows.
+    for b in &blocks {
+        flags |= if b.dir == DIR_INGRESS {
+            EP_CLASS_INGRESS
+        } else {
+            EP_CLASS_EGRESS
+        };
     }
     (flags, uses, blocks)
 }

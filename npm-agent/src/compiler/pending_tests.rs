@@ -69,9 +69,11 @@ fn pending_links_deny_the_directions_a_coming_pod_would_be_isolated_in() {
         c.maps.endpoints.get(&9),
         Some(&EndpointInfo {
             id: ID_PENDING,
-            flags: EP_ISOLATE_INGRESS
+            flags: EP_ISOLATE_INGRESS,
+            slot: c.maps.endpoints[&9].slot,
         })
     );
+    assert_ne!(c.maps.endpoints[&9].slot, c.maps.endpoints[&5].slot);
     let old = c.maps.endpoints[&5];
     assert_ne!(old.id, ID_PENDING);
     assert_eq!(old.flags, EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
@@ -101,7 +103,8 @@ fn pending_links_are_open_when_no_coming_pod_is_isolated() {
         c.maps.endpoints[&9],
         EndpointInfo {
             id: ID_PENDING,
-            flags: 0
+            flags: 0,
+            slot: c.maps.endpoints[&9].slot,
         }
     );
     // Without a node name no pod is known to be coming here.

@@ -398,6 +398,16 @@ fn datapath_side(
             return true;
         }
     }
+    // As the datapath: class entries are looked up only when the endpoint says it has some
+    // in this direction.
+    let class_bit = if dir == DIR_INGRESS {
+        npm_common::maps::EP_CLASS_INGRESS
+    } else {
+        npm_common::maps::EP_CLASS_EGRESS
+    };
+    if ep.flags & class_bit == 0 {
+        return false;
+    }
     let class = m
         .cidrs
         .iter()

@@ -361,6 +361,43 @@ impl Datapath {
             })
     }
 
+    /// A second handle of map `name` (its file descriptor duplicated), which stays usable
+    /// after the map itself is taken. For maps two owners write or read (METRICS: the
+    /// programmer resets slots, the metrics read them).
+    pub fn map_handle(&self, name: &str) -> Result<aya::maps::Map, DatapathError> {
+        use aya::maps::Map;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| DatapathError::MapMissing {
+                map: name.to_owned(),
+            })?;
+        let err = |source| DatapathError::Map {
+            map: name.to_owned(),
+            source: Box::new(source),
+        };
+        let dup = |data: &aya::maps::MapData| {
+            let fd = data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+                err(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error,
+                }))
+            })?;
+            aya::maps::MapData::from_fd(fd).map_err(err)
+        };
+        Ok(match map {
+            Map::PerCpuArray(d) => Map::PerCpuArray(dup(d)?),
+            Map::HashMap(d) => Map::HashMap(dup(d)?),
+            Map::LruHashMap(d) => Map::LruHashMap(dup(d)?),
+            Map::LpmTrie(d) => Map::LpmTrie(dup(d)?),
+            _ => {
+                return Err(DatapathError::MapMissing {
+                    map: format!("{name} (unexpected map type)"),
+                });
+            }
+        })
+    }
+
     /// Forgets every tracked connection, so the next packet of any flow is judged as a new
     /// connection. For the lab, where each probe round must see only new connections; an agent
     /// never does this. Returns how many entries were removed.

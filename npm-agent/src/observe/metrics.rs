@@ -477,6 +477,7 @@ mod tests {
             deletes: 1,
             failed: 0,
             elapsed: Duration::from_millis(2),
+            ..SyncStats::default()
         };
         report.compile_time = Duration::from_millis(5);
         m.observe_apply(&report, Trigger::Change);

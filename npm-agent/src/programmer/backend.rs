@@ -1,10 +1,11 @@
 //! Where plans are applied: the kernel maps through aya, or [`super::fake::FakeBackend`].
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use npm_common::maps::{
-    Addr16, EndpointInfo, MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_POLICY, MAP_SERVICES,
-    PeerInfo, PolicyKey, PolicyValue,
+    Addr16, EndpointInfo, MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY,
+    MAP_SERVICES, PeerInfo, PolicyKey, PolicyValue,
 };
+use npm_common::metrics::{COUNTER_STRIDE, MetricsValue, SLOT_RETIRED};
 
 use super::plan::Op;
 use crate::compiler::DesiredMaps;
@@ -43,7 +44,8 @@ impl ProgrammerError {
     }
 }
 
-/// Reads and writes the policy maps (and the Service ranges).
+/// Reads and writes the policy maps and the Service ranges (and resets counter slots in
+/// METRICS).
 pub trait MapBackend {
     /// The maps' present contents.
     fn dump(&self) -> Result<DesiredMaps, ProgrammerError>;
@@ -58,18 +60,25 @@ pub struct AyaBackend {
     cidrs: LpmTrie<MapData, Addr16, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     services: LpmTrie<MapData, Addr16, u32>,
+    metrics: PerCpuArray<MapData, MetricsValue>,
 }
 
 impl AyaBackend {
-    /// Wraps the maps taken from the loaded datapath.
+    /// Wraps the maps taken from the loaded datapath (`metrics` may be a second handle of
+    /// the METRICS map, see `Datapath::map_handle`).
     pub fn new(
         endpoints: Map,
         identities: Map,
         cidrs: Map,
         policy: Map,
         services: Map,
+        metrics: Map,
     ) -> Result<Self, ProgrammerError> {
         Ok(Self {
+            metrics: PerCpuArray::try_from(metrics).map_err(|source| ProgrammerError::Open {
+                map: MAP_METRICS,
+                source,
+            })?,
             endpoints: HashMap::try_from(endpoints).map_err(|source| ProgrammerError::Open {
                 map: MAP_ENDPOINTS,
                 source,
@@ -162,8 +171,50 @@ impl MapBackend for AyaBackend {
                 ignore_missing(self.services.remove(&Key::new(*len, *k)))
                     .map_err(update_err(MAP_SERVICES, "remove"))
             }
+            Op::ResetCounters(slot) => self
+                .reset_counters(*slot)
+                .map_err(update_err(MAP_METRICS, "reset")),
         }
     }
+}
+
+impl AyaBackend {
+    /// Adds every counter of `slot` to the retired slot and zeroes it, CPU by CPU. The
+    /// datapath never writes the retired slot, so the read-add-write there races nothing; a
+    /// packet counted in `slot` between its read and its zeroing is lost (only stale
+    /// conntrack entries of a gone interface can count there).
+    fn reset_counters(&mut self, slot: u32) -> Result<(), MapError> {
+        for i in 0..COUNTER_STRIDE {
+            let at = slot * COUNTER_STRIDE + i;
+            let counts = self.metrics.get(&at, 0)?;
+            if counts.iter().all(|v| v.packets == 0 && v.bytes == 0) {
+                continue;
+            }
+            let retired_at = SLOT_RETIRED * COUNTER_STRIDE + i;
+            let retired = self.metrics.get(&retired_at, 0)?;
+            let sum: Vec<MetricsValue> = retired
+                .iter()
+                .zip(counts.iter())
+                .map(|(r, c)| MetricsValue {
+                    packets: r.packets.wrapping_add(c.packets),
+                    bytes: r.bytes.wrapping_add(c.bytes),
+                })
+                .collect();
+            let zero = vec![MetricsValue::default(); sum.len()];
+            self.metrics.set(retired_at, per_cpu(sum)?, 0)?;
+            self.metrics.set(at, per_cpu(zero)?, 0)?;
+        }
+        Ok(())
+    }
+}
+
+fn per_cpu(v: Vec<MetricsValue>) -> Result<PerCpuValues<MetricsValue>, MapError> {
+    PerCpuValues::try_from(v).map_err(|io_error| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "per-CPU values",
+            io_error,
+        })
+    })
 }
 
 /// Removing an entry that is already gone is success: the map holds what we want.

@@ -17,6 +17,8 @@ use crate::compiler::DesiredMaps;
 pub struct SyncStats {
     pub upserts: usize,
     pub deletes: usize,
+    /// Counter slots reset (`Op::ResetCounters`), counted apart from map entries.
+    pub resets: usize,
     /// Operations the kernel refused (logged; the rest of the plan still ran).
     pub failed: usize,
     pub elapsed: Duration,
@@ -67,7 +69,9 @@ impl<B: MapBackend> Programmer<B> {
         for op in &plan.ops {
             match self.backend.apply(op) {
                 Ok(()) => {
-                    if op.is_delete() {
+                    if matches!(op, Op::ResetCounters(_)) {
+                        stats.resets += 1;
+                    } else if op.is_delete() {
                         stats.deletes += 1;
                     } else {
                         stats.upserts += 1;
@@ -101,9 +105,14 @@ mod tests {
     #[test]
     fn sync_reaches_desired_and_resync_repairs_drift() {
         let mut desired = DesiredMaps::default();
-        desired
-            .endpoints
-            .insert(3, EndpointInfo { id: 1, flags: 1 });
+        desired.endpoints.insert(
+            3,
+            EndpointInfo {
+                id: 1,
+                flags: 1,
+                slot: 0,
+            },
+        );
         desired.identities.insert(
             addr_from_v4([10, 1, 0, 1]),
             PeerInfo {
@@ -122,9 +131,14 @@ mod tests {
         // Someone deletes an entry behind our back and adds a stray one.
         let mut drifted = desired.clone();
         drifted.endpoints.clear();
-        drifted
-            .endpoints
-            .insert(99, EndpointInfo { id: 5, flags: 0 });
+        drifted.endpoints.insert(
+            99,
+            EndpointInfo {
+                id: 5,
+                flags: 0,
+                slot: 0,
+            },
+        );
         let mut p = Programmer {
             backend: FakeBackend {
                 maps: drifted,

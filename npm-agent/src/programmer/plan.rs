@@ -12,11 +12,17 @@
 //! SERVICES (the Service ranges) are independent of the rest: removals first, then additions,
 //! after everything else. (The agent attaches the post-DNAT program before it adds a range.)
 //!
+//! Counter slots: an ENDPOINTS upsert that gives an interface a slot it did not hold is
+//! preceded by `ResetCounters(slot)` (its counts move to the retired slot, and it starts from
+//! zero before anything counts under it for this interface); a slot that no interface holds
+//! any more is reset after the deletes, so its counts stay in the totals.
+//!
 //! Identity and class ids are never reused while an entry may still hold them (the compiler's
 //! allocator guarantees it), so stale entries left during the window never grant anything new.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use npm_common::maps::{Addr16, EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use npm_common::metrics::SLOT_FIRST;
 
 use crate::compiler::DesiredMaps;
 use crate::compiler::desired::Lpm;
@@ -33,6 +39,9 @@ pub enum Op {
     DeletePolicy(Lpm<PolicyKey>),
     UpsertService(Lpm<Addr16>, u32),
     DeleteService(Lpm<Addr16>),
+    /// Adds the counters of a slot to `SLOT_RETIRED` and zeroes them (METRICS; nothing in
+    /// [`DesiredMaps`]).
+    ResetCounters(u32),
 }
 
 impl Op {
@@ -80,6 +89,7 @@ impl Op {
             Op::DeleteService(k) => {
                 maps.services.remove(k);
             }
+            Op::ResetCounters(_) => {}
         }
     }
 }
@@ -137,8 +147,25 @@ pub fn plan(current: &DesiredMaps, desired: &DesiredMaps) -> Plan {
     ops.extend(pol_up.into_iter().map(|(k, v)| Op::UpsertPolicy(k, v)));
     ops.extend(cidr_up.into_iter().map(|(k, v)| Op::UpsertCidr(k, v)));
     ops.extend(id_up.into_iter().map(|(k, v)| Op::UpsertIdentity(k, v)));
-    ops.extend(ep_up.into_iter().map(|(k, v)| Op::UpsertEndpoint(k, v)));
+    for (k, v) in ep_up {
+        if v.slot >= SLOT_FIRST && current.endpoints.get(&k).map(|c| c.slot) != Some(v.slot) {
+            ops.push(Op::ResetCounters(v.slot));
+        }
+        ops.push(Op::UpsertEndpoint(k, v));
+    }
+    // Slots that no interface holds any more: their counts go to the retired slot.
+    let held: BTreeSet<u32> = desired.endpoints.values().map(|e| e.slot).collect();
+    let mut freed: BTreeSet<u32> = BTreeSet::new();
+    for (k, c) in &current.endpoints {
+        if c.slot >= SLOT_FIRST
+            && desired.endpoints.get(k).map(|d| d.slot) != Some(c.slot)
+            && !held.contains(&c.slot)
+        {
+            freed.insert(c.slot);
+        }
+    }
     ops.extend(ep_del.into_iter().map(Op::DeleteEndpoint));
+    ops.extend(freed.into_iter().map(Op::ResetCounters));
     ops.extend(id_del.into_iter().map(Op::DeleteIdentity));
     ops.extend(cidr_del.into_iter().map(Op::DeleteCidr));
     ops.extend(pol_del.into_iter().map(Op::DeletePolicy));
@@ -173,6 +200,7 @@ mod tests {
             EndpointInfo {
                 id: 1,
                 flags: EP_ISOLATE_INGRESS,
+                slot: 0,
             },
         );
         m.identities.insert(
@@ -216,9 +244,14 @@ mod tests {
                 flags: 0,
             },
         );
-        desired
-            .endpoints
-            .insert(8, EndpointInfo { id: 3, flags: 0 });
+        desired.endpoints.insert(
+            8,
+            EndpointInfo {
+                id: 3,
+                flags: 0,
+                slot: 0,
+            },
+        );
         let p = plan(&current, &desired);
         let mut state = current.clone();
         for op in &p.ops {
@@ -263,9 +296,14 @@ mod tests {
     #[test]
     fn isolation_is_switched_on_only_after_its_allow_entries() {
         let mut current = sample();
-        current
-            .endpoints
-            .insert(7, EndpointInfo { id: 1, flags: 0 });
+        current.endpoints.insert(
+            7,
+            EndpointInfo {
+                id: 1,
+                flags: 0,
+                slot: 0,
+            },
+        );
         current.policy.clear();
         let desired = sample();
         let ops = plan(&current, &desired).ops;

@@ -292,6 +292,58 @@ fn check_reference(s: &ClusterSnapshot, m: &DesiredMaps, ctx: &str) -> usize {
     checked
 }
 
+/// Counter slots: every endpoint has one of its own, an interface keeps its slot while it
+/// stays in ENDPOINTS, and a slot newly given to an interface is reset before the interface
+/// is published with it; a slot no interface holds any more is reset after the deletes.
+/// Returns the number of resets in the plan.
+fn check_slots(
+    before: &BTreeMap<u32, EndpointInfo>,
+    after: &BTreeMap<u32, EndpointInfo>,
+    plan: &Plan,
+    ctx: &str,
+) -> usize {
+    use npm_common::maps::COUNTER_SLOTS;
+    use npm_common::metrics::SLOT_FIRST;
+    let mut seen = BTreeSet::new();
+    for (i, e) in after {
+        assert!(
+            (SLOT_FIRST..COUNTER_SLOTS).contains(&e.slot),
+            "{ctx}: #{i} slot {}",
+            e.slot
+        );
+        assert!(seen.insert(e.slot), "{ctx}: slot {} held twice", e.slot);
+        let pos = |op: &Op| plan.ops.iter().position(|o| o == op);
+        match before.get(i) {
+            Some(b) => assert_eq!(b.slot, e.slot, "{ctx}: #{i} kept its slot"),
+            None => {
+                let reset = pos(&Op::ResetCounters(e.slot))
+                    .unwrap_or_else(|| panic!("{ctx}: #{i}'s new slot {} is reset", e.slot));
+                let publish = pos(&Op::UpsertEndpoint(*i, *e)).expect("new endpoint upserted");
+                assert!(reset < publish, "{ctx}: reset before publishing #{i}");
+            }
+        }
+    }
+    for (i, b) in before {
+        if !after.contains_key(i) && !seen.contains(&b.slot) {
+            let reset = plan
+                .ops
+                .iter()
+                .position(|o| *o == Op::ResetCounters(b.slot))
+                .unwrap_or_else(|| panic!("{ctx}: freed slot {} of #{i} is reset", b.slot));
+            let delete = plan
+                .ops
+                .iter()
+                .position(|o| *o == Op::DeleteEndpoint(*i))
+                .expect("endpoint deleted");
+            assert!(delete < reset, "{ctx}: freed slot reset after the delete");
+        }
+    }
+    plan.ops
+        .iter()
+        .filter(|o| matches!(o, Op::ResetCounters(_)))
+        .count()
+}
+
 fn replay(backend: &mut FakeBackend, plan: &Plan) {
     for op in &plan.ops {
         backend.apply(op).expect("fake backend");
@@ -303,6 +355,7 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
     let mut steps = 0usize;
     let mut ops = 0usize;
     let mut flows = 0usize;
+    let mut resets = 0usize;
     for seed in 1..=60u64 {
         let mut r = Rng(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
         let mut base = random_cluster(seed);
@@ -315,8 +368,15 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
             let batch: Vec<Change> = (0..1 + r.below(3))
                 .map(|_| random_change(&mut r, inc.snapshot(), &mut next))
                 .collect();
+            let before = inc.maps().endpoints.clone();
             let plan = inc.apply(&batch);
             ops += plan.ops.len();
+            resets += check_slots(
+                &before,
+                &inc.maps().endpoints,
+                &plan,
+                &format!("seed {seed} step {step}"),
+            );
             replay(&mut fake, &plan);
             assert_eq!(
                 &fake.maps,
@@ -324,6 +384,12 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
                 "seed {seed} step {step}: replaying the plan must give the maps\n{batch:#?}"
             );
             let fresh = Incremental::new(inc.snapshot(), IdAllocator::default());
+            check_slots(
+                &BTreeMap::new(),
+                &fresh.maps().endpoints,
+                &plan::plan(&DesiredMaps::default(), fresh.maps()),
+                "fresh",
+            );
             assert_eq!(
                 canon(&inc),
                 canon(&fresh),
@@ -342,7 +408,13 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
             steps += 1;
         }
     }
-    println!("{steps} steps, {ops} plan operations, {flows} flows checked against the reference");
+    println!(
+        "{steps} steps, {ops} plan operations ({resets} counter resets), {flows} flows checked against the reference"
+    );
+    assert!(
+        resets > 100,
+        "interfaces must come and go ({resets} resets)"
+    );
     assert_eq!(steps, 2400);
     assert!(ops > 2400, "the sequences must change the maps ({ops} ops)");
     assert!(
@@ -373,19 +445,25 @@ fn pod_event_with_an_existing_identity_touches_only_identities_and_endpoints() {
             Change::Local(twin.obj_ref(), Some(999)),
         ]);
         assert!(
-            plan.ops
-                .iter()
-                .all(|o| matches!(o, Op::UpsertIdentity(..) | Op::UpsertEndpoint(..))),
+            plan.ops.iter().all(|o| matches!(
+                o,
+                Op::UpsertIdentity(..) | Op::UpsertEndpoint(..) | Op::ResetCounters(_)
+            )),
             "seed {seed}: {:?}",
             plan.ops
         );
-        assert_eq!(plan.ops.len(), 2, "seed {seed}: one address, one interface");
+        assert_eq!(
+            plan.ops.len(),
+            3,
+            "seed {seed}: one address, one interface (and its counter slot reset)"
+        );
         // Deleting it again removes exactly those two.
         let plan = inc.apply(&[Change::Pod(twin.obj_ref(), None)]);
         assert!(
-            plan.ops
-                .iter()
-                .all(|o| matches!(o, Op::DeleteIdentity(..) | Op::DeleteEndpoint(..))),
+            plan.ops.iter().all(|o| matches!(
+                o,
+                Op::DeleteIdentity(..) | Op::DeleteEndpoint(..) | Op::ResetCounters(_)
+            )),
             "seed {seed}: {:?}",
             plan.ops
         );
@@ -504,15 +582,22 @@ fn pending_links_default_deny_the_directions_of_unplaced_pods() {
     let mut inc = Incremental::new(&s, IdAllocator::default());
     // A pending link with no unplaced pod: tracked, not isolated.
     let plan = inc.apply(&[Change::PendingLink(500, true)]);
+    let slot = inc.maps().endpoints[&500].slot;
+    assert!(slot >= npm_common::metrics::SLOT_FIRST);
     assert_eq!(
         plan.ops,
-        vec![Op::UpsertEndpoint(
-            500,
-            EndpointInfo {
-                id: ID_PENDING,
-                flags: 0
-            }
-        )]
+        vec![
+            // A new interface's counters start from zero.
+            Op::ResetCounters(slot),
+            Op::UpsertEndpoint(
+                500,
+                EndpointInfo {
+                    id: ID_PENDING,
+                    flags: 0,
+                    slot,
+                }
+            )
+        ]
     );
     // This node's new pod, no IP yet, selected by deny-in: the pending link isolates ingress.
     let newpod = Pod {
@@ -532,7 +617,8 @@ fn pending_links_default_deny_the_directions_of_unplaced_pods() {
             500,
             EndpointInfo {
                 id: ID_PENDING,
-                flags: EP_ISOLATE_INGRESS
+                flags: EP_ISOLATE_INGRESS,
+                slot,
             }
         )]
     );
@@ -627,7 +713,8 @@ fn node_name_decides_which_pods_are_not_yet_placed() {
             700,
             EndpointInfo {
                 id: ID_PENDING,
-                flags: both
+                flags: both,
+                slot: inc.maps().endpoints[&700].slot,
             }
         )]
     );
