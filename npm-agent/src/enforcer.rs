@@ -323,6 +323,7 @@ mod tests {
                 id: 40,
                 ifindex: 9999,
                 flags: 0,
+                class: 0,
             },
         );
         let mut pipe = Pipeline::new(fake).expect("fake");

@@ -224,7 +224,33 @@ impl Env {
 
     fn identity(&mut self, addr: Addr16, id: u32, ifindex: u32, flags: u32) {
         self.identities
-            .insert(addr, PeerInfo { id, ifindex, flags }, 0)
+            .insert(
+                addr,
+                PeerInfo {
+                    id,
+                    ifindex,
+                    flags,
+                    class: 0,
+                },
+                0,
+            )
+            .expect("insert identity");
+    }
+
+    /// A remote pod address with identity `id` whose CIDR class (`PeerInfo::class`, what
+    /// the compiler derives from CIDRS) is `class`.
+    fn identity_in_class(&mut self, addr: Addr16, id: u32, class: u32) {
+        self.identities
+            .insert(
+                addr,
+                PeerInfo {
+                    id,
+                    ifindex: 0,
+                    flags: 0,
+                    class,
+                },
+                0,
+            )
             .expect("insert identity");
     }
 
@@ -516,11 +542,28 @@ fn allow_by_cidr_class() {
         &ipv4(POD, [192, 169, 0, 1], PROTO_UDP, &udp(5354, 53)),
         REASON_DROP_POLICY,
     );
-    // A pod peer whose identity has no entry falls back to its CIDR class.
-    env.identity(v4([192, 168, 1, 1]), PEER_ID, 0, 0);
+    // A known address (in IDENTITIES) whose identity has no entry falls back to the CIDR
+    // class its IDENTITIES entry carries; the CIDRS trie is not consulted for it: without the
+    // class in the entry the same packet is denied although CIDRS maps it to the class.
+    let known = [192, 168, 1, 1];
+    env.identity(v4(known), PEER_ID, 0, 0);
+    env.deny(
+        PROG_FROM_POD,
+        &ipv4(POD, known, PROTO_UDP, &udp(5355, 53)),
+        REASON_DROP_POLICY,
+    );
+    env.identity_in_class(v4(known), PEER_ID, class);
     env.pass(
         PROG_FROM_POD,
-        &ipv4(POD, [192, 168, 1, 1], PROTO_UDP, &udp(5355, 53)),
+        &ipv4(POD, known, PROTO_UDP, &udp(5356, 53)),
+        REASON_POLICY_ALLOW,
+    );
+    // And the class it carries wins over the trie: a known address outside every prefix.
+    let outside = [10, 9, 9, 9];
+    env.identity_in_class(v4(outside), PEER_ID, class);
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, outside, PROTO_UDP, &udp(5357, 53)),
         REASON_POLICY_ALLOW,
     );
 }

@@ -6,8 +6,9 @@
 //! as `::/0` from matching IPv4 traffic by excluding `::ffff:0:0/96` from them.)
 //!
 //! Lookups per packet are fixed: `CONNTRACK` (one lookup; a hit ends the packet's path),
-//! `ENDPOINTS` (by interface), `IDENTITIES` (peer pod IP), `CIDRS` (LPM, peer IP), at most two
-//! `POLICY` LPM lookups, and one `METRICS` array slot.
+//! `ENDPOINTS` (by interface), `IDENTITIES` (peer IP; its entry also holds the address's CIDR
+//! class), `CIDRS` (LPM, only for an address IDENTITIES does not know), at most two `POLICY`
+//! LPM lookups, and one `METRICS` array slot.
 
 /// A 16-byte address in network byte order (IPv4 mapped into IPv6).
 pub type Addr16 = [u8; 16];
@@ -120,8 +121,12 @@ pub struct PeerInfo {
     pub ifindex: u32,
     /// `PEER_*` bits.
     pub flags: u32,
+    /// The CIDR class of this address: what a CIDRS lookup of it returns (the class of the
+    /// longest ipBlock prefix containing it), 0 when no prefix does. Kept in step with CIDRS by
+    /// the compiler, so the datapath never needs the CIDRS trie for a known address.
+    pub class: u32,
 }
-const _: () = assert!(core::mem::size_of::<PeerInfo>() == 12);
+const _: () = assert!(core::mem::size_of::<PeerInfo>() == 16);
 
 /// Pod identities are `1..POD_ID_MAX` (`POD_ID_MAX` itself is [`ID_PENDING`]); CIDR classes have `CIDR_CLASS_BIT` set. 0 is "none".
 pub const POD_ID_MAX: u32 = 0x7fff_ffff;

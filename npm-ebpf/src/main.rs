@@ -10,13 +10,14 @@
 //! - `npm_host_egress` (TC egress of other links): the post-DNAT check of deferred packets.
 //!
 //! Verdicts: allow → `TC_ACT_PIPE` (let later filters run, then pass), drop → `TC_ACT_SHOT`.
-//! Per packet: parse → CONNTRACK → ENDPOINTS → (IDENTITIES → POLICY) → (CIDRS → POLICY),
-//! a fixed number of lookups and no loops over rules. A conntrack key holds the ifindex, so a
+//! Per packet: parse → CONNTRACK → ENDPOINTS → IDENTITIES → POLICY (peer identity) → POLICY
+//! (the peer's CIDR class, from its IDENTITIES entry; from the CIDRS trie only for an address
+//! IDENTITIES does not know), a fixed number of lookups and no loops over rules. A conntrack key holds the ifindex, so a
 //! hit means this interface's endpoint allowed the flow: an established packet costs one hash
 //! lookup, and counts under the slot stored in the entry. Every verdict is counted in the
 //! METRICS per-CPU array under (endpoint slot, dir, reason); unmanaged interfaces count under
-//! slot 0. The CIDRS lookup (and its POLICY lookup) runs only for endpoints whose identity has
-//! ipBlock or "any peer" rules in that direction (`EP_CLASS_*`, set by the compiler).
+//! slot 0. The class lookups run only for endpoints whose identity has ipBlock or "any peer"
+//! rules in that direction (`EP_CLASS_*`, set by the compiler).
 //!
 //! Maps are declared unpinned here; the loader pins them by name in its pin directory
 //! (`EbpfLoader::map_pin_path`), so a test load with no pin directory leaves nothing behind.
@@ -265,6 +266,12 @@ pub(crate) fn policy_verdict(
         if policy_allows(local_id, id.id, dir, proto, dport_be) {
             return REASON_POLICY_ALLOW;
         }
+        // A known address carries its CIDR class: no CIDRS lookup (flat in the number of
+        // ipBlocks).
+        if classes && id.class != 0 && policy_allows(local_id, id.class, dir, proto, dport_be) {
+            return REASON_POLICY_ALLOW;
+        }
+        return REASON_DROP_POLICY;
     }
     if !classes {
         return REASON_DROP_POLICY;

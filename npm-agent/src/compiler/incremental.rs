@@ -344,6 +344,8 @@ pub struct Incremental {
     blocks: BTreeMap<Block, usize>,
     /// ipBlock -> the CIDR classes whose addresses it matches.
     block_classes: BTreeMap<Block, Vec<u32>>,
+    /// The prefix lengths in CIDRS, longest first (for [`class_of`]).
+    class_lens: Vec<u32>,
     /// This node's pods not yet placed (no interface known), with their isolation flags.
     unplaced: BTreeMap<ObjRef, u32>,
     /// Union of `unplaced` flags: the flags of every pending link.
@@ -372,6 +374,7 @@ impl Incremental {
             locals: BTreeMap::new(),
             blocks: BTreeMap::new(),
             block_classes: BTreeMap::new(),
+            class_lens: Vec::new(),
             unplaced: BTreeMap::new(),
             pending_flags: 0,
         };
@@ -836,6 +839,8 @@ impl Incremental {
                     id: 0,
                     ifindex: 0,
                     flags: PEER_HOST,
+                    // Host traffic is allowed before any class is looked at.
+                    class: 0,
                 })
             } else {
                 claims.and_then(|c| c.first()).map(|o| {
@@ -844,6 +849,7 @@ impl Incremental {
                         id: p.id,
                         ifindex: p.ifindex.unwrap_or(0),
                         flags: 0,
+                        class: class_of(&self.out.maps.cidrs, &self.class_lens, a),
                     }
                 })
             };
@@ -890,13 +896,47 @@ impl Incremental {
             .filter(|k| !cidrs.contains_key(k))
             .copied()
             .collect();
+        // Prefixes whose class changed (gone, new, or another id): the addresses inside them
+        // may have another class now.
+        let mut changed: Vec<Lpm<Addr16>> = gone.clone();
         for k in gone {
             self.out.cidr(k, None);
         }
-        for (k, v) in cidrs {
-            self.out.cidr(k, Some(v));
+        for (k, v) in &cidrs {
+            if self.out.maps.cidrs.get(k) != Some(v) {
+                changed.push(*k);
+            }
+            self.out.cidr(*k, Some(*v));
         }
         self.block_classes = members;
+        let mut lens: Vec<u32> = cidrs.keys().map(|(len, _)| *len).collect();
+        lens.sort_unstable_by(|a, b| b.cmp(a));
+        lens.dedup();
+        self.class_lens = lens;
+        self.refresh_peer_classes(&changed);
+    }
+
+    /// Rewrites `PeerInfo::class` of every known address inside one of `prefixes` (CIDRS
+    /// entries that changed), from the current CIDRS. Touches only those addresses: each
+    /// prefix is one contiguous range of the address-ordered IDENTITIES.
+    fn refresh_peer_classes(&mut self, prefixes: &[Lpm<Addr16>]) {
+        let mut addrs: BTreeSet<Addr16> = BTreeSet::new();
+        for (len, p) in prefixes {
+            let lo = u128::from_be_bytes(*p);
+            let host = if *len >= 128 { 0 } else { u128::MAX >> len };
+            let (lo, hi) = ((lo & !host).to_be_bytes(), (lo | host).to_be_bytes());
+            addrs.extend(self.out.maps.identities.range(lo..=hi).map(|(a, _)| *a));
+        }
+        for a in addrs {
+            let Some(mut v) = self.out.maps.identities.get(&a).copied() else {
+                continue;
+            };
+            if v.flags & PEER_HOST != 0 {
+                continue;
+            }
+            v.class = class_of(&self.out.maps.cidrs, &self.class_lens, a);
+            self.out.identity(a, Some(v));
+        }
     }
 
     /// Recomputes every entry of local identity `l`.
@@ -1171,6 +1211,19 @@ fn pod_entries(st: &LocalState, l: u32, me: &IdentityKey, p: u32, other: &Identi
         }
     }
     e
+}
+
+/// The CIDR class of `a`: the class of the longest prefix in `cidrs` that contains it (what
+/// the datapath's CIDRS lookup returns), 0 when none does. `lens`: the prefix lengths in
+/// `cidrs`, longest first.
+fn class_of(cidrs: &BTreeMap<Lpm<Addr16>, u32>, lens: &[u32], a: Addr16) -> u32 {
+    let addr = u128::from_be_bytes(a);
+    lens.iter()
+        .find_map(|&len| {
+            let host = if len >= 128 { 0 } else { u128::MAX >> len };
+            cidrs.get(&(len, (addr & !host).to_be_bytes())).copied()
+        })
+        .unwrap_or(0)
 }
 
 /// entries(L, C) for every CIDR class C.

@@ -390,14 +390,6 @@ fn datapath_side(
         proto,
         dport_be: port.to_be(),
     };
-    if let Some(id) = m.identities.get(&a) {
-        if id.flags & PEER_HOST != 0 || id.ifindex == ifindex {
-            return true;
-        }
-        if policy_hit(m, &key(id.id)) {
-            return true;
-        }
-    }
     // As the datapath: class entries are looked up only when the endpoint says it has some
     // in this direction.
     let class_bit = if dir == DIR_INGRESS {
@@ -405,7 +397,18 @@ fn datapath_side(
     } else {
         npm_common::maps::EP_CLASS_EGRESS
     };
-    if ep.flags & class_bit == 0 {
+    let classes = ep.flags & class_bit != 0;
+    if let Some(id) = m.identities.get(&a) {
+        if id.flags & PEER_HOST != 0 || id.ifindex == ifindex {
+            return true;
+        }
+        if policy_hit(m, &key(id.id)) {
+            return true;
+        }
+        // As the datapath: a known address's class comes from its IDENTITIES entry.
+        return classes && id.class != 0 && policy_hit(m, &key(id.class));
+    }
+    if !classes {
         return false;
     }
     let class = m

@@ -119,6 +119,7 @@ mod tests {
                 id: 1,
                 ifindex: 3,
                 flags: 0,
+                class: 0,
             },
         );
         let mut p = Programmer::new(FakeBackend::default()).expect("fake dump");

@@ -209,6 +209,7 @@ mod tests {
                 id: 1,
                 ifindex: 7,
                 flags: 0,
+                class: 0,
             },
         );
         m.identities.insert(
@@ -217,6 +218,7 @@ mod tests {
                 id: 2,
                 ifindex: 0,
                 flags: 0,
+                class: 0,
             },
         );
         m.policy.insert(pkey(1, 2, 80), PolicyValue::default());
@@ -242,6 +244,7 @@ mod tests {
                 id: 3,
                 ifindex: 0,
                 flags: 0,
+                class: 0,
             },
         );
         desired.endpoints.insert(
@@ -276,6 +279,7 @@ mod tests {
                 id: 3,
                 ifindex: 0,
                 flags: 0,
+                class: 0,
             },
         );
         let ops = plan(&current, &desired).ops;
@@ -287,6 +291,7 @@ mod tests {
                 id: 3,
                 ifindex: 0,
                 flags: 0,
+                class: 0,
             },
         ));
         let del = pos(&Op::DeletePolicy(pkey(1, 2, 80)));

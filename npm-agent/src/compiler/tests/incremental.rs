@@ -24,7 +24,8 @@ enum Cid {
 #[derive(Debug, PartialEq, Eq)]
 struct Canon {
     endpoints: BTreeMap<u32, (Cid, u32)>,
-    identities: BTreeMap<npm_common::maps::Addr16, (Cid, u32, u32)>,
+    /// (identity, ifindex, flags, CIDR class or none).
+    identities: BTreeMap<npm_common::maps::Addr16, (Cid, u32, u32, Option<Cid>)>,
     cidrs: BTreeMap<(u32, npm_common::maps::Addr16), Cid>,
     policy: BTreeMap<(u32, Cid, Cid, u8, u8, u16), RuleRef>,
 }
@@ -62,7 +63,8 @@ fn canon(inc: &Incremental) -> Canon {
             .iter()
             .map(|(k, v)| {
                 assert_ne!(v.id, ID_PENDING, "a pending id never names an address");
-                (*k, (cid(v.id), v.ifindex, v.flags))
+                let class = (v.class != 0).then(|| cid(v.class));
+                (*k, (cid(v.id), v.ifindex, v.flags, class))
             })
             .collect(),
         cidrs: m.cidrs.iter().map(|(k, v)| (*k, cid(*v))).collect(),
@@ -292,6 +294,32 @@ fn check_reference(s: &ClusterSnapshot, m: &DesiredMaps, ctx: &str) -> usize {
     checked
 }
 
+/// Every known pod address carries the class the CIDRS trie gives it (longest prefix
+/// containing it, 0 when none; node addresses 0): the datapath uses it instead of the trie.
+/// Returns how many addresses have a class.
+fn check_peer_classes(m: &DesiredMaps, ctx: &str) -> usize {
+    let mut classed = 0;
+    for (a, v) in &m.identities {
+        let want = if v.flags & npm_common::maps::PEER_HOST != 0 {
+            0
+        } else {
+            m.cidrs
+                .iter()
+                .filter(|((len, p), _)| super::prefix_eq(p, a, *len))
+                .max_by_key(|((len, _), _)| *len)
+                .map_or(0, |(_, c)| *c)
+        };
+        assert_eq!(
+            v.class,
+            want,
+            "{ctx}: class of {}",
+            std::net::Ipv6Addr::from(*a)
+        );
+        classed += usize::from(want != 0);
+    }
+    classed
+}
+
 /// Counter slots: every endpoint has one of its own, an interface keeps its slot while it
 /// stays in ENDPOINTS, and a slot newly given to an interface is reset before the interface
 /// is published with it; a slot no interface holds any more is reset after the deletes.
@@ -356,6 +384,7 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
     let mut ops = 0usize;
     let mut flows = 0usize;
     let mut resets = 0usize;
+    let mut classed = 0usize;
     for seed in 1..=60u64 {
         let mut r = Rng(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
         let mut base = random_cluster(seed);
@@ -405,6 +434,7 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
                 inc.maps(),
                 &format!("seed {seed} step {step}"),
             );
+            classed += check_peer_classes(inc.maps(), &format!("seed {seed} step {step}"));
             steps += 1;
         }
     }
@@ -416,6 +446,10 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
         "interfaces must come and go ({resets} resets)"
     );
     assert_eq!(steps, 2400);
+    assert!(
+        classed > 1000,
+        "addresses inside ipBlocks must occur ({classed} with a class)"
+    );
     assert!(ops > 2400, "the sequences must change the maps ({ops} ops)");
     assert!(
         flows > 100_000,
@@ -501,6 +535,7 @@ fn pod_event_with_an_existing_identity_touches_only_identities_and_endpoints() {
 #[test]
 fn policy_event_touches_only_its_namespace() {
     let mut checked = 0;
+    let mut reclassed = 0;
     for seed in 1..=60u64 {
         let s = cluster_seeded(seed);
         let mut inc = Incremental::new(&s, IdAllocator::default());
@@ -533,6 +568,17 @@ fn policy_event_touches_only_its_namespace() {
                 }
                 Op::UpsertEndpoint(_, e) => assert!(n1_ids.contains(&e.id), "seed {seed}: {op:?}"),
                 Op::UpsertCidr(..) | Op::DeleteCidr(..) => {}
+                // New classes: an address's CIDR class may change, nothing else of it.
+                Op::UpsertIdentity(a, v) if classes_changed => {
+                    let old = before.identities.get(a).expect("a known address");
+                    assert_eq!(
+                        (v.id, v.ifindex, v.flags),
+                        (old.id, old.ifindex, old.flags),
+                        "seed {seed}: {op:?}"
+                    );
+                    assert_ne!(v.class, old.class, "seed {seed}: {op:?} rewrites nothing");
+                    reclassed += 1;
+                }
                 other => panic!("seed {seed}: a policy event must not touch {other:?}"),
             }
         }
@@ -548,6 +594,10 @@ fn policy_event_touches_only_its_namespace() {
     assert!(
         checked > 100,
         "only {checked} entries of other namespaces checked"
+    );
+    assert!(
+        reclassed > 0,
+        "some new ipBlock must contain a known address"
     );
 }
 
