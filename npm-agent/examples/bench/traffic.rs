@@ -10,7 +10,7 @@
 //! - `kube-router + 1000 policies`: the same plus 1,000 synthetic policies (synth.rs) in 100
 //!   other namespaces.
 //!
-//! Each configuration is measured in turn within a round, and rounds repeat (3 in `full`);
+//! Each configuration is measured in turn within a round, and rounds repeat (5 in `full`);
 //! the median per figure is reported. Switching to `off` detaches the filters; switching on
 //! attaches them and programs that configuration's snapshot.
 //!
@@ -323,7 +323,9 @@ struct Durations {
 pub(crate) fn run(full: bool, sink: &mut Sink) {
     let d = if full {
         Durations {
-            rounds: 3,
+            // Five: on 2 shared cores single rounds swing by 2x; the median of five
+            // interleaved rounds is what is reported.
+            rounds: 5,
             latency_s: 5,
             iperf_s: 5,
             conn_s: 3.0,
