@@ -177,7 +177,8 @@ impl Enforcer {
     /// what the maps already hold, so ids still in use are never handed out again.
     pub fn new(pin_dir: Option<&Path>) -> Result<Self, EnforcerError> {
         use npm_common::maps::{
-            MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY, MAP_SERVICES,
+            MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY,
+            MAP_SERVICES,
         };
         let mut datapath = Datapath::load(pin_dir)?;
         let endpoints_handle = Some(datapath.map_handle(MAP_ENDPOINTS)?);
@@ -186,6 +187,7 @@ impl Enforcer {
             datapath.take_map(MAP_IDENTITIES)?,
             datapath.take_map(MAP_CIDRS)?,
             datapath.take_map(MAP_POLICY)?,
+            datapath.take_map(MAP_PAIRS)?,
             datapath.take_map(MAP_SERVICES)?,
             // A second handle: the metrics reader takes the map itself.
             datapath.map_handle(MAP_METRICS)?,

@@ -23,10 +23,11 @@ use npm_common::{
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS, CtKey,
         CtValue, DeferKey, DeferValue, EP_CLASS_EGRESS, EP_CLASS_INGRESS, EP_ISOLATE_EGRESS,
         EP_ISOLATE_INGRESS, EndpointInfo, MAP_CIDRS, MAP_CONNTRACK, MAP_DEFERRED, MAP_ENDPOINTS,
-        MAP_IDENTITIES, MAP_METRICS, MAP_POLICY, MAP_SERVICES, MARK_DEFERRED, PEER_HOST,
-        POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_FROM_POD,
-        PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
-        PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
+        MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, MARK_DEFERRED, PAIR_TRIE,
+        PEER_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+        PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6,
+        PROTO_SCTP, PROTO_TCP, PROTO_UDP, PairKey, PairPort, PairValue, PeerInfo, PolicyKey,
+        PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
     },
     metrics::{COUNTER_STRIDE, MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
@@ -174,6 +175,7 @@ struct Env {
     identities: HashMap<MapData, Addr16, PeerInfo>,
     cidrs: LpmTrie<MapData, Addr16, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    pairs: HashMap<MapData, PairKey, PairValue>,
     ct: HashMap<MapData, CtKey, CtValue>,
     metrics: PerCpuArray<MapData, MetricsValue>,
     services: LpmTrie<MapData, Addr16, u32>,
@@ -188,6 +190,7 @@ impl Env {
         let identities = HashMap::try_from(take(MAP_IDENTITIES)).expect("identities map");
         let cidrs = LpmTrie::try_from(take(MAP_CIDRS)).expect("cidrs map");
         let policy = LpmTrie::try_from(take(MAP_POLICY)).expect("policy map");
+        let pairs = HashMap::try_from(take(MAP_PAIRS)).expect("pairs map");
         let ct = HashMap::try_from(take(MAP_CONNTRACK)).expect("conntrack map");
         let metrics = PerCpuArray::try_from(take(MAP_METRICS)).expect("metrics map");
         let services = LpmTrie::try_from(take(MAP_SERVICES)).expect("services map");
@@ -198,6 +201,7 @@ impl Env {
             identities,
             cidrs,
             policy,
+            pairs,
             ct,
             metrics,
             services,
@@ -271,6 +275,27 @@ impl Env {
         self.policy
             .insert(&Key::new(prefix, key), PolicyValue::default(), 0)
             .expect("insert policy");
+        // The pair sends the datapath to the trie (the inline entries have tests of their
+        // own), so these tests keep covering the POLICY walk.
+        self.pair(
+            peer_id,
+            dir,
+            PairValue {
+                flags: PAIR_TRIE,
+                ports: Default::default(),
+            },
+        );
+    }
+
+    /// Sets the PAIRS entry (LOCAL_ID, `peer_id`, `dir`).
+    fn pair(&mut self, peer_id: u32, dir: u8, value: PairValue) {
+        let key = PairKey {
+            local_id: LOCAL_ID,
+            peer_id,
+            dir,
+            _pad: [0; 3],
+        };
+        self.pairs.insert(key, value, 0).expect("insert pair");
     }
 
     fn run(&self, prog: &str, packet: &[u8]) -> u32 {
@@ -423,6 +448,105 @@ fn isolated_without_entry_drops_and_creates_no_entry() {
         env.ct_len(),
         0,
         "a denied packet creates no conntrack entry"
+    );
+}
+
+#[test]
+fn a_policy_entry_without_its_pair_allows_nothing() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+    let syn = |sport| ipv4(PEER, POD, PROTO_TCP, &tcp(sport, 80, TCP_SYN));
+    env.pass(PROG_TO_POD, &syn(40100), REASON_POLICY_ALLOW);
+    // The datapath asks PAIRS first: without the pair the trie entry is never reached.
+    let key = PairKey {
+        local_id: LOCAL_ID,
+        peer_id: PEER_ID,
+        dir: DIR_INGRESS,
+        _pad: [0; 3],
+    };
+    env.pairs.remove(&key).expect("remove pair");
+    env.deny(PROG_TO_POD, &syn(40101), REASON_DROP_POLICY);
+}
+
+#[test]
+fn inline_pair_entries_decide_without_the_trie() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    let port = |prefix_len: u32, proto, port| PairPort {
+        prefix_len: u8::try_from(prefix_len).expect("prefix"),
+        proto,
+        port,
+    };
+    // TCP 80 exactly, UDP 1000-1003 (one 4-port block: 14 of 16 port bits fixed), every
+    // SCTP port, one unused slot. No POLICY entry at all.
+    env.pair(
+        PEER_ID,
+        DIR_INGRESS,
+        PairValue {
+            flags: 0,
+            ports: [
+                port(POLICY_PREFIX_FULL, PROTO_TCP, 80),
+                port(POLICY_PREFIX_ANY_PORT + 14, PROTO_UDP, 1000),
+                port(POLICY_PREFIX_ANY_PORT, PROTO_SCTP, 0),
+                PairPort::default(),
+            ],
+        },
+    );
+    let tcp_to = |p| ipv4(PEER, POD, PROTO_TCP, &tcp(40200 + p, p, TCP_SYN));
+    let udp_to = |p| ipv4(PEER, POD, PROTO_UDP, &udp(40300 + p, p));
+    env.pass(PROG_TO_POD, &tcp_to(80), REASON_POLICY_ALLOW);
+    env.deny(PROG_TO_POD, &tcp_to(81), REASON_DROP_POLICY);
+    for p in 1000..=1003 {
+        env.pass(PROG_TO_POD, &udp_to(p), REASON_POLICY_ALLOW);
+    }
+    env.deny(PROG_TO_POD, &udp_to(999), REASON_DROP_POLICY);
+    env.deny(PROG_TO_POD, &udp_to(1004), REASON_DROP_POLICY);
+    // UDP 80 is not TCP 80.
+    env.deny(PROG_TO_POD, &udp_to(80), REASON_DROP_POLICY);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_SCTP, &sctp(5000, 36412)),
+        REASON_POLICY_ALLOW,
+    );
+    // The unused slot (prefix 0) matches nothing: ICMP has no entry.
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_ICMP, &icmp(8, 9)),
+        REASON_DROP_POLICY,
+    );
+    // An any-protocol entry allows it.
+    env.pair(
+        PEER_ID,
+        DIR_INGRESS,
+        PairValue {
+            flags: 0,
+            ports: [
+                port(POLICY_PREFIX_ANY_PROTO, 0, 0),
+                PairPort::default(),
+                PairPort::default(),
+                PairPort::default(),
+            ],
+        },
+    );
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_ICMP, &icmp(8, 10)),
+        REASON_POLICY_ALLOW,
+    );
+    // PAIR_TRIE: the inline slots are ignored and the (empty) trie decides.
+    env.pair(
+        PEER_ID,
+        DIR_INGRESS,
+        PairValue {
+            flags: PAIR_TRIE,
+            ports: [port(POLICY_PREFIX_ANY_PROTO, 0, 0); 4],
+        },
+    );
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_ICMP, &icmp(8, 11)),
+        REASON_DROP_POLICY,
     );
 }
 
@@ -1030,6 +1154,7 @@ fn pinned_maps_are_adopted() {
             MAP_IDENTITIES,
             MAP_CIDRS,
             MAP_POLICY,
+            MAP_PAIRS,
             MAP_CONNTRACK,
             MAP_METRICS,
         ] {
@@ -1340,6 +1465,9 @@ fn pending_link_denies_the_isolated_direction_on_the_real_datapath() {
         env.policy
             .insert(&Key::new(*len, *k), *v, 0)
             .expect("policy");
+    }
+    for (k, v) in &maps.pairs {
+        env.pairs.insert(*k, *v, 0).expect("pair");
     }
     // The pending link refuses new inbound flows: from a local pod, a remote pod, an address
     // in the ipBlock that admits the namespace's pods, and any other.

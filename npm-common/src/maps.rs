@@ -7,8 +7,9 @@
 //!
 //! Lookups per packet are fixed: `CONNTRACK` (one lookup; a hit ends the packet's path),
 //! `ENDPOINTS` (by interface), `IDENTITIES` (peer IP; its entry also holds the address's CIDR
-//! class), `CIDRS` (LPM, only for an address IDENTITIES does not know), at most two `POLICY`
-//! LPM lookups, and one `METRICS` array slot.
+//! class), `CIDRS` (LPM, only for an address IDENTITIES does not know), at most two `PAIRS`
+//! hash lookups (peer identity, peer class), each followed by a `POLICY` LPM lookup only when
+//! the pair holds more entries than it carries inline, and one `METRICS` array slot.
 
 /// A 16-byte address in network byte order (IPv4 mapped into IPv6).
 pub type Addr16 = [u8; 16];
@@ -48,6 +49,7 @@ pub const MAP_ENDPOINTS: &str = "NPM_ENDPOINTS";
 pub const MAP_IDENTITIES: &str = "NPM_IDENTITIES";
 pub const MAP_CIDRS: &str = "NPM_CIDRS";
 pub const MAP_POLICY: &str = "NPM_POLICY";
+pub const MAP_PAIRS: &str = "NPM_PAIRS";
 pub const MAP_CONNTRACK: &str = "NPM_CT";
 pub const MAP_METRICS: &str = "NPM_METRICS";
 pub const MAP_SERVICES: &str = "NPM_SERVICES";
@@ -68,6 +70,8 @@ pub const ENDPOINTS_MAX: u32 = 16_384;
 pub const IDENTITIES_MAX: u32 = 262_144;
 pub const CIDRS_MAX: u32 = 65_536;
 pub const POLICY_MAX: u32 = 1_048_576;
+/// At most one pair per POLICY entry.
+pub const PAIRS_MAX: u32 = POLICY_MAX;
 pub const CONNTRACK_MAX: u32 = 262_144;
 /// Counter slots of [`crate::metrics`]: one per local endpoint (host-side interface in
 /// ENDPOINTS), sized for the pods one node runs (kubelet's default is 110, AKS allows 250)
@@ -182,6 +186,68 @@ pub struct PolicyValue {
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+
+// ---- PAIRS: hash, PairKey -> PairValue ----
+
+/// Key of PAIRS: one (local identity, peer identity or class, direction) that POLICY holds
+/// at least one entry for. Looked up before POLICY: a peer no rule names costs one hash
+/// lookup, whatever the size of the POLICY trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PairKey {
+    pub local_id: u32,
+    pub peer_id: u32,
+    pub dir: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<PairKey>() == 12);
+
+/// How many (protocol, port block) entries a pair holds inline ([`PairValue::ports`]).
+pub const PAIR_PORTS: usize = 4;
+/// The pair has more than [`PAIR_PORTS`] POLICY entries in this direction: the POLICY trie
+/// decides, and [`PairValue::ports`] is unused.
+pub const PAIR_TRIE: u32 = 1 << 0;
+
+/// One POLICY entry of a pair, inline: the entry's prefix length (`POLICY_PREFIX_ANY_PROTO`:
+/// every protocol and port; `POLICY_PREFIX_ANY_PORT + k`: protocol `proto`, ports whose top `k`
+/// bits equal those of `port`), 0 for an unused slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PairPort {
+    pub prefix_len: u8,
+    pub proto: u8,
+    /// First port of the block, host byte order.
+    pub port: u16,
+}
+const _: () = assert!(core::mem::size_of::<PairPort>() == 4);
+
+/// Value of PAIRS: with up to [`PAIR_PORTS`] entries the pair's whole POLICY content for
+/// the direction (so an allowed new flow needs no trie walk either), else [`PAIR_TRIE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PairValue {
+    /// `PAIR_*` bits.
+    pub flags: u32,
+    pub ports: [PairPort; PAIR_PORTS],
+}
+const _: () = assert!(core::mem::size_of::<PairValue>() == 20);
+
+impl PairPort {
+    /// Whether a packet of `proto` to `port` (host order) matches this entry.
+    #[inline(always)]
+    pub const fn matches(&self, proto: u8, port: u16) -> bool {
+        let len = self.prefix_len as u32;
+        if len == POLICY_PREFIX_ANY_PROTO {
+            return true;
+        }
+        if len < POLICY_PREFIX_ANY_PORT || len > POLICY_PREFIX_FULL || self.proto != proto {
+            return false;
+        }
+        let bits = len - POLICY_PREFIX_ANY_PORT;
+        let mask: u16 = if bits == 0 { 0 } else { !0u16 << (16 - bits) };
+        port & mask == self.port & mask
+    }
+}
 
 // ---- CONNTRACK: LRU hash, CtKey -> CtValue ----
 

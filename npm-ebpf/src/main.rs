@@ -48,7 +48,8 @@ use npm_common::{
     maps::{
         Addr16, CIDRS_MAX, CONNTRACK_MAX, CtKey, CtValue, ENDPOINTS_MAX, EP_CLASS_EGRESS,
         EP_CLASS_INGRESS, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, IDENTITIES_MAX,
-        METRICS_MAX, PEER_HOST, POLICY_MAX, POLICY_PREFIX_FULL, PeerInfo, PolicyKey, PolicyValue,
+        METRICS_MAX, PAIR_TRIE, PAIRS_MAX, PEER_HOST, POLICY_MAX, POLICY_PREFIX_FULL, PairKey,
+        PairValue, PeerInfo, PolicyKey, PolicyValue,
     },
     metrics::{MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
@@ -81,6 +82,9 @@ static CIDRS: LpmTrie<Addr16, u32> = LpmTrie::with_max_entries(CIDRS_MAX, 0);
 
 #[map(name = "NPM_POLICY")]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(POLICY_MAX, 0);
+
+#[map(name = "NPM_PAIRS")]
+static PAIRS: HashMap<PairKey, PairValue> = HashMap::with_max_entries(PAIRS_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "NPM_CT")]
 pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue> =
@@ -285,8 +289,29 @@ pub(crate) fn policy_verdict(
     REASON_DROP_POLICY
 }
 
+/// Whether POLICY allows (local, peer, dir, proto, port): the pair first (a hash lookup; no
+/// entry: nothing allowed), then its inline entries, or the POLICY trie when it has more.
 #[inline(always)]
 fn policy_allows(local_id: u32, peer_id: u32, dir: u8, proto: u8, dport_be: u16) -> bool {
+    let pair = PairKey {
+        local_id,
+        peer_id,
+        dir,
+        _pad: [0; 3],
+    };
+    // SAFETY: plain-integer values, see `classify`.
+    let Some(v) = (unsafe { PAIRS.get(pair) }) else {
+        return false;
+    };
+    if v.flags & PAIR_TRIE == 0 {
+        let port = u16::from_be(dport_be);
+        let p = &v.ports;
+        const _: () = assert!(npm_common::maps::PAIR_PORTS == 4);
+        return p[0].matches(proto, port)
+            || p[1].matches(proto, port)
+            || p[2].matches(proto, port)
+            || p[3].matches(proto, port);
+    }
     let key = Key::new(
         POLICY_PREFIX_FULL,
         PolicyKey {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use npm_agent::enforcer::Enforcer;
 use npm_agent::state::{Change, ClusterSnapshot};
 use npm_common::maps::{
-    CIDRS_MAX, CONNTRACK_MAX, ENDPOINTS_MAX, IDENTITIES_MAX, METRICS_MAX, POLICY_MAX,
+    CIDRS_MAX, CONNTRACK_MAX, ENDPOINTS_MAX, IDENTITIES_MAX, METRICS_MAX, PAIRS_MAX, POLICY_MAX,
 };
 
 use crate::packet::median;
@@ -54,6 +54,7 @@ fn map_memory() -> Vec<(String, u64)> {
         (1, IDENTITIES_MAX, "identities"),
         (11, CIDRS_MAX, "cidrs"),
         (11, POLICY_MAX, "policy"),
+        (1, PAIRS_MAX, "pairs"),
         (9, CONNTRACK_MAX, "conntrack"),
         (6, METRICS_MAX, "metrics"),
     ];

@@ -15,6 +15,8 @@ struct Output {
     identities: usize,
     cidrs: usize,
     policy: usize,
+    /// PAIRS entries: one per (local identity, peer, direction) with POLICY entries.
+    pairs: usize,
 }
 
 /// Returns the process exit code: 0 when every object compiled, 1 when any had a problem.
@@ -48,6 +50,7 @@ pub fn run(args: CompileArgs) -> anyhow::Result<i32> {
         identities: compiled.maps.identities.len(),
         cidrs: compiled.maps.cidrs.len(),
         policy: compiled.maps.policy.len(),
+        pairs: compiled.maps.pairs.len(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -56,13 +59,14 @@ pub fn run(args: CompileArgs) -> anyhow::Result<i32> {
             println!("problem: {p}");
         }
         println!(
-            "{} pods, {} policies -> endpoints {}, identities {}, cidrs {}, policy entries {}",
+            "{} pods, {} policies -> endpoints {}, identities {}, cidrs {}, policy entries {}, pairs {}",
             snapshot.pods.len(),
             snapshot.policies.len(),
             out.endpoints,
             out.identities,
             out.cidrs,
-            out.policy
+            out.policy,
+            out.pairs
         );
     }
     Ok(if out.problems.is_empty() { 0 } else { 1 })

@@ -31,11 +31,12 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use npm_common::maps::{
     Addr16, CIDR_CLASS_BIT, EP_CLASS_EGRESS, EP_CLASS_INGRESS, EP_ISOLATE_EGRESS,
-    EP_ISOLATE_INGRESS, EndpointInfo, ID_PENDING, PEER_HOST, PeerInfo, PolicyKey, PolicyValue,
+    EP_ISOLATE_INGRESS, EndpointInfo, ID_PENDING, PEER_HOST, PairKey, PairValue, PeerInfo,
+    PolicyKey, PolicyValue,
 };
 use npm_common::verdict::{DIR_EGRESS, DIR_INGRESS};
 
-use super::desired::{DesiredMaps, Lpm, RuleRef};
+use super::desired::{DesiredMaps, Lpm, RuleRef, pairs_of};
 use super::ids::{IdAllocator, IdentityKey};
 use super::peers::{self, Block, Prefix};
 use super::ports::PortPrefix;
@@ -161,6 +162,7 @@ struct Journal {
     identities: BTreeMap<Addr16, Option<PeerInfo>>,
     cidrs: BTreeMap<Lpm<Addr16>, Option<u32>>,
     policy: BTreeMap<Lpm<PolicyKey>, Option<PolicyValue>>,
+    pairs: BTreeMap<PairKey, Option<PairValue>>,
     services: BTreeMap<Lpm<Addr16>, Option<u32>>,
 }
 
@@ -232,8 +234,30 @@ impl Out {
         }
     }
 
-    /// Replaces one (local, peer) pair's entries.
+    /// Replaces one (local, peer) pair's entries, and its PAIRS entries with them.
     fn replace(&mut self, old: Option<&Entries>, new: Option<&Entries>) {
+        let old_pairs = pairs_of(old.into_iter().flat_map(|o| o.keys()));
+        let new_pairs = pairs_of(new.into_iter().flat_map(|n| n.keys()));
+        for k in old_pairs.keys() {
+            if !new_pairs.contains_key(k) {
+                put(
+                    &mut self.maps.pairs,
+                    self.record.then_some(&mut self.journal.pairs),
+                    *k,
+                    None,
+                );
+            }
+        }
+        for (k, v) in new_pairs {
+            if self.maps.pairs.get(&k) != Some(&v) {
+                put(
+                    &mut self.maps.pairs,
+                    self.record.then_some(&mut self.journal.pairs),
+                    k,
+                    Some(v),
+                );
+            }
+        }
         if let Some(old) = old {
             for k in old.keys() {
                 if new.is_none_or(|n| !n.contains_key(k)) {
@@ -298,6 +322,7 @@ impl Out {
             &mut old.policy,
             &mut new.policy,
         );
+        split(j.pairs, &self.maps.pairs, &mut old.pairs, &mut new.pairs);
         split(
             j.services,
             &self.maps.services,

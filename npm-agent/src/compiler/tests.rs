@@ -356,7 +356,22 @@ fn prefix_eq(a: &[u8], b: &[u8], bits: u32) -> bool {
     (0..bits as usize).all(|i| (a[i / 8] >> (7 - i % 8)) & 1 == (b[i / 8] >> (7 - i % 8)) & 1)
 }
 
+/// As the datapath: the pair first (absent: nothing allowed), its inline entries, or the
+/// POLICY trie when the pair says so.
 fn policy_hit(m: &DesiredMaps, key: &PolicyKey) -> bool {
+    let pair = npm_common::maps::PairKey {
+        local_id: key.local_id,
+        peer_id: key.peer_id,
+        dir: key.dir,
+        _pad: [0; 3],
+    };
+    let Some(v) = m.pairs.get(&pair) else {
+        return false;
+    };
+    if v.flags & npm_common::maps::PAIR_TRIE == 0 {
+        let port = u16::from_be(key.dport_be);
+        return v.ports.iter().any(|p| p.matches(key.proto, port));
+    }
     let want = key_bytes(key);
     m.policy
         .keys()

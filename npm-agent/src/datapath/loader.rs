@@ -15,7 +15,8 @@ use aya::{
 };
 use npm_common::maps::{
     CtKey, CtValue, MAP_CIDRS, MAP_CONNTRACK, MAP_DEFERRED, MAP_ENDPOINTS, MAP_IDENTITIES,
-    MAP_METRICS, MAP_POLICY, MAP_SERVICES, PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD,
+    MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS,
+    PROG_TO_POD,
 };
 
 use super::sys;
@@ -24,11 +25,12 @@ use super::sys;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npm"));
 
 /// Every map of the object; all are pinned by name when a pin directory is given.
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 9] = [
     MAP_ENDPOINTS,
     MAP_IDENTITIES,
     MAP_CIDRS,
     MAP_POLICY,
+    MAP_PAIRS,
     MAP_CONNTRACK,
     MAP_METRICS,
     MAP_SERVICES,

@@ -2,8 +2,8 @@
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use npm_common::maps::{
-    Addr16, EndpointInfo, MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_POLICY,
-    MAP_SERVICES, PeerInfo, PolicyKey, PolicyValue,
+    Addr16, EndpointInfo, MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS,
+    MAP_POLICY, MAP_SERVICES, PairKey, PairValue, PeerInfo, PolicyKey, PolicyValue,
 };
 use npm_common::metrics::{COUNTER_STRIDE, MetricsValue, SLOT_RETIRED};
 
@@ -59,6 +59,7 @@ pub struct AyaBackend {
     identities: HashMap<MapData, Addr16, PeerInfo>,
     cidrs: LpmTrie<MapData, Addr16, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    pairs: HashMap<MapData, PairKey, PairValue>,
     services: LpmTrie<MapData, Addr16, u32>,
     metrics: PerCpuArray<MapData, MetricsValue>,
 }
@@ -71,6 +72,7 @@ impl AyaBackend {
         identities: Map,
         cidrs: Map,
         policy: Map,
+        pairs: Map,
         services: Map,
         metrics: Map,
     ) -> Result<Self, ProgrammerError> {
@@ -93,6 +95,10 @@ impl AyaBackend {
             })?,
             policy: LpmTrie::try_from(policy).map_err(|source| ProgrammerError::Open {
                 map: MAP_POLICY,
+                source,
+            })?,
+            pairs: HashMap::try_from(pairs).map_err(|source| ProgrammerError::Open {
+                map: MAP_PAIRS,
                 source,
             })?,
             services: LpmTrie::try_from(services).map_err(|source| ProgrammerError::Open {
@@ -130,6 +136,10 @@ impl MapBackend for AyaBackend {
             let (k, v) = item.map_err(dump_err(MAP_POLICY))?;
             out.policy.insert((k.prefix_len(), k.data()), v);
         }
+        for item in self.pairs.iter() {
+            let (k, v) = item.map_err(dump_err(MAP_PAIRS))?;
+            out.pairs.insert(k, v);
+        }
         for item in self.services.iter() {
             let (k, v) = item.map_err(dump_err(MAP_SERVICES))?;
             out.services.insert((k.prefix_len(), k.data()), v);
@@ -143,6 +153,13 @@ impl MapBackend for AyaBackend {
                 .policy
                 .insert(&Key::new(*len, *k), *v, 0)
                 .map_err(update_err(MAP_POLICY, "insert")),
+            Op::UpsertPair(k, v) => self
+                .pairs
+                .insert(*k, *v, 0)
+                .map_err(update_err(MAP_PAIRS, "insert")),
+            Op::DeletePair(k) => {
+                ignore_missing(self.pairs.remove(k)).map_err(update_err(MAP_PAIRS, "remove"))
+            }
             Op::UpsertCidr((len, k), v) => self
                 .cidrs
                 .insert(&Key::new(*len, *k), *v, 0)

@@ -1,13 +1,16 @@
 //! A pure diff between two [`DesiredMaps`], ordered make-before-break.
 //!
 //! Order, and why:
-//! 1. POLICY upserts: allow entries for identities/classes that are about to appear exist
-//!    before anything points at them.
+//! 1. POLICY upserts, then PAIRS upserts: allow entries for identities/classes that are about
+//!    to appear exist before anything points at them. A pair is what the datapath reads first
+//!    (its inline entries, or "ask the trie"), so it is written after the trie entries it may
+//!    send the datapath to; a changed pair switches in one atomic map update.
 //! 2. CIDRS upserts, 3. IDENTITIES upserts: an address switches to its new class/identity in
 //!    one atomic map update, and the entries of the new one are already there.
 //! 4. ENDPOINTS upserts: isolation flags and local identities switch last, when every entry
 //!    they need is present (a newly isolated pod never loses an allowed path mid-update).
-//! 5. ENDPOINTS, 6. IDENTITIES, 7. CIDRS, 8. POLICY deletes: nothing points at what is removed.
+//! 5. ENDPOINTS, 6. IDENTITIES, 7. CIDRS, 8. PAIRS, then POLICY deletes: nothing points at
+//!    what is removed (a pair goes before the trie entries it may send the datapath to).
 //!
 //! SERVICES (the Service ranges) are independent of the rest: removals first, then additions,
 //! after everything else. (The agent attaches the post-DNAT program before it adds a range.)
@@ -21,7 +24,9 @@
 //! allocator guarantees it), so stale entries left during the window never grant anything new.
 use std::collections::{BTreeMap, BTreeSet};
 
-use npm_common::maps::{Addr16, EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use npm_common::maps::{
+    Addr16, EndpointInfo, PairKey, PairValue, PeerInfo, PolicyKey, PolicyValue,
+};
 use npm_common::metrics::SLOT_FIRST;
 
 use crate::compiler::DesiredMaps;
@@ -30,12 +35,14 @@ use crate::compiler::desired::Lpm;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     UpsertPolicy(Lpm<PolicyKey>, PolicyValue),
+    UpsertPair(PairKey, PairValue),
     UpsertCidr(Lpm<Addr16>, u32),
     UpsertIdentity(Addr16, PeerInfo),
     UpsertEndpoint(u32, EndpointInfo),
     DeleteEndpoint(u32),
     DeleteIdentity(Addr16),
     DeleteCidr(Lpm<Addr16>),
+    DeletePair(PairKey),
     DeletePolicy(Lpm<PolicyKey>),
     UpsertService(Lpm<Addr16>, u32),
     DeleteService(Lpm<Addr16>),
@@ -51,6 +58,7 @@ impl Op {
             Op::DeleteEndpoint(_)
                 | Op::DeleteIdentity(_)
                 | Op::DeleteCidr(_)
+                | Op::DeletePair(_)
                 | Op::DeletePolicy(_)
                 | Op::DeleteService(_)
         )
@@ -61,6 +69,12 @@ impl Op {
         match self {
             Op::UpsertPolicy(k, v) => {
                 maps.policy.insert(*k, *v);
+            }
+            Op::UpsertPair(k, v) => {
+                maps.pairs.insert(*k, *v);
+            }
+            Op::DeletePair(k) => {
+                maps.pairs.remove(k);
             }
             Op::UpsertCidr(k, v) => {
                 maps.cidrs.insert(*k, *v);
@@ -127,6 +141,7 @@ fn diff<K: Ord + Copy, V: PartialEq + Copy>(
 /// The ordered operations that turn `current` into `desired`.
 pub fn plan(current: &DesiredMaps, desired: &DesiredMaps) -> Plan {
     let (pol_up, pol_del) = diff(&current.policy, &desired.policy);
+    let (pair_up, pair_del) = diff(&current.pairs, &desired.pairs);
     let (cidr_up, cidr_del) = diff(&current.cidrs, &desired.cidrs);
     let (id_up, id_del) = diff(&current.identities, &desired.identities);
     let (ep_up, ep_del) = diff(&current.endpoints, &desired.endpoints);
@@ -135,6 +150,8 @@ pub fn plan(current: &DesiredMaps, desired: &DesiredMaps) -> Plan {
     let mut ops = Vec::with_capacity(
         pol_up.len()
             + pol_del.len()
+            + pair_up.len()
+            + pair_del.len()
             + cidr_up.len()
             + cidr_del.len()
             + id_up.len()
@@ -145,6 +162,7 @@ pub fn plan(current: &DesiredMaps, desired: &DesiredMaps) -> Plan {
             + svc_del.len(),
     );
     ops.extend(pol_up.into_iter().map(|(k, v)| Op::UpsertPolicy(k, v)));
+    ops.extend(pair_up.into_iter().map(|(k, v)| Op::UpsertPair(k, v)));
     ops.extend(cidr_up.into_iter().map(|(k, v)| Op::UpsertCidr(k, v)));
     ops.extend(id_up.into_iter().map(|(k, v)| Op::UpsertIdentity(k, v)));
     for (k, v) in ep_up {
@@ -168,6 +186,7 @@ pub fn plan(current: &DesiredMaps, desired: &DesiredMaps) -> Plan {
     ops.extend(freed.into_iter().map(Op::ResetCounters));
     ops.extend(id_del.into_iter().map(Op::DeleteIdentity));
     ops.extend(cidr_del.into_iter().map(Op::DeleteCidr));
+    ops.extend(pair_del.into_iter().map(Op::DeletePair));
     ops.extend(pol_del.into_iter().map(Op::DeletePolicy));
     ops.extend(svc_del.into_iter().map(Op::DeleteService));
     ops.extend(svc_up.into_iter().map(|(k, v)| Op::UpsertService(k, v)));
@@ -222,7 +241,22 @@ mod tests {
             },
         );
         m.policy.insert(pkey(1, 2, 80), PolicyValue::default());
+        with_pairs(m)
+    }
+
+    /// `m` with its PAIRS derived from its POLICY, as the compiler keeps them.
+    fn with_pairs(mut m: DesiredMaps) -> DesiredMaps {
+        m.pairs = crate::compiler::desired::pairs_of(m.policy.keys());
         m
+    }
+
+    fn pair(local: u32, peer: u32) -> PairKey {
+        PairKey {
+            local_id: local,
+            peer_id: peer,
+            dir: 0,
+            _pad: [0; 3],
+        }
     }
 
     #[test]
@@ -282,9 +316,12 @@ mod tests {
                 class: 0,
             },
         );
+        let desired = with_pairs(desired);
         let ops = plan(&current, &desired).ops;
         let pos = |want: &Op| ops.iter().position(|o| o == want).expect("op present");
         let add = pos(&Op::UpsertPolicy(pkey(1, 3, 80), PolicyValue::default()));
+        let pair_add = pos(&Op::UpsertPair(pair(1, 3), desired.pairs[&pair(1, 3)]));
+        let pair_del = pos(&Op::DeletePair(pair(1, 2)));
         let switch = pos(&Op::UpsertIdentity(
             addr_from_v4([10, 0, 0, 2]),
             PeerInfo {
@@ -296,6 +333,12 @@ mod tests {
         ));
         let del = pos(&Op::DeletePolicy(pkey(1, 2, 80)));
         assert!(add < switch && switch < del, "order was {ops:?}");
+        // The pair that sends the datapath to the new entry comes after the entry and before
+        // the switch; the old pair goes after the switch, before its trie entry.
+        assert!(
+            add < pair_add && pair_add < switch && switch < pair_del && pair_del < del,
+            "order was {ops:?}"
+        );
     }
 
     #[test]

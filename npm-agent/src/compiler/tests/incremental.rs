@@ -28,6 +28,7 @@ struct Canon {
     identities: BTreeMap<npm_common::maps::Addr16, (Cid, u32, u32, Option<Cid>)>,
     cidrs: BTreeMap<(u32, npm_common::maps::Addr16), Cid>,
     policy: BTreeMap<(u32, Cid, Cid, u8, u8, u16), RuleRef>,
+    pairs: BTreeMap<(Cid, Cid, u8), npm_common::maps::PairValue>,
 }
 
 /// The maps with every id replaced by its meaning (the allocator must know every id in use)
@@ -91,6 +92,11 @@ fn canon(inc: &Incremental) -> Canon {
                         .expect("rule_ref in the table"),
                 )
             })
+            .collect(),
+        pairs: m
+            .pairs
+            .iter()
+            .map(|(k, v)| ((cid(k.local_id), cid(k.peer_id), k.dir), *v))
             .collect(),
     }
 }
@@ -435,6 +441,11 @@ fn incremental_equals_a_fresh_compile_after_every_random_change() {
                 &format!("seed {seed} step {step}"),
             );
             classed += check_peer_classes(inc.maps(), &format!("seed {seed} step {step}"));
+            assert_eq!(
+                inc.maps().pairs,
+                crate::compiler::desired::pairs_of(inc.maps().policy.keys()),
+                "seed {seed} step {step}: PAIRS is the function of POLICY"
+            );
             steps += 1;
         }
     }
@@ -560,6 +571,13 @@ fn policy_event_touches_only_its_namespace() {
         for op in &plan.ops {
             match op {
                 Op::UpsertPolicy((_, k), _) | Op::DeletePolicy((_, k)) => {
+                    assert!(
+                        n1_ids.contains(&k.local_id)
+                            || (classes_changed && k.peer_id & CIDR_CLASS_BIT != 0),
+                        "seed {seed}: {op:?}"
+                    );
+                }
+                Op::UpsertPair(k, _) | Op::DeletePair(k) => {
                     assert!(
                         n1_ids.contains(&k.local_id)
                             || (classes_changed && k.peer_id & CIDR_CLASS_BIT != 0),
