@@ -21,13 +21,14 @@ use npm_common::{
     maps::{
         Addr16, CIDR_CLASS_BIT, CT_ORIGIN_LO, CT_PENDING, CT_SEEN_REPLY, CT_TCP_CLOSING,
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS, CtKey,
-        CtValue, DeferKey, DeferValue, EP_CLASS_EGRESS, EP_CLASS_INGRESS, EP_ISOLATE_EGRESS,
-        EP_ISOLATE_INGRESS, EndpointInfo, MAP_CIDRS, MAP_CONNTRACK, MAP_DEFERRED, MAP_ENDPOINTS,
-        MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, MARK_DEFERRED, PAIR_TRIE,
-        PEER_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
-        PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6,
-        PROTO_SCTP, PROTO_TCP, PROTO_UDP, PairKey, PairPort, PairValue, PeerInfo, PolicyKey,
-        PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
+        CtKey4, CtValue, DeferKey, DeferValue, EP_CLASS_EGRESS, EP_CLASS_INGRESS,
+        EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, MAP_CIDRS, MAP_CONNTRACK,
+        MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS,
+        MAP_POLICY, MAP_SERVICES, MARK_DEFERRED, PAIR_TRIE, PEER_HOST, POLICY_PREFIX_ANY_PORT,
+        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_CLOCK, PROG_FROM_POD, PROG_HOST_EGRESS,
+        PROG_PASS, PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+        PairKey, PairPort, PairValue, PeerInfo, PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN,
+        addr_from_v4,
     },
     metrics::{COUNTER_STRIDE, MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
@@ -176,7 +177,10 @@ struct Env {
     cidrs: LpmTrie<MapData, Addr16, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pairs: HashMap<MapData, PairKey, PairValue>,
+    /// IPv6 flows.
     ct: HashMap<MapData, CtKey, CtValue>,
+    /// IPv4 flows.
+    ct4: HashMap<MapData, CtKey4, CtValue>,
     metrics: PerCpuArray<MapData, MetricsValue>,
     services: LpmTrie<MapData, Addr16, u32>,
     deferred: HashMap<MapData, DeferKey, DeferValue>,
@@ -192,6 +196,7 @@ impl Env {
         let policy = LpmTrie::try_from(take(MAP_POLICY)).expect("policy map");
         let pairs = HashMap::try_from(take(MAP_PAIRS)).expect("pairs map");
         let ct = HashMap::try_from(take(MAP_CONNTRACK)).expect("conntrack map");
+        let ct4 = HashMap::try_from(take(MAP_CONNTRACK4)).expect("IPv4 conntrack map");
         let metrics = PerCpuArray::try_from(take(MAP_METRICS)).expect("metrics map");
         let services = LpmTrie::try_from(take(MAP_SERVICES)).expect("services map");
         let deferred = HashMap::try_from(take(MAP_DEFERRED)).expect("deferred map");
@@ -203,6 +208,7 @@ impl Env {
             policy,
             pairs,
             ct,
+            ct4,
             metrics,
             services,
             deferred,
@@ -363,16 +369,39 @@ impl Env {
         }
     }
 
+    /// The entry of flow `key`, from the map of its family (`NPM_CT4` for IPv4 flows).
     fn ct_entry(&self, key: &CtKey) -> Option<CtValue> {
-        match self.ct.get(key, 0) {
+        let got = match key.to_v4() {
+            Some(k4) => self.ct4.get(&k4, 0),
+            None => self.ct.get(key, 0),
+        };
+        match got {
             Ok(v) => Some(v),
             Err(aya::maps::MapError::KeyNotFound) => None,
             Err(e) => panic!("reading conntrack: {e}"),
         }
     }
 
+    /// Writes the entry of flow `key` into the map of its family.
+    fn ct_insert(&mut self, key: CtKey, value: CtValue) {
+        match key.to_v4() {
+            Some(k4) => self.ct4.insert(k4, value, 0),
+            None => self.ct.insert(key, value, 0),
+        }
+        .expect("insert ct");
+    }
+
+    /// Entries of both conntrack maps: (IPv4, IPv6).
+    fn ct_lens(&self) -> (usize, usize) {
+        (
+            self.ct4.keys().take(10_000).count(),
+            self.ct.keys().take(10_000).count(),
+        )
+    }
+
     fn ct_len(&self) -> usize {
-        self.ct.keys().take(10_000).count()
+        let (v4, v6) = self.ct_lens();
+        v4 + v6
     }
 }
 
@@ -609,6 +638,58 @@ fn cidr_classes_are_looked_up_only_with_the_class_flag() {
 }
 
 #[test]
+fn ipv4_flows_are_tracked_in_ct4_and_ipv6_flows_in_ct() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    let peer6 = v6("fd00::2");
+    // Written as IPv4-mapped IPv6 addresses, 10.0.0.2 and 10.0.0.1 are the same peer and pod.
+    let (mapped_peer, mapped_pod) = (v4(PEER), v4(POD));
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.identity(peer6, PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    assert_eq!(env.ct_lens(), (1, 0), "an IPv4 flow goes to NPM_CT4 only");
+    let (key, _) = ct_key(v4(PEER), 40000, v4(POD), 80, PROTO_TCP);
+    let key4 = key.to_v4().expect("IPv4 flow");
+    assert!(env.ct4.get(&key4, 0).is_ok(), "under its 20-byte key");
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, PEER, PROTO_TCP, &tcp(80, 40000, TCP_SYN | TCP_ACK)),
+        REASON_REPLY,
+    );
+
+    env.pass(
+        PROG_TO_POD,
+        &ipv6(peer6, v6("fd00::1"), PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    assert_eq!(env.ct_lens(), (1, 1), "an IPv6 flow goes to NPM_CT");
+    env.pass(
+        PROG_FROM_POD,
+        &ipv6(
+            v6("fd00::1"),
+            peer6,
+            PROTO_TCP,
+            &tcp(80, 40000, TCP_SYN | TCP_ACK),
+        ),
+        REASON_REPLY,
+    );
+
+    // An IPv6 packet whose two addresses are IPv4-mapped is the IPv4 flow's key (CtKey::to_v4):
+    // its ACK finds the IPv4 SYN's entry.
+    env.pass(
+        PROG_TO_POD,
+        &ipv6(mapped_peer, mapped_pod, PROTO_TCP, &tcp(40000, 80, TCP_ACK)),
+        REASON_ESTABLISHED,
+    );
+    assert_eq!(env.ct_lens(), (1, 1), "and creates nothing");
+}
+
+#[test]
 fn conntrack_hit_counts_under_the_slot_the_entry_holds() {
     let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
     env.identity(v4(PEER), PEER_ID, 0, 0);
@@ -619,7 +700,7 @@ fn conntrack_hit_counts_under_the_slot_the_entry_holds() {
         REASON_POLICY_ALLOW,
     );
     let (key, _) = ct_key(v4(PEER), 40000, v4(POD), 80, PROTO_TCP);
-    let entry = env.ct.get(&key, 0).expect("tracked");
+    let entry = env.ct_entry(&key).expect("tracked");
     assert_eq!(
         u32::from(entry.slot),
         SLOT,
@@ -990,7 +1071,7 @@ fn conntrack_expired_entry_counts_as_absent() {
         slot: SLOT as u16,
         _pad: [0; 4],
     };
-    env.ct.insert(key, stale, 0).expect("insert ct");
+    env.ct_insert(key, stale);
     let back = ipv4(PEER, POD, PROTO_UDP, &udp(53, 5000));
     env.deny(PROG_TO_POD, &back, REASON_DROP_POLICY);
     // Made live, the same entry lets the reply in.
@@ -998,8 +1079,57 @@ fn conntrack_expired_entry_counts_as_absent() {
         expires_ns: u64::MAX,
         ..stale
     };
-    env.ct.insert(key, live, 0).expect("insert ct");
+    env.ct_insert(key, live);
     env.pass(PROG_TO_POD, &back, REASON_REPLY);
+}
+
+/// `jiffies` now, read by the loader's probe program (low 31 bits).
+fn jiffies(env: &Env) -> u64 {
+    let r = env
+        .dp
+        .test_run(PROG_CLOCK, &[0u8; 14], IFINDEX, 1)
+        .expect("npm_clock");
+    u64::from(r.retval)
+}
+
+#[test]
+fn the_datapath_clock_is_jiffies_times_the_measured_tick() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    let ns = env.dp.clock_ns_per_jiffy().expect("NPM_CLOCK");
+    assert!(
+        [10_000_000, 4_000_000, 3_333_333, 1_000_000].contains(&ns),
+        "one jiffy is {ns} ns: not a HZ Linux offers"
+    );
+    // Where the kernel says its HZ, the measurement agrees.
+    if let Ok(out) = std::process::Command::new("sh")
+        .args(["-c", "zcat /proc/config.gz | grep '^CONFIG_HZ='"])
+        .output()
+        && let Some(hz) = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .strip_prefix("CONFIG_HZ=")
+            .and_then(|v| v.parse::<u64>().ok())
+    {
+        assert_eq!(ns, 1_000_000_000 / hz, "CONFIG_HZ={hz}");
+    }
+    // A new flow's entry expires one SYN timeout after jiffies × the factor.
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+    let before = jiffies(&env);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    let after = jiffies(&env);
+    let (key, _) = ct_key(v4(PEER), 40000, v4(POD), 80, PROTO_TCP);
+    let created = env.ct_entry(&key).expect("entry").expires_ns - CT_TIMEOUT_TCP_SYN_NS;
+    // The probe sees 31 bits of jiffies; the entry all of them.
+    let at = (created / ns) & 0x7fff_ffff;
+    assert!(
+        (before..=after).contains(&at),
+        "created at jiffy {at}, between {before} and {after}"
+    );
+    assert_eq!(created % ns, 0, "a whole number of jiffies");
 }
 
 #[test]
@@ -1156,6 +1286,7 @@ fn pinned_maps_are_adopted() {
             MAP_POLICY,
             MAP_PAIRS,
             MAP_CONNTRACK,
+            MAP_CONNTRACK4,
             MAP_METRICS,
         ] {
             assert!(v1.join(name).exists(), "{name} is pinned");

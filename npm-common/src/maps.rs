@@ -51,7 +51,10 @@ pub const MAP_CIDRS: &str = "NPM_CIDRS";
 pub const MAP_POLICY: &str = "NPM_POLICY";
 pub const MAP_PAIRS: &str = "NPM_PAIRS";
 pub const MAP_CONNTRACK: &str = "NPM_CT";
+pub const MAP_CONNTRACK4: &str = "NPM_CT4";
 pub const MAP_METRICS: &str = "NPM_METRICS";
+/// Array of one u64: nanoseconds per jiffy (10⁹ / HZ), the datapath's clock factor.
+pub const MAP_CLOCK: &str = "NPM_CLOCK";
 pub const MAP_SERVICES: &str = "NPM_SERVICES";
 pub const MAP_DEFERRED: &str = "NPM_DEFERRED";
 
@@ -64,6 +67,8 @@ pub const PROG_PASS: &str = "npm_pass";
 /// The post-DNAT egress check for deferred packets leaving the node (TC egress of every host
 /// link that is neither loopback nor a managed pod interface); unmarked packets pass at once.
 pub const PROG_HOST_EGRESS: &str = "npm_host_egress";
+/// Returns the low 31 bits of `jiffies`: the loader's HZ probe. Never attached.
+pub const PROG_CLOCK: &str = "npm_clock";
 
 // ---- sizes ----
 pub const ENDPOINTS_MAX: u32 = 16_384;
@@ -72,6 +77,8 @@ pub const CIDRS_MAX: u32 = 65_536;
 pub const POLICY_MAX: u32 = 1_048_576;
 /// At most one pair per POLICY entry.
 pub const PAIRS_MAX: u32 = POLICY_MAX;
+/// Entries of each conntrack map (`NPM_CT4` for IPv4 flows, `NPM_CT` for IPv6 flows), as
+/// Cilium sizes its v4 and v6 tables separately.
 pub const CONNTRACK_MAX: u32 = 262_144;
 /// Counter slots of [`crate::metrics`]: one per local endpoint (host-side interface in
 /// ENDPOINTS), sized for the pods one node runs (kubelet's default is 110, AKS allows 250)
@@ -249,7 +256,7 @@ impl PairPort {
     }
 }
 
-// ---- CONNTRACK: LRU hash, CtKey -> CtValue ----
+// ---- CONNTRACK: LRU hashes, CtKey4 (IPv4 flows) / CtKey (IPv6 flows) -> CtValue ----
 
 /// A flow as seen at one endpoint. Both directions of a flow share one key: the two
 /// (address, port) pairs are stored in sorted order (`lo` <= `hi`), so one lookup finds the
@@ -268,6 +275,58 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
+
+/// The key of an IPv4 flow (both addresses IPv4-mapped) in `NPM_CT4`: [`CtKey`] with the
+/// addresses' last 4 bytes only. Same fields and order, 20 bytes instead of 44, so the
+/// kernel's hash and compare of the most common key cost less than half.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtKey4 {
+    pub addr_lo: [u8; 4],
+    pub addr_hi: [u8; 4],
+    pub ifindex: u32,
+    pub port_lo_be: u16,
+    pub port_hi_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<CtKey4>() == 20);
+
+impl CtKey {
+    /// The [`CtKey4`] of an IPv4 flow (both addresses IPv4-mapped), else `None` (the flow
+    /// lives in `NPM_CT`).
+    pub fn to_v4(&self) -> Option<CtKey4> {
+        if !is_v4_mapped(&self.addr_lo) || !is_v4_mapped(&self.addr_hi) {
+            return None;
+        }
+        let [_, _, _, _, _, _, _, _, _, _, _, _, a, b, c, d] = self.addr_lo;
+        let [_, _, _, _, _, _, _, _, _, _, _, _, e, f, g, h] = self.addr_hi;
+        Some(CtKey4 {
+            addr_lo: [a, b, c, d],
+            addr_hi: [e, f, g, h],
+            ifindex: self.ifindex,
+            port_lo_be: self.port_lo_be,
+            port_hi_be: self.port_hi_be,
+            proto: self.proto,
+            _pad: [0; 3],
+        })
+    }
+}
+
+impl CtKey4 {
+    /// The [`CtKey`] of the same flow (addresses IPv4-mapped).
+    pub const fn to_full(&self) -> CtKey {
+        CtKey {
+            addr_lo: addr_from_v4(self.addr_lo),
+            addr_hi: addr_from_v4(self.addr_hi),
+            ifindex: self.ifindex,
+            port_lo_be: self.port_lo_be,
+            port_hi_be: self.port_hi_be,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
 
 /// `CtValue::flags`: the originator of the flow is the `lo` side of the key.
 pub const CT_ORIGIN_LO: u8 = 1 << 0;
@@ -354,6 +413,26 @@ pub const PROTO_SCTP: u8 = 132;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv4_flow_key_shrinks_to_ct_key4_and_back() {
+        let full = CtKey {
+            addr_lo: addr_from_v4([10, 0, 0, 1]),
+            addr_hi: addr_from_v4([10, 0, 0, 2]),
+            ifindex: 7,
+            port_lo_be: 80u16.to_be(),
+            port_hi_be: 40000u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let small = full.to_v4().expect("both addresses are IPv4");
+        assert_eq!(small.addr_lo, [10, 0, 0, 1]);
+        assert_eq!(small.addr_hi, [10, 0, 0, 2]);
+        assert_eq!(small.to_full(), full);
+        let mut v6 = full;
+        v6.addr_hi = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        assert_eq!(v6.to_v4(), None, "an IPv6 flow stays in NPM_CT");
+    }
 
     #[test]
     fn ipv4_maps_into_the_v4_mapped_range() {

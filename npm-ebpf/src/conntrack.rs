@@ -1,4 +1,5 @@
-//! Per-endpoint connection tracking in the `NPM_CT` LRU hash: one lookup per packet.
+//! Per-endpoint connection tracking in the `NPM_CT4` (IPv4 flows, 20-byte key) and `NPM_CT`
+//! (IPv6 flows) LRU hashes: one lookup per packet.
 //!
 //! Key: the two (address, port) pairs sorted so both directions share one entry. The order is
 //! lexicographic on the 16 address bytes (network order), then on the port as a number
@@ -14,13 +15,13 @@ use npm_common::{
     maps::{
         CT_ORIGIN_LO, CT_PENDING, CT_SEEN_REPLY, CT_TCP_CLOSING, CT_TIMEOUT_OTHER_NS,
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS,
-        CT_TIMEOUT_UDP_NS, CtKey, CtValue, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+        CT_TIMEOUT_UDP_NS, CtKey, CtKey4, CtValue, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     },
     verdict::{REASON_ESTABLISHED, REASON_REPLY},
 };
 
 use crate::{
-    CONNTRACK,
+    CONNTRACK, CONNTRACK4,
     parse::{L4Kind, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, be_words},
 };
 
@@ -69,24 +70,75 @@ pub(crate) fn pair_le_bytes(a: &[u8; 16], a_port_be: u16, b: &[u8; 16], b_port_b
     u16::from_be(a_port_be) <= u16::from_be(b_port_be)
 }
 
-/// Fills `key` for `pkt` at `ifindex` (in place); returns whether the source is the `lo` side.
+/// The `NPM_CT4` key of an IPv4 flow's full `key` (its addresses' last four bytes).
 #[inline(always)]
-pub(crate) fn key(pkt: &Packet, ifindex: u32, key: &mut CtKey) -> bool {
-    let src_is_lo = pair_le(&pkt.src, pkt.sport_be, &pkt.dst, pkt.dport_be);
-    key.ifindex = ifindex;
-    key.proto = pkt.proto;
+fn key4_of(key: &CtKey) -> CtKey4 {
+    let (lo, hi) = (&key.addr_lo, &key.addr_hi);
+    CtKey4 {
+        addr_lo: [lo[12], lo[13], lo[14], lo[15]],
+        addr_hi: [hi[12], hi[13], hi[14], hi[15]],
+        ifindex: key.ifindex,
+        port_lo_be: key.port_lo_be,
+        port_hi_be: key.port_hi_be,
+        proto: key.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Whether `pkt`'s source is the `lo` side of its flow's key.
+#[inline(always)]
+pub(crate) fn src_is_lo(pkt: &Packet) -> bool {
+    pair_le(&pkt.src, pkt.sport_be, &pkt.dst, pkt.dport_be)
+}
+
+/// The last four bytes of an address of a [`Packet`], in one 4-byte read (built byte by
+/// byte, the key took eight loads and eight stores).
+#[inline(always)]
+fn v4_bytes(a: &[u8; 16]) -> [u8; 4] {
+    // SAFETY: callers pass `Packet::src` or `Packet::dst`, 8-byte aligned 16-byte arrays, so
+    // bytes 12..16 are in bounds and 4-byte aligned.
+    unsafe { a.as_ptr().add(12).cast::<u32>().read() }.to_ne_bytes()
+}
+
+/// The `NPM_CT4` key of `pkt`'s flow at `ifindex` (`pkt.v4`).
+#[inline(always)]
+fn key4(pkt: &Packet, ifindex: u32, src_is_lo: bool) -> CtKey4 {
+    let (src, dst) = (v4_bytes(&pkt.src), v4_bytes(&pkt.dst));
+    let (addr_lo, addr_hi, port_lo_be, port_hi_be) = if src_is_lo {
+        (src, dst, pkt.sport_be, pkt.dport_be)
+    } else {
+        (dst, src, pkt.dport_be, pkt.sport_be)
+    };
+    CtKey4 {
+        addr_lo,
+        addr_hi,
+        ifindex,
+        port_lo_be,
+        port_hi_be,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The `NPM_CT` key of `pkt`'s flow at `ifindex` (not `pkt.v4`).
+#[inline(always)]
+fn key6(pkt: &Packet, ifindex: u32, src_is_lo: bool) -> CtKey {
+    let mut key = CtKey {
+        addr_lo: pkt.dst,
+        addr_hi: pkt.src,
+        ifindex,
+        port_lo_be: pkt.dport_be,
+        port_hi_be: pkt.sport_be,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
     if src_is_lo {
         key.addr_lo = pkt.src;
         key.addr_hi = pkt.dst;
         key.port_lo_be = pkt.sport_be;
         key.port_hi_be = pkt.dport_be;
-    } else {
-        key.addr_lo = pkt.dst;
-        key.addr_hi = pkt.src;
-        key.port_lo_be = pkt.dport_be;
-        key.port_hi_be = pkt.sport_be;
     }
-    src_is_lo
+    key
 }
 
 #[inline(always)]
@@ -94,10 +146,16 @@ fn tcp_closing(flags: u8) -> bool {
     flags & (TCP_FIN | TCP_RST) != 0
 }
 
-/// Looks the flow up and, on a hit, refreshes the entry in place.
+/// Looks `pkt`'s flow at `ifindex` up (in the map of its family) and, on a hit, refreshes
+/// the entry in place.
 #[inline(always)]
-pub(crate) fn lookup(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u64) -> Ct {
-    let Some(ptr) = CONNTRACK.get_ptr_mut(key) else {
+pub(crate) fn lookup(pkt: &Packet, ifindex: u32, src_is_lo: bool, dir: u8, now: u64) -> Ct {
+    let found = if pkt.v4 {
+        CONNTRACK4.get_ptr_mut(&key4(pkt, ifindex, src_is_lo))
+    } else {
+        CONNTRACK.get_ptr_mut(&key6(pkt, ifindex, src_is_lo))
+    };
+    let Some(ptr) = found else {
         return Ct::Miss;
     };
     // SAFETY: the pointer comes from a successful map lookup and stays valid for this
@@ -180,11 +238,11 @@ fn other_timeout(proto: u8) -> u64 {
     }
 }
 
-/// Tracks a new allowed flow whose originator is this packet's source, at the endpoint
-/// whose counter slot is `slot`.
+/// Tracks a new allowed flow whose originator is this packet's source, at the endpoint of
+/// `ifindex` whose counter slot is `slot`.
 #[inline(always)]
-pub(crate) fn create(key: &CtKey, src_is_lo: bool, pkt: &Packet, dir: u8, now: u64, slot: u32) {
-    create_flags(key, src_is_lo, pkt, dir, now, slot, 0);
+pub(crate) fn create(pkt: &Packet, ifindex: u32, src_is_lo: bool, dir: u8, now: u64, slot: u32) {
+    create_flags(pkt, ifindex, src_is_lo, dir, now, slot, 0);
 }
 
 /// The timeout of a flow's first packet (what [`create`] gives a new entry).
@@ -202,10 +260,16 @@ pub(crate) fn new_flow_timeout(pkt: &Packet) -> u64 {
 }
 
 /// Clears `CT_PENDING` of the live entry `key`, if it has it: the deferred flow passed its
-/// post-DNAT check, so its packets are established and replies pass from now on.
+/// post-DNAT check, so its packets are established and replies pass from now on. `v4`: an
+/// IPv4 flow.
 #[inline(always)]
-pub(crate) fn confirm(key: &CtKey, now: u64, slot: u32) {
-    let Some(ptr) = CONNTRACK.get_ptr_mut(key) else {
+pub(crate) fn confirm(key: &CtKey, v4: bool, now: u64, slot: u32) {
+    let found = if v4 {
+        CONNTRACK4.get_ptr_mut(&key4_of(key))
+    } else {
+        CONNTRACK.get_ptr_mut(key)
+    };
+    let Some(ptr) = found else {
         return;
     };
     // SAFETY: as in `lookup`.
@@ -217,11 +281,12 @@ pub(crate) fn confirm(key: &CtKey, now: u64, slot: u32) {
 }
 
 /// [`create`] with `extra` `CT_*` bits (`CT_PENDING` for a deferred flow).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn create_flags(
-    key: &CtKey,
-    src_is_lo: bool,
     pkt: &Packet,
+    ifindex: u32,
+    src_is_lo: bool,
     dir: u8,
     now: u64,
     slot: u32,
@@ -249,5 +314,9 @@ pub(crate) fn create_flags(
         _pad: [0; 4],
     };
     // Failure (e.g. -ENOMEM) only means the flow is re-evaluated on its next packet.
-    let _ = CONNTRACK.insert(key, value, u64::from(BPF_ANY));
+    if pkt.v4 {
+        let _ = CONNTRACK4.insert(&key4(pkt, ifindex, src_is_lo), value, u64::from(BPF_ANY));
+    } else {
+        let _ = CONNTRACK.insert(&key6(pkt, ifindex, src_is_lo), value, u64::from(BPF_ANY));
+    }
 }

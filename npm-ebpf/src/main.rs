@@ -39,14 +39,14 @@ mod service;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_PIPE, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::{classifier, map},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use npm_common::{
     maps::{
-        Addr16, CIDRS_MAX, CONNTRACK_MAX, CtKey, CtValue, ENDPOINTS_MAX, EP_CLASS_EGRESS,
+        Addr16, CIDRS_MAX, CONNTRACK_MAX, CtKey, CtKey4, CtValue, ENDPOINTS_MAX, EP_CLASS_EGRESS,
         EP_CLASS_INGRESS, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, IDENTITIES_MAX,
         METRICS_MAX, PAIR_TRIE, PAIRS_MAX, PEER_HOST, POLICY_MAX, POLICY_PREFIX_FULL, PairKey,
         PairValue, PeerInfo, PolicyKey, PolicyValue,
@@ -63,7 +63,7 @@ use crate::{conntrack::Ct, parse::Packet};
 
 /// Bytes of headers we make sure are linear (Ethernet + IPv6 + a few extension headers +
 /// the L4 header in the common case).
-pub(crate) const PULL_LEN: u32 = 128;
+const PULL_LEN: u32 = 128;
 
 /// Prefix length of a full 16-byte address in the CIDRS trie.
 pub(crate) const ADDR_PREFIX_FULL: u32 = 128;
@@ -86,9 +86,21 @@ static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(POLIC
 #[map(name = "NPM_PAIRS")]
 static PAIRS: HashMap<PairKey, PairValue> = HashMap::with_max_entries(PAIRS_MAX, BPF_F_NO_PREALLOC);
 
+/// IPv6 flows (`CtKey`).
 #[map(name = "NPM_CT")]
 pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+
+/// IPv4 flows: the same entries under the 20-byte `CtKey4` (half the hashing of the
+/// established path's one lookup).
+#[map(name = "NPM_CT4")]
+pub(crate) static CONNTRACK4: LruHashMap<CtKey4, CtValue> =
+    LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
+
+/// Nanoseconds per jiffy (10⁹ / HZ) at index 0, written by the loader at start-up (it
+/// measures HZ with `npm_clock`); 0 until then. See [`now_ns`].
+#[map(name = "NPM_CLOCK")]
+static CLOCK: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "NPM_METRICS")]
 static METRICS: PerCpuArray<MetricsValue> = PerCpuArray::with_max_entries(METRICS_MAX, 0);
@@ -129,6 +141,31 @@ pub fn npm_pass(_ctx: TcContext) -> i32 {
     TC_ACT_PIPE
 }
 
+/// The loader's HZ probe: returns the low 31 bits of `jiffies` (`BPF_PROG_TEST_RUN` twice,
+/// some time apart, gives HZ). Never attached.
+#[classifier]
+pub fn npm_clock(_ctx: TcContext) -> i32 {
+    // SAFETY: helper without preconditions.
+    (unsafe { bpf_jiffies64() } & 0x7fff_ffff) as i32
+}
+
+/// The datapath's clock for conntrack and deferred-flow timeouts, in nanoseconds at tick
+/// resolution: `jiffies` × [`CLOCK`]. The verifier inlines `bpf_jiffies64` into one load, and
+/// the array lookup into a few instructions, where `bpf_ktime_get_coarse_ns` is a helper call
+/// three calls deep (measured: ~11 of 83 ns of an established packet, `bench --spin
+/// established`). 0 (not written yet) falls back to the coarse clock; the loader writes the
+/// factor before it attaches any program, and the map is pinned, so the programs of an agent
+/// and of its successor read the same clock.
+#[inline(always)]
+pub(crate) fn now_ns() -> u64 {
+    match CLOCK.get(0) {
+        // SAFETY: helper without preconditions.
+        Some(&ns) if ns != 0 => unsafe { bpf_jiffies64() }.wrapping_mul(ns),
+        // SAFETY: as above.
+        _ => unsafe { bpf_ktime_get_coarse_ns() },
+    }
+}
+
 /// Classifies, counts and turns the reason into a TC action. Nothing here can fail: every
 /// error path inside [`classify`] already chose a reason.
 #[inline(always)]
@@ -148,39 +185,29 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
 #[inline(always)]
 fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     // Headers are read with direct packet access, which sees only the linear part of the
-    // skb. If that part is shorter than the packet and than PULL_LEN, pull it in first (rare:
-    // the stack and veth usually keep the headers linear).
-    let len = ctx.len();
-    let want = if len < PULL_LEN { len } else { PULL_LEN };
-    if ctx.data_end() - ctx.data() < want as usize {
-        // On failure the parse below finds the headers missing: malformed.
-        let _ = ctx.pull_data(want);
-    }
-
+    // skb. Only when they are not all there is the packet pulled (up to PULL_LEN) and parsed
+    // again: rare, the stack and veth keep the headers linear. Pulling on demand matters: a
+    // TCP segment the local stack sends is a clone with its payload in page fragments, and
+    // pulling any of the payload reallocates the clone's head (`pskb_expand_head`), which
+    // pulling up front did for every data segment.
+    // The second parse needs no fresh `pkt`: parsing is a function of the packet's bytes,
+    // which the pull does not change, so the first (cut short) wrote a subset of the same
+    // fields with the same values.
     let mut pkt = Packet::new();
-    let parsed = parse::parse(ctx, &mut pkt);
+    let mut parsed = parse::parse(ctx, &mut pkt);
+    if !matches!(parsed, Ok(true)) && pull_headers(ctx) {
+        parsed = parse::parse(ctx, &mut pkt);
+    }
     if !matches!(parsed, Ok(true)) {
         return unparsed(ifindex, dir, parsed.is_err());
     }
 
-    // The coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution) is plenty for timeouts of
-    // seconds and much cheaper than bpf_ktime_get_ns, which reads the clocksource on every
-    // packet (measured: ~35 ns of a 150 ns established packet, `cargo xtask bench`).
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let mut ct_key = CtKey {
-        addr_lo: [0; 16],
-        addr_hi: [0; 16],
-        ifindex: 0,
-        port_lo_be: 0,
-        port_hi_be: 0,
-        proto: 0,
-        _pad: [0; 3],
-    };
-    let src_is_lo = conntrack::key(&pkt, ifindex, &mut ct_key);
+    // Tick resolution is plenty for timeouts of seconds (see `now_ns`).
+    let now = now_ns();
+    let src_is_lo = conntrack::src_is_lo(&pkt);
     // Conntrack first: the key holds the ifindex, so a hit is a flow this interface's
     // endpoint allowed, and the entry holds the endpoint's counter slot.
-    let live = match conntrack::lookup(&ct_key, src_is_lo, &pkt, dir, now) {
+    let live = match conntrack::lookup(&pkt, ifindex, src_is_lo, dir, now) {
         Ct::Hit(reason, slot) => return (reason, slot),
         Ct::LiveMismatch => true,
         // A pending (deferred) flow's entry may be overwritten by this packet's verdict.
@@ -205,14 +232,23 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     // Egress to a Service range: judged again after the DNAT (crate::service).
     if reason == REASON_DROP_POLICY
         && dir == DIR_EGRESS
-        && service::defer(ctx, &pkt, &ct_key, src_is_lo, live)
+        && service::defer(ctx, &pkt, ifindex, src_is_lo, live)
     {
         return (REASON_DEFERRED, ep.slot);
     }
     if is_allow(reason) && !live {
-        conntrack::create(&ct_key, src_is_lo, &pkt, dir, now, ep.slot);
+        conntrack::create(&pkt, ifindex, src_is_lo, dir, now, ep.slot);
     }
     (reason, ep.slot)
+}
+
+/// Makes the first `PULL_LEN` bytes (or the whole packet, if shorter) linear when they are
+/// not; true when it did. On failure the parse finds the headers missing again: malformed.
+#[inline(always)]
+pub(crate) fn pull_headers(ctx: &TcContext) -> bool {
+    let len = ctx.len();
+    let want = if len < PULL_LEN { len } else { PULL_LEN };
+    ctx.data_end() - ctx.data() < want as usize && ctx.pull_data(want).is_ok()
 }
 
 /// The verdict of a frame that is not IP (`malformed` false: passes untouched) or an IP

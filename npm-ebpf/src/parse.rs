@@ -66,6 +66,9 @@ pub(crate) struct Packet {
     pub(crate) kind: L4Kind,
     /// TCP flags byte, 0 for other protocols.
     pub(crate) tcp_flags: u8,
+    /// Both addresses are IPv4-mapped (an IPv4 packet, or an IPv6 one with two mapped
+    /// addresses): the flow lives in `NPM_CT4`, as `CtKey::to_v4` says.
+    pub(crate) v4: bool,
 }
 
 const _: () = assert!(core::mem::offset_of!(Packet, src) == 0);
@@ -78,6 +81,13 @@ pub(crate) fn be_words(a: &Addr16) -> (u64, u64) {
     // SAFETY: callers pass `Packet::src` or `Packet::dst`, which are 8-byte aligned (the
     // struct is `align(8)`, the fields at offsets 0 and 16) and 16 bytes long.
     unsafe { (u64::from_be(p.read()), u64::from_be(p.add(1).read())) }
+}
+
+/// [`npm_common::maps::is_v4_mapped`] for an address of a [`Packet`], in two word compares.
+#[inline(always)]
+fn v4_mapped(a: &Addr16) -> bool {
+    let (w0, w1) = be_words(a);
+    w0 == 0 && w1 >> 32 == 0xffff
 }
 
 /// An IP packet we cannot classify (truncated header, bad version/IHL, too many ext headers).
@@ -177,6 +187,7 @@ impl Packet {
             proto: 0,
             kind: L4Kind::NoPorts,
             tcp_flags: 0,
+            v4: false,
         }
     }
 }
@@ -220,6 +231,7 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
         pkt.dst = addr_from_v4((*ip).dst);
         pkt.proto = (*ip).proto;
     }
+    pkt.v4 = true;
     if first_fragment {
         parse_l4(ctx, ETH_HLEN + ihl, pkt)?;
     }
@@ -273,6 +285,8 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
     if first_fragment {
         parse_l4(ctx, off, pkt)?;
     }
+    // Last, from `pkt`: computed before the walk, the four words would stay live through it.
+    pkt.v4 = v4_mapped(&pkt.src) && v4_mapped(&pkt.dst);
     Ok(())
 }
 

@@ -26,7 +26,6 @@
 
 use aya_ebpf::{
     bindings::BPF_ANY,
-    helpers::bpf_ktime_get_coarse_ns,
     macros::map,
     maps::{LpmTrie, LruHashMap, lpm_trie::Key},
     programs::TcContext,
@@ -34,7 +33,7 @@ use aya_ebpf::{
 use npm_common::{
     maps::{
         Addr16, CT_PENDING, CtKey, DEFERRED_MAX, DeferKey, DeferValue, EP_CLASS_EGRESS,
-        EP_ISOLATE_EGRESS, MARK_DEFERRED, PEER_HOST, SERVICES_MAX,
+        EP_ISOLATE_EGRESS, MARK_DEFERRED, PEER_HOST, SERVICES_MAX, is_v4_mapped,
     },
     metrics::SLOT_UNMANAGED,
     verdict::{
@@ -44,9 +43,9 @@ use npm_common::{
 };
 
 use crate::{
-    ADDR_PREFIX_FULL, ENDPOINTS, IDENTITIES, PULL_LEN, conntrack, count,
+    ADDR_PREFIX_FULL, ENDPOINTS, IDENTITIES, conntrack, count, now_ns,
     parse::{self, Packet},
-    policy_verdict,
+    policy_verdict, pull_headers,
 };
 
 /// The cluster's Service ranges (value unused, 1).
@@ -82,7 +81,7 @@ fn mark(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).mark }
 }
 
-/// Pre-DNAT, for a new (or pending) egress flow at `ct_key.ifindex` that the policy lookup
+/// Pre-DNAT, for a new (or pending) egress flow at `ifindex` that the policy lookup
 /// denied: defers it when its destination is in a Service range. `live`: a live conntrack
 /// entry that this packet does not match exists (it is left alone). False: not deferred, drop
 /// as before. (Five arguments at most: BPF passes no arguments on the stack.)
@@ -90,16 +89,14 @@ fn mark(ctx: &TcContext) -> u32 {
 pub(crate) fn defer(
     ctx: &TcContext,
     pkt: &Packet,
-    ct_key: &CtKey,
+    ifindex: u32,
     src_is_lo: bool,
     live: bool,
 ) -> bool {
     if SERVICES.get(Key::new(ADDR_PREFIX_FULL, pkt.dst)).is_none() {
         return false;
     }
-    let ifindex = ct_key.ifindex;
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns();
     let key = defer_key(pkt);
     // SAFETY: plain-integer values.
     if let Some(v) = unsafe { DEFERRED.get(key) }
@@ -125,9 +122,9 @@ pub(crate) fn defer(
     if !live {
         // The pending entry counts nothing until `confirm` gives it the endpoint's slot.
         conntrack::create_flags(
-            ct_key,
-            src_is_lo,
             pkt,
+            ifindex,
+            src_is_lo,
             DIR_EGRESS,
             now,
             SLOT_UNMANAGED,
@@ -178,15 +175,14 @@ const PARSED: u8 = 0;
 const NOT_IP: u8 = 1;
 const MALFORMED: u8 = 2;
 
-/// Makes the headers linear if needed (as `classify` does) and parses them into `pkt`.
+/// Makes the headers linear if needed and parses them into `pkt`. Unlike `classify` it pulls
+/// up front: it runs only for marked packets (a deferred flow's first packets, without
+/// payload), and a second inlined parse would not fit the stack of its call chain.
 #[inline(never)]
 fn read_packet(ctx: &TcContext, pkt: &mut Packet) -> u8 {
-    let len = ctx.len();
-    let want = if len < PULL_LEN { len } else { PULL_LEN };
-    if ctx.data_end() - ctx.data() < want as usize {
-        let _ = ctx.pull_data(want);
-    }
-    match parse::parse(ctx, pkt) {
+    let _ = pull_headers(ctx);
+    let parsed = parse::parse(ctx, pkt);
+    match parsed {
         Ok(true) => PARSED,
         Ok(false) => NOT_IP,
         Err(parse::Malformed) => MALFORMED,
@@ -247,8 +243,7 @@ fn confirm(key: &DeferKey, src: u64) {
     };
     // SAFETY: the pointer comes from a successful lookup and stays valid for this run (RCU).
     let v = unsafe { &*v };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns();
     if v.expires_ns > now && v.ifindex == src_ifindex {
         // The key `conntrack::key` built for the original packet (src -> orig_dst).
         let mut ct_key = CtKey {
@@ -266,7 +261,9 @@ fn confirm(key: &DeferKey, src: u64) {
             ct_key.port_lo_be = v.orig_dport_be;
             ct_key.port_hi_be = key.sport_be;
         }
-        conntrack::confirm(&ct_key, now, slot);
+        // Which map the entry is in (`Packet::v4`).
+        let v4 = is_v4_mapped(&key.src) && is_v4_mapped(&v.orig_dst);
+        conntrack::confirm(&ct_key, v4, now, slot);
     }
     let _ = DEFERRED.remove(key);
 }

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use npm_agent::enforcer::Enforcer;
 use npm_agent::state::{Change, ClusterSnapshot};
 use npm_common::maps::{
-    CIDRS_MAX, CONNTRACK_MAX, ENDPOINTS_MAX, IDENTITIES_MAX, METRICS_MAX, PAIRS_MAX, POLICY_MAX,
+    CIDRS_MAX, CONNTRACK_MAX, CtKey, CtKey4, ENDPOINTS_MAX, IDENTITIES_MAX, METRICS_MAX, PAIRS_MAX,
+    POLICY_MAX,
 };
 
 use crate::packet::median;
@@ -49,14 +50,16 @@ fn status_kib(field: &str) -> Option<f64> {
 
 /// (map name, memlock bytes) of every BPF map this process holds an fd of.
 fn map_memory() -> Vec<(String, u64)> {
+    // (map type, max entries, key size or 0 for any, name)
     let known = [
-        (1, ENDPOINTS_MAX, "endpoints"),
-        (1, IDENTITIES_MAX, "identities"),
-        (11, CIDRS_MAX, "cidrs"),
-        (11, POLICY_MAX, "policy"),
-        (1, PAIRS_MAX, "pairs"),
-        (9, CONNTRACK_MAX, "conntrack"),
-        (6, METRICS_MAX, "metrics"),
+        (1, ENDPOINTS_MAX, 0, "endpoints"),
+        (1, IDENTITIES_MAX, 0, "identities"),
+        (11, CIDRS_MAX, 0, "cidrs"),
+        (11, POLICY_MAX, 0, "policy"),
+        (1, PAIRS_MAX, 0, "pairs"),
+        (9, CONNTRACK_MAX, size_of::<CtKey>(), "conntrack"),
+        (9, CONNTRACK_MAX, size_of::<CtKey4>(), "conntrack4"),
+        (6, METRICS_MAX, 0, "metrics"),
     ];
     let mut out = Vec::new();
     // A map can be open through two fds (the agent keeps second handles): count it once.
@@ -83,10 +86,16 @@ fn map_memory() -> Vec<(String, u64)> {
         {
             continue;
         }
+        let key_size = field("key_size:").unwrap_or(0);
         let name = known
             .iter()
-            .find(|(t, m, _)| *t == ty && u64::from(*m) == max)
-            .map_or_else(|| format!("type{ty}/{max}"), |(_, _, n)| (*n).to_string());
+            .find(|(t, m, k, _)| {
+                *t == ty && u64::from(*m) == max && (*k == 0 || *k as u64 == key_size)
+            })
+            .map_or_else(
+                || format!("type{ty}/{max}"),
+                |(_, _, _, n)| (*n).to_string(),
+            );
         out.push((name, mem));
     }
     out.sort();

@@ -25,7 +25,9 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use npm_agent::enforcer::Enforcer;
-use npm_common::maps::{CtKey, CtValue, MAP_CONNTRACK, PROG_PASS, PROG_TO_POD};
+use npm_common::maps::{
+    CtKey, CtKey4, CtValue, MAP_CONNTRACK, MAP_CONNTRACK4, PROG_PASS, PROG_TO_POD,
+};
 use npm_common::verdict::DIR_EGRESS;
 
 use crate::report::{Row, Sink};
@@ -120,21 +122,65 @@ fn repeated(e: &Enforcer, prog: &str, pkt: &[u8], repeat: u32, rounds: usize, wa
     median(&mut v)
 }
 
-/// The conntrack map, taken from the datapath so single entries can be removed.
-type CtMap = aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue>;
+/// The conntrack maps (IPv6 flows, IPv4 flows), taken from the datapath so single entries
+/// can be removed.
+struct CtMap {
+    v6: aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue>,
+    v4: aya::maps::HashMap<aya::maps::MapData, CtKey4, CtValue>,
+}
+
+impl CtMap {
+    /// Every key of both maps, as full keys.
+    fn keys(&self) -> Vec<CtKey> {
+        let v6 = self.v6.keys().collect::<Result<Vec<_>, _>>();
+        let v4 = self.v4.keys().map(|k| k.map(|k| k.to_full()));
+        let mut keys = v6.expect("conntrack keys");
+        keys.extend(v4.collect::<Result<Vec<_>, _>>().expect("conntrack keys"));
+        keys
+    }
+
+    fn get(&self, key: &CtKey) -> CtValue {
+        match key.to_v4() {
+            Some(k4) => self.v4.get(&k4, 0),
+            None => self.v6.get(key, 0),
+        }
+        .expect("conntrack entry")
+    }
+
+    fn insert(&mut self, key: &CtKey, v: CtValue) {
+        match key.to_v4() {
+            Some(k4) => self.v4.insert(k4, v, 0),
+            None => self.v6.insert(key, v, 0),
+        }
+        .expect("conntrack insert");
+    }
+
+    /// Removes flow `key` from the map of its family; true when it was there.
+    fn remove(&mut self, key: &CtKey) -> bool {
+        match key.to_v4() {
+            Some(k4) => self.v4.remove(&k4).is_ok(),
+            None => self.v6.remove(key).is_ok(),
+        }
+    }
+}
 
 fn take_ct(e: &mut Enforcer) -> CtMap {
-    let map = e
-        .datapath_mut()
-        .take_map(MAP_CONNTRACK)
-        .expect("conntrack map");
-    CtMap::try_from(map).expect("conntrack map type")
+    let mut take = |name| {
+        e.datapath_mut()
+            .take_map(name)
+            .unwrap_or_else(|e| panic!("map {name}: {e}"))
+    };
+    let (v6, v4) = (take(MAP_CONNTRACK), take(MAP_CONNTRACK4));
+    CtMap {
+        v6: aya::maps::HashMap::try_from(v6).expect("conntrack map type"),
+        v4: aya::maps::HashMap::try_from(v4).expect("conntrack map type"),
+    }
 }
 
 /// Removes every entry (walks the whole map: only between measurements, never inside one).
 fn ct_clear(ct: &mut CtMap) -> usize {
-    let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>().expect("conntrack keys");
-    keys.iter().filter(|k| ct.remove(k).is_ok()).count()
+    let keys = ct.keys();
+    keys.iter().filter(|k| ct.remove(k)).count()
 }
 
 /// Runs the allowed SYN once and returns the conntrack key it created (then removes it).
@@ -145,9 +191,9 @@ fn ct_key_of(e: &Enforcer, ct: &mut CtMap, pkt: &[u8]) -> CtKey {
         .test_run(PROG_TO_POD, pkt, 1, 1)
         .expect("BPF_PROG_TEST_RUN");
     assert_eq!(r.retval, TC_ACT_PIPE, "the allowed SYN passes");
-    let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>().expect("conntrack keys");
+    let keys = ct.keys();
     assert_eq!(keys.len(), 1, "an allowed new connection creates one entry");
-    ct.remove(&keys[0]).expect("remove the entry");
+    assert!(ct.remove(&keys[0]), "remove the entry");
     keys[0]
 }
 
@@ -174,7 +220,7 @@ fn singles(
             .expect("BPF_PROG_TEST_RUN");
         assert_eq!(r.retval, want, "{prog}: unexpected verdict");
         v.push(f64::from(r.duration_ns));
-        let removed = ct.remove(key).is_ok();
+        let removed = ct.remove(key);
         assert_eq!(
             removed, created,
             "{prog}: conntrack entry created by one run"
@@ -287,18 +333,14 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                     .test_run(PROG_TO_POD, &allowed, 1, 1)
                     .expect("BPF_PROG_TEST_RUN");
                 assert_eq!(first.retval, TC_ACT_PIPE);
-                let mut v = ct.get(&key, 0).expect("entry created");
+                let mut v = ct.get(&key);
                 v.origin_dir = DIR_EGRESS;
                 v.expires_ns = u64::MAX / 2;
-                ct.insert(key, v, 0).expect("mismatching entry");
+                ct.insert(&key, v);
                 let new_allowed_no_insert =
                     repeated(&e, PROG_TO_POD, &allowed, p.repeat, p.rounds, TC_ACT_PIPE);
-                assert_eq!(
-                    ct.get(&key, 0).expect("entry kept"),
-                    v,
-                    "the mismatching entry is left alone"
-                );
-                ct.remove(&key).expect("remove the entry");
+                assert_eq!(ct.get(&key), v, "the mismatching entry is left alone");
+                assert!(ct.remove(&key), "remove the entry");
                 // Create the entry, then time the hits.
                 let first = e
                     .datapath()

@@ -14,9 +14,9 @@ use aya::{
     },
 };
 use npm_common::maps::{
-    CtKey, CtValue, MAP_CIDRS, MAP_CONNTRACK, MAP_DEFERRED, MAP_ENDPOINTS, MAP_IDENTITIES,
-    MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS,
-    PROG_TO_POD,
+    CtKey, CtKey4, CtValue, MAP_CIDRS, MAP_CLOCK, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_DEFERRED,
+    MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, PROG_CLOCK,
+    PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD,
 };
 
 use super::sys;
@@ -25,14 +25,16 @@ use super::sys;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npm"));
 
 /// Every map of the object; all are pinned by name when a pin directory is given.
-const MAPS: [&str; 9] = [
+const MAPS: [&str; 11] = [
     MAP_ENDPOINTS,
     MAP_IDENTITIES,
     MAP_CIDRS,
     MAP_POLICY,
     MAP_PAIRS,
     MAP_CONNTRACK,
+    MAP_CONNTRACK4,
     MAP_METRICS,
+    MAP_CLOCK,
     MAP_SERVICES,
     MAP_DEFERRED,
 ];
@@ -115,6 +117,8 @@ pub enum DatapathError {
         ifindex: u32,
         now: u32,
     },
+    #[error("setting the datapath clock: {reason}")]
+    Clock { reason: String },
     #[error("map {map} is missing from the eBPF object or was already taken")]
     MapMissing { map: String },
     #[error("BPF_PROG_TEST_RUN of {prog}")]
@@ -145,6 +149,7 @@ impl DatapathError {
             Self::Detach { .. } => "detach",
             Self::MapMissing { .. } => "map",
             Self::TestRun { .. } => "test_run",
+            Self::Clock { .. } => "clock",
             Self::Map { .. } => "map_io",
         }
     }
@@ -231,12 +236,13 @@ impl Datapath {
             pin_dir: pin_dir.map(Path::to_owned),
             source: Box::new(source),
         })?;
-        // The pass-only baseline is loaded too (it is tiny) so `test_run` can run it; it is
-        // never attached.
-        for prog in HOOKS
-            .map(|(p, _)| p)
-            .into_iter()
-            .chain([PROG_HOST_EGRESS, PROG_PASS])
+        // The pass-only baseline and the HZ probe are loaded too (they are tiny) so `test_run`
+        // can run them; they are never attached.
+        for prog in
+            HOOKS
+                .map(|(p, _)| p)
+                .into_iter()
+                .chain([PROG_HOST_EGRESS, PROG_PASS, PROG_CLOCK])
         {
             classifier(&mut ebpf, prog)?
                 .load()
@@ -245,7 +251,75 @@ impl Datapath {
                     source: Box::new(source),
                 })?;
         }
-        Ok(Self { ebpf })
+        let mut dp = Self { ebpf };
+        dp.set_clock()?;
+        Ok(dp)
+    }
+
+    /// Writes the datapath's clock factor (nanoseconds per jiffy) into `NPM_CLOCK`, from the
+    /// kernel's HZ as [`Datapath::measure_hz`] finds it (once per process).
+    fn set_clock(&mut self) -> Result<(), DatapathError> {
+        static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let hz = match HZ.get() {
+            Some(&hz) => hz,
+            None => {
+                let hz = self.measure_hz().ok_or_else(|| DatapathError::Clock {
+                    reason: "BPF_PROG_TEST_RUN of npm_clock failed".to_owned(),
+                })?;
+                *HZ.get_or_init(|| hz)
+            }
+        };
+        let err = |source| DatapathError::Map {
+            map: MAP_CLOCK.to_owned(),
+            source: Box::new(source),
+        };
+        let map = self
+            .ebpf
+            .map_mut(MAP_CLOCK)
+            .ok_or_else(|| DatapathError::MapMissing {
+                map: MAP_CLOCK.to_owned(),
+            })?;
+        let mut clock: aya::maps::Array<&mut aya::maps::MapData, u64> =
+            aya::maps::Array::try_from(map).map_err(err)?;
+        clock.set(0, 1_000_000_000 / hz, 0).map_err(err)?;
+        Ok(())
+    }
+
+    /// The datapath clock's nanoseconds per jiffy (`NPM_CLOCK`), as [`Datapath::load`] set it.
+    pub fn clock_ns_per_jiffy(&self) -> Result<u64, DatapathError> {
+        let err = |source| DatapathError::Map {
+            map: MAP_CLOCK.to_owned(),
+            source: Box::new(source),
+        };
+        let map = self
+            .ebpf
+            .map(MAP_CLOCK)
+            .ok_or_else(|| DatapathError::MapMissing {
+                map: MAP_CLOCK.to_owned(),
+            })?;
+        let clock: aya::maps::Array<&aya::maps::MapData, u64> =
+            aya::maps::Array::try_from(map).map_err(err)?;
+        clock.get(&0, 0).map_err(err)
+    }
+
+    /// The kernel's HZ: `jiffies` read twice by `npm_clock`, 100 ms apart by
+    /// `CLOCK_MONOTONIC`, rounded to the nearest of the values Linux offers (100, 250, 300,
+    /// 1000) when within 10 % of it, else the measured rate. `None` if a test run fails.
+    fn measure_hz(&self) -> Option<u64> {
+        // Any Ethernet-sized frame: the probe does not look at it.
+        let frame = [0u8; 14];
+        let read = || -> Option<(u32, std::time::Instant)> {
+            let r = self.test_run(PROG_CLOCK, &frame, 1, 1).ok()?;
+            Some((r.retval, std::time::Instant::now()))
+        };
+        let (j0, t0) = read()?;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let (j1, t1) = read()?;
+        let ticks = f64::from(j1.wrapping_sub(j0) & 0x7fff_ffff);
+        let rate = ticks / (t1 - t0).as_secs_f64();
+        let hz = hz_of_rate(rate);
+        tracing::debug!(rate, hz, "kernel HZ measured (datapath clock)");
+        Some(hz)
     }
 
     /// Adds the clsact qdisc to `ifname` if absent and attaches `npm_from_pod` (TC ingress)
@@ -404,19 +478,24 @@ impl Datapath {
     /// connection. For the lab, where each probe round must see only new connections; an agent
     /// never does this. Returns how many entries were removed.
     pub fn flush_conntrack(&mut self) -> Result<usize, DatapathError> {
+        Ok(self.flush_map::<CtKey>(MAP_CONNTRACK)? + self.flush_map::<CtKey4>(MAP_CONNTRACK4)?)
+    }
+
+    /// Removes every entry of the conntrack map `name` (keys `K`); returns how many.
+    fn flush_map<K: aya::Pod>(&mut self, name: &str) -> Result<usize, DatapathError> {
         let err = |source| DatapathError::Map {
-            map: MAP_CONNTRACK.to_owned(),
+            map: name.to_owned(),
             source: Box::new(source),
         };
         let map = self
             .ebpf
-            .map_mut(MAP_CONNTRACK)
+            .map_mut(name)
             .ok_or_else(|| DatapathError::MapMissing {
-                map: MAP_CONNTRACK.to_owned(),
+                map: name.to_owned(),
             })?;
-        let mut ct: aya::maps::HashMap<&mut aya::maps::MapData, CtKey, CtValue> =
+        let mut ct: aya::maps::HashMap<&mut aya::maps::MapData, K, CtValue> =
             aya::maps::HashMap::try_from(map).map_err(err)?;
-        let keys: Vec<CtKey> = ct.keys().collect::<Result<_, _>>().map_err(err)?;
+        let keys: Vec<K> = ct.keys().collect::<Result<_, _>>().map_err(err)?;
         let mut removed = 0;
         for k in &keys {
             if ct.remove(k).is_ok() {
@@ -487,6 +566,17 @@ impl Datapath {
     }
 }
 
+/// HZ from a measured `jiffies` rate: the nearest of Linux's choices (100, 250, 300, 1000)
+/// when within 10 % of it, else the rate itself (at least 1).
+fn hz_of_rate(rate: f64) -> u64 {
+    const CHOICES: [f64; 4] = [100.0, 250.0, 300.0, 1000.0];
+    CHOICES
+        .into_iter()
+        .min_by(|a, b| (a - rate).abs().total_cmp(&(b - rate).abs()))
+        .filter(|c| (c - rate).abs() <= 0.1 * c)
+        .unwrap_or(rate.round().max(1.0)) as u64
+}
+
 /// Removes our filters of `hooks` (found by program name, at any priority) from `ifname`.
 fn detach_hooks(ifname: &str, hooks: &[(&str, TcAttachType)]) -> Result<(), DatapathError> {
     ifindex(ifname)?;
@@ -535,6 +625,18 @@ fn ifindex(ifname: &str) -> Result<u32, DatapathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_measured_jiffies_rate_rounds_to_the_hz_linux_offers() {
+        assert_eq!(hz_of_rate(249.0), 250);
+        assert_eq!(hz_of_rate(262.0), 250);
+        assert_eq!(hz_of_rate(290.0), 300);
+        assert_eq!(hz_of_rate(96.0), 100);
+        assert_eq!(hz_of_rate(1030.0), 1000);
+        // Far from every choice (an unusual architecture's HZ): the rate itself.
+        assert_eq!(hz_of_rate(500.0), 500);
+        assert_eq!(hz_of_rate(0.2), 1);
+    }
 
     #[test]
     fn a_pin_directory_outside_bpffs_is_refused_with_the_fix() {
