@@ -10,9 +10,10 @@
 //! - `kube-router + 1000 policies`: the same plus 1,000 synthetic policies (synth.rs) in 100
 //!   other namespaces.
 //!
-//! Each configuration is measured in turn within a round, and rounds repeat (5 in `full`);
-//! the median per figure is reported. Switching to `off` detaches the filters; switching on
-//! attaches them and programs that configuration's snapshot.
+//! Each configuration is measured in turn within a round (each round starting with the next
+//! one), and rounds repeat (6 in `full`); the median per figure is reported. The client side
+//! runs on CPU 0 and the server side on CPU 1 (`CLIENT_CPU`, `SERVER_CPU`). Switching to `off`
+//! detaches the filters; switching on attaches them and programs that configuration's snapshot.
 //!
 //! Tools: sockperf ping-pong over TCP (latency p50/p99), iperf3 (TCP throughput), and for new
 //! connections a small Rust load generator in this file (each worker connects, sends a
@@ -39,6 +40,41 @@ use crate::synth;
 const SOCKPERF_PORT: u16 = 11111;
 const IPERF_PORT: u16 = 5201;
 const HTTP_PORT: u16 = 8080;
+
+/// CPUs the client and the server side run on (every tool, thread and process of each side),
+/// when the machine has two or more: unpinned, the scheduler placed them on one CPU in some
+/// runs and on two in others, and iperf3 and sockperf were bimodal (first full run of
+/// 2026-12-04: 11 or 16-19 Gbit/s, p50 8 or 10.5 µs, off and on alike).
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
+
+fn pinning() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+}
+
+/// Pins the calling thread to `cpu` (no-op on a single-CPU machine).
+fn pin_thread(cpu: usize) {
+    if !pinning() {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays inside it (cpu < 1024),
+    // and sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// `args` prefixed with `taskset -c cpu` when pinning.
+fn on_cpu<'a>(cpu: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = Vec::new();
+    if pinning() {
+        v.extend(["taskset", "-c", cpu]);
+    }
+    v.extend_from_slice(args);
+    v
+}
 
 /// A process started in a pod; killed (by its pid) and reaped on drop.
 struct Proc(Child);
@@ -96,6 +132,7 @@ impl Http {
             .expect("bind the HTTP responder");
         listener.set_nonblocking(true).expect("nonblocking");
         let thread = std::thread::spawn(move || {
+            pin_thread(SERVER_CPU);
             let mut buf = [0u8; 512];
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -136,6 +173,7 @@ fn conn_rate(client: &NetNs, server: SocketAddr, concurrency: usize, secs: f64) 
         std::thread::scope(|s| {
             for _ in 0..concurrency {
                 s.spawn(|| {
+                    pin_thread(CLIENT_CPU);
                     let mut buf = [0u8; 256];
                     while Instant::now() < deadline {
                         let ok = (|| -> std::io::Result<()> {
@@ -172,18 +210,25 @@ fn conn_rate(client: &NetNs, server: SocketAddr, concurrency: usize, secs: f64) 
 
 /// sockperf ping-pong over TCP: (p50, p99) one-way latency in µs as sockperf reports it.
 fn latency(client: &NetNs, server: IpAddr, secs: u32) -> (f64, f64) {
+    let (server, port, secs) = (
+        server.to_string(),
+        SOCKPERF_PORT.to_string(),
+        secs.to_string(),
+    );
+    let args = [
+        "sockperf",
+        "ping-pong",
+        "--tcp",
+        "-i",
+        &server,
+        "-p",
+        &port,
+        "-t",
+        &secs,
+    ];
+    let cpu = CLIENT_CPU.to_string();
     let out = client
-        .exec(&[
-            "sockperf",
-            "ping-pong",
-            "--tcp",
-            "-i",
-            &server.to_string(),
-            "-p",
-            &SOCKPERF_PORT.to_string(),
-            "-t",
-            &secs.to_string(),
-        ])
+        .exec(&on_cpu(&cpu, &args))
         .expect("sockperf ping-pong");
     let pct = |p: &str| -> f64 {
         out.lines()
@@ -197,18 +242,10 @@ fn latency(client: &NetNs, server: IpAddr, secs: u32) -> (f64, f64) {
 
 /// iperf3 TCP throughput in Gbit/s (receiver side).
 fn throughput(client: &NetNs, server: IpAddr, secs: u32) -> f64 {
-    let out = client
-        .exec(&[
-            "iperf3",
-            "-c",
-            &server.to_string(),
-            "-p",
-            &IPERF_PORT.to_string(),
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ])
-        .expect("iperf3 client");
+    let (server, port, secs) = (server.to_string(), IPERF_PORT.to_string(), secs.to_string());
+    let args = ["iperf3", "-c", &server, "-p", &port, "-t", &secs, "-J"];
+    let cpu = CLIENT_CPU.to_string();
+    let out = client.exec(&on_cpu(&cpu, &args)).expect("iperf3 client");
     let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
@@ -323,9 +360,9 @@ struct Durations {
 pub(crate) fn run(full: bool, sink: &mut Sink) {
     let d = if full {
         Durations {
-            // Five: on 2 shared cores single rounds swing by 2x; the median of five
-            // interleaved rounds is what is reported.
-            rounds: 5,
+            // Six: on 2 shared cores single rounds swing by 2x; the median of six
+            // interleaved rounds (each configuration first in two of them) is reported.
+            rounds: 6,
             latency_s: 5,
             iperf_s: 5,
             conn_s: 3.0,
@@ -359,17 +396,19 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
             .unwrap_or_else(|| panic!("namespace of {}", p.name))
     };
     let (server_ns, client_ns) = (ns_of(&built[0]), ns_of(&built[1]));
+    let server_cpu = SERVER_CPU.to_string();
+    let (sockperf_port, iperf_port) = (SOCKPERF_PORT.to_string(), IPERF_PORT.to_string());
     let _sockperf = spawn_in(
         server_ns,
-        &[
-            "sockperf",
-            "server",
-            "--tcp",
-            "-p",
-            &SOCKPERF_PORT.to_string(),
-        ],
+        &on_cpu(
+            &server_cpu,
+            &["sockperf", "server", "--tcp", "-p", &sockperf_port],
+        ),
     );
-    let _iperf = spawn_in(server_ns, &["iperf3", "-s", "-p", &IPERF_PORT.to_string()]);
+    let _iperf = spawn_in(
+        server_ns,
+        &on_cpu(&server_cpu, &["iperf3", "-s", "-p", &iperf_port]),
+    );
     let _http = Http::start(server_ns);
     wait_listening(server_ns, &[SOCKPERF_PORT, IPERF_PORT, HTTP_PORT]);
 
@@ -403,7 +442,12 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
     // drift on this shared machine hits all of them alike; the median is reported.
     let mut results: Vec<((String, String, String), Vec<f64>)> = Vec::new();
     for round in 0..d.rounds {
-        for ((name, _), snapshot) in configs.iter().zip(&snapshots) {
+        // Each round starts with the next configuration, so none is always measured first or
+        // last within a round: the connection-rate figures drift down through a run (TIME_WAIT
+        // sockets pile up, off and on alike), which a fixed order turned into an on/off gap.
+        for i in 0..configs.len() {
+            let at = (round + i) % configs.len();
+            let ((name, _), snapshot) = (&configs[at], &snapshots[at]);
             lab.node().run(|| {
                 for (ifname, _) in interfaces.values() {
                     match snapshot {
