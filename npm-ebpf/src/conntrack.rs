@@ -151,9 +151,9 @@ fn tcp_closing(flags: u8) -> bool {
 #[inline(always)]
 pub(crate) fn lookup(pkt: &Packet, ifindex: u32, src_is_lo: bool, dir: u8, now: u64) -> Ct {
     let found = if pkt.v4 {
-        CONNTRACK4.get_ptr_mut(&key4(pkt, ifindex, src_is_lo))
+        CONNTRACK4.get_ptr_mut(key4(pkt, ifindex, src_is_lo))
     } else {
-        CONNTRACK.get_ptr_mut(&key6(pkt, ifindex, src_is_lo))
+        CONNTRACK.get_ptr_mut(key6(pkt, ifindex, src_is_lo))
     };
     let Some(ptr) = found else {
         return Ct::Miss;
@@ -265,7 +265,7 @@ pub(crate) fn new_flow_timeout(pkt: &Packet) -> u64 {
 #[inline(always)]
 pub(crate) fn confirm(key: &CtKey, v4: bool, now: u64, slot: u32) {
     let found = if v4 {
-        CONNTRACK4.get_ptr_mut(&key4_of(key))
+        CONNTRACK4.get_ptr_mut(key4_of(key))
     } else {
         CONNTRACK.get_ptr_mut(key)
     };
@@ -315,8 +315,8 @@ pub(crate) fn create_flags(
     };
     // Failure (e.g. -ENOMEM) only means the flow is re-evaluated on its next packet.
     if pkt.v4 {
-        let _ = CONNTRACK4.insert(&key4(pkt, ifindex, src_is_lo), value, u64::from(BPF_ANY));
+        let _ = CONNTRACK4.insert(key4(pkt, ifindex, src_is_lo), value, u64::from(BPF_ANY));
     } else {
-        let _ = CONNTRACK.insert(&key6(pkt, ifindex, src_is_lo), value, u64::from(BPF_ANY));
+        let _ = CONNTRACK.insert(key6(pkt, ifindex, src_is_lo), value, u64::from(BPF_ANY));
     }
 }
