@@ -60,6 +60,7 @@ fn map_memory() -> Vec<(String, u64)> {
         (9, CONNTRACK_MAX, size_of::<CtKey>(), "conntrack"),
         (9, CONNTRACK_MAX, size_of::<CtKey4>(), "conntrack4"),
         (6, METRICS_MAX, 0, "metrics"),
+        (2, 1, 0, "clock"),
     ];
     let mut out = Vec::new();
     // A map can be open through two fds (the agent keeps second handles): count it once.

@@ -10,10 +10,12 @@
 //! - `kube-router + 1000 policies`: the same plus 1,000 synthetic policies (synth.rs) in 100
 //!   other namespaces.
 //!
-//! Each configuration is measured in turn within a round (each round starting with the next
-//! one), and rounds repeat (6 in `full`); the median per figure is reported. The client side
-//! runs on CPU 0 and the server side on CPU 1 (`CLIENT_CPU`, `SERVER_CPU`). Switching to `off`
-//! detaches the filters; switching on attaches them and programs that configuration's snapshot.
+//! Within a round each tool runs once per configuration, the configurations back to back
+//! (each round starting with the next one), and rounds repeat (6 in `full`); the median per
+//! figure is reported, and each on/off ratio is the median of the per-round (paired) ratios.
+//! The client side runs on CPU 0 and the server side on CPU 1 (`CLIENT_CPU`, `SERVER_CPU`).
+//! Switching to `off` detaches the filters; switching on attaches them and programs that
+//! configuration's snapshot.
 //!
 //! Tools: sockperf ping-pong over TCP (latency p50/p99), iperf3 (TCP throughput), and for new
 //! connections a small Rust load generator in this file (each worker connects, sends a
@@ -438,60 +440,90 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
             })
         })
         .collect();
-    // (config, figure, unit) -> one value per round. Rounds interleave the configurations so
-    // drift on this shared machine hits all of them alike; the median is reported.
+    // (config, figure, unit) -> one value per round, in round order. Within a round each tool
+    // runs once per configuration, the configurations back to back (seconds apart), the next
+    // tool after them; the first configuration rotates from round to round, so none is always
+    // first (the connection rates drift down through a run as TIME_WAIT sockets pile up, off
+    // and on alike). This VM also switches between two speeds for tens of seconds at a time
+    // (1.4-1.8x apart, every tool and configuration alike: first full run of 2026-12-04), so
+    // the ratios below are paired: on/off within one round and tool, then the median over
+    // the rounds.
     let mut results: Vec<((String, String, String), Vec<f64>)> = Vec::new();
+    let mut applied: Option<usize> = None;
+    #[derive(Clone, Copy)]
+    enum Tool {
+        Latency,
+        Throughput,
+        Connections(usize),
+    }
+    let tools = [
+        Tool::Latency,
+        Tool::Throughput,
+        Tool::Connections(1),
+        Tool::Connections(8),
+        Tool::Connections(32),
+    ];
     for round in 0..d.rounds {
-        // Each round starts with the next configuration, so none is always measured first or
-        // last within a round: the connection-rate figures drift down through a run (TIME_WAIT
-        // sockets pile up, off and on alike), which a fixed order turned into an on/off gap.
-        for i in 0..configs.len() {
-            let at = (round + i) % configs.len();
-            let ((name, _), snapshot) = (&configs[at], &snapshots[at]);
-            lab.node().run(|| {
-                for (ifname, _) in interfaces.values() {
-                    match snapshot {
-                        Some(_) => {
-                            enforcer.attach(ifname).expect("attach");
+        for tool in tools {
+            for i in 0..configs.len() {
+                let at = (round + i) % configs.len();
+                let (name, snapshot) = (configs[at].0, &snapshots[at]);
+                if applied != Some(at) {
+                    lab.node().run(|| {
+                        for (ifname, _) in interfaces.values() {
+                            match snapshot {
+                                Some(_) => {
+                                    enforcer.attach(ifname).expect("attach");
+                                }
+                                None => enforcer.datapath_mut().detach(ifname).expect("detach"),
+                            }
                         }
-                        None => enforcer.datapath_mut().detach(ifname).expect("detach"),
+                    });
+                    if let Some(snapshot) = snapshot {
+                        let report = enforcer.apply(snapshot);
+                        assert_eq!(report.sync.failed, 0, "programming the maps failed");
                     }
+                    applied = Some(at);
                 }
-            });
-            if let Some(snapshot) = snapshot {
-                let report = enforcer.apply(snapshot);
-                assert_eq!(report.sync.failed, 0, "programming the maps failed");
-            }
-            eprintln!("traffic round {round}: {name}");
-            let (p50, p99) = latency(client_ns, server_ip, d.latency_s);
-            let gbps = throughput(client_ns, server_ip, d.iperf_s);
-            let mut r = vec![
-                ("TCP latency p50 (sockperf)".to_string(), p50, "µs"),
-                ("TCP latency p99 (sockperf)".to_string(), p99, "µs"),
-                ("TCP throughput (iperf3)".to_string(), gbps, "Gbit/s"),
-            ];
-            for c in [1, 8, 32] {
-                let rate = conn_rate(
-                    client_ns,
-                    SocketAddr::new(server_ip, HTTP_PORT),
-                    c,
-                    d.conn_s,
-                );
-                r.push((
-                    format!("new HTTP connections/s, concurrency {c}"),
-                    rate,
-                    "conn/s",
-                ));
-            }
-            for (figure, value, unit) in r {
-                let key = (name.to_string(), figure, unit.to_string());
-                match results.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, v)) => v.push(value),
-                    None => results.push((key, vec![value])),
+                let r: Vec<(String, f64, &str)> = match tool {
+                    Tool::Latency => {
+                        eprintln!("traffic round {round}: {name}");
+                        let (p50, p99) = latency(client_ns, server_ip, d.latency_s);
+                        vec![
+                            ("TCP latency p50 (sockperf)".to_string(), p50, "µs"),
+                            ("TCP latency p99 (sockperf)".to_string(), p99, "µs"),
+                        ]
+                    }
+                    Tool::Throughput => {
+                        let gbps = throughput(client_ns, server_ip, d.iperf_s);
+                        vec![("TCP throughput (iperf3)".to_string(), gbps, "Gbit/s")]
+                    }
+                    Tool::Connections(c) => {
+                        let rate = conn_rate(
+                            client_ns,
+                            SocketAddr::new(server_ip, HTTP_PORT),
+                            c,
+                            d.conn_s,
+                        );
+                        vec![(
+                            format!("new HTTP connections/s, concurrency {c}"),
+                            rate,
+                            "conn/s",
+                        )]
+                    }
+                };
+                for (figure, value, unit) in r {
+                    let key = (name.to_string(), figure, unit.to_string());
+                    match results.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, v)) => v.push(value),
+                        None => results.push((key, vec![value])),
+                    }
                 }
             }
         }
     }
+    // Per-round values, for the paired ratios.
+    let per_round = results.clone();
     let rounds_of: Vec<String> = results
         .iter()
         .map(|(_, v)| {
@@ -513,7 +545,7 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
             value: Some(*value),
             unit: unit.clone(),
             target_max: None,
-            note: Some(format!("median of interleaved rounds: {rounds}")),
+            note: Some(format!("median of rounds: {rounds}")),
         });
     }
     // Remove our filters before the lab goes (the lab deletes the interfaces anyway).
@@ -522,18 +554,22 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
             let _ = enforcer.datapath_mut().detach(ifname);
         }
     });
-    // Ratios on/off, written so that "cost" is above 1: latency on/off, rates off/on.
-    let off: Vec<_> = results.iter().filter(|r| r.0 == "off").cloned().collect();
-    for (name, figure, value, _) in results.iter().filter(|r| r.0 != "off") {
-        let Some(base) = off.iter().find(|o| &o.1 == figure) else {
+    // Ratios on/off, written so that "cost" is above 1: latency on/off, rates off/on; the
+    // median of the per-round ratios (paired, see above).
+    for ((name, figure, _), values) in per_round.iter().filter(|r| r.0.0 != "off") {
+        let Some((_, base)) = per_round
+            .iter()
+            .find(|((n, f, _), _)| n == "off" && f == figure)
+        else {
             continue;
         };
         let lower_is_better = figure.starts_with("TCP latency");
-        let ratio = if lower_is_better {
-            value / base.2
-        } else {
-            base.2 / value
-        };
+        let mut ratios: Vec<f64> = values
+            .iter()
+            .zip(base)
+            .map(|(on, off)| if lower_is_better { on / off } else { off / on })
+            .collect();
+        let each: Vec<String> = ratios.iter().map(|x| format!("{x:.3}")).collect();
         let what = if lower_is_better { "on/off" } else { "off/on" };
         sink.push(Row {
             section: "2 traffic".into(),
@@ -541,10 +577,10 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
             size: format!("enforcement {name}"),
             pods: None,
             policies: None,
-            value: Some(ratio),
+            value: Some(median(&mut ratios)),
             unit: "×".into(),
             target_max: Some(1.03),
-            note: None,
+            note: Some(format!("median of per-round ratios: {}", each.join(", "))),
         });
     }
 }
