@@ -1288,6 +1288,7 @@ fn pinned_maps_are_adopted() {
             MAP_CONNTRACK,
             MAP_CONNTRACK4,
             MAP_METRICS,
+            MAP_CLOCK,
         ] {
             assert!(v1.join(name).exists(), "{name} is pinned");
         }
