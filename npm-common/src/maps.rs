@@ -77,8 +77,8 @@ pub const CIDRS_MAX: u32 = 65_536;
 pub const POLICY_MAX: u32 = 1_048_576;
 /// At most one pair per POLICY entry.
 pub const PAIRS_MAX: u32 = POLICY_MAX;
-/// Entries of each conntrack map (`NPM_CT4` for IPv4 flows, `NPM_CT` for IPv6 flows), as
-/// Cilium sizes its v4 and v6 tables separately.
+/// Entries of each conntrack map (`NPM_CT4` for IPv4 flows, `NPM_CT` for IPv6 flows; Cilium
+/// too keeps separate v4 and v6 tables).
 pub const CONNTRACK_MAX: u32 = 262_144;
 /// Counter slots of [`crate::metrics`]: one per local endpoint (host-side interface in
 /// ENDPOINTS), sized for the pods one node runs (kubelet's default is 110, AKS allows 250)

@@ -70,21 +70,6 @@ pub(crate) fn pair_le_bytes(a: &[u8; 16], a_port_be: u16, b: &[u8; 16], b_port_b
     u16::from_be(a_port_be) <= u16::from_be(b_port_be)
 }
 
-/// The `NPM_CT4` key of an IPv4 flow's full `key` (its addresses' last four bytes).
-#[inline(always)]
-fn key4_of(key: &CtKey) -> CtKey4 {
-    let (lo, hi) = (&key.addr_lo, &key.addr_hi);
-    CtKey4 {
-        addr_lo: [lo[12], lo[13], lo[14], lo[15]],
-        addr_hi: [hi[12], hi[13], hi[14], hi[15]],
-        ifindex: key.ifindex,
-        port_lo_be: key.port_lo_be,
-        port_hi_be: key.port_hi_be,
-        proto: key.proto,
-        _pad: [0; 3],
-    }
-}
-
 /// Whether `pkt`'s source is the `lo` side of its flow's key.
 #[inline(always)]
 pub(crate) fn src_is_lo(pkt: &Packet) -> bool {
@@ -260,14 +245,13 @@ pub(crate) fn new_flow_timeout(pkt: &Packet) -> u64 {
 }
 
 /// Clears `CT_PENDING` of the live entry `key`, if it has it: the deferred flow passed its
-/// post-DNAT check, so its packets are established and replies pass from now on. `v4`: an
-/// IPv4 flow.
+/// post-DNAT check, so its packets are established and replies pass from now on. The entry
+/// is in the map of the key's family (`CtKey::to_v4`, as for `Packet::v4`).
 #[inline(always)]
-pub(crate) fn confirm(key: &CtKey, v4: bool, now: u64, slot: u32) {
-    let found = if v4 {
-        CONNTRACK4.get_ptr_mut(key4_of(key))
-    } else {
-        CONNTRACK.get_ptr_mut(key)
+pub(crate) fn confirm(key: &CtKey, now: u64, slot: u32) {
+    let found = match key.to_v4() {
+        Some(key4) => CONNTRACK4.get_ptr_mut(key4),
+        None => CONNTRACK.get_ptr_mut(key),
     };
     let Some(ptr) = found else {
         return;

@@ -152,8 +152,9 @@ pub fn npm_clock(_ctx: TcContext) -> i32 {
 /// The datapath's clock for conntrack and deferred-flow timeouts, in nanoseconds at tick
 /// resolution: `jiffies` × [`CLOCK`]. The verifier inlines `bpf_jiffies64` into one load, and
 /// the array lookup into a few instructions, where `bpf_ktime_get_coarse_ns` is a helper call
-/// three calls deep (measured: ~11 of 83 ns of an established packet, `bench --spin
-/// established`). 0 (not written yet) falls back to the coarse clock; the loader writes the
+/// through three kernel functions (perf: it, `ktime_get_coarse_ts64`,
+/// `set_normalized_timespec64`; measured: ~11 of 83 ns of an established packet, `bench
+/// --spin established`). 0 (not written yet) falls back to the coarse clock; the loader writes the
 /// factor before it attaches any program, and the map is pinned, so the programs of an agent
 /// and of its successor read the same clock.
 #[inline(always)]

@@ -33,7 +33,7 @@ use aya_ebpf::{
 use npm_common::{
     maps::{
         Addr16, CT_PENDING, CtKey, DEFERRED_MAX, DeferKey, DeferValue, EP_CLASS_EGRESS,
-        EP_ISOLATE_EGRESS, MARK_DEFERRED, PEER_HOST, SERVICES_MAX, is_v4_mapped,
+        EP_ISOLATE_EGRESS, MARK_DEFERRED, PEER_HOST, SERVICES_MAX,
     },
     metrics::SLOT_UNMANAGED,
     verdict::{
@@ -181,8 +181,7 @@ const MALFORMED: u8 = 2;
 #[inline(never)]
 fn read_packet(ctx: &TcContext, pkt: &mut Packet) -> u8 {
     let _ = pull_headers(ctx);
-    let parsed = parse::parse(ctx, pkt);
-    match parsed {
+    match parse::parse(ctx, pkt) {
         Ok(true) => PARSED,
         Ok(false) => NOT_IP,
         Err(parse::Malformed) => MALFORMED,
@@ -245,7 +244,7 @@ fn confirm(key: &DeferKey, src: u64) {
     let v = unsafe { &*v };
     let now = now_ns();
     if v.expires_ns > now && v.ifindex == src_ifindex {
-        // The key `conntrack::key` built for the original packet (src -> orig_dst).
+        // The key `conntrack::lookup` built for the original packet (src -> orig_dst).
         let mut ct_key = CtKey {
             addr_lo: key.src,
             addr_hi: v.orig_dst,
@@ -261,9 +260,7 @@ fn confirm(key: &DeferKey, src: u64) {
             ct_key.port_lo_be = v.orig_dport_be;
             ct_key.port_hi_be = key.sport_be;
         }
-        // Which map the entry is in (`Packet::v4`).
-        let v4 = is_v4_mapped(&key.src) && is_v4_mapped(&v.orig_dst);
-        conntrack::confirm(&ct_key, v4, now, slot);
+        conntrack::confirm(&ct_key, now, slot);
     }
     let _ = DEFERRED.remove(key);
 }

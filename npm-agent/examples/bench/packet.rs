@@ -132,11 +132,12 @@ struct CtMap {
 impl CtMap {
     /// Every key of both maps, as full keys.
     fn keys(&self) -> Vec<CtKey> {
-        let v6 = self.v6.keys().collect::<Result<Vec<_>, _>>();
         let v4 = self.v4.keys().map(|k| k.map(|k| k.to_full()));
-        let mut keys = v6.expect("conntrack keys");
-        keys.extend(v4.collect::<Result<Vec<_>, _>>().expect("conntrack keys"));
-        keys
+        self.v6
+            .keys()
+            .chain(v4)
+            .collect::<Result<_, _>>()
+            .expect("conntrack keys")
     }
 
     fn get(&self, key: &CtKey) -> CtValue {

@@ -117,8 +117,6 @@ pub enum DatapathError {
         ifindex: u32,
         now: u32,
     },
-    #[error("setting the datapath clock: {reason}")]
-    Clock { reason: String },
     #[error("map {map} is missing from the eBPF object or was already taken")]
     MapMissing { map: String },
     #[error("BPF_PROG_TEST_RUN of {prog}")]
@@ -149,7 +147,6 @@ impl DatapathError {
             Self::Detach { .. } => "detach",
             Self::MapMissing { .. } => "map",
             Self::TestRun { .. } => "test_run",
-            Self::Clock { .. } => "clock",
             Self::Map { .. } => "map_io",
         }
     }
@@ -263,54 +260,41 @@ impl Datapath {
         let hz = match HZ.get() {
             Some(&hz) => hz,
             None => {
-                let hz = self.measure_hz().ok_or_else(|| DatapathError::Clock {
-                    reason: "BPF_PROG_TEST_RUN of npm_clock failed".to_owned(),
-                })?;
+                let hz = self.measure_hz()?;
                 *HZ.get_or_init(|| hz)
             }
-        };
-        let err = |source| DatapathError::Map {
-            map: MAP_CLOCK.to_owned(),
-            source: Box::new(source),
         };
         let map = self
             .ebpf
             .map_mut(MAP_CLOCK)
-            .ok_or_else(|| DatapathError::MapMissing {
-                map: MAP_CLOCK.to_owned(),
-            })?;
+            .ok_or_else(|| map_missing(MAP_CLOCK))?;
         let mut clock: aya::maps::Array<&mut aya::maps::MapData, u64> =
-            aya::maps::Array::try_from(map).map_err(err)?;
-        clock.set(0, 1_000_000_000 / hz, 0).map_err(err)?;
-        Ok(())
+            aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
+        clock
+            .set(0, 1_000_000_000 / hz, 0)
+            .map_err(map_error(MAP_CLOCK))
     }
 
     /// The datapath clock's nanoseconds per jiffy (`NPM_CLOCK`), as [`Datapath::load`] set it.
     pub fn clock_ns_per_jiffy(&self) -> Result<u64, DatapathError> {
-        let err = |source| DatapathError::Map {
-            map: MAP_CLOCK.to_owned(),
-            source: Box::new(source),
-        };
         let map = self
             .ebpf
             .map(MAP_CLOCK)
-            .ok_or_else(|| DatapathError::MapMissing {
-                map: MAP_CLOCK.to_owned(),
-            })?;
+            .ok_or_else(|| map_missing(MAP_CLOCK))?;
         let clock: aya::maps::Array<&aya::maps::MapData, u64> =
-            aya::maps::Array::try_from(map).map_err(err)?;
-        clock.get(&0, 0).map_err(err)
+            aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
+        clock.get(&0, 0).map_err(map_error(MAP_CLOCK))
     }
 
     /// The kernel's HZ: `jiffies` read twice by `npm_clock`, 100 ms apart by
     /// `CLOCK_MONOTONIC`, rounded to the nearest of the values Linux offers (100, 250, 300,
-    /// 1000) when within 10 % of it, else the measured rate. `None` if a test run fails.
-    fn measure_hz(&self) -> Option<u64> {
+    /// 1000) when within 10 % of it, else the measured rate.
+    fn measure_hz(&self) -> Result<u64, DatapathError> {
         // Any Ethernet-sized frame: the probe does not look at it.
         let frame = [0u8; 14];
-        let read = || -> Option<(u32, std::time::Instant)> {
-            let r = self.test_run(PROG_CLOCK, &frame, 1, 1).ok()?;
-            Some((r.retval, std::time::Instant::now()))
+        let read = || -> Result<(u32, std::time::Instant), DatapathError> {
+            let r = self.test_run(PROG_CLOCK, &frame, 1, 1)?;
+            Ok((r.retval, std::time::Instant::now()))
         };
         let (j0, t0) = read()?;
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -319,7 +303,7 @@ impl Datapath {
         let rate = ticks / (t1 - t0).as_secs_f64();
         let hz = hz_of_rate(rate);
         tracing::debug!(rate, hz, "kernel HZ measured (datapath clock)");
-        Some(hz)
+        Ok(hz)
     }
 
     /// Adds the clsact qdisc to `ifname` if absent and attaches `npm_from_pod` (TC ingress)
@@ -483,19 +467,13 @@ impl Datapath {
 
     /// Removes every entry of the conntrack map `name` (keys `K`); returns how many.
     fn flush_map<K: aya::Pod>(&mut self, name: &str) -> Result<usize, DatapathError> {
-        let err = |source| DatapathError::Map {
-            map: name.to_owned(),
-            source: Box::new(source),
-        };
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::MapMissing {
-                map: name.to_owned(),
-            })?;
+        let map = self.ebpf.map_mut(name).ok_or_else(|| map_missing(name))?;
         let mut ct: aya::maps::HashMap<&mut aya::maps::MapData, K, CtValue> =
-            aya::maps::HashMap::try_from(map).map_err(err)?;
-        let keys: Vec<K> = ct.keys().collect::<Result<_, _>>().map_err(err)?;
+            aya::maps::HashMap::try_from(map).map_err(map_error(name))?;
+        let keys: Vec<K> = ct
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(name))?;
         let mut removed = 0;
         for k in &keys {
             if ct.remove(k).is_ok() {
@@ -563,6 +541,21 @@ impl Datapath {
             data_out: raw.data_out,
             mark_out: raw.mark_out,
         })
+    }
+}
+
+/// The error of a map absent from the object (or already taken).
+fn map_missing(name: &str) -> DatapathError {
+    DatapathError::MapMissing {
+        map: name.to_owned(),
+    }
+}
+
+/// Wraps an error of an operation on map `name`.
+fn map_error(name: &str) -> impl Fn(aya::maps::MapError) -> DatapathError + '_ {
+    move |source| DatapathError::Map {
+        map: name.to_owned(),
+        source: Box::new(source),
     }
 }
 
