@@ -23,12 +23,12 @@ use npm_common::{
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS, CtKey,
         CtKey4, CtValue, DeferKey, DeferValue, EP_CLASS_EGRESS, EP_CLASS_INGRESS,
         EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, MAP_CIDRS, MAP_CLOCK, MAP_CONNTRACK,
-        MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS,
-        MAP_POLICY, MAP_SERVICES, MARK_DEFERRED, PAIR_TRIE, PEER_HOST, POLICY_PREFIX_ANY_PORT,
-        POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_CLOCK, PROG_FROM_POD, PROG_HOST_EGRESS,
-        PROG_PASS, PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-        PairKey, PairPort, PairValue, PeerInfo, PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN,
-        addr_from_v4,
+        MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_FLOWS, MAP_FLOWS_GEN, MAP_IDENTITIES,
+        MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, MARK_DEFERRED, PAIR_TRIE, PEER_HOST,
+        POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_CLOCK,
+        PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6,
+        PROTO_SCTP, PROTO_TCP, PROTO_UDP, PairKey, PairPort, PairValue, PeerInfo, PolicyKey,
+        PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
     },
     metrics::{COUNTER_STRIDE, MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
@@ -382,13 +382,27 @@ impl Env {
         }
     }
 
-    /// Writes the entry of flow `key` into the map of its family.
+    /// Writes the entry of flow `key` into the map of its family (and invalidates the flow
+    /// cache, as every userspace writer of conntrack entries must).
     fn ct_insert(&mut self, key: CtKey, value: CtValue) {
         match key.to_v4() {
             Some(k4) => self.ct4.insert(k4, value, 0),
             None => self.ct.insert(key, value, 0),
         }
         .expect("insert ct");
+        self.dp
+            .invalidate_flow_cache()
+            .expect("invalidate the flow cache");
+    }
+
+    /// Removes the entry of flow `key` *without* invalidating the flow cache: what the
+    /// kernel's LRU eviction does.
+    fn ct_evict(&mut self, key: &CtKey) {
+        match key.to_v4() {
+            Some(k4) => self.ct4.remove(&k4),
+            None => self.ct.remove(key),
+        }
+        .expect("remove ct");
     }
 
     /// Entries of both conntrack maps: (IPv4, IPv6).
@@ -1083,6 +1097,144 @@ fn conntrack_expired_entry_counts_as_absent() {
     env.pass(PROG_TO_POD, &back, REASON_REPLY);
 }
 
+// ---------------------------------------------------------------------------------------
+// Flow cache
+// ---------------------------------------------------------------------------------------
+
+/// Pins the calling thread to the CPU it runs on, so its test runs share one CPU's flow
+/// cache (`NPM_FLOWS` is per CPU).
+fn stay_on_this_cpu() {
+    // SAFETY: plain syscalls on a zeroed cpu_set_t of the right size.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
+    }
+}
+
+/// A TCP flow from PEER to POD:80 allowed at ingress (egress isolated, nothing allowed), set
+/// up through SYN, SYN-ACK, ACK and one data segment back, IPv4 or IPv6. Returns the env,
+/// the flow's key and its (ACK from the peer, data segment from the pod) packets.
+fn established_flow(v6_flow: bool) -> (Env, CtKey, Vec<u8>, Vec<u8>) {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    let (pod, peer) = if v6_flow {
+        (v6("fd00::1"), v6("fd00::2"))
+    } else {
+        (v4(POD), v4(PEER))
+    };
+    let pkt = |src: Addr16, dst: Addr16, sport: u16, dport: u16, flags: u8| {
+        let l4 = tcp(sport, dport, flags);
+        if v6_flow {
+            ipv6(src, dst, PROTO_TCP, &l4)
+        } else {
+            let b = |a: Addr16| [a[12], a[13], a[14], a[15]];
+            ipv4(b(src), b(dst), PROTO_TCP, &l4)
+        }
+    };
+    env.identity(peer, PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+    let ack = pkt(peer, pod, 40000, 80, TCP_ACK);
+    let data_back = pkt(pod, peer, 80, 40000, TCP_ACK);
+    env.pass(
+        PROG_TO_POD,
+        &pkt(peer, pod, 40000, 80, TCP_SYN),
+        REASON_POLICY_ALLOW,
+    );
+    env.pass(
+        PROG_FROM_POD,
+        &pkt(pod, peer, 80, 40000, TCP_SYN | TCP_ACK),
+        REASON_REPLY,
+    );
+    env.pass(PROG_TO_POD, &ack, REASON_ESTABLISHED);
+    env.pass(PROG_FROM_POD, &data_back, REASON_REPLY);
+    let (key, _) = ct_key(peer, 40000, pod, 80, PROTO_TCP);
+    assert!(env.ct_entry(&key).is_some(), "the flow is tracked");
+    (env, key, ack, data_back)
+}
+
+#[test]
+fn established_packets_are_answered_from_the_flow_cache_until_it_is_invalidated() {
+    stay_on_this_cpu();
+    for v6_flow in [false, true] {
+        let (mut env, key, ack, data_back) = established_flow(v6_flow);
+        // Evicted as the kernel's LRU does it: the cached answers still pass both directions,
+        // with their own reasons, counted under the endpoint's slot (`pass` checks).
+        env.ct_evict(&key);
+        env.pass(PROG_TO_POD, &ack, REASON_ESTABLISHED);
+        env.pass(PROG_FROM_POD, &data_back, REASON_REPLY);
+        assert_eq!(env.ct_len(), 0, "cache hits create nothing");
+        // A SYN, FIN or RST is never answered from the cache: the RST back takes the
+        // conntrack path, finds nothing, and egress allows nothing.
+        let rst_back = {
+            let mut p = data_back.clone();
+            let flags_at = p.len() - 20 + 13;
+            p[flags_at] = TCP_RST | TCP_ACK;
+            p
+        };
+        env.deny(PROG_FROM_POD, &rst_back, REASON_DROP_POLICY);
+        // A userspace change of conntrack invalidates every cached answer: the data segment
+        // back is a new egress flow now (denied), the ACK a new ingress one (allowed again).
+        env.dp
+            .invalidate_flow_cache()
+            .expect("invalidate the flow cache");
+        env.deny(PROG_FROM_POD, &data_back, REASON_DROP_POLICY);
+        env.pass(PROG_TO_POD, &ack, REASON_POLICY_ALLOW);
+    }
+}
+
+#[test]
+fn a_cached_answer_lasts_at_most_until_the_entrys_next_refresh() {
+    stay_on_this_cpu();
+    let (mut env, key, ack, _) = established_flow(false);
+    let filled = std::time::Instant::now();
+    // Evicted, and the policy gone: only the cache still passes the flow.
+    env.ct_evict(&key);
+    let pair = PairKey {
+        local_id: LOCAL_ID,
+        peer_id: PEER_ID,
+        dir: DIR_INGRESS,
+        _pad: [0; 3],
+    };
+    env.pairs.remove(&pair).expect("remove pair");
+    env.pass(PROG_TO_POD, &ack, REASON_ESTABLISHED);
+    // The conntrack path would have refreshed the entry 1 s (REFRESH_SLACK) after the last
+    // rewrite (the SYN-ACK's); from then on the cache must not answer. Two ticks of margin.
+    let tick = env.dp.clock_ns_per_jiffy().expect("NPM_CLOCK");
+    std::thread::sleep(
+        std::time::Duration::from_secs(1) + std::time::Duration::from_nanos(2 * tick)
+            - filled.elapsed().min(std::time::Duration::from_millis(500)),
+    );
+    env.deny(PROG_TO_POD, &ack, REASON_DROP_POLICY);
+}
+
+#[test]
+fn the_flow_cache_can_be_turned_off_and_its_generations_never_repeat() {
+    stay_on_this_cpu();
+    let (mut env, key, ack, _) = established_flow(false);
+    let g1 = env.dp.flow_cache_generation().expect("generation");
+    assert_ne!(g1, 0, "on after load");
+    env.dp.set_flow_cache(false).expect("off");
+    assert_eq!(env.dp.flow_cache_generation().expect("generation"), 0);
+    // Off: the evicted flow is judged as new at once (allowed again by the ingress policy).
+    env.ct_evict(&key);
+    env.pass(PROG_TO_POD, &ack, REASON_POLICY_ALLOW);
+    env.dp.set_flow_cache(true).expect("on");
+    let g2 = env.dp.flow_cache_generation().expect("generation");
+    assert!(g2 > g1, "a fresh generation: {g2} after {g1}");
+    env.dp.invalidate_flow_cache().expect("invalidate");
+    let g3 = env.dp.flow_cache_generation().expect("generation");
+    assert!(
+        g3 > g2,
+        "invalidating takes a fresh generation: {g3} after {g2}"
+    );
+}
+
 /// `jiffies` now, read by the loader's probe program (low 31 bits).
 fn jiffies(env: &Env) -> u64 {
     let r = env
@@ -1289,6 +1441,8 @@ fn pinned_maps_are_adopted() {
             MAP_CONNTRACK4,
             MAP_METRICS,
             MAP_CLOCK,
+            MAP_FLOWS,
+            MAP_FLOWS_GEN,
         ] {
             assert!(v1.join(name).exists(), "{name} is pinned");
         }

@@ -14,4 +14,4 @@ pub mod verdict;
 mod pod;
 
 /// Bumped on any change of a map's name, type, key, value or meaning.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;

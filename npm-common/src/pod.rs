@@ -4,8 +4,8 @@
 //! arrays, has no implicit padding (checked by the size assertions next to each type), and
 //! every bit pattern is a valid value.
 use crate::maps::{
-    CtKey, CtKey4, CtValue, DeferKey, DeferValue, EndpointInfo, PairKey, PairValue, PeerInfo,
-    PolicyKey, PolicyValue,
+    CtKey, CtKey4, CtValue, DeferKey, DeferValue, EndpointInfo, FlowEntry, PairKey, PairValue,
+    PeerInfo, PolicyKey, PolicyValue,
 };
 use crate::metrics::MetricsValue;
 
@@ -18,6 +18,7 @@ unsafe impl aya::Pod for PairValue {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtKey4 {}
 unsafe impl aya::Pod for CtValue {}
+unsafe impl aya::Pod for FlowEntry {}
 unsafe impl aya::Pod for MetricsValue {}
 unsafe impl aya::Pod for DeferKey {}
 unsafe impl aya::Pod for DeferValue {}

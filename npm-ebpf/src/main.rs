@@ -34,6 +34,7 @@
 #![no_main]
 
 mod conntrack;
+mod flows;
 mod parse;
 mod service;
 

@@ -11,8 +11,11 @@
 //!   kernel's timer overhead and follows two syscalls, so the figure reported is the median of
 //!   those single runs minus (pass-only single run − pass-only repeated run), the pass-only
 //!   single runs being measured the same way (same delete syscall between runs);
-//! - established: the allowed SYN once (creates the entry), then `repeat` times (conntrack
-//!   hit). A denied flow never gets an entry, so "established, denied" does not exist;
+//! - established: the allowed SYN once (creates the entry), then an ACK `repeat` times: the
+//!   first repetition is a conntrack hit that fills the flow cache, the rest are flow-cache
+//!   hits (what a flow's packets on one CPU pay); and the same with the flow cache off
+//!   (every repetition a conntrack hit: what a cache miss pays). A denied flow never gets an
+//!   entry, so "established, denied" does not exist;
 //! - new connection, allowed, without the conntrack insert: the allowed SYN `repeat` times
 //!   in one call against a live entry of the same tuple that it does not match (recorded as
 //!   originating in the other direction): every repetition takes the whole allowed policy path
@@ -231,14 +234,20 @@ fn singles(
 }
 
 /// For profiling (`perf record -a` around it): runs one path at pods=10000 policies=1000 for
-/// about `seconds` (kind: `established`, `denied`, `new` (single runs) or `pass`, IPv4).
+/// about `seconds` (kind: `established`, `established-ct` (flow cache off), `denied`, `new`
+/// (single runs) or `pass`, IPv4).
 pub(crate) fn spin(kind: &str, seconds: u64) {
     let snapshot = synth::cluster(10_000, 1_000, 100);
     let mut e = Enforcer::new(None).expect("load the datapath (root required)");
     assert_eq!(e.apply(&snapshot).sync.failed, 0);
     let allowed = packet(false, synth::ALLOWED_PEER, TCP_SYN);
     let (prog, pkt, want) = match kind {
-        "established" => {
+        "established" | "established-ct" => {
+            if kind == "established-ct" {
+                e.datapath_mut()
+                    .set_flow_cache(false)
+                    .expect("flow cache off");
+            }
             let r = e
                 .datapath()
                 .test_run(PROG_TO_POD, &allowed, 1, 1)
@@ -349,7 +358,21 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                     .expect("BPF_PROG_TEST_RUN");
                 assert_eq!(first.retval, TC_ACT_PIPE);
                 let established = repeated(&e, PROG_TO_POD, &est, p.repeat, p.rounds, TC_ACT_PIPE);
+                // The same packets through the conntrack lookup: what a flow pays on a flow-
+                // cache miss (first packet on a CPU, a slot taken by another flow, once per
+                // second for the refresh).
+                e.datapath_mut()
+                    .set_flow_cache(false)
+                    .expect("flow cache off");
+                let established_ct =
+                    repeated(&e, PROG_TO_POD, &est, p.repeat, p.rounds, TC_ACT_PIPE);
+                e.datapath_mut()
+                    .set_flow_cache(true)
+                    .expect("flow cache on");
                 assert_eq!(ct_clear(&mut ct), 1, "one tracked flow");
+                e.datapath_mut()
+                    .invalidate_flow_cache()
+                    .expect("invalidate the flow cache");
 
                 let mut row = |figure: &str, value: f64, target: Option<f64>| {
                     sink.push(Row {
@@ -366,7 +389,12 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                 };
                 row("new connection, allowed", new_allowed, Some(150.0));
                 row("new connection, denied", new_denied, Some(150.0));
-                row("established (conntrack hit)", established, Some(60.0));
+                row("established (flow-cache hit)", established, Some(60.0));
+                row(
+                    "established, flow cache off (conntrack hit)",
+                    established_ct,
+                    Some(60.0),
+                );
                 row(
                     "new connection, allowed, without the conntrack insert (repeated)",
                     new_allowed_no_insert,
@@ -377,6 +405,11 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                 row(
                     "established, net of the pass-only program",
                     established - pass_rep,
+                    None,
+                );
+                row(
+                    "established, flow cache off, net of the pass-only program",
+                    established_ct - pass_rep,
                     None,
                 );
                 row(

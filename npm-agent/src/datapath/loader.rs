@@ -14,9 +14,10 @@ use aya::{
     },
 };
 use npm_common::maps::{
-    CtKey, CtKey4, CtValue, MAP_CIDRS, MAP_CLOCK, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_DEFERRED,
-    MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, PROG_CLOCK,
-    PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD,
+    CtKey, CtKey4, CtValue, FLOWS_GEN_ACTIVE, FLOWS_GEN_LAST, MAP_CIDRS, MAP_CLOCK, MAP_CONNTRACK,
+    MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_FLOWS, MAP_FLOWS_GEN, MAP_IDENTITIES,
+    MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, PROG_CLOCK, PROG_FROM_POD, PROG_HOST_EGRESS,
+    PROG_PASS, PROG_TO_POD,
 };
 
 use super::sys;
@@ -25,7 +26,7 @@ use super::sys;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npm"));
 
 /// Every map of the object; all are pinned by name when a pin directory is given.
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 13] = [
     MAP_ENDPOINTS,
     MAP_IDENTITIES,
     MAP_CIDRS,
@@ -35,6 +36,8 @@ const MAPS: [&str; 11] = [
     MAP_CONNTRACK4,
     MAP_METRICS,
     MAP_CLOCK,
+    MAP_FLOWS,
+    MAP_FLOWS_GEN,
     MAP_SERVICES,
     MAP_DEFERRED,
 ];
@@ -250,6 +253,8 @@ impl Datapath {
         }
         let mut dp = Self { ebpf };
         dp.set_clock()?;
+        // A fresh generation: entries of a previous agent (adopted pins) are not trusted.
+        dp.set_flow_cache(true)?;
         Ok(dp)
     }
 
@@ -284,6 +289,57 @@ impl Datapath {
         let clock: aya::maps::Array<&aya::maps::MapData, u64> =
             aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
         clock.get(&0, 0).map_err(map_error(MAP_CLOCK))
+    }
+
+    /// Turns the flow cache (`NPM_FLOWS`, `npm_common::maps` "FLOWS") on with a fresh
+    /// generation, so no entry written before can hit, or off (every cacheable packet takes
+    /// the conntrack path). [`Datapath::load`] turns it on.
+    pub fn set_flow_cache(&mut self, on: bool) -> Result<(), DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_FLOWS_GEN)
+            .ok_or_else(|| map_missing(MAP_FLOWS_GEN))?;
+        let mut gens: aya::maps::Array<&mut aya::maps::MapData, u32> =
+            aya::maps::Array::try_from(map).map_err(map_error(MAP_FLOWS_GEN))?;
+        let active = gens
+            .get(&FLOWS_GEN_ACTIVE, 0)
+            .map_err(map_error(MAP_FLOWS_GEN))?;
+        let last = gens
+            .get(&FLOWS_GEN_LAST, 0)
+            .map_err(map_error(MAP_FLOWS_GEN))?;
+        let last = last.max(active);
+        let next = if on {
+            // 0 means off; after u32::MAX generations, wrap past it.
+            last.checked_add(1).unwrap_or(1)
+        } else {
+            0
+        };
+        gens.set(FLOWS_GEN_LAST, next.max(last), 0)
+            .map_err(map_error(MAP_FLOWS_GEN))?;
+        gens.set(FLOWS_GEN_ACTIVE, next, 0)
+            .map_err(map_error(MAP_FLOWS_GEN))
+    }
+
+    /// The flow cache's active generation (0: off).
+    pub fn flow_cache_generation(&self) -> Result<u32, DatapathError> {
+        let map = self
+            .ebpf
+            .map(MAP_FLOWS_GEN)
+            .ok_or_else(|| map_missing(MAP_FLOWS_GEN))?;
+        let gens: aya::maps::Array<&aya::maps::MapData, u32> =
+            aya::maps::Array::try_from(map).map_err(map_error(MAP_FLOWS_GEN))?;
+        gens.get(&FLOWS_GEN_ACTIVE, 0)
+            .map_err(map_error(MAP_FLOWS_GEN))
+    }
+
+    /// Makes every flow-cache entry a miss, if the cache is on. Whoever removes or rewrites
+    /// conntrack entries from userspace calls it afterwards, so no cached answer outlives
+    /// the entry it copied.
+    pub fn invalidate_flow_cache(&mut self) -> Result<(), DatapathError> {
+        if self.flow_cache_generation()? != 0 {
+            self.set_flow_cache(true)?;
+        }
+        Ok(())
     }
 
     /// The kernel's HZ: `jiffies` read twice by `npm_clock`, 100 ms apart by
@@ -462,7 +518,10 @@ impl Datapath {
     /// connection. For the lab, where each probe round must see only new connections; an agent
     /// never does this. Returns how many entries were removed.
     pub fn flush_conntrack(&mut self) -> Result<usize, DatapathError> {
-        Ok(self.flush_map::<CtKey>(MAP_CONNTRACK)? + self.flush_map::<CtKey4>(MAP_CONNTRACK4)?)
+        let removed =
+            self.flush_map::<CtKey>(MAP_CONNTRACK)? + self.flush_map::<CtKey4>(MAP_CONNTRACK4)?;
+        self.invalidate_flow_cache()?;
+        Ok(removed)
     }
 
     /// Removes every entry of the conntrack map `name` (keys `K`); returns how many.
