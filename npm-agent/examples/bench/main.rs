@@ -41,7 +41,8 @@ struct Args {
     /// rows as JSON.
     #[arg(long, hide = true)]
     control_child: Option<String>,
-    /// For profiling: run one per-packet path (established, denied, pass) for SECONDS.
+    /// For profiling: run one per-packet path (established, established-ct, denied, new, pass)
+    /// or short connections in the lab (conn: enforcing, conn-off) for SECONDS.
     #[arg(long, hide = true, num_args = 2, value_names = ["PATH", "SECONDS"])]
     spin: Vec<String>,
 }
@@ -92,7 +93,12 @@ fn main() {
         return;
     }
     if let [kind, seconds] = args.spin.as_slice() {
-        packet::spin(kind, seconds.parse().expect("SECONDS"));
+        let seconds = seconds.parse().expect("SECONDS");
+        match kind.as_str() {
+            "conn" => traffic::spin(true, seconds),
+            "conn-off" => traffic::spin(false, seconds),
+            _ => packet::spin(kind, seconds),
+        }
         return;
     }
     let full = args.size == Size::Full;

@@ -54,6 +54,12 @@ const HOOKS: [(&str, TcAttachType); 2] = [
     (PROG_TO_POD, TcAttachType::Egress),
 ];
 
+/// [`Datapath::attach_baseline`]: the pass-only program on both hooks of a pod interface.
+const BASELINE_HOOKS: [(&str, TcAttachType); 2] = [
+    (PROG_PASS, TcAttachType::Ingress),
+    (PROG_PASS, TcAttachType::Egress),
+];
+
 /// Which program runs on the node's other links (not loopback, not a pod interface) when
 /// Service ranges are configured: the post-DNAT check of deferred egress.
 const HOST_HOOKS: [(&str, TcAttachType); 1] = [(PROG_HOST_EGRESS, TcAttachType::Egress)];
@@ -370,6 +376,19 @@ impl Datapath {
     /// agent) is replaced atomically, never stacked. Returns the interface index.
     pub fn attach(&mut self, ifname: &str) -> Result<u32, DatapathError> {
         self.attach_hooks(ifname, &HOOKS)
+    }
+
+    /// Attaches the pass-only `npm_pass` where [`Datapath::attach`] puts the classifiers (both
+    /// hooks, same priority and handle, replacing them): for benchmarks, so traffic through
+    /// a filter that does nothing shows what the TC hook itself costs. Returns the interface
+    /// index. [`Datapath::attach`] replaces it; [`Datapath::detach_baseline`] removes it.
+    pub fn attach_baseline(&mut self, ifname: &str) -> Result<u32, DatapathError> {
+        self.attach_hooks(ifname, &BASELINE_HOOKS)
+    }
+
+    /// Removes what [`Datapath::attach_baseline`] attached (absent is not an error).
+    pub fn detach_baseline(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        detach_hooks(ifname, &BASELINE_HOOKS)
     }
 
     /// Attaches `npm_host_egress` (TC egress) to a node link that is neither loopback nor a
