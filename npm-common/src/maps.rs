@@ -377,9 +377,10 @@ pub const CT_TIMEOUT_OTHER_NS: u64 = 30 * 1_000_000_000;
 //
 // A conntrack hit whose entry would not be rewritten (no state change, deadline not due for a
 // refresh) is copied here, and the next packet of the flow in the same direction on the same
-// CPU passes on it without the conntrack lookup (a kernel hash lookup, about 20 ns of an
-// established packet's 45), until the entry's next refresh would be due (at most
-// `REFRESH_SLACK` later, 1 s) or the generation changes. It caches only what the conntrack
+// CPU passes on it without the conntrack lookup (a kernel hash lookup: `bench --spin
+// established` 70-73 ns with it, 43-47 ns from the cache), until the entry's next refresh
+// would be due (at most 1 s, the datapath's refresh slack, after its last rewrite) or the
+// generation changes. It caches only what the conntrack
 // path would have answered: the flow's full key, the direction and side, and the answer;
 // TCP packets with SYN, FIN or RST and every non-TCP/UDP packet take the conntrack path.
 // Per CPU, so nothing is shared and no entry can be read half-written.
