@@ -42,7 +42,7 @@ struct Args {
     #[arg(long, hide = true)]
     control_child: Option<String>,
     /// For profiling: run one per-packet path (established, established-ct, denied, new, pass)
-    /// or short connections in the lab (conn: enforcing, conn-off) for SECONDS.
+    /// or short connections in the lab (conn: enforcing, conn-nocache, conn-off) for SECONDS.
     #[arg(long, hide = true, num_args = 2, value_names = ["PATH", "SECONDS"])]
     spin: Vec<String>,
 }
@@ -95,8 +95,9 @@ fn main() {
     if let [kind, seconds] = args.spin.as_slice() {
         let seconds = seconds.parse().expect("SECONDS");
         match kind.as_str() {
-            "conn" => traffic::spin(true, seconds),
-            "conn-off" => traffic::spin(false, seconds),
+            "conn" => traffic::spin(true, false, seconds),
+            "conn-nocache" => traffic::spin(true, true, seconds),
+            "conn-off" => traffic::spin(false, false, seconds),
             _ => packet::spin(kind, seconds),
         }
         return;

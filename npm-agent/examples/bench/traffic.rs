@@ -385,8 +385,9 @@ struct Durations {
 }
 
 /// For profiling (`perf record -a` around it): short HTTP connections at concurrency 1 for
-/// about `seconds`, enforcing the kube-router scenario (`enforce`) or with nothing attached.
-pub(crate) fn spin(enforce: bool, seconds: u64) {
+/// about `seconds`, enforcing the kube-router scenario (`enforce`; with the flow cache off
+/// when `no_flow_cache`) or with nothing attached.
+pub(crate) fn spin(enforce: bool, no_flow_cache: bool, seconds: u64) {
     let pods = vec![
         lab_pod("default", "server", "server"),
         lab_pod("bench-client", "client", "client"),
@@ -425,6 +426,12 @@ pub(crate) fn spin(enforce: bool, seconds: u64) {
             }
         });
         assert_eq!(enforcer.apply(&snapshot).sync.failed, 0);
+        if no_flow_cache {
+            enforcer
+                .datapath_mut()
+                .set_flow_cache(false)
+                .expect("flow cache off");
+        }
     }
     let start = Instant::now();
     while start.elapsed().as_secs() < seconds {
