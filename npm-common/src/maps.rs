@@ -53,13 +53,17 @@ pub const MAP_PAIRS: &str = "NPM_PAIRS";
 pub const MAP_CONNTRACK: &str = "NPM_CT";
 pub const MAP_CONNTRACK4: &str = "NPM_CT4";
 pub const MAP_METRICS: &str = "NPM_METRICS";
-/// Array of one u64: nanoseconds per jiffy (10⁹ / HZ), the datapath's clock factor.
+/// Array of three u64, read by the datapath on every packet (one cache line): nanoseconds per
+/// jiffy (10⁹ / HZ, `CLOCK_NS_PER_JIFFY`), the datapath's clock factor; the flow cache's
+/// generation (`FLOWS_GEN_ACTIVE`, 0 = cache off), a logical clock userspace advances; and the
+/// last generation handed out (`FLOWS_GEN_LAST`, userspace's bookkeeping).
 pub const MAP_CLOCK: &str = "NPM_CLOCK";
+/// `NPM_CLOCK` entries.
+pub const CLOCK_ENTRIES: u32 = 3;
+/// `NPM_CLOCK` index of the nanoseconds per jiffy.
+pub const CLOCK_NS_PER_JIFFY: u32 = 0;
 /// Per-CPU array of [`FlowEntry`]: the established-flow cache in front of the conntrack maps.
 pub const MAP_FLOWS: &str = "NPM_FLOWS";
-/// Array of two u32: the flow cache's generation (`FLOWS_GEN_ACTIVE`, 0 = cache off) and the
-/// last one handed out (`FLOWS_GEN_LAST`, userspace's bookkeeping).
-pub const MAP_FLOWS_GEN: &str = "NPM_FLOWS_GEN";
 pub const MAP_SERVICES: &str = "NPM_SERVICES";
 pub const MAP_DEFERRED: &str = "NPM_DEFERRED";
 
@@ -385,13 +389,13 @@ pub const CT_TIMEOUT_OTHER_NS: u64 = 30 * 1_000_000_000;
 // TCP packets with SYN, FIN or RST and every non-TCP/UDP packet take the conntrack path.
 // Per CPU, so nothing is shared and no entry can be read half-written.
 
-/// `NPM_FLOWS_GEN` index read by the datapath: entries of another generation are misses; 0
-/// turns the cache off. Userspace changes it whenever it removes or rewrites conntrack
-/// entries, so nothing cached outlives them.
-pub const FLOWS_GEN_ACTIVE: u32 = 0;
-/// `NPM_FLOWS_GEN` index of the last generation handed out (kept while the cache is off, so
+/// `NPM_CLOCK` index of the generation the datapath reads: entries of another generation are
+/// misses; 0 turns the cache off. Userspace changes it whenever it removes or rewrites
+/// conntrack entries, so nothing cached outlives them. Always below 2³² (`FlowEntry::generation`).
+pub const FLOWS_GEN_ACTIVE: u32 = 1;
+/// `NPM_CLOCK` index of the last generation handed out (kept while the cache is off, so
 /// turning it on again never revives old entries).
-pub const FLOWS_GEN_LAST: u32 = 1;
+pub const FLOWS_GEN_LAST: u32 = 2;
 
 /// `FlowEntry::key[0]` bits besides the direction (bits 0..8).
 pub const FLOW_SRC_IS_LO: u32 = 1 << 8;
@@ -409,7 +413,7 @@ pub struct FlowEntry {
     /// Datapath clock (ns) from which the entry is a miss: when the conntrack path would
     /// next refresh the entry's deadline.
     pub until_ns: u64,
-    /// `NPM_FLOWS_GEN[FLOWS_GEN_ACTIVE]` when the entry was written.
+    /// `NPM_CLOCK[FLOWS_GEN_ACTIVE]` when the entry was written.
     pub generation: u32,
     /// The endpoint's counter slot (`CtValue::slot`).
     pub slot: u16,

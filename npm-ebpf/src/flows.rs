@@ -9,32 +9,33 @@
 //! - it is a hit only until the conntrack path would next rewrite the entry (`until_ns`: its
 //!   deadline due for a refresh), and only for packets that cannot change the entry's state
 //!   ([`cacheable`]: TCP without SYN, FIN or RST, and UDP);
-//! - userspace changes the generation whenever it removes or rewrites conntrack entries.
+//! - userspace changes the generation (`NPM_CLOCK[FLOWS_GEN_ACTIVE]`) whenever it removes or
+//!   rewrites conntrack entries.
 //!
 //! So an entry outlives its conntrack entry only when the kernel's LRU evicts that one, by at
 //! most the refresh slack (1 s). Per CPU, so no entry is shared or read half-written (TC
 //! programs run with migration disabled, and a CPU's TC runs do not nest).
 
-use aya_ebpf::maps::{Array, PerCpuArray};
+use aya_ebpf::maps::PerCpuArray;
 use npm_common::maps::{
     FLOW_SRC_IS_LO, FLOW_V4, FLOWS_BITS, FLOWS_GEN_ACTIVE, FLOWS_MAX, FlowEntry, PROTO_TCP,
     PROTO_UDP,
 };
 
-use crate::parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::{
+    CLOCK,
+    parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
+};
 
 #[aya_ebpf::macros::map(name = "NPM_FLOWS")]
 static FLOWS: PerCpuArray<FlowEntry> = PerCpuArray::with_max_entries(FLOWS_MAX, 0);
 
-/// `[FLOWS_GEN_ACTIVE]`: the generation entries must carry to hit (0: the cache is off);
-/// `[FLOWS_GEN_LAST]`: userspace's bookkeeping.
-#[aya_ebpf::macros::map(name = "NPM_FLOWS_GEN")]
-static FLOWS_GEN: Array<u32> = Array::with_max_entries(2, 0);
-
-/// The active generation; 0 when the cache is off (or not set up yet).
+/// The active generation (`NPM_CLOCK[FLOWS_GEN_ACTIVE]`, next to the clock factor every
+/// packet reads, so no other cache line); 0 when the cache is off (or not set up yet).
 #[inline(always)]
 pub(crate) fn generation() -> u32 {
-    FLOWS_GEN.get(FLOWS_GEN_ACTIVE).copied().unwrap_or(0)
+    // Userspace keeps it below 2³².
+    CLOCK.get(FLOWS_GEN_ACTIVE).copied().unwrap_or(0) as u32
 }
 
 /// Whether `pkt` may be answered from the cache, and its conntrack answer copied into it: a

@@ -47,10 +47,11 @@ use aya_ebpf::{
 };
 use npm_common::{
     maps::{
-        Addr16, CIDRS_MAX, CONNTRACK_MAX, CtKey, CtKey4, CtValue, ENDPOINTS_MAX, EP_CLASS_EGRESS,
-        EP_CLASS_INGRESS, EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, IDENTITIES_MAX,
-        METRICS_MAX, PAIR_TRIE, PAIRS_MAX, PEER_HOST, POLICY_MAX, POLICY_PREFIX_FULL, PairKey,
-        PairValue, PeerInfo, PolicyKey, PolicyValue,
+        Addr16, CIDRS_MAX, CLOCK_ENTRIES, CLOCK_NS_PER_JIFFY, CONNTRACK_MAX, CtKey, CtKey4,
+        CtValue, ENDPOINTS_MAX, EP_CLASS_EGRESS, EP_CLASS_INGRESS, EP_ISOLATE_EGRESS,
+        EP_ISOLATE_INGRESS, EndpointInfo, IDENTITIES_MAX, METRICS_MAX, PAIR_TRIE, PAIRS_MAX,
+        PEER_HOST, POLICY_MAX, POLICY_PREFIX_FULL, PairKey, PairValue, PeerInfo, PolicyKey,
+        PolicyValue,
     },
     metrics::{MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
@@ -98,10 +99,11 @@ pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue> =
 pub(crate) static CONNTRACK4: LruHashMap<CtKey4, CtValue> =
     LruHashMap::with_max_entries(CONNTRACK_MAX, 0);
 
-/// Nanoseconds per jiffy (10⁹ / HZ) at index 0, written by the loader at start-up (it
-/// measures HZ with `npm_clock`); 0 until then. See [`now_ns`].
+/// Nanoseconds per jiffy (10⁹ / HZ) at `CLOCK_NS_PER_JIFFY`, written by the loader at start-up
+/// (it measures HZ with `npm_clock`); 0 until then. See [`now_ns`]. Also the flow cache's
+/// generation ([`flows::generation`]), in the same cache line.
 #[map(name = "NPM_CLOCK")]
-static CLOCK: Array<u64> = Array::with_max_entries(1, 0);
+pub(crate) static CLOCK: Array<u64> = Array::with_max_entries(CLOCK_ENTRIES, 0);
 
 #[map(name = "NPM_METRICS")]
 static METRICS: PerCpuArray<MetricsValue> = PerCpuArray::with_max_entries(METRICS_MAX, 0);
@@ -160,7 +162,7 @@ pub fn npm_clock(_ctx: TcContext) -> i32 {
 /// and of its successor read the same clock.
 #[inline(always)]
 pub(crate) fn now_ns() -> u64 {
-    match CLOCK.get(0) {
+    match CLOCK.get(CLOCK_NS_PER_JIFFY) {
         // SAFETY: helper without preconditions.
         Some(&ns) if ns != 0 => unsafe { bpf_jiffies64() }.wrapping_mul(ns),
         // SAFETY: as above.

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use npm_agent::enforcer::Enforcer;
 use npm_agent::state::{Change, ClusterSnapshot};
 use npm_common::maps::{
-    CIDRS_MAX, CONNTRACK_MAX, CtKey, CtKey4, ENDPOINTS_MAX, FLOWS_MAX, IDENTITIES_MAX, METRICS_MAX,
-    PAIRS_MAX, POLICY_MAX,
+    CIDRS_MAX, CLOCK_ENTRIES, CONNTRACK_MAX, CtKey, CtKey4, ENDPOINTS_MAX, FLOWS_MAX,
+    IDENTITIES_MAX, METRICS_MAX, PAIRS_MAX, POLICY_MAX,
 };
 
 use crate::packet::median;
@@ -60,9 +60,8 @@ fn map_memory() -> Vec<(String, u64)> {
         (9, CONNTRACK_MAX, size_of::<CtKey>(), "conntrack"),
         (9, CONNTRACK_MAX, size_of::<CtKey4>(), "conntrack4"),
         (6, METRICS_MAX, 0, "metrics"),
-        (2, 1, 0, "clock"),
+        (2, CLOCK_ENTRIES, 0, "clock"),
         (6, FLOWS_MAX, 0, "flows"),
-        (2, 2, 0, "flows_gen"),
     ];
     let mut out = Vec::new();
     // A map can be open through two fds (the agent keeps second handles): count it once.

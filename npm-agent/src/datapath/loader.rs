@@ -14,10 +14,10 @@ use aya::{
     },
 };
 use npm_common::maps::{
-    CtKey, CtKey4, CtValue, FLOWS_GEN_ACTIVE, FLOWS_GEN_LAST, MAP_CIDRS, MAP_CLOCK, MAP_CONNTRACK,
-    MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_FLOWS, MAP_FLOWS_GEN, MAP_IDENTITIES,
-    MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, PROG_CLOCK, PROG_FROM_POD, PROG_HOST_EGRESS,
-    PROG_PASS, PROG_TO_POD,
+    CLOCK_NS_PER_JIFFY, CtKey, CtKey4, CtValue, FLOWS_GEN_ACTIVE, FLOWS_GEN_LAST, MAP_CIDRS,
+    MAP_CLOCK, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_FLOWS,
+    MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, PROG_CLOCK, PROG_FROM_POD,
+    PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD,
 };
 
 use super::sys;
@@ -26,7 +26,7 @@ use super::sys;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npm"));
 
 /// Every map of the object; all are pinned by name when a pin directory is given.
-const MAPS: [&str; 13] = [
+const MAPS: [&str; 12] = [
     MAP_ENDPOINTS,
     MAP_IDENTITIES,
     MAP_CIDRS,
@@ -37,7 +37,6 @@ const MAPS: [&str; 13] = [
     MAP_METRICS,
     MAP_CLOCK,
     MAP_FLOWS,
-    MAP_FLOWS_GEN,
     MAP_SERVICES,
     MAP_DEFERRED,
 ];
@@ -282,7 +281,7 @@ impl Datapath {
         let mut clock: aya::maps::Array<&mut aya::maps::MapData, u64> =
             aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
         clock
-            .set(0, 1_000_000_000 / hz, 0)
+            .set(CLOCK_NS_PER_JIFFY, 1_000_000_000 / hz, 0)
             .map_err(map_error(MAP_CLOCK))
     }
 
@@ -294,48 +293,56 @@ impl Datapath {
             .ok_or_else(|| map_missing(MAP_CLOCK))?;
         let clock: aya::maps::Array<&aya::maps::MapData, u64> =
             aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
-        clock.get(&0, 0).map_err(map_error(MAP_CLOCK))
+        clock
+            .get(&CLOCK_NS_PER_JIFFY, 0)
+            .map_err(map_error(MAP_CLOCK))
     }
 
     /// Turns the flow cache (`NPM_FLOWS`, `npm_common::maps` "FLOWS") on with a fresh
-    /// generation, so no entry written before can hit, or off (every cacheable packet takes
-    /// the conntrack path). [`Datapath::load`] turns it on.
+    /// generation (`NPM_CLOCK[FLOWS_GEN_ACTIVE]`), so no entry written before can hit, or off
+    /// (every cacheable packet takes the conntrack path). [`Datapath::load`] turns it on.
     pub fn set_flow_cache(&mut self, on: bool) -> Result<(), DatapathError> {
         let map = self
             .ebpf
-            .map_mut(MAP_FLOWS_GEN)
-            .ok_or_else(|| map_missing(MAP_FLOWS_GEN))?;
-        let mut gens: aya::maps::Array<&mut aya::maps::MapData, u32> =
-            aya::maps::Array::try_from(map).map_err(map_error(MAP_FLOWS_GEN))?;
+            .map_mut(MAP_CLOCK)
+            .ok_or_else(|| map_missing(MAP_CLOCK))?;
+        let mut gens: aya::maps::Array<&mut aya::maps::MapData, u64> =
+            aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
         let active = gens
             .get(&FLOWS_GEN_ACTIVE, 0)
-            .map_err(map_error(MAP_FLOWS_GEN))?;
-        let last = gens
-            .get(&FLOWS_GEN_LAST, 0)
-            .map_err(map_error(MAP_FLOWS_GEN))?;
+            .map_err(map_error(MAP_CLOCK))?;
+        let last = gens.get(&FLOWS_GEN_LAST, 0).map_err(map_error(MAP_CLOCK))?;
         let last = last.max(active);
         let next = if on {
-            // 0 means off; after u32::MAX generations, wrap past it.
-            last.checked_add(1).unwrap_or(1)
+            // 0 means off, and the datapath compares 32 bits: after u32::MAX generations,
+            // wrap to 1. Safe: an entry is a hit for at most 1 s after it was written.
+            if last >= u64::from(u32::MAX) {
+                1
+            } else {
+                last + 1
+            }
         } else {
             0
         };
-        gens.set(FLOWS_GEN_LAST, next.max(last), 0)
-            .map_err(map_error(MAP_FLOWS_GEN))?;
+        gens.set(FLOWS_GEN_LAST, if on { next } else { last }, 0)
+            .map_err(map_error(MAP_CLOCK))?;
         gens.set(FLOWS_GEN_ACTIVE, next, 0)
-            .map_err(map_error(MAP_FLOWS_GEN))
+            .map_err(map_error(MAP_CLOCK))
     }
 
     /// The flow cache's active generation (0: off).
     pub fn flow_cache_generation(&self) -> Result<u32, DatapathError> {
         let map = self
             .ebpf
-            .map(MAP_FLOWS_GEN)
-            .ok_or_else(|| map_missing(MAP_FLOWS_GEN))?;
-        let gens: aya::maps::Array<&aya::maps::MapData, u32> =
-            aya::maps::Array::try_from(map).map_err(map_error(MAP_FLOWS_GEN))?;
-        gens.get(&FLOWS_GEN_ACTIVE, 0)
-            .map_err(map_error(MAP_FLOWS_GEN))
+            .map(MAP_CLOCK)
+            .ok_or_else(|| map_missing(MAP_CLOCK))?;
+        let gens: aya::maps::Array<&aya::maps::MapData, u64> =
+            aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
+        let generation = gens
+            .get(&FLOWS_GEN_ACTIVE, 0)
+            .map_err(map_error(MAP_CLOCK))?;
+        // Below 2³² by construction (`set_flow_cache`).
+        Ok(u32::try_from(generation).unwrap_or(u32::MAX))
     }
 
     /// Makes every flow-cache entry a miss, if the cache is on. Whoever removes or rewrites
