@@ -72,7 +72,7 @@ pub(crate) fn slot_of<const N: usize>(tag: u32, words: &[u32; N]) -> u32 {
 }
 
 /// The cached answer (reason, counter slot) for (`tag`, `words`) at `slot`, if the slot holds
-/// this flow, of generation `gen`, still valid at `now`.
+/// this flow, of `generation`, still valid at `now`.
 #[inline(always)]
 pub(crate) fn get<const N: usize>(
     slot: u32,
