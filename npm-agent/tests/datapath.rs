@@ -295,13 +295,16 @@ impl Env {
 
     /// Sets the PAIRS entry (LOCAL_ID, `peer_id`, `dir`).
     fn pair(&mut self, peer_id: u32, dir: u8, value: PairValue) {
-        let key = PairKey {
-            local_id: LOCAL_ID,
-            peer_id,
-            dir,
-            _pad: [0; 3],
-        };
-        self.pairs.insert(key, value, 0).expect("insert pair");
+        self.pairs
+            .insert(pair_key(peer_id, dir), value, 0)
+            .expect("insert pair");
+    }
+
+    /// Removes the PAIRS entry (LOCAL_ID, `peer_id`, `dir`): the peer is granted nothing.
+    fn remove_pair(&mut self, peer_id: u32, dir: u8) {
+        self.pairs
+            .remove(&pair_key(peer_id, dir))
+            .expect("remove pair");
     }
 
     fn run(&self, prog: &str, packet: &[u8]) -> u32 {
@@ -419,6 +422,16 @@ impl Env {
     }
 }
 
+/// The PAIRS key of (LOCAL_ID, `peer_id`, `dir`).
+fn pair_key(peer_id: u32, dir: u8) -> PairKey {
+    PairKey {
+        local_id: LOCAL_ID,
+        peer_id,
+        dir,
+        _pad: [0; 3],
+    }
+}
+
 /// The conntrack key the datapath builds (pairs sorted by address bytes, then port).
 fn ct_key(src: Addr16, sport: u16, dst: Addr16, dport: u16, proto: u8) -> (CtKey, bool) {
     let src_is_lo = (src, sport) <= (dst, dport);
@@ -502,13 +515,7 @@ fn a_policy_entry_without_its_pair_allows_nothing() {
     let syn = |sport| ipv4(PEER, POD, PROTO_TCP, &tcp(sport, 80, TCP_SYN));
     env.pass(PROG_TO_POD, &syn(40100), REASON_POLICY_ALLOW);
     // The datapath asks PAIRS first: without the pair the trie entry is never reached.
-    let key = PairKey {
-        local_id: LOCAL_ID,
-        peer_id: PEER_ID,
-        dir: DIR_INGRESS,
-        _pad: [0; 3],
-    };
-    env.pairs.remove(&key).expect("remove pair");
+    env.remove_pair(PEER_ID, DIR_INGRESS);
     env.deny(PROG_TO_POD, &syn(40101), REASON_DROP_POLICY);
 }
 
@@ -1195,13 +1202,7 @@ fn a_cached_answer_lasts_at_most_until_the_entrys_next_refresh() {
     let filled = std::time::Instant::now();
     // Evicted, and the policy gone: only the cache still passes the flow.
     env.ct_evict(&key);
-    let pair = PairKey {
-        local_id: LOCAL_ID,
-        peer_id: PEER_ID,
-        dir: DIR_INGRESS,
-        _pad: [0; 3],
-    };
-    env.pairs.remove(&pair).expect("remove pair");
+    env.remove_pair(PEER_ID, DIR_INGRESS);
     env.pass(PROG_TO_POD, &ack, REASON_ESTABLISHED);
     // The conntrack path would have refreshed the entry 1 s (REFRESH_SLACK) after the last
     // rewrite (the SYN-ACK's); from then on the cache must not answer. Two ticks of margin.

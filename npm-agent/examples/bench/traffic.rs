@@ -137,9 +137,9 @@ impl Http {
             .expect("bind the HTTP responder");
         // A blocking accept, woken by each connection as a real server's accept (or epoll)
         // is, with a receive timeout (honoured by accept) only to notice `stop`. (It used to
-        // poll a nonblocking accept with 200 µs sleeps: a handshake a few µs slower then
-        // more often found the queue empty and waited out a sleep, which turned small
-        // latency differences into connection-rate losses of 5-7% at concurrency 8 and 32.)
+        // poll a nonblocking accept with 200 µs sleeps: at concurrency 1 every connection
+        // waited out a sleep, so the rate measured the sleep, about 3 950/s, whatever the
+        // datapath did.)
         set_accept_timeout(&listener, Duration::from_millis(50));
         let thread = std::thread::spawn(move || {
             pin_thread(SERVER_CPU);
@@ -384,21 +384,22 @@ struct Durations {
     conn_s: f64,
 }
 
-/// For profiling (`perf record -a` around it): short HTTP connections at concurrency 1 for
-/// about `seconds`, enforcing the kube-router scenario (`enforce`; with the flow cache off
-/// when `no_flow_cache`) or with nothing attached.
-pub(crate) fn spin(enforce: bool, no_flow_cache: bool, seconds: u64) {
-    let pods = vec![
-        lab_pod("default", "server", "server"),
-        lab_pod("bench-client", "client", "client"),
-    ];
-    let lab = Lab::build(LabSpec {
-        pods,
+/// The two-pod lab (`default/server`, `bench-client/client`).
+fn two_pod_lab() -> Lab {
+    Lab::build(LabSpec {
+        pods: vec![
+            lab_pod("default", "server", "server"),
+            lab_pod("bench-client", "client", "client"),
+        ],
         externals: vec![],
     })
-    .expect("build the lab (root required)");
-    let built: Vec<Pod> = lab.pods().to_vec();
-    let server_ip = *built[0]
+    .expect("build the lab (root required)")
+}
+
+/// The server's IPv4 address and the server's and the client's namespaces.
+fn server_and_client(lab: &Lab) -> (IpAddr, &NetNs, &NetNs) {
+    let pods = lab.pods();
+    let server_ip = *pods[0]
         .ips
         .iter()
         .find(|ip| ip.is_ipv4())
@@ -407,32 +408,50 @@ pub(crate) fn spin(enforce: bool, no_flow_cache: bool, seconds: u64) {
         lab.netns_of(&format!("{}/{}", p.namespace, p.name))
             .unwrap_or_else(|| panic!("namespace of {}", p.name))
     };
-    let (server_ns, client_ns) = (ns_of(&built[0]), ns_of(&built[1]));
+    (server_ip, ns_of(&pods[0]), ns_of(&pods[1]))
+}
+
+/// A datapath programmed with the kube-router scenario plus `extra` policies around the
+/// lab's pods (not attached anywhere yet).
+fn programmed(lab: &Lab, extra: usize) -> Enforcer {
+    let mut snapshot = scenario(lab.pods(), extra);
+    snapshot.local = lab
+        .pod_interfaces()
+        .iter()
+        .map(|(k, (_, ifindex))| (k.clone(), *ifindex))
+        .collect();
+    snapshot.node_ips = lab.node_ips();
+    let mut enforcer = Enforcer::new(None).expect("load the datapath");
+    let report = enforcer.apply(&snapshot);
+    assert_eq!(report.sync.failed, 0, "programming the maps failed");
+    enforcer
+}
+
+/// For profiling (`perf record -a` around it): short HTTP connections at concurrency 1 for
+/// about `seconds`, enforcing the kube-router scenario (`enforce`; with the flow cache off
+/// when `no_flow_cache`) or with nothing attached.
+pub(crate) fn spin(enforce: bool, no_flow_cache: bool, seconds: u64) {
+    let lab = two_pod_lab();
+    let (server_ip, server_ns, client_ns) = server_and_client(&lab);
     let _http = Http::start(server_ns);
     wait_listening(server_ns, &[HTTP_PORT]);
     let _no_halt = CpuLatencyZero::hold();
-    let mut enforcer = Enforcer::new(None).expect("load the datapath");
     let interfaces = lab.pod_interfaces();
-    if enforce {
-        let mut snapshot = scenario(&built, 0);
-        snapshot.local = interfaces
-            .iter()
-            .map(|(k, (_, ifindex))| (k.clone(), *ifindex))
-            .collect();
-        snapshot.node_ips = lab.node_ips();
+    let mut enforcer = if enforce {
+        let mut enforcer = programmed(&lab, 0);
+        enforcer
+            .datapath_mut()
+            .set_flow_cache(!no_flow_cache)
+            .expect("flow cache on or off");
         lab.node().run(|| {
             for (ifname, _) in interfaces.values() {
                 enforcer.attach(ifname).expect("attach");
             }
         });
-        assert_eq!(enforcer.apply(&snapshot).sync.failed, 0);
-        if no_flow_cache {
-            enforcer
-                .datapath_mut()
-                .set_flow_cache(false)
-                .expect("flow cache off");
-        }
-    }
+        enforcer
+    } else {
+        Enforcer::new(None).expect("load the datapath")
+    };
     let start = Instant::now();
     while start.elapsed().as_secs() < seconds {
         let rate = conn_rate(client_ns, SocketAddr::new(server_ip, HTTP_PORT), 1, 1.0);
@@ -468,27 +487,8 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
             conn_s: 0.5,
         }
     };
-    let pods = vec![
-        lab_pod("default", "server", "server"),
-        lab_pod("bench-client", "client", "client"),
-    ];
-    let lab = Lab::build(LabSpec {
-        pods,
-        externals: vec![],
-    })
-    .expect("build the lab (root required)");
-    let built: Vec<Pod> = lab.pods().to_vec();
-    let server = &built[0];
-    let server_ip = *server
-        .ips
-        .iter()
-        .find(|ip| ip.is_ipv4())
-        .expect("server has an IPv4 address");
-    let ns_of = |p: &Pod| {
-        lab.netns_of(&format!("{}/{}", p.namespace, p.name))
-            .unwrap_or_else(|| panic!("namespace of {}", p.name))
-    };
-    let (server_ns, client_ns) = (ns_of(&built[0]), ns_of(&built[1]));
+    let lab = two_pod_lab();
+    let (server_ip, server_ns, client_ns) = server_and_client(&lab);
     let server_cpu = SERVER_CPU.to_string();
     let (sockperf_port, iperf_port) = (SOCKPERF_PORT.to_string(), IPERF_PORT.to_string());
     let _sockperf = spawn_in(
@@ -525,20 +525,7 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
     // The pass-only program comes from the first one's object.
     let mut enforcers: Vec<Option<Enforcer>> = configs
         .iter()
-        .map(|(_, extra)| {
-            extra.map(|extra| {
-                let mut snapshot = scenario(&built, extra);
-                snapshot.local = interfaces
-                    .iter()
-                    .map(|(k, (_, ifindex))| (k.clone(), *ifindex))
-                    .collect();
-                snapshot.node_ips = lab.node_ips();
-                let mut enforcer = Enforcer::new(None).expect("load the datapath");
-                let report = enforcer.apply(&snapshot);
-                assert_eq!(report.sync.failed, 0, "programming the maps failed");
-                enforcer
-            })
-        })
+        .map(|(_, extra)| extra.map(|extra| programmed(&lab, extra)))
         .collect();
     let first_enforcing = enforcers
         .iter()

@@ -264,8 +264,13 @@ impl Datapath {
     }
 
     /// Writes the datapath's clock factor (nanoseconds per jiffy) into `NPM_CLOCK`, from the
-    /// kernel's HZ as [`Datapath::measure_hz`] finds it (once per process).
+    /// kernel's HZ as [`Datapath::measure_hz`] finds it (once per process). A factor already
+    /// there (pins adopted from a previous agent: bpffs does not outlive a boot, and HZ does
+    /// not change within one) is kept, so a restart does not spend the 100 ms measurement.
     fn set_clock(&mut self) -> Result<(), DatapathError> {
+        if self.clock_get(CLOCK_NS_PER_JIFFY)? != 0 {
+            return Ok(());
+        }
         static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
         let hz = match HZ.get() {
             Some(&hz) => hz,
@@ -274,73 +279,59 @@ impl Datapath {
                 *HZ.get_or_init(|| hz)
             }
         };
-        let map = self
-            .ebpf
-            .map_mut(MAP_CLOCK)
-            .ok_or_else(|| map_missing(MAP_CLOCK))?;
-        let mut clock: aya::maps::Array<&mut aya::maps::MapData, u64> =
-            aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
-        clock
-            .set(CLOCK_NS_PER_JIFFY, 1_000_000_000 / hz, 0)
-            .map_err(map_error(MAP_CLOCK))
+        self.clock_set(CLOCK_NS_PER_JIFFY, 1_000_000_000 / hz)
     }
 
-    /// The datapath clock's nanoseconds per jiffy (`NPM_CLOCK`), as [`Datapath::load`] set it.
-    pub fn clock_ns_per_jiffy(&self) -> Result<u64, DatapathError> {
+    /// `NPM_CLOCK[index]`.
+    fn clock_get(&self, index: u32) -> Result<u64, DatapathError> {
         let map = self
             .ebpf
             .map(MAP_CLOCK)
             .ok_or_else(|| map_missing(MAP_CLOCK))?;
         let clock: aya::maps::Array<&aya::maps::MapData, u64> =
             aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
-        clock
-            .get(&CLOCK_NS_PER_JIFFY, 0)
-            .map_err(map_error(MAP_CLOCK))
+        clock.get(&index, 0).map_err(map_error(MAP_CLOCK))
+    }
+
+    /// Sets `NPM_CLOCK[index]` to `value`.
+    fn clock_set(&mut self, index: u32, value: u64) -> Result<(), DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_CLOCK)
+            .ok_or_else(|| map_missing(MAP_CLOCK))?;
+        let mut clock: aya::maps::Array<&mut aya::maps::MapData, u64> =
+            aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
+        clock.set(index, value, 0).map_err(map_error(MAP_CLOCK))
+    }
+
+    /// The datapath clock's nanoseconds per jiffy (`NPM_CLOCK`), as [`Datapath::load`] set it.
+    pub fn clock_ns_per_jiffy(&self) -> Result<u64, DatapathError> {
+        self.clock_get(CLOCK_NS_PER_JIFFY)
     }
 
     /// Turns the flow cache (`NPM_FLOWS`, `npm_common::maps` "FLOWS") on with a fresh
     /// generation (`NPM_CLOCK[FLOWS_GEN_ACTIVE]`), so no entry written before can hit, or off
     /// (every cacheable packet takes the conntrack path). [`Datapath::load`] turns it on.
     pub fn set_flow_cache(&mut self, on: bool) -> Result<(), DatapathError> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_CLOCK)
-            .ok_or_else(|| map_missing(MAP_CLOCK))?;
-        let mut gens: aya::maps::Array<&mut aya::maps::MapData, u64> =
-            aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
-        let active = gens
-            .get(&FLOWS_GEN_ACTIVE, 0)
-            .map_err(map_error(MAP_CLOCK))?;
-        let last = gens.get(&FLOWS_GEN_LAST, 0).map_err(map_error(MAP_CLOCK))?;
-        let last = last.max(active);
-        let next = if on {
-            // 0 means off, and the datapath compares 32 bits: after u32::MAX generations,
-            // wrap to 1. Safe: an entry is a hit for at most 1 s after it was written.
-            if last >= u64::from(u32::MAX) {
-                1
-            } else {
-                last + 1
-            }
+        if !on {
+            return self.clock_set(FLOWS_GEN_ACTIVE, 0);
+        }
+        // The active generation is 0 or the last one handed out.
+        let last = self.clock_get(FLOWS_GEN_LAST)?;
+        // 0 means off, and the datapath compares 32 bits: after u32::MAX generations, wrap to
+        // 1. Safe: an entry is a hit for at most 1 s after it was written.
+        let next = if last >= u64::from(u32::MAX) {
+            1
         } else {
-            0
+            last + 1
         };
-        gens.set(FLOWS_GEN_LAST, if on { next } else { last }, 0)
-            .map_err(map_error(MAP_CLOCK))?;
-        gens.set(FLOWS_GEN_ACTIVE, next, 0)
-            .map_err(map_error(MAP_CLOCK))
+        self.clock_set(FLOWS_GEN_LAST, next)?;
+        self.clock_set(FLOWS_GEN_ACTIVE, next)
     }
 
     /// The flow cache's active generation (0: off).
     pub fn flow_cache_generation(&self) -> Result<u32, DatapathError> {
-        let map = self
-            .ebpf
-            .map(MAP_CLOCK)
-            .ok_or_else(|| map_missing(MAP_CLOCK))?;
-        let gens: aya::maps::Array<&aya::maps::MapData, u64> =
-            aya::maps::Array::try_from(map).map_err(map_error(MAP_CLOCK))?;
-        let generation = gens
-            .get(&FLOWS_GEN_ACTIVE, 0)
-            .map_err(map_error(MAP_CLOCK))?;
+        let generation = self.clock_get(FLOWS_GEN_ACTIVE)?;
         // Below 2³² by construction (`set_flow_cache`).
         Ok(u32::try_from(generation).unwrap_or(u32::MAX))
     }
