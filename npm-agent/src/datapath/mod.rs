@@ -9,6 +9,4 @@ mod loader;
 mod sys;
 
 pub use counters::{CounterReader, DatapathCounters, PacketCount};
-pub use loader::{
-    Datapath, DatapathError, TC_HANDLE, TC_PRIORITY, TcMode, TestRunResult, tcx_programs,
-};
+pub use loader::{Datapath, DatapathError, TC_HANDLE, TC_PRIORITY, TestRunResult};
