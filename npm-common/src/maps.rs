@@ -53,7 +53,7 @@ pub const MAP_PAIRS: &str = "NPM_PAIRS";
 pub const MAP_CONNTRACK: &str = "NPM_CT";
 pub const MAP_CONNTRACK4: &str = "NPM_CT4";
 pub const MAP_METRICS: &str = "NPM_METRICS";
-/// Array of three u64, read by the datapath on every packet (one cache line): nanoseconds per
+/// Array of three u64, the first two read by the datapath on every packet: nanoseconds per
 /// jiffy (10⁹ / HZ, `CLOCK_NS_PER_JIFFY`), the datapath's clock factor; the flow cache's
 /// generation (`FLOWS_GEN_ACTIVE`, 0 = cache off), a logical clock userspace advances; and the
 /// last generation handed out (`FLOWS_GEN_LAST`, userspace's bookkeeping).

@@ -30,8 +30,8 @@ use crate::{
 #[aya_ebpf::macros::map(name = "NPM_FLOWS")]
 static FLOWS: PerCpuArray<FlowEntry> = PerCpuArray::with_max_entries(FLOWS_MAX, 0);
 
-/// The active generation (`NPM_CLOCK[FLOWS_GEN_ACTIVE]`, next to the clock factor every
-/// packet reads, so no other cache line); 0 when the cache is off (or not set up yet).
+/// The active generation (`NPM_CLOCK[FLOWS_GEN_ACTIVE]`, in the map of the clock factor every
+/// packet reads); 0 when the cache is off (or not set up yet).
 #[inline(always)]
 pub(crate) fn generation() -> u32 {
     // Userspace keeps it below 2³².

@@ -101,7 +101,7 @@ pub(crate) static CONNTRACK4: LruHashMap<CtKey4, CtValue> =
 
 /// Nanoseconds per jiffy (10⁹ / HZ) at `CLOCK_NS_PER_JIFFY`, written by the loader at start-up
 /// (it measures HZ with `npm_clock`); 0 until then. See [`now_ns`]. Also the flow cache's
-/// generation ([`flows::generation`]), in the same cache line.
+/// generation ([`flows::generation`]) and userspace's last generation handed out.
 #[map(name = "NPM_CLOCK")]
 pub(crate) static CLOCK: Array<u64> = Array::with_max_entries(CLOCK_ENTRIES, 0);
 
