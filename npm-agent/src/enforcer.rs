@@ -7,14 +7,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::compiler::{IdAllocator, Incremental};
-use crate::datapath::{Datapath, DatapathCounters, DatapathError};
+use crate::datapath::{Datapath, DatapathCounters, DatapathError, TcMode};
 use crate::model::Diagnostic;
 use crate::programmer::{AyaBackend, MapBackend, Programmer, ProgrammerError, SyncStats};
 use crate::state::{Change, ClusterSnapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcerError {
-    #[error("loading the datapath")]
+    /// Loading, attaching or running the datapath (the error says which).
+    #[error(transparent)]
     Datapath(#[from] DatapathError),
     #[error("opening the policy maps")]
     Programmer(#[from] ProgrammerError),
@@ -220,6 +221,11 @@ impl Enforcer {
     /// its name.
     pub fn attach_index(&mut self, ifindex: u32) -> Result<String, EnforcerError> {
         Ok(self.datapath.attach_index(ifindex)?)
+    }
+
+    /// See [`Datapath::attach_index_quick`]: the fast path's attach, and how it attached.
+    pub fn attach_index_quick(&mut self, ifindex: u32) -> Result<(String, TcMode), EnforcerError> {
+        Ok(self.datapath.attach_index_quick(ifindex)?)
     }
 
     /// Attaches the post-DNAT program (`npm_host_egress`) to a node link that is neither

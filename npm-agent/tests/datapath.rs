@@ -15,8 +15,11 @@ use std::{
     process::Command,
 };
 
-use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
-use npm_agent::datapath::Datapath;
+use aya::{
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{SchedClassifier, TcAttachType},
+};
+use npm_agent::datapath::{Datapath, TcMode};
 use npm_common::{
     maps::{
         Addr16, CIDR_CLASS_BIT, CT_ORIGIN_LO, CT_PENDING, CT_SEEN_REPLY, CT_TCP_CLOSING,
@@ -1579,11 +1582,25 @@ fn filters(ns: &str, hook: &str) -> String {
     ])
 }
 
-/// Number of filters (lines with a handle) running program `prog`.
+/// Number of cls_bpf filters (lines with a handle) running program `prog`.
 fn count_filters(text: &str, prog: &str) -> usize {
     text.lines()
         .filter(|l| l.contains("handle") && l.contains(prog))
         .count()
+}
+
+/// The programs on tcx `hook` of veth-a in `ns`, as (name, program id), in run order.
+fn tcx(ns: &str, hook: TcAttachType) -> Vec<(String, u32)> {
+    let (_, programs) =
+        in_netns(ns, || SchedClassifier::query_tcx("veth-a", hook)).expect("query the tcx hook");
+    programs
+        .iter()
+        .map(|p| (p.name_as_str().unwrap_or("?").to_owned(), p.id()))
+        .collect()
+}
+
+fn names(programs: &[(String, u32)]) -> Vec<&str> {
+    programs.iter().map(|(n, _)| n.as_str()).collect()
 }
 
 fn ping(ns: &str, addr: &str) -> bool {
@@ -1593,41 +1610,14 @@ fn ping(ns: &str, addr: &str) -> bool {
     .0
 }
 
-#[test]
-fn attach_replace_detach_in_netns() {
-    let pair = NetnsPair::new();
-    let mut dp = Datapath::load(None).expect("load");
-    let mut endpoints: HashMap<MapData, u32, EndpointInfo> =
-        HashMap::try_from(dp.take_map(MAP_ENDPOINTS).expect("map")).expect("typed");
-
-    assert!(ping(&pair.b, "10.213.0.1"), "baseline ping works");
-
-    let ifindex = in_netns(&pair.a, || dp.attach("veth-a").expect("attach"));
-    assert!(ifindex > 0);
-    let ingress = filters(&pair.a, "ingress");
-    let egress = filters(&pair.a, "egress");
-    assert_eq!(
-        count_filters(&ingress, "npm_from_pod"),
-        1,
-        "ingress: {ingress}"
-    );
-    assert_eq!(count_filters(&egress, "npm_to_pod"), 1, "egress: {egress}");
-    assert!(ingress.contains("direct-action"), "{ingress}");
-
-    // Attaching again (as a restarted agent would) replaces, never stacks.
-    let again = in_netns(&pair.a, || dp.attach("veth-a").expect("attach again"));
-    assert_eq!(again, ifindex);
-    let ingress = filters(&pair.a, "ingress");
-    assert_eq!(
-        count_filters(&ingress, "npm_from_pod"),
-        1,
-        "ingress: {ingress}"
-    );
-    assert_eq!(count_filters(&filters(&pair.a, "egress"), "npm_to_pod"), 1);
-
-    // Unmanaged interface: traffic passes.
+/// Isolates veth-a (both ways, no policy) and checks that the echo request is dropped, then
+/// unmanages it again and checks that it passes.
+fn isolation_enforced(
+    pair: &NetnsPair,
+    endpoints: &mut HashMap<MapData, u32, EndpointInfo>,
+    ifindex: u32,
+) {
     assert!(ping(&pair.b, "10.213.0.1"), "unmanaged: ping passes");
-    // Managed, isolated both ways with no policy: the echo request is dropped.
     endpoints
         .insert(
             ifindex,
@@ -1642,32 +1632,182 @@ fn attach_replace_detach_in_netns() {
     assert!(!ping(&pair.b, "10.213.0.1"), "isolated: ping dropped");
     endpoints.remove(&ifindex).expect("remove endpoint");
     assert!(ping(&pair.b, "10.213.0.1"), "unmanaged again: ping passes");
+}
 
-    // Filters outlive the Datapath (the agent exits without detaching).
+#[test]
+fn attach_replace_detach_in_netns() {
+    let pair = NetnsPair::new();
+    let mut dp = Datapath::load(None).expect("load");
+    assert_eq!(dp.tc_mode(), TcMode::Tcx, "kernel 6.18 has tcx");
+    let mut endpoints: HashMap<MapData, u32, EndpointInfo> =
+        HashMap::try_from(dp.take_map(MAP_ENDPOINTS).expect("map")).expect("typed");
+
+    assert!(ping(&pair.b, "10.213.0.1"), "baseline ping works");
+
+    let ifindex = in_netns(&pair.a, || dp.attach("veth-a").expect("attach"));
+    assert!(ifindex > 0);
+    let ingress = tcx(&pair.a, TcAttachType::Ingress);
+    assert_eq!(names(&ingress), ["npm_from_pod"]);
+    assert_eq!(names(&tcx(&pair.a, TcAttachType::Egress)), ["npm_to_pod"]);
+    assert_eq!(
+        in_netns(&pair.a, || npm_agent::datapath::tcx_programs(
+            "veth-a",
+            TcAttachType::Egress
+        ))
+        .expect("list"),
+        ["npm_to_pod"]
+    );
+    // tcx only: no qdisc filter of ours.
+    assert_eq!(count_filters(&filters(&pair.a, "ingress"), "npm_"), 0);
+
+    // Attaching again (as a restarted agent would) keeps the one program, never stacks.
+    let again = in_netns(&pair.a, || dp.attach("veth-a").expect("attach again"));
+    assert_eq!(again, ifindex);
+    assert_eq!(tcx(&pair.a, TcAttachType::Ingress), ingress);
+    assert_eq!(names(&tcx(&pair.a, TcAttachType::Egress)), ["npm_to_pod"]);
+
+    isolation_enforced(&pair, &mut endpoints, ifindex);
+
+    // The programs outlive the Datapath (the agent exits without detaching).
     drop(endpoints);
     drop(dp);
+    assert_eq!(tcx(&pair.a, TcAttachType::Ingress), ingress);
+
+    // A new agent's Datapath replaces the old programs in place (new program ids, still one
+    // each)...
+    let mut dp = Datapath::load(None).expect("load");
+    in_netns(&pair.a, || {
+        dp.attach("veth-a").expect("attach by a new datapath")
+    });
+    let now = tcx(&pair.a, TcAttachType::Ingress);
+    assert_eq!(names(&now), ["npm_from_pod"]);
+    assert_ne!(now, ingress, "the hook now runs the new program");
+    // ...and detaches them whatever program instance they are.
+    in_netns(&pair.a, || dp.detach("veth-a").expect("detach"));
+    assert!(tcx(&pair.a, TcAttachType::Ingress).is_empty());
+    assert!(tcx(&pair.a, TcAttachType::Egress).is_empty());
+    // Detaching again is a no-op.
+    in_netns(&pair.a, || dp.detach("veth-a").expect("detach again"));
+}
+
+/// The cls_bpf fallback (kernels without tcx) enforces and replaces in place like tcx; an
+/// agent with tcx takes over from it (its filters removed once the tcx programs are on), and
+/// detaching removes both kinds.
+#[test]
+fn netlink_fallback_and_the_upgrade_to_tcx() {
+    let pair = NetnsPair::new();
+    let mut dp = Datapath::load(None).expect("load");
+    dp.set_tc_mode(TcMode::Netlink);
+    let mut endpoints: HashMap<MapData, u32, EndpointInfo> =
+        HashMap::try_from(dp.take_map(MAP_ENDPOINTS).expect("map")).expect("typed");
+    let ifindex = in_netns(&pair.a, || dp.attach("veth-a").expect("attach"));
+    in_netns(&pair.a, || dp.attach("veth-a").expect("attach again"));
+    let ingress = filters(&pair.a, "ingress");
+    assert_eq!(count_filters(&ingress, "npm_from_pod"), 1, "{ingress}");
+    assert!(ingress.contains("direct-action"), "{ingress}");
+    let egress = filters(&pair.a, "egress");
+    assert_eq!(count_filters(&egress, "npm_to_pod"), 1, "{egress}");
+    assert!(tcx(&pair.a, TcAttachType::Ingress).is_empty());
+    isolation_enforced(&pair, &mut endpoints, ifindex);
+    drop(endpoints);
+    drop(dp);
+
+    // The upgrade: a tcx agent replaces the cls_bpf filters.
+    let mut dp = Datapath::load(None).expect("load");
+    in_netns(&pair.a, || dp.attach("veth-a").expect("attach with tcx"));
+    assert_eq!(
+        names(&tcx(&pair.a, TcAttachType::Ingress)),
+        ["npm_from_pod"]
+    );
+    assert_eq!(names(&tcx(&pair.a, TcAttachType::Egress)), ["npm_to_pod"]);
+    assert_eq!(count_filters(&filters(&pair.a, "ingress"), "npm_"), 0);
+    assert_eq!(count_filters(&filters(&pair.a, "egress"), "npm_"), 0);
+
+    // Both kinds at once (a cls_bpf agent attached after it): detach removes both.
+    let mut old = Datapath::load(None).expect("load");
+    old.set_tc_mode(TcMode::Netlink);
+    in_netns(&pair.a, || old.attach("veth-a").expect("attach cls_bpf"));
     assert_eq!(
         count_filters(&filters(&pair.a, "ingress"), "npm_from_pod"),
         1
     );
-
-    // A new agent's Datapath replaces the old filters (new program ids, still one each)...
-    let mut dp = Datapath::load(None).expect("load");
-    let old = filters(&pair.a, "ingress");
-    in_netns(&pair.a, || {
-        dp.attach("veth-a").expect("attach by a new datapath")
-    });
-    let ingress = filters(&pair.a, "ingress");
-    assert_eq!(count_filters(&ingress, "npm_from_pod"), 1, "{ingress}");
-    assert_ne!(old, ingress, "the filter now runs the new program");
-    // ...and detaches filters whatever program instance they run.
     in_netns(&pair.a, || dp.detach("veth-a").expect("detach"));
-    let ingress = filters(&pair.a, "ingress");
-    let egress = filters(&pair.a, "egress");
-    assert!(!ingress.contains("npm_from_pod"), "{ingress}");
-    assert!(!egress.contains("npm_to_pod"), "{egress}");
-    // Detaching again is a no-op.
-    in_netns(&pair.a, || dp.detach("veth-a").expect("detach again"));
+    assert!(tcx(&pair.a, TcAttachType::Ingress).is_empty());
+    assert!(tcx(&pair.a, TcAttachType::Egress).is_empty());
+    assert_eq!(count_filters(&filters(&pair.a, "ingress"), "npm_"), 0);
+    assert_eq!(count_filters(&filters(&pair.a, "egress"), "npm_"), 0);
+}
+
+/// The new-pod fast path on a tcx kernel: a link without our programs gets cls_bpf filters
+/// (no RCU grace period to wait for), which enforce; the later move to tcx removes them; once
+/// on tcx, the quick attach replaces the tcx programs in place instead of adding filters.
+#[test]
+fn quick_attach_uses_cls_bpf_until_the_link_is_on_tcx() {
+    let pair = NetnsPair::new();
+    let mut dp = Datapath::load(None).expect("load");
+    assert_eq!(dp.tc_mode(), TcMode::Tcx, "kernel 6.18 has tcx");
+    let mut endpoints: HashMap<MapData, u32, EndpointInfo> =
+        HashMap::try_from(dp.take_map(MAP_ENDPOINTS).expect("map")).expect("typed");
+    // SAFETY: a NUL-terminated name; the call reads it and returns an integer.
+    let ifindex = in_netns(&pair.a, || unsafe {
+        libc::if_nametoindex(c"veth-a".as_ptr())
+    });
+    assert_ne!(ifindex, 0, "veth-a exists");
+    let (name, mode) = in_netns(&pair.a, || dp.attach_index_quick(ifindex)).expect("quick");
+    assert_eq!((name.as_str(), mode), ("veth-a", TcMode::Netlink));
+    assert_eq!(
+        count_filters(&filters(&pair.a, "ingress"), "npm_from_pod"),
+        1
+    );
+    assert_eq!(count_filters(&filters(&pair.a, "egress"), "npm_to_pod"), 1);
+    assert!(tcx(&pair.a, TcAttachType::Ingress).is_empty());
+    assert!(tcx(&pair.a, TcAttachType::Egress).is_empty());
+    isolation_enforced(&pair, &mut endpoints, ifindex);
+
+    // The move: tcx programs on, then the filters go.
+    in_netns(&pair.a, || dp.attach_index(ifindex)).expect("to tcx");
+    let on_tcx = |ns: &str| {
+        let owned = |hook| {
+            names(&tcx(ns, hook))
+                .into_iter()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        (owned(TcAttachType::Ingress), owned(TcAttachType::Egress))
+    };
+    assert_eq!(
+        on_tcx(&pair.a),
+        (
+            vec!["npm_from_pod".to_owned()],
+            vec!["npm_to_pod".to_owned()]
+        )
+    );
+    assert_eq!(count_filters(&filters(&pair.a, "ingress"), "npm_"), 0);
+    assert_eq!(count_filters(&filters(&pair.a, "egress"), "npm_"), 0);
+    isolation_enforced(&pair, &mut endpoints, ifindex);
+
+    // On tcx already (a new agent's fast path after a restart): replaced in place.
+    drop(endpoints);
+    let ids = tcx(&pair.a, TcAttachType::Ingress);
+    let mut dp2 = Datapath::load(None).expect("load");
+    let (_, mode) = in_netns(&pair.a, || dp2.attach_index_quick(ifindex)).expect("quick");
+    assert_eq!(mode, TcMode::Tcx);
+    assert_eq!(
+        on_tcx(&pair.a),
+        (
+            vec!["npm_from_pod".to_owned()],
+            vec!["npm_to_pod".to_owned()]
+        )
+    );
+    assert_ne!(
+        tcx(&pair.a, TcAttachType::Ingress),
+        ids,
+        "a new program, in place"
+    );
+    assert_eq!(count_filters(&filters(&pair.a, "ingress"), "npm_"), 0);
+    in_netns(&pair.a, || dp2.detach("veth-a")).expect("detach");
+    assert!(tcx(&pair.a, TcAttachType::Ingress).is_empty());
+    assert!(tcx(&pair.a, TcAttachType::Egress).is_empty());
 }
 
 /// The compiler's output for a pending link (a new interface whose pod is not known yet),

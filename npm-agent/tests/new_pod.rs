@@ -5,7 +5,7 @@
 //! the time from interface creation to enforcement. Privileged (root), as CI runs.
 #[path = "common/support.rs"]
 mod support;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 use support::{KillOnDrop, RemoveOnDrop, eventually_every};
 
 use aya::maps::{HashMap, Map, MapData};
+use aya::programs::TcAttachType;
+use npm_agent::datapath::tcx_programs;
 use npm_agent::lab::{Lab, LabSpec};
 use npm_agent::model::{ContainerPort, Pod, Protocol};
 use npm_agent::netns::NetNs;
@@ -295,6 +297,30 @@ fn cni_add(node: &NetNs, pod: &NetNs, host_if: &str, ip: &str, n: u8) -> Instant
     created
 }
 
+/// The hooks of pod interface `name` in `ns`: the tcx programs on ingress and egress, and
+/// `tc filter show` of both hooks (cls_bpf filters).
+fn hooks_of(ns: &NetNs, name: &str) -> (Vec<String>, Vec<String>, String) {
+    let tcx = |hook| ns.run(|| tcx_programs(name, hook)).expect("tcx programs");
+    let filters = ["ingress", "egress"]
+        .iter()
+        .map(|h| {
+            ns.exec(&["tc", "filter", "show", "dev", name, h])
+                .unwrap_or_default()
+        })
+        .collect::<String>();
+    (
+        tcx(TcAttachType::Ingress),
+        tcx(TcAttachType::Egress),
+        filters,
+    )
+}
+
+/// Our two programs are on tcx, one on each hook, and no cls_bpf filter runs ours.
+fn on_tcx_only(ns: &NetNs, name: &str) -> bool {
+    let (ingress, egress, filters) = hooks_of(ns, name);
+    ingress == ["npm_from_pod"] && egress == ["npm_to_pod"] && !filters.contains("npm_")
+}
+
 fn ifindex_in(ns: &NetNs, name: &str) -> u32 {
     let out = ns
         .ip(&["-o", "link", "show", "dev", name])
@@ -528,6 +554,27 @@ fn time_from_link_creation_to_enforcement() {
             std::thread::sleep(Duration::from_micros(50));
         }
         let (took, e) = seen.unwrap_or_else(|| panic!("no endpoint for {name} within 2 s"));
+        // The pending entry goes in first, then the programs (the agent logs when): wait for
+        // them before the link goes. The fast path puts cls_bpf filters on; the agent then
+        // moves the link to tcx and removes them.
+        assert!(
+            eventually_every(Duration::from_secs(2), Duration::from_millis(1), || {
+                let (ingress, egress, filters) = hooks_of(&node, &name);
+                (ingress == ["npm_from_pod"] || filters.contains("npm_from_pod"))
+                    && (egress == ["npm_to_pod"] || filters.contains("npm_to_pod"))
+            }),
+            "programs on {name}: {:?}",
+            hooks_of(&node, &name)
+        );
+        if i == 0 {
+            assert!(
+                eventually_every(Duration::from_secs(10), Duration::from_millis(10), || {
+                    on_tcx_only(&node, &name)
+                }),
+                "{name} moved to tcx, filters removed: {:?}",
+                hooks_of(&node, &name)
+            );
+        }
         assert_eq!(
             e,
             EndpointInfo {
@@ -536,12 +583,6 @@ fn time_from_link_creation_to_enforcement() {
                 slot: 0,
             }
         );
-        if i == 0 {
-            let tc = node
-                .exec(&["tc", "filter", "show", "dev", &name, "egress"])
-                .expect("tc");
-            assert!(tc.contains("npm_to_pod"), "programs attached: {tc}");
-        }
         to_entry.push(took.as_micros() as i64);
         node.ip(&["link", "del", &name]).expect("link del");
         assert!(
@@ -624,17 +665,12 @@ fn time_from_link_creation_to_enforcement() {
         ),
         "the restarted agent isolates the link that appeared while it was away"
     );
-    let tc = node
-        .exec(&[
-            "tc",
-            "filter",
-            "show",
-            "dev",
-            &format!("{prefix}r"),
-            "ingress",
-        ])
-        .expect("tc");
-    assert!(tc.contains("npm_from_pod"), "programs attached: {tc}");
+    // Listed at start, not a link event: attached by tcx at once.
+    assert!(
+        on_tcx_only(&node, &format!("{prefix}r")),
+        "programs attached: {:?}",
+        hooks_of(&node, &format!("{prefix}r"))
+    );
     drop(agent);
 
     let lines = enforced_lines(&log);
@@ -650,10 +686,23 @@ fn time_from_link_creation_to_enforcement() {
         from_event_entry.push(num("endpoint_us"));
         from_add_attach.push(num("attached_unix_us") - t0);
     }
+    let logged: BTreeSet<&str> = lines
+        .iter()
+        .filter_map(|l| l.get("interface").map(String::as_str))
+        .collect();
+    let unlogged: Vec<&String> = created_at
+        .keys()
+        .filter(|n| !logged.contains(n.as_str()))
+        .collect();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let about: Vec<&str> = text
+        .lines()
+        .filter(|l| unlogged.iter().any(|n| l.contains(n.as_str())))
+        .collect();
     assert_eq!(
         from_event_attach.len(),
         LINKS as usize,
-        "one fast-path line per link"
+        "one fast-path line per link; none for {unlogged:?}; the agent's lines on them: {about:#?}"
     );
     for (what, v) in [
         (

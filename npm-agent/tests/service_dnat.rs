@@ -13,6 +13,8 @@ use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
+use aya::programs::TcAttachType;
+use npm_agent::datapath::tcx_programs;
 use npm_agent::enforcer::Enforcer;
 use npm_agent::lab::{External, Lab, LabSpec};
 use npm_agent::model::{ContainerPort, Pod, Protocol};
@@ -377,21 +379,18 @@ fn agent_attaches_the_post_dnat_check_to_uplinks_and_programs_the_ranges() {
     agent_once(&node, &manifests, &bpffs, true);
     // Every uplink carries the post-DNAT check; the pod veths carry the pod programs.
     for (_, ifname) in lab.external_interfaces() {
-        let filters = lab
+        let programs = lab
             .node()
-            .exec(&["tc", "filter", "show", "dev", &ifname, "egress"])
-            .expect("tc filter show");
-        assert!(filters.contains("npm_host_egress"), "{ifname}: {filters}");
+            .run(|| tcx_programs(&ifname, TcAttachType::Egress))
+            .expect("tcx programs");
+        assert_eq!(programs, ["npm_host_egress"], "{ifname}");
     }
     for (ifname, _) in lab.pod_interfaces().values() {
-        let filters = lab
+        let programs = lab
             .node()
-            .exec(&["tc", "filter", "show", "dev", ifname, "egress"])
-            .expect("tc filter show");
-        assert!(
-            filters.contains("npm_to_pod") && !filters.contains("npm_host_egress"),
-            "{ifname}: {filters}"
-        );
+            .run(|| tcx_programs(ifname, TcAttachType::Egress))
+            .expect("tcx programs");
+        assert_eq!(programs, ["npm_to_pod"], "{ifname}");
     }
     assert_eq!(pinned_services(&bpffs), 1);
     // The agent has exited; its programs and maps enforce through the ClusterIPs.

@@ -28,7 +28,9 @@ use npm_common::ABI_VERSION;
 
 use super::args::RunArgs;
 use crate::config::{self, FileConfig, Overrides, Resolved};
-use crate::enforcer::{ApplyReport, Enforcer};
+use crate::datapath::TcMode;
+use crate::enforcer::{ApplyReport, Enforcer, EnforcerError};
+use crate::k8s::client::error_chain;
 use crate::model::Diagnostic;
 use crate::node::discovery::{self, NodeTables};
 use crate::node::links::{self, LinkEvent, LinkFilter, LinkWatcher, PodLinkDelta, PodLinks};
@@ -46,6 +48,13 @@ const TABLES_DEBOUNCE: Duration = Duration::from_millis(100);
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// At most this many API events go into one batch (a re-list is one event already).
 const BATCH_MAX: usize = 256;
+/// A new pod interface stays on the fast path's cls_bpf filters this long before it moves to
+/// tcx. The move waits for an RCU grace period while holding the RTNL lock (~13 ms per hook
+/// here), which the CNI and our next fast-path attach also need: not while a pod is being
+/// set up.
+const TCX_MOVE_AFTER: Duration = Duration::from_secs(2);
+/// At most one move to tcx per this long (a burst of new pods does not hold RTNL for long).
+const TCX_MOVE_GAP: Duration = Duration::from_millis(100);
 
 /// Runs until SIGINT/SIGTERM (or once with `--once`). Exits without detaching: the pinned maps
 /// and attached programs keep enforcing until the next agent adopts them.
@@ -245,6 +254,11 @@ struct Loop<'a> {
     feed: Feed,
     /// ifindex -> name, for every interface carrying our programs.
     attached: BTreeMap<u32, String>,
+    /// Attached interfaces whose programs are cls_bpf filters put on by the fast path, to be
+    /// moved to tcx (see `Datapath::attach_index_quick`): ifindex -> when it is due.
+    to_tcx: BTreeMap<u32, Instant>,
+    /// The earliest the next move to tcx may start.
+    next_move: Instant,
     pod_links: PodLinks,
     /// The first apply happened: the maps follow the cluster from here on.
     ready: bool,
@@ -279,6 +293,8 @@ impl<'a> Loop<'a> {
             enforcer,
             feed,
             attached: BTreeMap::new(),
+            to_tcx: BTreeMap::new(),
+            next_move: now,
             pod_links: PodLinks::new(LinkFilter {
                 prefixes: args.pod_interface_prefixes.clone(),
             }),
@@ -316,7 +332,7 @@ impl<'a> Loop<'a> {
         match links::dump_links() {
             Ok(all) => {
                 let deltas = self.pod_links.relist(&all);
-                self.on_deltas(deltas);
+                self.on_deltas(deltas, false);
                 for link in &all {
                     self.host_link(link);
                 }
@@ -418,13 +434,18 @@ impl<'a> Loop<'a> {
                         }
                     }
                     let events: Vec<LinkEvent> = batches.into_iter().flat_map(|b| b.events).collect();
-                    let (new, pass) = self.on_link_events(&events);
+                    let (new, written_at, pass) = self.on_link_events(&events);
                     if !new.is_empty() {
-                        self.fast_path(&new, |i| seen_at.get(&i).copied().unwrap_or(first_at));
+                        self.fast_path(&new, written_at, |i| {
+                            seen_at.get(&i).copied().unwrap_or(first_at)
+                        });
                     }
                     if let Some(d) = pass {
                         self.request_pass(d, gathering.is_some());
                     }
+                }
+                _ = tokio::time::sleep_until(self.next_tcx_move().into()), if !self.to_tcx.is_empty() => {
+                    self.move_one_to_tcx();
                 }
                 _ = tokio::signal::ctrl_c() => break,
                 _ = sigterm.recv() => break,
@@ -599,10 +620,12 @@ impl<'a> Loop<'a> {
                 self.host_failed.insert(link.ifindex, link.name.clone());
             }
             Err(e) => {
-                tracing::error!(interface = %link.name, error = %format!("{e:#}"),
+                tracing::error!(interface = %link.name, error = %error_chain(&e),
                     "attaching the post-DNAT check failed; Service ranges withheld (egress to ClusterIPs checked before the DNAT) until it succeeds");
-                self.observer
-                    .error("attach", &format!("{} (host link): {e:#}", link.name));
+                self.observer.error(
+                    "attach",
+                    &format!("{} (host link): {}", link.name, error_chain(&e)),
+                );
                 self.host_failed.insert(link.ifindex, link.name.clone());
             }
         }
@@ -678,7 +701,7 @@ impl<'a> Loop<'a> {
             .cloned()
             .map(PodLinkDelta::Appeared)
             .collect();
-        self.on_deltas(missing);
+        self.on_deltas(missing, false);
         let discovered =
             discovery::local_pods(tables, base.pods.values(), self.args.node_name.as_deref());
         for (pod, iface) in &discovered {
@@ -692,9 +715,11 @@ impl<'a> Loop<'a> {
                         self.host_failed.remove(&ifindex);
                     }
                     Err(e) => {
-                        tracing::error!(%pod, interface = %iface.name, error = %format!("{e:#}"), "attach failed");
-                        self.observer
-                            .error("attach", &format!("{pod} on {}: {e:#}", iface.name));
+                        tracing::error!(%pod, interface = %iface.name, error = %error_chain(&e), "attach failed");
+                        self.observer.error(
+                            "attach",
+                            &format!("{pod} on {}: {}", iface.name, error_chain(&e)),
+                        );
                     }
                 }
             }
@@ -722,26 +747,33 @@ impl<'a> Loop<'a> {
     }
 
     /// Attaches to appeared links, forgets gone ones. Returns the ifindexes newly attached.
-    fn on_deltas(&mut self, deltas: Vec<PodLinkDelta>) -> Vec<(u32, String)> {
+    /// `quick`: links that just appeared (link events), attached as fast as the kernel allows
+    /// and moved to tcx later (`Datapath::attach_index_quick`); else by the datapath's mode.
+    fn on_deltas(&mut self, deltas: Vec<PodLinkDelta>, quick: bool) -> Vec<(u32, String)> {
         let mut new = Vec::new();
         for d in deltas {
             match d {
-                PodLinkDelta::Appeared(link) => match self.enforcer.attach_index(link.ifindex) {
-                    Ok(name) => {
+                PodLinkDelta::Appeared(link) => match self.attach_appeared(link.ifindex, quick) {
+                    Ok((name, mode)) => {
                         self.attached.insert(link.ifindex, name.clone());
+                        if mode != self.enforcer.datapath().tc_mode() {
+                            self.to_tcx
+                                .insert(link.ifindex, Instant::now() + TCX_MOVE_AFTER);
+                        }
                         new.push((link.ifindex, name));
                     }
                     Err(e) => {
                         tracing::error!(ifindex = link.ifindex, interface = %link.name,
-                            error = %format!("{e:#}"), "attach to new interface failed");
+                            error = %error_chain(&e), "attach to new interface failed");
                         self.observer.error(
                             "attach",
-                            &format!("{} ({}): {e:#}", link.name, link.ifindex),
+                            &format!("{} ({}): {}", link.name, link.ifindex, error_chain(&e)),
                         );
                     }
                 },
                 PodLinkDelta::Gone(link) => {
                     self.attached.remove(&link.ifindex);
+                    self.to_tcx.remove(&link.ifindex);
                     tracing::info!(ifindex = link.ifindex, interface = %link.name, "pod interface gone");
                 }
             }
@@ -749,9 +781,72 @@ impl<'a> Loop<'a> {
         new
     }
 
-    /// Handles one batch of link watcher events; returns the newly attached interfaces and
-    /// whether anything calls for a node pass (and how soon).
-    fn on_link_events(&mut self, events: &[LinkEvent]) -> (Vec<(u32, String)>, Option<Duration>) {
+    fn attach_appeared(
+        &mut self,
+        ifindex: u32,
+        quick: bool,
+    ) -> Result<(String, TcMode), EnforcerError> {
+        if quick {
+            self.enforcer.attach_index_quick(ifindex)
+        } else {
+            let mode = self.enforcer.datapath().tc_mode();
+            Ok((self.enforcer.attach_index(ifindex)?, mode))
+        }
+    }
+
+    /// When the next move to tcx may start: the earliest due one, spaced by `TCX_MOVE_GAP`.
+    fn next_tcx_move(&self) -> Instant {
+        let due = self
+            .to_tcx
+            .values()
+            .min()
+            .copied()
+            .unwrap_or(self.next_move);
+        due.max(self.next_move)
+    }
+
+    /// Moves one interface the fast path attached by cls_bpf to tcx (its filters go once the
+    /// tcx programs are on). On failure the filters stay and keep enforcing; a renamed link
+    /// comes back through its link event.
+    fn move_one_to_tcx(&mut self) {
+        let now = Instant::now();
+        let Some((&ifindex, _)) = self.to_tcx.iter().find(|(_, due)| **due <= now) else {
+            return;
+        };
+        self.to_tcx.remove(&ifindex);
+        self.next_move = Instant::now() + TCX_MOVE_GAP;
+        if !self.attached.contains_key(&ifindex) {
+            return;
+        }
+        match self.enforcer.attach_index(ifindex) {
+            Ok(name) => {
+                tracing::debug!(ifindex, interface = %name, "moved to tcx");
+                self.attached.insert(ifindex, name);
+            }
+            Err(e) => {
+                let name = self.attached.get(&ifindex).cloned().unwrap_or_default();
+                tracing::warn!(ifindex, interface = %name, error = %error_chain(&e),
+                    "moving to tcx failed; its cls_bpf filters keep enforcing");
+                self.observer.error(
+                    "attach",
+                    &format!("{name} ({ifindex}) to tcx: {}", error_chain(&e)),
+                );
+            }
+        }
+    }
+
+    /// Handles one batch of link watcher events; returns the newly attached interfaces, when
+    /// their pending entries were written (before the attach) and whether anything calls for
+    /// a node pass (and how soon).
+    #[allow(clippy::type_complexity)]
+    fn on_link_events(
+        &mut self,
+        events: &[LinkEvent],
+    ) -> (
+        Vec<(u32, String)>,
+        Option<(Instant, SystemTime)>,
+        Option<Duration>,
+    ) {
         let mut deltas = Vec::new();
         let mut pass: Option<Duration> = None;
         for e in events {
@@ -774,6 +869,7 @@ impl<'a> Loop<'a> {
                 }
                 LinkEvent::Gone(i) => {
                     // Any interface, candidate or not (discovery may have attached it).
+                    self.to_tcx.remove(i);
                     if self.attached.remove(i).is_some() {
                         pass = Some(Duration::ZERO);
                     }
@@ -790,20 +886,28 @@ impl<'a> Loop<'a> {
         if !deltas.is_empty() {
             pass = Some(Duration::ZERO);
         }
-        (self.on_deltas(deltas), pass)
+        let written_at = self.pending_first(&deltas);
+        (self.on_deltas(deltas, true), written_at, pass)
     }
 
-    /// The fast path: newly attached interfaces become pending endpoints at once. Logs how
-    /// long it took from the moment each link's notification was read.
-    fn fast_path(&mut self, new: &[(u32, String)], seen_at: impl Fn(u32) -> Instant) {
-        let attached_at = (Instant::now(), SystemTime::now());
+    /// The fast path, first half: links about to get our programs become pending endpoints
+    /// before the programs go on. Without an ENDPOINTS entry the programs pass a packet as not
+    /// managed, so writing the entry first leaves no moment in which a new pod's interface
+    /// carries our programs unenforced. A link whose attach then fails loses its entry again
+    /// in [`Self::fast_path`]. Returns when the entries were written (`None`: nothing to write).
+    fn pending_first(&mut self, deltas: &[PodLinkDelta]) -> Option<(Instant, SystemTime)> {
         if !self.ready {
-            return;
+            return None;
         }
+        let mut live = self.live();
+        live.extend(deltas.iter().filter_map(|d| match d {
+            PodLinkDelta::Appeared(link) => Some(link.ifindex),
+            PodLinkDelta::Gone(_) => None,
+        }));
         let current = self.enforcer.compiler().snapshot();
-        let changes = links::node_changes(current, &self.live(), &current.local.clone());
+        let changes = links::node_changes(current, &live, &current.local.clone());
         if changes.is_empty() {
-            return;
+            return None;
         }
         let report = self.enforcer.apply_changes(&changes);
         if report.sync.failed > 0 {
@@ -813,6 +917,39 @@ impl<'a> Loop<'a> {
             );
         }
         let written_at = (Instant::now(), SystemTime::now());
+        self.report(&report, Trigger::Change);
+        Some(written_at)
+    }
+
+    /// The fast path, second half: after the attach, drops the pending entries of links whose
+    /// attach failed (and writes any [`Self::pending_first`] did not). Logs how long the
+    /// attach and the entry took from the moment each link's notification was read.
+    fn fast_path(
+        &mut self,
+        new: &[(u32, String)],
+        written_at: Option<(Instant, SystemTime)>,
+        seen_at: impl Fn(u32) -> Instant,
+    ) {
+        let attached_at = (Instant::now(), SystemTime::now());
+        if !self.ready {
+            return;
+        }
+        let current = self.enforcer.compiler().snapshot();
+        let changes = links::node_changes(current, &self.live(), &current.local.clone());
+        let report = (!changes.is_empty()).then(|| self.enforcer.apply_changes(&changes));
+        if report.as_ref().is_some_and(|r| r.sync.failed > 0) {
+            tracing::error!(
+                failed = report.as_ref().map_or(0, |r| r.sync.failed),
+                "writing pending endpoints failed"
+            );
+        }
+        let Some(written_at) = written_at.or_else(|| {
+            report
+                .is_some()
+                .then(|| (Instant::now(), SystemTime::now()))
+        }) else {
+            return;
+        };
         for (ifindex, name) in new {
             let ep = self.enforcer.compiler().maps().endpoints.get(ifindex);
             tracing::info!(
@@ -827,7 +964,9 @@ impl<'a> Loop<'a> {
                 "new pod interface enforced"
             );
         }
-        self.report(&report, Trigger::Change);
+        if let Some(report) = &report {
+            self.report(report, Trigger::Change);
+        }
     }
 
     /// Re-reads the kernel maps and repairs any drift from the compiler's.

@@ -9,4 +9,6 @@ mod loader;
 mod sys;
 
 pub use counters::{CounterReader, DatapathCounters, PacketCount};
-pub use loader::{Datapath, DatapathError, TC_HANDLE, TC_PRIORITY, TestRunResult};
+pub use loader::{
+    Datapath, DatapathError, TC_HANDLE, TC_PRIORITY, TcMode, TestRunResult, tcx_programs,
+};

@@ -182,3 +182,91 @@ pub(crate) fn if_indextoname(index: u32) -> io::Result<String> {
     let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Ok(name.to_string_lossy().into_owned())
 }
+
+/// `BPF_PROG_ATTACH` and `BPF_PROG_DETACH` command numbers (`enum bpf_cmd`).
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+/// `BPF_F_REPLACE`: the attach replaces the program given by `replace_bpf_fd`.
+const BPF_F_REPLACE: u32 = 1 << 2;
+
+/// The tcx hooks (`enum bpf_attach_type`, Linux 6.6+).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TcxHook {
+    /// `BPF_TCX_INGRESS`.
+    Ingress = 46,
+    /// `BPF_TCX_EGRESS`.
+    Egress = 47,
+}
+
+/// The attach/detach member of `union bpf_attr` (include/uapi/linux/bpf.h, Linux 6.6+).
+#[repr(C)]
+#[derive(Default)]
+#[allow(dead_code, reason = "fields are read by the kernel")]
+struct ProgAttachAttr {
+    /// `target_ifindex` for tcx.
+    target: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    relative_fd: u32,
+    expected_revision: u64,
+}
+const _: () = assert!(size_of::<ProgAttachAttr>() == 32);
+
+fn raw_fd(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))
+}
+
+fn prog_attach_cmd(cmd: libc::c_long, attr: &mut ProgAttachAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid, fully initialised attach/detach member of `bpf_attr` of the
+    // size we pass; it holds no pointers, and the fds in it are borrowed for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<ProgAttachAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Attaches `prog` to tcx `hook` of interface `ifindex` without a link (`BPF_PROG_ATTACH`):
+/// the attachment holds its own reference to the program and stays until it is detached or
+/// the interface goes, whatever happens to this process. With `replace`, that program's
+/// place is taken atomically (the kernel fails with `ENOENT` if it is not attached there);
+/// without, `prog` is appended after the hook's other programs.
+pub(crate) fn tcx_attach(
+    ifindex: u32,
+    hook: TcxHook,
+    prog: BorrowedFd<'_>,
+    replace: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let mut attr = ProgAttachAttr {
+        target: ifindex,
+        attach_bpf_fd: raw_fd(prog)?,
+        attach_type: hook as u32,
+        ..ProgAttachAttr::default()
+    };
+    if let Some(old) = replace {
+        attr.attach_flags = BPF_F_REPLACE;
+        attr.replace_bpf_fd = raw_fd(old)?;
+    }
+    prog_attach_cmd(BPF_PROG_ATTACH, &mut attr)
+}
+
+/// Detaches `prog` from tcx `hook` of interface `ifindex` (`BPF_PROG_DETACH`; `ENOENT` if it
+/// is not attached there).
+pub(crate) fn tcx_detach(ifindex: u32, hook: TcxHook, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = ProgAttachAttr {
+        target: ifindex,
+        attach_bpf_fd: raw_fd(prog)?,
+        attach_type: hook as u32,
+        ..ProgAttachAttr::default()
+    };
+    prog_attach_cmd(BPF_PROG_DETACH, &mut attr)
+}
