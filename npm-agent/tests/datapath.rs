@@ -28,10 +28,10 @@ use npm_common::{
         EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, MAP_CIDRS, MAP_CLOCK, MAP_CONNTRACK,
         MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_FLOWS, MAP_IDENTITIES, MAP_METRICS,
         MAP_PAIRS, MAP_POLICY, MAP_SERVICES, MARK_DEFERRED, PAIR_TRIE, PEER_HOST,
-        POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_CLOCK,
-        PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6,
-        PROTO_SCTP, PROTO_TCP, PROTO_UDP, PairKey, PairPort, PairValue, PeerInfo, PolicyKey,
-        PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
+        POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_BENCH_BUMP,
+        PROG_BENCH_NEW, PROG_CLOCK, PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD,
+        PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PairKey, PairPort, PairValue,
+        PeerInfo, PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
     },
     metrics::{COUNTER_STRIDE, MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
@@ -1408,6 +1408,82 @@ fn pass_only_program_passes_and_touches_nothing() {
         1,
         "only the classifier's run was counted"
     );
+}
+
+/// The benchmark's new-flow program (BENCHMARKS.md, "new connection, allowed"): the
+/// repetitions of one call share the packet, so each bumps the source port once more and is
+/// a new flow with its own conntrack entry, in both families; the classifier's verdict and
+/// counters are those of `npm_to_pod`. The bump alone tracks and counts nothing. Not loaded
+/// with the datapath: `test_run` fails until the benchmark loads it.
+#[test]
+fn bench_new_flow_program_makes_a_new_flow_per_repetition() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    let p4 = ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    assert!(
+        env.dp.test_run(PROG_BENCH_NEW, &p4, IFINDEX, 1).is_err(),
+        "not loaded by Datapath::load"
+    );
+    env.dp.load_bench_programs().expect("load");
+    env.dp
+        .load_bench_programs()
+        .expect("loading again is a no-op");
+    let peer6 = v6("fd00::2");
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.identity(peer6, PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+
+    let bump = env
+        .dp
+        .test_run(PROG_BENCH_BUMP, &p4, IFINDEX, 7)
+        .expect("test run");
+    assert_eq!(bump.retval, TC_ACT_PIPE);
+    assert_eq!(
+        bump.data_out[34..36],
+        40007_u16.to_be_bytes(),
+        "the source port, bumped once per repetition"
+    );
+    assert_eq!(bump.data_out[36..], p4[36..], "nothing else changed");
+    assert_eq!(env.ct_len(), 0, "the bump alone tracks nothing");
+
+    let r = env
+        .dp
+        .test_run(PROG_BENCH_NEW, &p4, IFINDEX, 100)
+        .expect("test run");
+    assert_eq!(r.retval, TC_ACT_PIPE);
+    assert_eq!(env.ct_lens(), (100, 0), "one IPv4 entry per repetition");
+    for sport in [40001, 40100] {
+        let (key, _) = ct_key(v4(PEER), sport, v4(POD), 80, PROTO_TCP);
+        assert!(env.ct_entry(&key).is_some(), "the flow from port {sport}");
+    }
+    let (key, _) = ct_key(v4(PEER), 40000, v4(POD), 80, PROTO_TCP);
+    assert!(
+        env.ct_entry(&key).is_none(),
+        "the unbumped port was never sent"
+    );
+    assert_eq!(
+        env.counter(IFINDEX, DIR_INGRESS, REASON_POLICY_ALLOW)
+            .packets,
+        100,
+        "counted as npm_to_pod counts"
+    );
+
+    let p6 = ipv6(peer6, v6("fd00::1"), PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    let r = env
+        .dp
+        .test_run(PROG_BENCH_NEW, &p6, IFINDEX, 50)
+        .expect("test run");
+    assert_eq!(r.retval, TC_ACT_PIPE);
+    assert_eq!(r.data_out[54..56], 40050_u16.to_be_bytes());
+    assert_eq!(env.ct_lens(), (100, 50), "one IPv6 entry per repetition");
+
+    // A denied peer: every repetition dropped, nothing tracked.
+    let denied = ipv4([10, 0, 0, 9], POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    let r = env
+        .dp
+        .test_run(PROG_BENCH_NEW, &denied, IFINDEX, 20)
+        .expect("test run");
+    assert_eq!(r.retval, TC_ACT_SHOT);
+    assert_eq!(env.ct_lens(), (100, 50));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -78,6 +78,12 @@ pub const PROG_PASS: &str = "npm_pass";
 pub const PROG_HOST_EGRESS: &str = "npm_host_egress";
 /// Returns the low 31 bits of `jiffies`: the loader's HZ probe. Never attached.
 pub const PROG_CLOCK: &str = "npm_clock";
+/// The benchmark's new-flow path: bumps the packet's source port, then runs `npm_to_pod`, so
+/// each repetition of one `BPF_PROG_TEST_RUN` call is a new flow. Loaded only on request
+/// (`Datapath::load_bench_programs`), never attached.
+pub const PROG_BENCH_NEW: &str = "npm_bench_new";
+/// [`PROG_BENCH_NEW`]'s baseline: the source-port bump alone. Loaded only on request.
+pub const PROG_BENCH_BUMP: &str = "npm_bench_bump";
 
 // ---- sizes ----
 pub const ENDPOINTS_MAX: u32 = 16_384;

@@ -115,12 +115,17 @@ pub fn npm_from_pod(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn npm_to_pod(ctx: TcContext) -> i32 {
+    to_pod(&ctx)
+}
+
+#[inline(always)]
+fn to_pod(ctx: &TcContext) -> i32 {
     // A packet whose egress check was deferred past the Service DNAT (local backend): the
     // source pod's egress policy first, then this pod's ingress policy as for any packet.
-    if service::deferred_denied(&ctx) {
+    if service::deferred_denied(ctx) {
         return TC_ACT_SHOT;
     }
-    handle(&ctx, DIR_INGRESS)
+    handle(ctx, DIR_INGRESS)
 }
 
 /// TC egress of the node's other links (not loopback, not a managed pod interface), attached
@@ -142,6 +147,50 @@ pub fn npm_host_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn npm_pass(_ctx: TcContext) -> i32 {
     TC_ACT_PIPE
+}
+
+/// The benchmark's new-flow path (`PROG_BENCH_NEW`): adds one to the packet's TCP or UDP
+/// source port, then runs `npm_to_pod`. Under `BPF_PROG_TEST_RUN` the repetitions of one call
+/// share the packet, so each repetition is a new flow (a conntrack miss, the policy path and
+/// the insert) until the port wraps. Loaded only by the benchmark, never attached.
+#[classifier]
+pub fn npm_bench_new(ctx: TcContext) -> i32 {
+    bump_source_port(&ctx);
+    to_pod(&ctx)
+}
+
+/// [`npm_bench_new`]'s baseline (`PROG_BENCH_BUMP`): the port bump alone, then
+/// `TC_ACT_PIPE`. Loaded only by the benchmark, never attached.
+#[classifier]
+pub fn npm_bench_bump(ctx: TcContext) -> i32 {
+    bump_source_port(&ctx);
+    TC_ACT_PIPE
+}
+
+/// Adds one (wrapping) to the source port of an Ethernet + IPv4 (without options) or IPv6
+/// (without extension headers) packet; leaves anything shorter alone. Benchmark only.
+#[inline(always)]
+fn bump_source_port(ctx: &TcContext) {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 14 > end {
+        return;
+    }
+    // SAFETY: bytes 12..14 are within the packet (checked above).
+    let ethertype = unsafe { ((data + 12) as *const u16).read_unaligned() };
+    let at = if ethertype == 0x86dd_u16.to_be() {
+        14 + 40
+    } else {
+        14 + 20
+    };
+    if data + at + 2 > end {
+        return;
+    }
+    // SAFETY: bytes at..at + 2 are within the packet (checked above); TC programs may write
+    // the packet directly.
+    unsafe {
+        let port = (data + at) as *mut u16;
+        port.write_unaligned(u16::from_be(port.read_unaligned()).wrapping_add(1).to_be());
+    }
 }
 
 /// The loader's HZ probe: returns the low 31 bits of `jiffies` (`BPF_PROG_TEST_RUN` twice,

@@ -41,7 +41,8 @@ struct Args {
     /// rows as JSON.
     #[arg(long, hide = true)]
     control_child: Option<String>,
-    /// For profiling: run one per-packet path (established, established-ct, denied, new, pass)
+    /// For profiling: run one per-packet path (established, established-ct, denied, new,
+    /// new-flows, pass)
     /// or short connections in the lab (conn: enforcing, conn-nocache, conn-off) for SECONDS.
     #[arg(long, hide = true, num_args = 2, value_names = ["PATH", "SECONDS"])]
     spin: Vec<String>,
@@ -115,6 +116,7 @@ fn main() {
                 repeat: 1_000_000,
                 rounds: 5,
                 singles: 3_000,
+                flows: 25_000,
             }
         } else {
             packet::Params {
@@ -123,6 +125,7 @@ fn main() {
                 repeat: 20_000,
                 rounds: 3,
                 singles: 300,
+                flows: 5_000,
             }
         };
         packet::run(&p, &mut sink);

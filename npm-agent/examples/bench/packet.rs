@@ -29,7 +29,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use npm_agent::enforcer::Enforcer;
 use npm_common::maps::{
-    CtKey, CtKey4, CtValue, MAP_CONNTRACK, MAP_CONNTRACK4, PROG_PASS, PROG_TO_POD,
+    CtKey, CtKey4, CtValue, MAP_CONNTRACK, MAP_CONNTRACK4, PROG_BENCH_BUMP, PROG_BENCH_NEW,
+    PROG_PASS, PROG_TO_POD,
 };
 use npm_common::verdict::DIR_EGRESS;
 
@@ -48,8 +49,11 @@ pub(crate) struct Params {
     pub(crate) repeat: u32,
     /// Calls per repeated figure (the median is reported).
     pub(crate) rounds: usize,
-    /// Single-repetition calls for the new-allowed figure (the median is reported).
+    /// Single-repetition calls for the single-run new-allowed figure (the median is reported).
     pub(crate) singles: usize,
+    /// Repetitions per call of the new-flow program (each a new flow; below 25 535, so the
+    /// source ports 40 001.. do not wrap).
+    pub(crate) flows: u32,
 }
 
 fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -233,9 +237,40 @@ fn singles(
     median(&mut v)
 }
 
+/// The new-flow figures: the median over `rounds` calls of `flows` repetitions of
+/// `PROG_BENCH_NEW` (the source port bumped, then `npm_to_pod`: every repetition a new flow
+/// with its conntrack insert; the map emptied before each call and checked to hold `flows`
+/// entries after it), and the same of `PROG_BENCH_BUMP` (the bump alone). Each after one
+/// untimed warm-up call.
+fn new_flows(e: &Enforcer, ct: &mut CtMap, pkt: &[u8], flows: u32, rounds: usize) -> (f64, f64) {
+    let mut run = || {
+        ct_clear(ct);
+        let r = e
+            .datapath()
+            .test_run(PROG_BENCH_NEW, pkt, 1, flows)
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            r.retval, TC_ACT_PIPE,
+            "{PROG_BENCH_NEW}: the allowed SYNs pass"
+        );
+        let tracked = ct.keys().len();
+        assert_eq!(
+            tracked, flows as usize,
+            "{PROG_BENCH_NEW}: one conntrack entry per repetition"
+        );
+        f64::from(r.duration_ns)
+    };
+    run();
+    let mut v: Vec<f64> = (0..rounds).map(|_| run()).collect();
+    ct_clear(ct);
+    let bump = repeated(e, PROG_BENCH_BUMP, pkt, flows, rounds, TC_ACT_PIPE);
+    assert_eq!(ct_clear(ct), 0, "{PROG_BENCH_BUMP} tracks nothing");
+    (median(&mut v), bump)
+}
+
 /// For profiling (`perf record -a` around it): runs one path at pods=10000 policies=1000 for
 /// about `seconds` (kind: `established`, `established-ct` (flow cache off), `denied`, `new`
-/// (single runs) or `pass`, IPv4).
+/// (single runs), `new-flows` (a new flow per repetition) or `pass`, IPv4).
 pub(crate) fn spin(kind: &str, seconds: u64) {
     let snapshot = synth::cluster(10_000, 1_000, 100);
     let mut e = Enforcer::new(None).expect("load the datapath (root required)");
@@ -264,6 +299,18 @@ pub(crate) fn spin(kind: &str, seconds: u64) {
             packet(false, synth::DENIED_PEER, TCP_SYN),
             TC_ACT_SHOT,
         ),
+        "new-flows" => {
+            e.datapath_mut()
+                .load_bench_programs()
+                .expect("load the benchmark programs");
+            let mut ct = take_ct(&mut e);
+            let start = std::time::Instant::now();
+            while start.elapsed().as_secs() < seconds {
+                let (ns, bump) = new_flows(&e, &mut ct, &allowed, 25_000, 5);
+                eprintln!("new-flows: {ns} ns, bump alone {bump} ns");
+            }
+            return;
+        }
         "new" => {
             let mut ct = take_ct(&mut e);
             let key = ct_key_of(&e, &mut ct, &allowed);
@@ -299,6 +346,9 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
             let mut e = Enforcer::new(None).expect("load the datapath (root required)");
             let report = e.apply(&snapshot);
             assert_eq!(report.sync.failed, 0, "programming the maps failed");
+            e.datapath_mut()
+                .load_bench_programs()
+                .expect("load the benchmark programs");
             let mut ct = take_ct(&mut e);
             let size = format!("pods={pods} policies={policies}");
             eprintln!(
@@ -335,7 +385,10 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                     TC_ACT_PIPE,
                     true,
                 );
-                let new_allowed = new_allowed_raw - (pass_one - pass_rep);
+                let new_allowed_single = new_allowed_raw - (pass_one - pass_rep);
+                let (new_flows_raw, bump) = new_flows(&e, &mut ct, &allowed, p.flows, p.rounds);
+                // The bump's own cost (bump program − pass-only) taken off.
+                let new_allowed = new_flows_raw - (bump - pass_rep);
                 // A live entry for the tuple that the SYN does not match (as if the flow had
                 // been opened the other way): the whole allowed path, no insert, no refresh.
                 let first = e
@@ -386,6 +439,17 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                     });
                 };
                 row("new connection, allowed", new_allowed, Some(150.0));
+                row(
+                    "new connection, allowed, single-run method",
+                    new_allowed_single,
+                    None,
+                );
+                row(
+                    "new connection, allowed, new-flow program raw",
+                    new_flows_raw,
+                    None,
+                );
+                row("source-port bump program", bump, None);
                 row("new connection, denied", new_denied, Some(150.0));
                 row("established (flow-cache hit)", established, Some(60.0));
                 row(

@@ -19,6 +19,7 @@ use npm_common::maps::{
     MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, PROG_CLOCK, PROG_FROM_POD,
     PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD,
 };
+use npm_common::maps::{PROG_BENCH_BUMP, PROG_BENCH_NEW};
 
 use super::sys;
 
@@ -716,6 +717,23 @@ impl Datapath {
             }
         }
         Ok(removed)
+    }
+
+    /// Loads the benchmark's programs (`PROG_BENCH_NEW`, `PROG_BENCH_BUMP`) for
+    /// [`Datapath::test_run`]; [`Datapath::load`] leaves them out (an agent never runs them,
+    /// and `PROG_BENCH_NEW` is as large as `PROG_TO_POD`). Loading them again is a no-op.
+    pub fn load_bench_programs(&mut self) -> Result<(), DatapathError> {
+        for prog in [PROG_BENCH_NEW, PROG_BENCH_BUMP] {
+            let program = classifier(&mut self.ebpf, prog)?;
+            if program.fd().is_ok() {
+                continue;
+            }
+            program.load().map_err(|source| DatapathError::Program {
+                prog: prog.to_owned(),
+                source: Box::new(source),
+            })?;
+        }
+        Ok(())
     }
 
     /// Runs program `prog` (`PROG_FROM_POD`, `PROG_TO_POD` or the pass-only `PROG_PASS`) on
