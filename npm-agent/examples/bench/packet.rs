@@ -5,12 +5,17 @@
 //! (ingress, `npm_to_pod`, ifindex 1) is run through the classifier:
 //! - new connection, denied: a SYN from the denied peer, `repeat` times in one call (a denied
 //!   packet creates no conntrack entry, so every repetition takes the full path);
-//! - new connection, allowed: a SYN from the allowed peer, one repetition per call with the
-//!   conntrack entry it created removed (one delete by key) before the next call (with `repeat` > 1 every
-//!   repetition after the first would be a conntrack hit). A single repetition carries the
-//!   kernel's timer overhead and follows two syscalls, so the figure reported is the median of
-//!   those single runs minus (pass-only single run − pass-only repeated run), the pass-only
-//!   single runs being measured the same way (same delete syscall between runs);
+//! - new connection, allowed (the targeted figure): a SYN from the allowed peer through
+//!   `npm_bench_new`, which bumps the source port before running `npm_to_pod`'s code, so each
+//!   of the `flows` repetitions of one call is a new flow (miss, policy path, insert); the
+//!   conntrack maps are emptied before each call and must hold `flows` entries after it. The
+//!   bump's own cost (`npm_bench_bump` − pass-only) is taken off;
+//! - new connection, allowed, single-run method: the same SYN through `npm_to_pod`, one
+//!   repetition per call with the conntrack entry it created removed (one delete by key)
+//!   before the next call. A single repetition carries the kernel's timer overhead and
+//!   follows two syscalls, so the figure reported is the median of those single runs minus
+//!   (pass-only single run − pass-only repeated run), the pass-only single runs being
+//!   measured the same way (same delete syscall between runs);
 //! - established: the allowed SYN once (creates the entry), then an ACK `repeat` times: the
 //!   first repetition is a conntrack hit that fills the flow cache, the rest are flow-cache
 //!   hits (what a flow's packets on one CPU pay); and the same with the flow cache off
