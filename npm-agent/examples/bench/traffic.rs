@@ -37,6 +37,7 @@ use npm_agent::lab::{Lab, LabSpec};
 use npm_agent::model::{Namespace, Peer, Pod, Policy, PortRef, PortSpec, Protocol, Rule, Selector};
 use npm_agent::netns::NetNs;
 use npm_agent::state::ClusterSnapshot;
+use npm_common::maps::{PROG_FROM_POD, PROG_PASS, PROG_TO_POD};
 
 use crate::packet::median;
 use crate::report::{Row, Sink};
@@ -510,7 +511,11 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
     // CPU latency request at 0 while measuring, as latency benchmarks do (tuned's
     // latency-performance profile): the idle governor then polls instead of halting.
     let _no_halt = CpuLatencyZero::hold();
-    let interfaces = lab.pod_interfaces();
+    let ifnames: Vec<String> = lab
+        .pod_interfaces()
+        .into_values()
+        .map(|(ifname, _)| ifname)
+        .collect();
     // `Some(n)`: enforcing the kube-router scenario plus n policies; `None`: no filter
     // ("off") or the pass-only program on both hooks (PASS_ONLY: what the TC hook itself
     // costs, the floor of any TC-based enforcer).
@@ -560,26 +565,7 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
                 let at = (round + i) % configs.len();
                 let name = configs[at].0;
                 if applied != Some(at) {
-                    lab.node().run(|| {
-                        for (ifname, _) in interfaces.values() {
-                            if let Some(enforcer) = enforcers[at].as_mut() {
-                                enforcer.attach(ifname).expect("attach");
-                                continue;
-                            }
-                            let dp = enforcers[first_enforcing]
-                                .as_mut()
-                                .expect("enforcing configuration")
-                                .datapath_mut();
-                            if name == PASS_ONLY {
-                                dp.attach_baseline(ifname)
-                                    .expect("attach the pass-only program");
-                            } else {
-                                dp.detach(ifname).expect("detach");
-                                dp.detach_baseline(ifname)
-                                    .expect("detach the pass-only program");
-                            }
-                        }
-                    });
+                    apply_config(&lab, &ifnames, &mut enforcers, first_enforcing, at, name);
                     applied = Some(at);
                 }
                 let r: Vec<(String, f64, &str)> = match tool {
@@ -619,6 +605,62 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
             }
         }
     }
+    // In flight: the kernel's run statistics of the attached programs over short
+    // connections at concurrency 1, for each enforcing configuration and the pass-only
+    // program. Statistics cost every program run two clock reads, so they are on only here,
+    // after the rounds, never while the ratios are measured; the pass-only row carries that
+    // cost too, so enforcing − pass-only is the classifiers' own share.
+    {
+        let _stats =
+            aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS (run time)");
+        for (at, (name, _)) in configs.iter().enumerate() {
+            if *name == "off" {
+                continue;
+            }
+            apply_config(&lab, &ifnames, &mut enforcers, first_enforcing, at, name);
+            let (dp, progs): (&npm_agent::datapath::Datapath, &[&str]) = match &enforcers[at] {
+                Some(e) => (e.datapath(), &[PROG_FROM_POD, PROG_TO_POD]),
+                None => (
+                    enforcers[first_enforcing]
+                        .as_ref()
+                        .expect("enforcing configuration")
+                        .datapath(),
+                    &[PROG_PASS],
+                ),
+            };
+            let stats = || {
+                progs.iter().fold((Duration::ZERO, 0u64), |(t, n), p| {
+                    let (pt, pn) = dp.prog_stats(p).expect("program statistics");
+                    (t + pt, n + pn)
+                })
+            };
+            let before = stats();
+            let rate = conn_rate(
+                client_ns,
+                SocketAddr::new(server_ip, HTTP_PORT),
+                1,
+                d.conn_s,
+            );
+            let after = stats();
+            let runs = after.1 - before.1;
+            assert!(runs > 0, "{name}: the attached programs ran");
+            let ns = (after.0 - before.0).as_nanos() as f64 / runs as f64;
+            sink.push(Row {
+                section: "2 traffic".into(),
+                figure: "program run time in flight (kernel run statistics), short connections at concurrency 1".into(),
+                size: format!("enforcement {name}"),
+                pods: None,
+                policies: None,
+                value: Some(ns),
+                unit: "ns".into(),
+                target_max: None,
+                note: Some(format!(
+                    "{runs} runs of {} at {rate:.0} conn/s; includes the statistics' own clock reads",
+                    progs.join(" + ")
+                )),
+            });
+        }
+    }
     // Per-round values, for the paired ratios.
     let per_round = results.clone();
     let rounds_of: Vec<String> = results
@@ -647,7 +689,7 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
     }
     // Remove our filters before the lab goes (the lab deletes the interfaces anyway).
     lab.node().run(|| {
-        for (ifname, _) in interfaces.values() {
+        for ifname in &ifnames {
             if let Some(enforcer) = enforcers[first_enforcing].as_mut() {
                 let _ = enforcer.datapath_mut().detach(ifname);
                 let _ = enforcer.datapath_mut().detach_baseline(ifname);
@@ -684,6 +726,39 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
             note: Some(format!("median of per-round ratios: {}", each.join(", "))),
         });
     }
+}
+
+/// Puts configuration `at` (`name`) on every pod interface of the lab: its enforcer's
+/// programs, or the pass-only program, or nothing ("off"); the pass-only program and the
+/// detach come from the first enforcing configuration's datapath.
+fn apply_config(
+    lab: &Lab,
+    ifnames: &[String],
+    enforcers: &mut [Option<Enforcer>],
+    first_enforcing: usize,
+    at: usize,
+    name: &str,
+) {
+    lab.node().run(|| {
+        for ifname in ifnames {
+            if let Some(enforcer) = enforcers[at].as_mut() {
+                enforcer.attach(ifname).expect("attach");
+                continue;
+            }
+            let dp = enforcers[first_enforcing]
+                .as_mut()
+                .expect("enforcing configuration")
+                .datapath_mut();
+            if name == PASS_ONLY {
+                dp.attach_baseline(ifname)
+                    .expect("attach the pass-only program");
+            } else {
+                dp.detach(ifname).expect("detach");
+                dp.detach_baseline(ifname)
+                    .expect("detach the pass-only program");
+            }
+        }
+    });
 }
 
 /// Holds `/dev/cpu_dma_latency` at 0 µs (PM QoS) while alive; the kernel drops the request

@@ -736,6 +736,25 @@ impl Datapath {
         Ok(())
     }
 
+    /// The kernel's run statistics of program `prog`: total run time and number of runs
+    /// since it was loaded. Both stay 0 unless statistics are enabled (`BPF_ENABLE_STATS`,
+    /// `aya::sys::enable_stats`, or the `kernel.bpf_stats_enabled` sysctl), which costs every
+    /// program run two clock reads; for the benchmark.
+    pub fn prog_stats(&self, prog: &str) -> Result<(std::time::Duration, u64), DatapathError> {
+        let info = self
+            .ebpf
+            .program(prog)
+            .ok_or_else(|| DatapathError::ProgramMissing {
+                prog: prog.to_owned(),
+            })?
+            .info()
+            .map_err(|source| DatapathError::Program {
+                prog: prog.to_owned(),
+                source: Box::new(source),
+            })?;
+        Ok((info.run_time(), info.run_count()))
+    }
+
     /// Runs program `prog` (`PROG_FROM_POD`, `PROG_TO_POD` or the pass-only `PROG_PASS`) on
     /// `packet` (Ethernet frame) with `BPF_PROG_TEST_RUN`, `repeat` times (0 counts as 1), as
     /// if it crossed interface `ifindex`, which must exist in the calling thread's network
