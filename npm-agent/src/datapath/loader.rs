@@ -286,10 +286,7 @@ impl Datapath {
         {
             classifier(&mut ebpf, prog)?
                 .load()
-                .map_err(|source| DatapathError::Program {
-                    prog: prog.to_owned(),
-                    source: Box::new(source),
-                })?;
+                .map_err(program_error(prog))?;
         }
         // tcx where the kernel has it: querying a hook of `lo` fails (EINVAL) on kernels
         // before 6.6.
@@ -554,10 +551,7 @@ impl Datapath {
         };
         let ours = our_tcx_programs(ifname, hook)?;
         let classifier = classifier(&mut self.ebpf, prog)?;
-        let program_err = |source: ProgramError| DatapathError::Program {
-            prog: prog.to_owned(),
-            source: Box::new(source),
-        };
+        let program_err = program_error(prog);
         let info = classifier.info().map_err(program_err)?;
         let fd = classifier.fd().map_err(program_err)?;
         let mut rest = ours.iter();
@@ -728,10 +722,7 @@ impl Datapath {
             if program.fd().is_ok() {
                 continue;
             }
-            program.load().map_err(|source| DatapathError::Program {
-                prog: prog.to_owned(),
-                source: Box::new(source),
-            })?;
+            program.load().map_err(program_error(prog))?;
         }
         Ok(())
     }
@@ -744,14 +735,9 @@ impl Datapath {
         let info = self
             .ebpf
             .program(prog)
-            .ok_or_else(|| DatapathError::ProgramMissing {
-                prog: prog.to_owned(),
-            })?
+            .ok_or_else(|| program_missing(prog))?
             .info()
-            .map_err(|source| DatapathError::Program {
-                prog: prog.to_owned(),
-                source: Box::new(source),
-            })?;
+            .map_err(program_error(prog))?;
         Ok((info.run_time(), info.run_count()))
     }
 
@@ -793,13 +779,8 @@ impl Datapath {
         let program = self
             .ebpf
             .program(prog)
-            .ok_or_else(|| DatapathError::ProgramMissing {
-                prog: prog.to_owned(),
-            })?;
-        let fd = program.fd().map_err(|source| DatapathError::Program {
-            prog: prog.to_owned(),
-            source: Box::new(source),
-        })?;
+            .ok_or_else(|| program_missing(prog))?;
+        let fd = program.fd().map_err(program_error(prog))?;
         let raw =
             sys::prog_test_run(fd.as_fd(), packet, ifindex, mark, repeat).map_err(|source| {
                 DatapathError::TestRun {
@@ -820,6 +801,21 @@ impl Datapath {
 fn map_missing(name: &str) -> DatapathError {
     DatapathError::MapMissing {
         map: name.to_owned(),
+    }
+}
+
+/// The error of a program absent from the object.
+fn program_missing(prog: &str) -> DatapathError {
+    DatapathError::ProgramMissing {
+        prog: prog.to_owned(),
+    }
+}
+
+/// Wraps an error of an operation on program `prog`.
+fn program_error(prog: &str) -> impl Fn(ProgramError) -> DatapathError + Copy + '_ {
+    move |source| DatapathError::Program {
+        prog: prog.to_owned(),
+        source: Box::new(source),
     }
 }
 
@@ -931,10 +927,7 @@ fn detach_hooks(ifname: &str, hooks: &[(&str, TcAttachType)]) -> Result<(), Data
             if name != prog {
                 continue;
             }
-            let fd = p.fd().map_err(|source| DatapathError::Program {
-                prog: prog.to_owned(),
-                source: Box::new(source),
-            })?;
+            let fd = p.fd().map_err(program_error(prog))?;
             match sys::tcx_detach(index, tcx_hook(hook), fd.as_fd()) {
                 Ok(()) => {}
                 // Gone meanwhile (another agent, or the interface).
@@ -962,14 +955,9 @@ fn classifier<'a>(
     prog: &str,
 ) -> Result<&'a mut SchedClassifier, DatapathError> {
     ebpf.program_mut(prog)
-        .ok_or_else(|| DatapathError::ProgramMissing {
-            prog: prog.to_owned(),
-        })?
+        .ok_or_else(|| program_missing(prog))?
         .try_into()
-        .map_err(|source| DatapathError::Program {
-            prog: prog.to_owned(),
-            source: Box::new(source),
-        })
+        .map_err(program_error(prog))
 }
 
 fn ifindex(ifname: &str) -> Result<u32, DatapathError> {
