@@ -258,6 +258,24 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     // Tick resolution is plenty for timeouts of seconds (see `now_ns`).
     let now = now_ns();
     let src_is_lo = conntrack::src_is_lo(&pkt);
+    // A TCP SYN without ACK opens a flow: its tuple has no entry unless the SYN is a
+    // retransmission or reuses the tuple of a recent flow. So the policy is asked first and
+    // an allowed SYN is tracked with an insert that fails if any entry exists (`BPF_NOEXIST`),
+    // instead of a lookup that misses and then an insert: one hash lookup less per new TCP
+    // flow. Only when that insert finds an entry, or the SYN is denied, does the SYN take the
+    // conntrack path below like any other packet, with the verdict already made.
+    let mut judged = None;
+    if conntrack::opens_flow(&pkt) {
+        // SAFETY: plain-integer values, see below.
+        let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
+            return (REASON_NOT_MANAGED, SLOT_UNMANAGED);
+        };
+        let reason = endpoint_verdict(&ep, &pkt, ifindex, dir);
+        if is_allow(reason) && conntrack::create_new(&pkt, ifindex, src_is_lo, dir, now, ep.slot) {
+            return (reason, ep.slot);
+        }
+        judged = Some((reason, ep));
+    }
     // Conntrack first: the key holds the ifindex, so a hit is a flow this interface's
     // endpoint allowed, and the entry holds the endpoint's counter slot.
     let live = match conntrack::lookup(&pkt, ifindex, src_is_lo, dir, now) {
@@ -267,20 +285,16 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
         Ct::Miss | Ct::Pending => false,
     };
 
-    // SAFETY: hash map values are plain integers; a concurrent update can at worst give a
-    // mix of old and new flags for this one packet.
-    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
-        return (REASON_NOT_MANAGED, SLOT_UNMANAGED);
-    };
-    let (isolate_bit, class_bit) = if dir == DIR_INGRESS {
-        (EP_ISOLATE_INGRESS, EP_CLASS_INGRESS)
-    } else {
-        (EP_ISOLATE_EGRESS, EP_CLASS_EGRESS)
-    };
-    let reason = if ep.flags & isolate_bit != 0 {
-        policy_verdict(ep.id, &pkt, ifindex, dir, ep.flags & class_bit != 0)
-    } else {
-        REASON_NOT_ISOLATED
+    let (reason, ep) = match judged {
+        Some(judged) => judged,
+        None => {
+            // SAFETY: hash map values are plain integers; a concurrent update can at worst
+            // give a mix of old and new flags for this one packet.
+            let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
+                return (REASON_NOT_MANAGED, SLOT_UNMANAGED);
+            };
+            (endpoint_verdict(&ep, &pkt, ifindex, dir), ep)
+        }
     };
     // Egress to a Service range: judged again after the DNAT (crate::service).
     if reason == REASON_DROP_POLICY
@@ -293,6 +307,21 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
         conntrack::create(&pkt, ifindex, src_is_lo, dir, now, ep.slot);
     }
     (reason, ep.slot)
+}
+
+/// The verdict of endpoint `ep`'s policy in `dir` for a packet no conntrack entry answers.
+#[inline(always)]
+fn endpoint_verdict(ep: &EndpointInfo, pkt: &Packet, ifindex: u32, dir: u8) -> u8 {
+    let (isolate_bit, class_bit) = if dir == DIR_INGRESS {
+        (EP_ISOLATE_INGRESS, EP_CLASS_INGRESS)
+    } else {
+        (EP_ISOLATE_EGRESS, EP_CLASS_EGRESS)
+    };
+    if ep.flags & isolate_bit != 0 {
+        policy_verdict(ep.id, pkt, ifindex, dir, ep.flags & class_bit != 0)
+    } else {
+        REASON_NOT_ISOLATED
+    }
 }
 
 /// Makes the first `PULL_LEN` bytes (or the whole packet, if shorter) linear when they are
