@@ -1107,6 +1107,72 @@ fn conntrack_expired_entry_counts_as_absent() {
     env.pass(PROG_TO_POD, &back, REASON_REPLY);
 }
 
+/// A SYN without ACK asks the policy first and is tracked by an insert that fails on any
+/// entry of its tuple; with an entry it takes the conntrack path like any packet: an expired
+/// entry is replaced, a live one answers (even for a SYN the policy now denies) or, when the
+/// SYN does not match it, is left alone.
+#[test]
+fn a_syn_is_judged_first_and_never_replaces_a_live_entry() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+    let syn = ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
+    let (key, src_is_lo) = ct_key(v4(PEER), 40000, v4(POD), 80, PROTO_TCP);
+    let origin = if src_is_lo { CT_ORIGIN_LO } else { 0 };
+
+    // An expired entry of the tuple: the SYN is allowed and replaces it.
+    let stale = CtValue {
+        expires_ns: 1,
+        origin_dir: DIR_EGRESS,
+        flags: CT_SEEN_REPLY | if src_is_lo { 0 } else { CT_ORIGIN_LO },
+        slot: 0,
+        _pad: [0; 4],
+    };
+    env.ct_insert(key, stale);
+    env.pass(PROG_TO_POD, &syn, REASON_POLICY_ALLOW);
+    let ct = env.ct_entry(&key).expect("entry");
+    assert!(ct.expires_ns > 1, "the expired entry is replaced");
+    assert_eq!(ct.origin_dir, DIR_INGRESS);
+    assert_eq!(ct.flags, origin, "a fresh entry: this side, nothing seen");
+    assert_eq!(u32::from(ct.slot), SLOT);
+
+    // A retransmission hits the live entry.
+    env.pass(PROG_TO_POD, &syn, REASON_ESTABLISHED);
+    assert_eq!(env.ct_len(), 1);
+
+    // A live entry answers a SYN the policy denies (port 81 is not allowed).
+    let syn81 = ipv4(PEER, POD, PROTO_TCP, &tcp(40001, 81, TCP_SYN));
+    env.deny(PROG_TO_POD, &syn81, REASON_DROP_POLICY);
+    assert_eq!(env.ct_len(), 1, "a denied SYN creates nothing");
+    let (key81, lo81) = ct_key(v4(PEER), 40001, v4(POD), 81, PROTO_TCP);
+    let live81 = CtValue {
+        expires_ns: u64::MAX / 2,
+        origin_dir: DIR_INGRESS,
+        flags: if lo81 { CT_ORIGIN_LO } else { 0 },
+        slot: SLOT as u16,
+        _pad: [0; 4],
+    };
+    env.ct_insert(key81, live81);
+    env.pass(PROG_TO_POD, &syn81, REASON_ESTABLISHED);
+
+    // A live entry the allowed SYN does not match (opened the other way) is left alone.
+    let other = CtValue {
+        expires_ns: u64::MAX / 2,
+        origin_dir: DIR_EGRESS,
+        flags: origin,
+        slot: SLOT as u16,
+        _pad: [0; 4],
+    };
+    env.ct_insert(key, other);
+    env.pass(PROG_TO_POD, &syn, REASON_POLICY_ALLOW);
+    assert_eq!(
+        env.ct_entry(&key),
+        Some(other),
+        "the live entry is not replaced"
+    );
+    assert_eq!(env.ct_len(), 2);
+}
+
 // ---------------------------------------------------------------------------------------
 // Flow cache
 // ---------------------------------------------------------------------------------------

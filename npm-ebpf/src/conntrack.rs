@@ -9,7 +9,9 @@
 //! Entries are created for every allowed, untracked packet except ICMP that is not an echo
 //! request (echo replies and ICMP errors would create entries nothing can ever match).
 //! Creation overwrites (`BPF_ANY`) an absent or expired entry and never a live one, so a
-//! packet that does not match a live entry (e.g. a spoofed direction) cannot steal it.
+//! packet that does not match a live entry (e.g. a spoofed direction) cannot steal it. A TCP
+//! SYN without ACK ([`opens_flow`]) is not looked up first: [`create_new`] inserts it only
+//! where no entry exists (`BPF_NOEXIST`), and on failure it takes the lookup path.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},

@@ -12,7 +12,9 @@
 //! Verdicts: allow → `TC_ACT_PIPE` (let later filters run, then pass), drop → `TC_ACT_SHOT`.
 //! Per packet: parse → CONNTRACK → ENDPOINTS → IDENTITIES → POLICY (peer identity) → POLICY
 //! (the peer's CIDR class, from its IDENTITIES entry; from the CIDRS trie only for an address
-//! IDENTITIES does not know), a fixed number of lookups and no loops over rules. A conntrack key holds the ifindex, so a
+//! IDENTITIES does not know), a fixed number of lookups and no loops over rules. A TCP SYN
+//! without ACK goes to ENDPOINTS and the policy first, then is inserted into CONNTRACK only
+//! where its tuple has no entry (on failure: the CONNTRACK lookup). A conntrack key holds the ifindex, so a
 //! hit means this interface's endpoint allowed the flow: an established packet costs one hash
 //! lookup, and counts under the slot stored in the entry. Every verdict is counted in the
 //! METRICS per-CPU array under (endpoint slot, dir, reason); unmanaged interfaces count under

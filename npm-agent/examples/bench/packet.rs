@@ -21,10 +21,12 @@
 //!   hits (what a flow's packets on one CPU pay); and the same with the flow cache off
 //!   (every repetition a conntrack hit: what a cache miss pays). A denied flow never gets an
 //!   entry, so "established, denied" does not exist;
-//! - new connection, allowed, without the conntrack insert: the allowed SYN `repeat` times
-//!   in one call against a live entry of the same tuple that it does not match (recorded as
-//!   originating in the other direction): every repetition takes the whole allowed policy path
-//!   and creates nothing. It shows what the single-run method adds (the insert, and the cache
+//! - new connection, allowed, without the conntrack insert: a SYN-ACK from the allowed peer
+//!   `repeat` times in one call against a live entry of the same tuple that it does not match
+//!   (recorded as originating in the other direction): every repetition takes the conntrack
+//!   lookup and the whole allowed policy path and creates nothing (a SYN without ACK is not
+//!   used: it asks the policy first and tries a `BPF_NOEXIST` insert, which here would fail
+//!   and then look up). It shows what the single-run method adds (the insert, and the cache
 //!   cooling of two syscalls per run);
 //! - pass-only: the same packet through `npm_pass` (returns `TC_ACT_PIPE`, touches nothing).
 //!
@@ -365,6 +367,9 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                 let denied = packet(v6, synth::DENIED_PEER, TCP_SYN);
                 let allowed = packet(v6, synth::ALLOWED_PEER, TCP_SYN);
                 let est = packet(v6, synth::ALLOWED_PEER, TCP_ACK);
+                // A SYN-ACK: checked against conntrack before the policy, as every packet
+                // but a SYN without ACK is (a SYN would try its insert first).
+                let syn_ack = packet(v6, synth::ALLOWED_PEER, TCP_SYN | TCP_ACK);
 
                 let key = ct_key_of(&e, &mut ct, &allowed);
                 let new_denied =
@@ -394,8 +399,9 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                 let (new_flows_raw, bump) = new_flows(&e, &mut ct, &allowed, p.flows, p.rounds);
                 // The bump's own cost (bump program − pass-only) taken off.
                 let new_allowed = new_flows_raw - (bump - pass_rep);
-                // A live entry for the tuple that the SYN does not match (as if the flow had
-                // been opened the other way): the whole allowed path, no insert, no refresh.
+                // A live entry for the tuple that the SYN-ACK does not match (as if the flow had
+                // been opened the other way): the conntrack lookup and the whole allowed
+                // policy path, no insert, no refresh.
                 let first = e
                     .datapath()
                     .test_run(PROG_TO_POD, &allowed, 1, 1)
@@ -406,7 +412,7 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                 v.expires_ns = u64::MAX / 2;
                 ct.insert(&key, v);
                 let new_allowed_no_insert =
-                    repeated(&e, PROG_TO_POD, &allowed, p.repeat, p.rounds, TC_ACT_PIPE);
+                    repeated(&e, PROG_TO_POD, &syn_ack, p.repeat, p.rounds, TC_ACT_PIPE);
                 assert_eq!(ct.get(&key), v, "the mismatching entry is left alone");
                 assert!(ct.remove(&key), "remove the entry");
                 // Create the entry, then time the hits.
