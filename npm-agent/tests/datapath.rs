@@ -1107,12 +1107,11 @@ fn conntrack_expired_entry_counts_as_absent() {
     env.pass(PROG_TO_POD, &back, REASON_REPLY);
 }
 
-/// A SYN without ACK asks the policy first and is tracked by an insert that fails on any
-/// entry of its tuple; with an entry it takes the conntrack path like any packet: an expired
-/// entry is replaced, a live one answers (even for a SYN the policy now denies) or, when the
-/// SYN does not match it, is left alone.
+/// A SYN without ACK takes the conntrack path like any packet: an expired entry of its tuple
+/// is replaced, a live one answers (even for a SYN the policy now denies) or, when the SYN
+/// does not match it, is left alone.
 #[test]
-fn a_syn_is_judged_first_and_never_replaces_a_live_entry() {
+fn a_syn_never_replaces_a_live_entry() {
     let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
     env.identity(v4(PEER), PEER_ID, 0, 0);
     env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);

@@ -9,14 +9,9 @@
 //! Entries are created for every allowed, untracked packet except ICMP that is not an echo
 //! request (echo replies and ICMP errors would create entries nothing can ever match).
 //! Creation overwrites (`BPF_ANY`) an absent or expired entry and never a live one, so a
-//! packet that does not match a live entry (e.g. a spoofed direction) cannot steal it. A TCP
-//! SYN without ACK ([`opens_flow`]) is not looked up first: [`create_new`] inserts it only
-//! where no entry exists (`BPF_NOEXIST`), and on failure it takes the lookup path.
+//! packet that does not match a live entry (e.g. a spoofed direction) cannot steal it.
 
-use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    maps::LruHashMap,
-};
+use aya_ebpf::{bindings::BPF_ANY, maps::LruHashMap};
 use npm_common::{
     maps::{
         CT_ORIGIN_LO, CT_PENDING, CT_SEEN_REPLY, CT_TCP_CLOSING, CT_TIMEOUT_OTHER_NS,
@@ -381,40 +376,6 @@ pub(crate) fn confirm(key: &CtKey, now: u64, slot: u32) {
     }
 }
 
-/// Whether `pkt` opens a TCP flow: SYN without ACK, FIN or RST.
-#[inline(always)]
-pub(crate) fn opens_flow(pkt: &Packet) -> bool {
-    pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN
-}
-
-/// [`create`] for a packet that has not been looked up ([`opens_flow`]): inserts only if the
-/// flow's key has no entry at all, live or expired (`BPF_NOEXIST`). True when it inserted;
-/// false when an entry exists (or the insert failed otherwise, e.g. -ENOMEM), and the packet
-/// must take the conntrack path. A failed insert into the LRU hash still takes a free node
-/// first and gives it back, which in a full map can evict the least recently used entry, as a
-/// successful one would.
-#[inline(always)]
-pub(crate) fn create_new(
-    pkt: &Packet,
-    ifindex: u32,
-    src_is_lo: bool,
-    dir: u8,
-    now: u64,
-    slot: u32,
-) -> bool {
-    let value = new_value(pkt, src_is_lo, dir, now, slot, 0);
-    let flags = u64::from(BPF_NOEXIST);
-    if pkt.v4 {
-        CONNTRACK4
-            .insert(key4(pkt, ifindex, src_is_lo), value, flags)
-            .is_ok()
-    } else {
-        CONNTRACK
-            .insert(key6(pkt, ifindex, src_is_lo), value, flags)
-            .is_ok()
-    }
-}
-
 /// [`create`] with `extra` `CT_*` bits (`CT_PENDING` for a deferred flow).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -430,18 +391,6 @@ pub(crate) fn create_flags(
     if pkt.kind == L4Kind::EchoReply || pkt.kind == L4Kind::IcmpOther {
         return;
     }
-    let value = new_value(pkt, src_is_lo, dir, now, slot, extra);
-    // Failure (e.g. -ENOMEM) only means the flow is re-evaluated on its next packet.
-    if pkt.v4 {
-        let _ = CONNTRACK4.insert(key4(pkt, ifindex, src_is_lo), value, u64::from(BPF_ANY));
-    } else {
-        let _ = CONNTRACK.insert(key6(pkt, ifindex, src_is_lo), value, u64::from(BPF_ANY));
-    }
-}
-
-/// The entry of a new flow whose originator is `pkt`'s source.
-#[inline(always)]
-fn new_value(pkt: &Packet, src_is_lo: bool, dir: u8, now: u64, slot: u32, extra: u8) -> CtValue {
     let mut flags = extra | if src_is_lo { CT_ORIGIN_LO } else { 0 };
     let timeout = if pkt.proto == PROTO_TCP {
         if tcp_closing(pkt.tcp_flags) {
@@ -451,7 +400,7 @@ fn new_value(pkt: &Packet, src_is_lo: bool, dir: u8, now: u64, slot: u32, extra:
     } else {
         other_timeout(pkt.proto)
     };
-    CtValue {
+    let value = CtValue {
         expires_ns: now + timeout,
         origin_dir: dir,
         flags,
@@ -459,5 +408,11 @@ fn new_value(pkt: &Packet, src_is_lo: bool, dir: u8, now: u64, slot: u32, extra:
         // counts nowhere anyway.
         slot: slot as u16,
         _pad: [0; 4],
+    };
+    // Failure (e.g. -ENOMEM) only means the flow is re-evaluated on its next packet.
+    if pkt.v4 {
+        let _ = CONNTRACK4.insert(key4(pkt, ifindex, src_is_lo), value, u64::from(BPF_ANY));
+    } else {
+        let _ = CONNTRACK.insert(key6(pkt, ifindex, src_is_lo), value, u64::from(BPF_ANY));
     }
 }

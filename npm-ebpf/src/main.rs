@@ -12,9 +12,7 @@
 //! Verdicts: allow → `TC_ACT_PIPE` (let later filters run, then pass), drop → `TC_ACT_SHOT`.
 //! Per packet: parse → CONNTRACK → ENDPOINTS → IDENTITIES → POLICY (peer identity) → POLICY
 //! (the peer's CIDR class, from its IDENTITIES entry; from the CIDRS trie only for an address
-//! IDENTITIES does not know), a fixed number of lookups and no loops over rules. A TCP SYN
-//! without ACK goes to ENDPOINTS and the policy first, then is inserted into CONNTRACK only
-//! where its tuple has no entry (on failure: the CONNTRACK lookup). A conntrack key holds the ifindex, so a
+//! IDENTITIES does not know), a fixed number of lookups and no loops over rules. A conntrack key holds the ifindex, so a
 //! hit means this interface's endpoint allowed the flow: an established packet costs one hash
 //! lookup, and counts under the slot stored in the entry. Every verdict is counted in the
 //! METRICS per-CPU array under (endpoint slot, dir, reason); unmanaged interfaces count under
@@ -260,24 +258,6 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     // Tick resolution is plenty for timeouts of seconds (see `now_ns`).
     let now = now_ns();
     let src_is_lo = conntrack::src_is_lo(&pkt);
-    // A TCP SYN without ACK opens a flow: its tuple has no entry unless the SYN is a
-    // retransmission or reuses the tuple of a recent flow. So the policy is asked first and
-    // an allowed SYN is tracked with an insert that fails if any entry exists (`BPF_NOEXIST`),
-    // instead of a lookup that misses and then an insert: one hash lookup less per new TCP
-    // flow. Only when that insert finds an entry, or the SYN is denied, does the SYN take the
-    // conntrack path below like any other packet, with the verdict already made.
-    let mut judged = None;
-    if conntrack::opens_flow(&pkt) {
-        // SAFETY: plain-integer values, see below.
-        let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
-            return (REASON_NOT_MANAGED, SLOT_UNMANAGED);
-        };
-        let reason = endpoint_verdict(&ep, &pkt, ifindex, dir);
-        if is_allow(reason) && conntrack::create_new(&pkt, ifindex, src_is_lo, dir, now, ep.slot) {
-            return (reason, ep.slot);
-        }
-        judged = Some((reason, ep));
-    }
     // Conntrack first: the key holds the ifindex, so a hit is a flow this interface's
     // endpoint allowed, and the entry holds the endpoint's counter slot.
     let live = match conntrack::lookup(&pkt, ifindex, src_is_lo, dir, now) {
@@ -287,16 +267,20 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
         Ct::Miss | Ct::Pending => false,
     };
 
-    let (reason, ep) = match judged {
-        Some(judged) => judged,
-        None => {
-            // SAFETY: hash map values are plain integers; a concurrent update can at worst
-            // give a mix of old and new flags for this one packet.
-            let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
-                return (REASON_NOT_MANAGED, SLOT_UNMANAGED);
-            };
-            (endpoint_verdict(&ep, &pkt, ifindex, dir), ep)
-        }
+    // SAFETY: hash map values are plain integers; a concurrent update can at worst give a
+    // mix of old and new flags for this one packet.
+    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
+        return (REASON_NOT_MANAGED, SLOT_UNMANAGED);
+    };
+    let (isolate_bit, class_bit) = if dir == DIR_INGRESS {
+        (EP_ISOLATE_INGRESS, EP_CLASS_INGRESS)
+    } else {
+        (EP_ISOLATE_EGRESS, EP_CLASS_EGRESS)
+    };
+    let reason = if ep.flags & isolate_bit != 0 {
+        policy_verdict(ep.id, &pkt, ifindex, dir, ep.flags & class_bit != 0)
+    } else {
+        REASON_NOT_ISOLATED
     };
     // Egress to a Service range: judged again after the DNAT (crate::service).
     if reason == REASON_DROP_POLICY
@@ -309,21 +293,6 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
         conntrack::create(&pkt, ifindex, src_is_lo, dir, now, ep.slot);
     }
     (reason, ep.slot)
-}
-
-/// The verdict of endpoint `ep`'s policy in `dir` for a packet no conntrack entry answers.
-#[inline(always)]
-fn endpoint_verdict(ep: &EndpointInfo, pkt: &Packet, ifindex: u32, dir: u8) -> u8 {
-    let (isolate_bit, class_bit) = if dir == DIR_INGRESS {
-        (EP_ISOLATE_INGRESS, EP_CLASS_INGRESS)
-    } else {
-        (EP_ISOLATE_EGRESS, EP_CLASS_EGRESS)
-    };
-    if ep.flags & isolate_bit != 0 {
-        policy_verdict(ep.id, pkt, ifindex, dir, ep.flags & class_bit != 0)
-    } else {
-        REASON_NOT_ISOLATED
-    }
 }
 
 /// Makes the first `PULL_LEN` bytes (or the whole packet, if shorter) linear when they are

@@ -42,7 +42,7 @@ struct Args {
     #[arg(long, hide = true)]
     control_child: Option<String>,
     /// For profiling: run one per-packet path (established, established-ct, denied, new,
-    /// new-flows, pass)
+    /// new-flows, syn-tracked, pass)
     /// or short connections in the lab (conn: enforcing, conn-nocache, conn-off) for SECONDS.
     #[arg(long, hide = true, num_args = 2, value_names = ["PATH", "SECONDS"])]
     spin: Vec<String>,

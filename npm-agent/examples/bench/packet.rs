@@ -24,10 +24,12 @@
 //! - new connection, allowed, without the conntrack insert: a SYN-ACK from the allowed peer
 //!   `repeat` times in one call against a live entry of the same tuple that it does not match
 //!   (recorded as originating in the other direction): every repetition takes the conntrack
-//!   lookup and the whole allowed policy path and creates nothing (a SYN without ACK is not
-//!   used: it asks the policy first and tries a `BPF_NOEXIST` insert, which here would fail
-//!   and then look up). It shows what the single-run method adds (the insert, and the cache
-//!   cooling of two syscalls per run);
+//!   lookup and the whole allowed policy path and creates nothing. It shows what the
+//!   single-run method adds (the insert, and the cache cooling of two syscalls per run);
+//! - new connection, allowed, SYN on a tracked tuple: the allowed SYN once (creates the
+//!   entry), then the same SYN `repeat` times, each a conntrack hit: what a SYN pays whose
+//!   tuple still has an entry (a retransmission, or a client reusing a source port within
+//!   the closing timeout, which short connections at a few thousand per second do);
 //! - pass-only: the same packet through `npm_pass` (returns `TC_ACT_PIPE`, touches nothing).
 //!
 //! Every verdict is checked (allowed = `TC_ACT_PIPE`, denied = `TC_ACT_SHOT`), so a
@@ -277,7 +279,8 @@ fn new_flows(e: &Enforcer, ct: &mut CtMap, pkt: &[u8], flows: u32, rounds: usize
 
 /// For profiling (`perf record -a` around it): runs one path at pods=10000 policies=1000 for
 /// about `seconds` (kind: `established`, `established-ct` (flow cache off), `denied`, `new`
-/// (single runs), `new-flows` (a new flow per repetition) or `pass`, IPv4).
+/// (single runs), `new-flows` (a new flow per repetition), `syn-tracked` (an allowed SYN whose
+/// tuple has a live entry) or `pass`, IPv4).
 pub(crate) fn spin(kind: &str, seconds: u64) {
     let snapshot = synth::cluster(10_000, 1_000, 100);
     let mut e = Enforcer::new(None).expect("load the datapath (root required)");
@@ -306,6 +309,14 @@ pub(crate) fn spin(kind: &str, seconds: u64) {
             packet(false, synth::DENIED_PEER, TCP_SYN),
             TC_ACT_SHOT,
         ),
+        "syn-tracked" => {
+            let r = e
+                .datapath()
+                .test_run(PROG_TO_POD, &allowed, 1, 1)
+                .expect("run");
+            assert_eq!(r.retval, TC_ACT_PIPE);
+            (PROG_TO_POD, allowed, TC_ACT_PIPE)
+        }
         "new-flows" => {
             e.datapath_mut()
                 .load_bench_programs()
@@ -367,8 +378,7 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                 let denied = packet(v6, synth::DENIED_PEER, TCP_SYN);
                 let allowed = packet(v6, synth::ALLOWED_PEER, TCP_SYN);
                 let est = packet(v6, synth::ALLOWED_PEER, TCP_ACK);
-                // A SYN-ACK: checked against conntrack before the policy, as every packet
-                // but a SYN without ACK is (a SYN would try its insert first).
+                // A SYN-ACK for the row without the insert (a SYN would do as well).
                 let syn_ack = packet(v6, synth::ALLOWED_PEER, TCP_SYN | TCP_ACK);
 
                 let key = ct_key_of(&e, &mut ct, &allowed);
@@ -421,6 +431,8 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                     .test_run(PROG_TO_POD, &allowed, 1, 1)
                     .expect("BPF_PROG_TEST_RUN");
                 assert_eq!(first.retval, TC_ACT_PIPE);
+                let syn_tracked =
+                    repeated(&e, PROG_TO_POD, &allowed, p.repeat, p.rounds, TC_ACT_PIPE);
                 let established = repeated(&e, PROG_TO_POD, &est, p.repeat, p.rounds, TC_ACT_PIPE);
                 // The same packets through the conntrack lookup: what a flow pays on a flow-
                 // cache miss (first packet on a CPU, a slot taken by another flow, once per
@@ -471,6 +483,11 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
                 row(
                     "new connection, allowed, without the conntrack insert (repeated)",
                     new_allowed_no_insert,
+                    None,
+                );
+                row(
+                    "new connection, allowed, SYN on a tracked tuple (repeated)",
+                    syn_tracked,
                     None,
                 );
                 row("pass-only program", pass_rep, None);
