@@ -428,6 +428,14 @@ fn programmed(lab: &Lab, extra: usize) -> Enforcer {
     enforcer
 }
 
+/// The kernel's run statistics of `progs` summed: total run time and number of runs.
+fn run_stats(dp: &npm_agent::datapath::Datapath, progs: &[&str]) -> (Duration, u64) {
+    progs.iter().fold((Duration::ZERO, 0u64), |(t, n), p| {
+        let (pt, pn) = dp.prog_stats(p).expect("program statistics");
+        (t + pt, n + pn)
+    })
+}
+
 /// For profiling (`perf record -a` around it): short HTTP connections at concurrency 1 for
 /// about `seconds`, enforcing the kube-router scenario (`enforce`; with the flow cache off
 /// when `no_flow_cache`) or with nothing attached.
@@ -458,17 +466,7 @@ pub(crate) fn spin(enforce: bool, no_flow_cache: bool, seconds: u64) {
     let _stats = enforce.then(|| {
         aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS (run time)")
     });
-    let stats = || {
-        [PROG_FROM_POD, PROG_TO_POD]
-            .iter()
-            .fold((Duration::ZERO, 0u64), |(t, n), p| {
-                let (pt, pn) = enforcer
-                    .datapath()
-                    .prog_stats(p)
-                    .expect("program statistics");
-                (t + pt, n + pn)
-            })
-    };
+    let stats = || run_stats(enforcer.datapath(), &[PROG_FROM_POD, PROG_TO_POD]);
     let start = Instant::now();
     while start.elapsed().as_secs() < seconds {
         let before = stats();
@@ -654,12 +652,7 @@ pub(crate) fn run(full: bool, sink: &mut Sink) {
                     &[PROG_PASS],
                 ),
             };
-            let stats = || {
-                progs.iter().fold((Duration::ZERO, 0u64), |(t, n), p| {
-                    let (pt, pn) = dp.prog_stats(p).expect("program statistics");
-                    (t + pt, n + pn)
-                })
-            };
+            let stats = || run_stats(dp, progs);
             let before = stats();
             let rate = conn_rate(
                 client_ns,
