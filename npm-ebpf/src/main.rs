@@ -10,11 +10,12 @@
 //! - `npm_host_egress` (TC egress of other links): the post-DNAT check of deferred packets.
 //!
 //! Verdicts: allow → `TC_ACT_PIPE` (let later filters run, then pass), drop → `TC_ACT_SHOT`.
-//! Per packet: parse → CONNTRACK → ENDPOINTS → IDENTITIES → POLICY (peer identity) → POLICY
-//! (the peer's CIDR class, from its IDENTITIES entry; from the CIDRS trie only for an address
-//! IDENTITIES does not know), a fixed number of lookups and no loops over rules. A conntrack key holds the ifindex, so a
-//! hit means this interface's endpoint allowed the flow: an established packet costs one hash
-//! lookup, and counts under the slot stored in the entry. Every verdict is counted in the
+//! Per packet: parse → (flow cache →) CONNTRACK → ENDPOINTS → IDENTITIES → POLICY (peer
+//! identity) → POLICY (the peer's CIDR class, from its IDENTITIES entry; from the CIDRS trie
+//! only for an address IDENTITIES does not know), a fixed number of lookups and no loops over
+//! rules. A conntrack key holds the ifindex, so a hit means this interface's endpoint allowed
+//! the flow: an established packet costs one hash lookup (or a flow-cache hit), and counts
+//! under the slot stored in the entry. Every verdict is counted in the
 //! METRICS per-CPU array under (endpoint slot, dir, reason); unmanaged interfaces count under
 //! slot 0. The class lookups run only for endpoints whose identity has ipBlock or "any peer"
 //! rules in that direction (`EP_CLASS_*`, set by the compiler).
