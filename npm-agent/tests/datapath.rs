@@ -1587,6 +1587,8 @@ fn pinned_maps_are_adopted() {
             MAP_METRICS,
             MAP_CLOCK,
             MAP_FLOWS,
+            MAP_SERVICES,
+            MAP_DEFERRED,
         ] {
             assert!(v1.join(name).exists(), "{name} is pinned");
         }

@@ -219,7 +219,7 @@ pub(crate) fn child(pods: usize, policies: usize, namespaces: usize, events: usi
                     Change::Pod(r, Some(p))
                 }
                 "policy added" => {
-                    let p = synth::policy(policies + k, namespaces);
+                    let p = synth::synthetic_policy(policies + k, namespaces);
                     Change::Policy(p.obj_ref(), Some(p))
                 }
                 _ => {
@@ -229,7 +229,9 @@ pub(crate) fn child(pods: usize, policies: usize, namespaces: usize, events: usi
                         .trim_start_matches('t')
                         .parse::<usize>()
                         .unwrap_or(0);
-                    let ns = synth::namespace(n, (team + 1) % 10);
+                    let mut ns = synth::synthetic_namespace(n);
+                    ns.labels
+                        .insert("team".to_string(), format!("t{}", (team + 1) % 10));
                     Change::Namespace(name, Some(ns))
                 }
             };

@@ -1,7 +1,8 @@
 //! The synthetic cluster every figure is measured on (grown from `examples/scale_probe.rs`).
 //!
-//! Kept in this one file so it can be swapped for `npm_agent::synth::synthetic_cluster` when
-//! that lands. Shape, for `pods` pods, `policies` policies and `namespaces` namespaces:
+//! Its namespaces and policies are `npm_agent::synth`'s; its pods add an IPv6 address and the
+//! local pod `p0` behind `lo`, which the agent's single-stack synthetic pods do not need.
+//! Shape, for `pods` pods, `policies` policies and `namespaces` namespaces:
 //! - namespace `ns{n}` has `team=t{n % 10}`;
 //! - pod `p{i}` lives in `ns{i % namespaces}` with `app=app{i % 500}`, `tier=t{i % 3}`, a
 //!   named port `http` = 8080/TCP, and two addresses: 10.0.0.0/8 + i + 1 and fd00::i+1;
@@ -16,11 +17,9 @@
 //! allowed peer on 8080, `p1` (ns1, team t1) a denied one.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use npm_agent::model::{
-    ContainerPort, Namespace, ObjRef, Peer, Pod, Policy, PortRef, PortSpec, Protocol, Rule,
-    Selector,
-};
+use npm_agent::model::{ContainerPort, ObjRef, Pod, Protocol};
 use npm_agent::state::ClusterSnapshot;
+pub(crate) use npm_agent::synth::{synthetic_namespace, synthetic_policy};
 
 /// Pods on this node (the agent programs endpoints and policy entries only for these).
 pub(crate) const LOCAL_PODS: usize = 110;
@@ -36,20 +35,6 @@ pub(crate) fn v4(i: usize) -> Ipv4Addr {
 
 pub(crate) fn v6(i: usize) -> Ipv6Addr {
     Ipv6Addr::from(0xfd00_u128 << 112 | (i as u128 + 1))
-}
-
-fn sel(k: &str, v: String) -> Selector {
-    Selector {
-        match_labels: [(k.to_string(), v)].into(),
-        ..Default::default()
-    }
-}
-
-pub(crate) fn namespace(n: usize, team: usize) -> Namespace {
-    Namespace {
-        name: format!("ns{n}"),
-        labels: [("team".to_string(), format!("t{team}"))].into(),
-    }
 }
 
 /// Pod `p{i}`, with `app` label `app{app}`.
@@ -74,45 +59,6 @@ pub(crate) fn pod(i: usize, namespaces: usize, app: usize) -> Pod {
     }
 }
 
-pub(crate) fn policy(j: usize, namespaces: usize) -> Policy {
-    Policy {
-        namespace: format!("ns{}", j % namespaces),
-        name: format!("pol{j}"),
-        pod_selector: sel("app", format!("app{}", j % 500)),
-        ingress: Some(vec![
-            Rule {
-                peers: vec![Peer::Pods {
-                    namespace_selector: Some(sel("team", format!("t{}", j % 10))),
-                    pod_selector: Some(sel("tier", "t1".into())),
-                }],
-                ports: vec![PortSpec {
-                    protocol: Protocol::Tcp,
-                    port: Some(PortRef::Name("http".into())),
-                    end_port: None,
-                }],
-            },
-            Rule {
-                peers: vec![Peer::IpBlock {
-                    cidr: format!("172.{}.0.0/16", j % 256)
-                        .parse()
-                        .expect("valid CIDR"),
-                    except: vec![
-                        format!("172.{}.1.0/24", j % 256)
-                            .parse()
-                            .expect("valid CIDR"),
-                    ],
-                }],
-                ports: vec![PortSpec {
-                    protocol: Protocol::Tcp,
-                    port: Some(PortRef::Number(443)),
-                    end_port: Some(450),
-                }],
-            },
-        ]),
-        egress: None,
-    }
-}
-
 /// Ifindex of local pod `i` (`i < LOCAL_PODS`).
 pub(crate) fn local_ifindex(i: usize) -> u32 {
     if i == 0 {
@@ -130,7 +76,7 @@ pub(crate) fn cluster(pods: usize, policies: usize, namespaces: usize) -> Cluste
     assert!(pods > ALLOWED_PEER, "the allowed peer is pod p10");
     let mut s = ClusterSnapshot::default();
     for n in 0..namespaces {
-        let ns = namespace(n, n % 10);
+        let ns = synthetic_namespace(n);
         s.namespaces.insert(ns.name.clone(), ns);
     }
     for i in 0..pods {
@@ -141,7 +87,7 @@ pub(crate) fn cluster(pods: usize, policies: usize, namespaces: usize) -> Cluste
         s.pods.insert(p.obj_ref(), p);
     }
     for j in 0..policies {
-        let p = policy(j, namespaces);
+        let p = synthetic_policy(j, namespaces);
         s.policies.insert(p.obj_ref(), p);
     }
     s

@@ -367,11 +367,11 @@ fn scenario(lab_pods: &[Pod], extra_policies: usize) -> ClusterSnapshot {
     }
     if extra_policies > 0 {
         for n in 0..100 {
-            let ns = synth::namespace(n, n % 10);
+            let ns = synth::synthetic_namespace(n);
             s.namespaces.insert(ns.name.clone(), ns);
         }
         for j in 0..extra_policies {
-            let p = synth::policy(j, 100);
+            let p = synth::synthetic_policy(j, 100);
             s.policies.insert(p.obj_ref(), p);
         }
     }
