@@ -35,6 +35,20 @@ use super::{Outcome, ProbeProtocol, ProbeResult};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1200);
 /// Sends per UDP/SCTP probe, spread evenly over the timeout.
 pub const ATTEMPTS: u32 = 3;
+
+/// When attempt `attempt` (of [`ATTEMPTS`]) stops waiting for its reply: one `interval` from
+/// now, and the last attempt waits for the rest of the timeout (never past `deadline`).
+fn attempt_deadline(
+    attempt: u32,
+    interval: Duration,
+    deadline: tokio::time::Instant,
+) -> tokio::time::Instant {
+    if attempt + 1 == ATTEMPTS {
+        deadline
+    } else {
+        (tokio::time::Instant::now() + interval).min(deadline)
+    }
+}
 /// At most this many probe sockets are open at once.
 pub const MAX_IN_FLIGHT: usize = 2048;
 
@@ -267,12 +281,7 @@ async fn udp(
         if let Err(e) = s.send(token.as_bytes()).await {
             return classify(&e);
         }
-        // The last try waits for the rest of the timeout.
-        let wait_until = if attempt + 1 == ATTEMPTS {
-            deadline
-        } else {
-            (tokio::time::Instant::now() + interval).min(deadline)
-        };
+        let wait_until = attempt_deadline(attempt, interval, deadline);
         loop {
             match tokio::time::timeout_at(wait_until, s.recv(&mut buf)).await {
                 Err(_) => break,
@@ -306,11 +315,7 @@ async fn sctp_probe(
         if let Err(e) = s.send_to(&init, raw_dst).await {
             return classify(&e);
         }
-        let wait_until = if attempt + 1 == ATTEMPTS {
-            deadline
-        } else {
-            (tokio::time::Instant::now() + interval).min(deadline)
-        };
+        let wait_until = attempt_deadline(attempt, interval, deadline);
         loop {
             let (n, from) = match tokio::time::timeout_at(wait_until, s.recv_from(&mut buf)).await {
                 Err(_) => break,
@@ -399,11 +404,7 @@ async fn icmp_probe(
         if let Err(e) = s.send_to(&request, to).await {
             return classify(&e);
         }
-        let wait_until = if attempt + 1 == ATTEMPTS {
-            deadline
-        } else {
-            (tokio::time::Instant::now() + interval).min(deadline)
-        };
+        let wait_until = attempt_deadline(attempt, interval, deadline);
         loop {
             match tokio::time::timeout_at(wait_until, s.recv_from(&mut buf)).await {
                 Err(_) => break,
