@@ -225,11 +225,11 @@ pub(crate) fn child(pods: usize, policies: usize, namespaces: usize, events: usi
                 _ => {
                     let n = k % namespaces;
                     let name = format!("ns{n}");
-                    let team = snapshot.namespaces[&name].labels["team"]
+                    let mut ns = snapshot.namespaces[&name].clone();
+                    let team = ns.labels["team"]
                         .trim_start_matches('t')
                         .parse::<usize>()
                         .unwrap_or(0);
-                    let mut ns = synth::synthetic_namespace(n);
                     ns.labels
                         .insert("team".to_string(), format!("t{}", (team + 1) % 10));
                     Change::Namespace(name, Some(ns))

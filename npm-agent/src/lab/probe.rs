@@ -35,6 +35,8 @@ use super::{Outcome, ProbeProtocol, ProbeResult};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1200);
 /// Sends per UDP/SCTP probe, spread evenly over the timeout.
 pub const ATTEMPTS: u32 = 3;
+/// At most this many probe sockets are open at once.
+pub const MAX_IN_FLIGHT: usize = 2048;
 
 /// When attempt `attempt` (of [`ATTEMPTS`]) stops waiting for its reply: one `interval` from
 /// now, and the last attempt waits for the rest of the timeout (never past `deadline`).
@@ -49,8 +51,6 @@ fn attempt_deadline(
         (tokio::time::Instant::now() + interval).min(deadline)
     }
 }
-/// At most this many probe sockets are open at once.
-pub const MAX_IN_FLIGHT: usize = 2048;
 
 /// How many probes one batch may hold: [`MAX_IN_FLIGHT`], or a quarter of the soft
 /// open-files limit if that is smaller (responders and the rest of the process need fds too).

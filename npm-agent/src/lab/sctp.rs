@@ -99,7 +99,7 @@ pub(crate) fn strip_ipv4_header(b: &[u8]) -> Option<&[u8]> {
     b.get(ihl..)
 }
 
-/// CRC32c (Castagnoli), SCTP's checksum (RFC 9260, appendix A).
+/// CRC32c (Castagnoli), SCTP's checksum (RFC 9260).
 fn crc32c(data: &[u8]) -> u32 {
     const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
     CRC32C.checksum(data)
