@@ -130,6 +130,7 @@ fn main() {
             }
         };
         packet::run(&p, &mut sink);
+        packet::memory_floor(full, &mut sink);
     }
     if want("control") {
         // (pods, policies, namespaces, incremental events of each kind)

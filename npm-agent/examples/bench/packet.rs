@@ -517,3 +517,67 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
         }
     }
 }
+
+/// The machine's floor under any per-flow state: the time of one load from a random cache
+/// line of a buffer of each size, when its address depends on the previous load (a pointer
+/// chase through every line once, in a random order), in ns per load, median of `rounds`
+/// passes. The buffer has 4 KiB pages (transparent huge pages are only used where
+/// madvised), as the kernel's vmalloc'd conntrack maps do (`NPM_CT4` 26 MiB, `NPM_CT`
+/// 32 MiB). A new flow's entry lands on such a line, so the line's miss is what an insert
+/// costs at the least once the flows in use outgrow the caches. This is measured in
+/// userspace: it stands for the kernel's memory, it is not a run of the classifier.
+pub(crate) fn memory_floor(full: bool, sink: &mut Sink) {
+    let (sizes_mib, rounds): (&[usize], usize) = if full {
+        (&[1, 8, 32, 64], 5)
+    } else {
+        (&[1, 32], 3)
+    };
+    for &mib in sizes_mib {
+        let ns = dependent_load_ns(mib, rounds);
+        sink.push(Row {
+            section: "1 per-packet".into(),
+            figure: "machine: one dependent load from a random cache line (userspace)".into(),
+            size: format!("buffer={mib} MiB"),
+            pods: None,
+            policies: None,
+            value: Some(ns),
+            unit: "ns".into(),
+            target_max: None,
+            note: None,
+        });
+    }
+}
+
+fn dependent_load_ns(mib: usize, rounds: usize) -> f64 {
+    const WORDS_PER_LINE: usize = 64 / std::mem::size_of::<usize>();
+    let lines = (mib << 20) / 64;
+    // A random cyclic order of the lines (Fisher–Yates, xorshift64 with a fixed seed).
+    let mut order: Vec<usize> = (0..lines).collect();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in (1..lines).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let mut buf = vec![0usize; lines * WORDS_PER_LINE];
+    for (w, &line) in order.iter().enumerate() {
+        buf[line * WORDS_PER_LINE] = order[(w + 1) % lines] * WORDS_PER_LINE;
+    }
+    let mut at = order[0] * WORDS_PER_LINE;
+    // One untimed pass, so every page is mapped and the caches hold what they will.
+    for _ in 0..lines {
+        at = buf[at];
+    }
+    let loads = lines.max(4_000_000);
+    let mut per_load = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = std::time::Instant::now();
+        for _ in 0..loads {
+            at = std::hint::black_box(buf[at]);
+        }
+        per_load.push(t.elapsed().as_nanos() as f64 / loads as f64);
+    }
+    std::hint::black_box(at);
+    median(&mut per_load)
+}
