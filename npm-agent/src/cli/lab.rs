@@ -9,7 +9,7 @@ use super::args::{ExternalArg, LabArgs, ProbeOptions};
 use super::steps::{self, Step};
 use crate::enforcer::Enforcer;
 use crate::expect::{Expectation, Mismatch};
-use crate::lab::{External, Lab, LabSpec, ProbeResult, render_matrix};
+use crate::lab::{External, Lab, LabSpec, Outcome, ProbeResult, render_matrix};
 use crate::model::{ObjRef, Pod, Protocol};
 use crate::source::manifests;
 use crate::state::ClusterSnapshot;
@@ -192,13 +192,34 @@ impl Rig {
                 }))
             })
             .unwrap_or_default();
+        let problems = report
+            .diagnostics
+            .iter()
+            .map(ToString::to_string)
+            .chain(results.iter().filter_map(broken_probe))
+            .collect();
         Ok(StepOutcome {
             step: name.to_string(),
             results,
             mismatches,
-            problems: report.diagnostics.iter().map(ToString::to_string).collect(),
+            problems,
             checked: expect.is_some(),
         })
+    }
+}
+
+/// A probe whose outcome is neither an answer nor a timeout says nothing about the policy: a
+/// policy drop times out, so a refusal (RST, ICMP port unreachable) means the packet got
+/// through to a port nothing serves, and an unreachable or an error means the probe itself
+/// broke. Counting such a probe as denied would let a deny expectation pass on a packet the
+/// datapath let through, so each is a problem of the round.
+fn broken_probe(r: &ProbeResult) -> Option<String> {
+    match &r.outcome {
+        Outcome::Allowed | Outcome::Timeout | Outcome::NoCommonFamily => None,
+        other => Some(format!(
+            "probe {} -> {} {}/{}: {other}, not a policy verdict (a policy drop times out)",
+            r.from, r.to, r.protocol, r.port
+        )),
     }
 }
 
@@ -302,7 +323,9 @@ fn report(name: Option<&str>, o: &StepOutcome, checked: bool) {
     }
 }
 
-/// The CLI verb: prints the matrix (or JSON) and returns the exit code (1 on any mismatch).
+/// The CLI verb: prints the matrix (or JSON) and returns the exit code: 1 on any mismatch,
+/// and on any broken probe ([`broken_probe`]) where an expectation was checked, since its
+/// line could not be verified.
 pub fn run(args: LabArgs) -> anyhow::Result<i32> {
     if args.steps.is_some() {
         let outcomes = execute_steps(&args)?;
@@ -313,11 +336,11 @@ pub fn run(args: LabArgs) -> anyhow::Result<i32> {
                 report(Some(&o.step), o, o.checked);
             }
         }
-        return Ok(if outcomes.iter().any(|o| !o.mismatches.is_empty()) {
-            1
-        } else {
-            0
+        let failed = outcomes.iter().any(|o| {
+            !o.mismatches.is_empty()
+                || (o.checked && o.results.iter().any(|r| broken_probe(r).is_some()))
         });
+        return Ok(i32::from(failed));
     }
     let outcome = execute(&args)?;
     for p in &outcome.problems {
@@ -336,6 +359,18 @@ pub fn run(args: LabArgs) -> anyhow::Result<i32> {
             eprintln!(
                 "{} of {} probes differ from the expectation",
                 outcome.mismatches.len(),
+                outcome.results.len()
+            );
+            return Ok(1);
+        }
+        let broken = outcome
+            .results
+            .iter()
+            .filter(|r| broken_probe(r).is_some())
+            .count();
+        if broken > 0 {
+            eprintln!(
+                "{broken} of {} probes broke (problems above); their expectation is unverified",
                 outcome.results.len()
             );
             return Ok(1);
