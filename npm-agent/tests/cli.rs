@@ -1,6 +1,10 @@
 //! The CLI as users script it: verbs, exit codes and `--json` field names.
+#[path = "common/support.rs"]
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+use support::output_within;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -9,11 +13,13 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
+/// Runs the binary with `args`, bounded (the slowest, a lab, takes seconds; `run` must fail
+/// fast here, not serve).
 fn agent(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_npm-agent"))
-        .args(args)
-        .output()
-        .expect("spawn");
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_npm-agent")).args(args),
+        Duration::from_secs(120),
+    );
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).to_string(),

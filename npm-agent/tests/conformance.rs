@@ -32,7 +32,11 @@ fn upstream_netpol_cases_with_real_packets() {
         .map(|e| e.expect("entry").path())
         .collect();
     cases.sort();
-    assert!(cases.len() >= 30, "only {} cases", cases.len());
+    assert_eq!(
+        cases.len(),
+        32,
+        "tests/conformance/cases holds the 32 ported upstream cases (README.md says 32): {cases:?}"
+    );
 
     let (cluster, problems) = load("pods.yaml", &pods).finish_raw();
     assert!(problems.is_empty(), "{problems:?}");

@@ -399,35 +399,15 @@ fn a_bad_config_value_stops_the_agent_naming_key_and_reason() {
     );
 }
 
-/// Debian's `prometheus`, installed when missing. Err(reason) only when it cannot be installed.
-fn prometheus_binary() -> Result<PathBuf, String> {
+/// Debian's `prometheus` (scripts/setup.sh installs it); panics when it is not installed.
+fn prometheus_binary() -> PathBuf {
     let bin = PathBuf::from("/usr/bin/prometheus");
-    if bin.exists() {
-        return Ok(bin);
-    }
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(["-o", "DPkg::Lock::Timeout=300", "-qq"])
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-    };
-    let install = ["install", "-y", "--no-install-recommends", "prometheus"];
-    let first = apt(&install).map_err(|e| format!("apt-get: {e}"))?;
-    if !first.status.success() {
-        let update = apt(&["update"]).map_err(|e| format!("apt-get update: {e}"))?;
-        let second = apt(&install).map_err(|e| format!("apt-get: {e}"))?;
-        if !second.status.success() {
-            return Err(format!(
-                "apt-get install prometheus failed: {}{}",
-                String::from_utf8_lossy(&update.stderr),
-                String::from_utf8_lossy(&second.stderr)
-            ));
-        }
-    }
-    bin.exists()
-        .then_some(bin)
-        .ok_or_else(|| "prometheus installed but /usr/bin/prometheus is missing".into())
+    assert!(
+        bin.is_file(),
+        "{} is missing: this test needs Debian's prometheus package; run scripts/setup.sh as root",
+        bin.display()
+    );
+    bin
 }
 
 /// deploy/prometheus/scrape-config.yaml with Kubernetes discovery replaced by a static
@@ -495,14 +475,7 @@ fn prom_query(ns: &NetNs, port: u16, query: &str) -> Vec<(String, String)> {
 
 #[test]
 fn prometheus_scrapes_the_agent_with_the_deployed_jobs() {
-    let prometheus = match prometheus_binary() {
-        Ok(p) => p,
-        Err(reason) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("SKIPPED prometheus_scrapes_the_agent_with_the_deployed_jobs: {reason}");
-            return;
-        }
-        Err(reason) => panic!("CI must run this test: {reason}"),
-    };
+    let prometheus = prometheus_binary();
     let pid = std::process::id();
     let bpffs = PathBuf::from(format!("/sys/fs/bpf/npm-httpprom-{pid}"));
     let _pins = RemoveOnDrop(bpffs.clone());

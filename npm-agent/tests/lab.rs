@@ -1,7 +1,7 @@
 //! Privileged lab tests: build real namespaces, serve, probe, tear down.
 //!
-//! They need root (CAP_NET_ADMIN, CAP_SYS_ADMIN for setns). Without it they are skipped
-//! with a loud message, except when `CI=true`, where they fail instead.
+//! They need root (CAP_NET_ADMIN, CAP_SYS_ADMIN for setns). Without it they fail (never
+//! skip), naming what is missing.
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -10,27 +10,24 @@ use npm_agent::lab::{External, Lab, LabSpec, Outcome, ProbeProtocol, ProbeResult
 use npm_agent::model::{ContainerPort, Pod, Protocol};
 use npm_agent::netns;
 
-fn privileged() -> bool {
+/// Panics unless this runs as root: a missing prerequisite fails the test, never skips it.
+fn require_root() {
     // Effective uid from /proc/self/status ("Uid: real effective saved fs").
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
     let root = status
         .lines()
         .find(|l| l.starts_with("Uid:"))
         .and_then(|l| l.split_whitespace().nth(2))
         == Some("0");
-    if !root {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("lab tests need root, and CI=true forbids skipping them");
-        }
-        eprintln!("SKIPPING lab test: not running as root (effective uid != 0)");
-        return false;
-    }
+    assert!(
+        root,
+        "lab tests need root (effective uid 0, for CAP_NET_ADMIN and setns): run scripts/setup.sh as root and the tests as root"
+    );
     // Namespaces of earlier runs that were killed before their Drop (pid no longer alive).
     let stale = npm_agent::lab::cleanup_stale();
     if !stale.is_empty() {
         eprintln!("removed stale lab namespaces: {stale:?}");
     }
-    true
 }
 
 fn pod(name: &str, ports: &[(u16, Protocol)]) -> Pod {
@@ -83,9 +80,7 @@ fn denied(results: &[ProbeResult]) -> BTreeSet<(String, String, u16, Protocol)> 
 
 #[test]
 fn all_allowed_then_one_pod_blocked() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let ext_ip: IpAddr = "203.0.113.10".parse().unwrap();
     let spec = LabSpec {
         pods: vec![pod("a", &PORTS), pod("b", &PORTS), pod("c", &PORTS)],
@@ -259,9 +254,7 @@ fn all_allowed_then_one_pod_blocked() {
 
 #[test]
 fn ipv6_only_and_given_ips() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut a = pod(
         "a",
         &[
@@ -320,9 +313,7 @@ fn ipv6_only_and_given_ips() {
 
 #[test]
 fn pings_and_a_host_network_pod() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut h = pod("h", &[(10250, Protocol::Tcp), (53, Protocol::Udp)]);
     h.host_network = true;
     h.ips = vec!["10.240.0.4".parse().unwrap()]; // a real node's address: ignored in the lab
@@ -381,9 +372,7 @@ fn pings_and_a_host_network_pod() {
 
 #[test]
 fn invalid_spec_and_empty_lab() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut a = pod("a", &PORTS);
     a.ips = vec!["192.0.2.1".parse().unwrap()]; // the node's own address
     let err = Lab::build(LabSpec {
@@ -430,9 +419,7 @@ fn invalid_spec_and_empty_lab() {
 /// allowed matrix and a fully dropped one (every veth of the node dropping).
 #[test]
 fn nine_pods_six_ports_timing() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let ports = [
         (80, Protocol::Tcp),
         (8080, Protocol::Tcp),
@@ -507,9 +494,7 @@ fn nine_pods_six_ports_timing() {
 
 #[test]
 fn netns_guard() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let name = format!("npmlab-{}-nstest", std::process::id());
     let mut ns = netns::NetNs::create(&name).expect("create netns");
     assert!(netns::list().contains(&name));

@@ -2,8 +2,12 @@
 //! and probed with real packets. Each scenario's `expect` file states the full matrix.
 //! Privileged: runs as root (CI does). Scenarios run one at a time so probe timeouts are not
 //! stretched by a neighbour's load.
+#[path = "common/support.rs"]
+mod support;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use support::KillOnDrop;
 
 use npm_agent::cli::args::{LabArgs, ProbeOptions};
 use npm_agent::cli::lab::{LabOutcome, execute};
@@ -170,35 +174,74 @@ fn tke_5_ingress_from_cidr_only() {
     scenario("tests/scenarios/tke-5-ingress-cidr");
 }
 
+/// Deletes the namespaces whose names start with the prefix, on drop: what a lab process
+/// killed before its own cleanup (a failing test) left behind.
+struct RemoveNetnsOnDrop(Option<String>);
+
+impl Drop for RemoveNetnsOnDrop {
+    fn drop(&mut self) {
+        let Some(prefix) = &self.0 else { return };
+        for name in npm_agent::netns::list() {
+            if name.starts_with(prefix.as_str()) {
+                let _ = npm_agent::netns::delete_by_name(&name);
+            }
+        }
+    }
+}
+
 #[test]
 fn interrupted_lab_removes_everything_it_made() {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_npm-agent"))
-        .args(["lab", "--manifests"])
-        .arg(repo().join("examples/azure-npm"))
-        .args(["--external", "169.254.169.254=80/TCP"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn lab");
-    let prefix = format!("npmlab-{}-", child.id());
+    // Declared before the child's guard so it drops after it: the lab is killed, then its
+    // leftovers go.
+    let mut leftovers = RemoveNetnsOnDrop(None);
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_npm-agent"))
+            .args(["lab", "--manifests"])
+            .arg(repo().join("examples/azure-npm"))
+            .args(["--external", "169.254.169.254=80/TCP"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn lab"),
+    );
+    let pid = child.0.id();
+    let prefix = format!("npmlab-{pid}-");
+    leftovers.0 = Some(prefix.clone());
     // Interrupt once the lab's namespaces exist (bounded wait), as a user pressing Ctrl-C.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::time::Instant::now() < deadline
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline
         && !npm_agent::netns::list()
             .iter()
             .any(|n| n.starts_with(&prefix))
     {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     }
     let saw_lab = npm_agent::netns::list()
         .iter()
         .any(|n| n.starts_with(&prefix));
     // Signal only the process this test started, by its pid.
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let status = child.wait().expect("wait lab");
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) takes no pointers; `pid` is our own child, not yet reaped.
+    let rc = unsafe { libc::kill(pid, libc::SIGINT) };
+    assert_eq!(
+        rc,
+        0,
+        "SIGINT to the lab (pid {pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    let wait_for = Duration::from_secs(60);
+    let deadline = Instant::now() + wait_for;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait lab") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lab (pid {pid}) did not exit within {wait_for:?} of SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let left: Vec<String> = npm_agent::netns::list()
         .into_iter()
         .filter(|n| n.starts_with(&prefix))

@@ -298,14 +298,16 @@ fn cni_add(node: &NetNs, pod: &NetNs, host_if: &str, ip: &str, n: u8) -> Instant
 }
 
 /// The hooks of pod interface `name` in `ns`: the tcx programs on ingress and egress, and
-/// `tc filter show` of both hooks (cls_bpf filters).
+/// `tc filter show` of both hooks (cls_bpf filters). Panics when `tc` fails (it cannot be
+/// run, or exits non-zero): an empty listing must mean no filter, not no answer.
 fn hooks_of(ns: &NetNs, name: &str) -> (Vec<String>, Vec<String>, String) {
     let tcx = |hook| ns.run(|| tcx_programs(name, hook)).expect("tcx programs");
     let filters = ["ingress", "egress"]
         .iter()
         .map(|h| {
+            // NetNs::exec is an error on a non-zero exit status (with tc's stderr).
             ns.exec(&["tc", "filter", "show", "dev", name, h])
-                .unwrap_or_default()
+                .unwrap_or_else(|e| panic!("tc filter show dev {name} {h}: {e}"))
         })
         .collect::<String>();
     (

@@ -6,7 +6,8 @@
 mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::{KillOnDrop, RemoveOnDrop, eventually, pod};
+use std::time::Duration;
+use support::{KillOnDrop, RemoveOnDrop, eventually, output_within, pod};
 
 use npm_agent::lab::{Lab, LabSpec};
 use npm_agent::model::Protocol;
@@ -42,17 +43,21 @@ spec:
     ports: [{port: 80}]
 "#;
 
+/// How long `npm-agent run --once` may take (it loads, applies and exits in seconds).
+const ONCE_WITHIN: Duration = Duration::from_secs(60);
+
 fn agent_once(node_netns: &str, manifests: &Path, bpffs: &Path) {
     // nsenter (not `ip netns exec`, which remounts /sys and would hide bpffs).
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{node_netns}"))
-        .arg(env!("CARGO_BIN_EXE_npm-agent"))
-        .args(["run", "--once", "--manifests"])
-        .arg(manifests)
-        .arg("--bpffs-dir")
-        .arg(bpffs)
-        .output()
-        .expect("spawn npm-agent");
+    let out = output_within(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{node_netns}"))
+            .arg(env!("CARGO_BIN_EXE_npm-agent"))
+            .args(["run", "--once", "--manifests"])
+            .arg(manifests)
+            .arg("--bpffs-dir")
+            .arg(bpffs),
+        ONCE_WITHIN,
+    );
     assert!(
         out.status.success(),
         "npm-agent run failed: {}\n{}",

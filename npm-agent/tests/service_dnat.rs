@@ -9,6 +9,8 @@
 //! the verified flow); a ClusterIP that maps to a denied pod or host times out. Without the
 //! range, the same allowed ClusterIPs time out (the documented pre-DNAT gap), which shows the
 //! test can fail. Needs root and `nft` (scripts/setup.sh installs nftables).
+#[path = "common/support.rs"]
+mod support;
 use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
@@ -20,6 +22,7 @@ use npm_agent::lab::{External, Lab, LabSpec};
 use npm_agent::model::{ContainerPort, Pod, Protocol};
 use npm_agent::source::manifests::Loader;
 use npm_agent::state::ClusterSnapshot;
+use support::output_within;
 
 const SERVICE_RANGE: &str = "10.96.0.0/16";
 /// ClusterIPs (port 80) and where kube-proxy would send them.
@@ -49,34 +52,29 @@ spec:
     ports: [{port: 443, protocol: TCP}]
 "#;
 
-fn privileged() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// Panics unless this runs as root with `nft` installed: a missing prerequisite fails the
+/// test, never skips it.
+fn require_root_and_nft() {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
     let root = status
         .lines()
         .find(|l| l.starts_with("Uid:"))
         .and_then(|l| l.split_whitespace().nth(2))
         == Some("0");
-    let nft = std::process::Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if root && nft {
-        let stale = npm_agent::lab::cleanup_stale();
-        if !stale.is_empty() {
-            eprintln!("removed stale lab namespaces: {stale:?}");
-        }
-        return true;
+    assert!(
+        root,
+        "service_dnat needs root (effective uid 0): run scripts/setup.sh as root and the tests as root"
+    );
+    let nft = std::process::Command::new("nft").arg("--version").output();
+    assert!(
+        nft.as_ref().is_ok_and(|o| o.status.success()),
+        "service_dnat needs nft (nftables) for its DNAT rules: run scripts/setup.sh as root ({:?})",
+        nft.map(|o| o.status)
+    );
+    let stale = npm_agent::lab::cleanup_stale();
+    if !stale.is_empty() {
+        eprintln!("removed stale lab namespaces: {stale:?}");
     }
-    let why = if root {
-        "nft not installed (scripts/setup.sh)"
-    } else {
-        "not running as root"
-    };
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("service_dnat needs root and nft ({why}), and CI=true forbids skipping");
-    }
-    eprintln!("SKIPPING service_dnat test: {why}");
-    false
 }
 
 fn pod(name: &str, app: &str, ports: &[u16]) -> Pod {
@@ -161,9 +159,7 @@ fn externals() -> Vec<External> {
 
 #[test]
 fn clusterip_egress_is_checked_against_the_backend_after_a_real_dnat() {
-    if !privileged() {
-        return;
-    }
+    require_root_and_nft();
     let spec = LabSpec {
         pods: vec![
             pod("client", "client", &[]),
@@ -319,7 +315,8 @@ fn agent_once(node_netns: &str, manifests: &std::path::Path, bpffs: &std::path::
     if svc {
         cmd.args(["--service-cidr", SERVICE_RANGE]);
     }
-    let out = cmd.output().expect("spawn npm-agent");
+    // Bounded: `--once` loads, applies and exits in seconds.
+    let out = output_within(&mut cmd, Duration::from_secs(60));
     assert!(
         out.status.success(),
         "npm-agent run failed: {}\n{}",
@@ -344,9 +341,7 @@ fn pinned_services(bpffs: &std::path::Path) -> usize {
 
 #[test]
 fn agent_attaches_the_post_dnat_check_to_uplinks_and_programs_the_ranges() {
-    if !privileged() {
-        return;
-    }
+    require_root_and_nft();
     let pid = std::process::id();
     let bpffs = std::path::PathBuf::from(format!("/sys/fs/bpf/npm-svctest-{pid}"));
     let _pins = RemoveOnDrop(bpffs.clone());

@@ -1,8 +1,10 @@
 //! Scaffolding the process and lab tests share: cleanup guards, bounded waits, a pod builder.
 // Each test file uses a part of it.
 #![allow(dead_code)]
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use npm_agent::model::{ContainerPort, Pod, Protocol};
@@ -25,6 +27,66 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `cmd.output()` bounded by `within`: stdin is null, stdout and stderr are read on threads
+/// while the child runs in a [`KillOnDrop`]. Past `within` the child is killed by its own pid
+/// and this panics with the command and what it wrote to stderr.
+pub(crate) fn output_within(cmd: &mut Command, within: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    let deadline = Instant::now() + within;
+    let mut child = KillOnDrop(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}")),
+    );
+    let stdout = read_on_thread(child.0.stdout.take());
+    let stderr = read_on_thread(child.0.stderr.take());
+    let status = loop {
+        match child.0.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.0.kill();
+                let _ = child.0.wait();
+                let stderr = join_within(stderr, Duration::from_secs(1)).unwrap_or_default();
+                panic!(
+                    "{what} still ran after {within:?}; killed it (pid {}). Its stderr:\n{}",
+                    child.0.id(),
+                    String::from_utf8_lossy(&stderr)
+                );
+            }
+            Err(e) => panic!("wait for {what}: {e}"),
+        }
+    };
+    // The pipes close when the child exits (unless it left a process holding them).
+    let grace = Duration::from_secs(5);
+    let read = |h, name| {
+        join_within(h, grace)
+            .unwrap_or_else(|| panic!("{what} exited ({status}) but its {name} stayed open"))
+    };
+    Output {
+        status,
+        stdout: read(stdout, "stdout"),
+        stderr: read(stderr, "stderr"),
+    }
+}
+
+fn read_on_thread(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
+    let mut pipe = pipe.expect("piped");
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        pipe.read_to_end(&mut buf).expect("read the child's pipe");
+        buf
+    })
+}
+
+/// The reader's bytes if it finished within `within`.
+fn join_within(handle: JoinHandle<Vec<u8>>, within: Duration) -> Option<Vec<u8>> {
+    eventually_every(within, Duration::from_millis(10), || handle.is_finished())
+        .then(|| handle.join().expect("pipe reader"))
 }
 
 /// Polls `f` every `every` until it holds or `within` has passed.
