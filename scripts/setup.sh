@@ -9,9 +9,11 @@ need_apt=()
 # prometheus: a real Prometheus server for npm-agent/tests/http_endpoints.rs (scrapes the agent).
 # iperf3 and sockperf: the lab traffic figures of `cargo xtask bench`.
 # nftables: kube-proxy-like Service DNAT rules in npm-agent/tests/service_dnat.rs.
+# build-essential, pkg-config: the C compiler and linker cargo's builds use, and library
+# lookups from build scripts. openssl: the CA and certificates of npm-agent/tests/daemonset_run.rs.
 for pkg in llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev bpftool iproute2 iputils-ping \
            netcat-openbsd util-linux prometheus iperf3 sockperf \
-           nftables; do
+           nftables build-essential pkg-config openssl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -29,6 +31,14 @@ for comp in rust-src clippy; do
   if ! rustup component list --toolchain nightly --installed | grep -q "^$comp"; then
     log "rustup component add $comp --toolchain nightly"
     rustup component add "$comp" --toolchain nightly
+  fi
+done
+
+# `cargo xtask test` runs `cargo fmt` and `cargo clippy` on the default toolchain.
+for comp in rustfmt clippy; do
+  if ! rustup component list --installed | grep -q "^$comp"; then
+    log "rustup component add $comp (default toolchain)"
+    rustup component add "$comp"
   fi
 done
 
