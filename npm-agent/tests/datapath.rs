@@ -497,6 +497,239 @@ fn non_ip_passes_on_managed_isolated_endpoint() {
     env.pass(PROG_FROM_POD, &arp, REASON_NOT_MANAGED);
 }
 
+// ---------------------------------------------------------------------------------------
+// IPv6 link control: neighbour and router discovery, MLD
+// ---------------------------------------------------------------------------------------
+
+/// The local pod's IPv6 addresses in the link-control tests.
+const POD6: &str = "fd00::1";
+const POD6_LL: &str = "fe80::1";
+/// The gateway's (the node side of the veth) link-local address.
+const GW6_LL: &str = "fe80::2";
+/// The solicited-node multicast group of fd00::1 (RFC 4291 §2.7.1).
+const SOLICITED: &str = "ff02::1:ff00:1";
+
+/// `packet` (Ethernet + IPv6) with its hop limit set to `hops`.
+fn hop_limit(mut packet: Vec<u8>, hops: u8) -> Vec<u8> {
+    if let Some(b) = packet.get_mut(14 + 7) {
+        *b = hops;
+    }
+    packet
+}
+
+/// An ND message (RFC 4861 §4): type, code 0, checksum, 4 bytes of flags/reserved, and
+/// (for types other than 133/134) the target address.
+fn nd(ty: u8, target: Addr16) -> Vec<u8> {
+    let mut m = vec![ty, 0, 0, 0, 0, 0, 0, 0];
+    m.extend_from_slice(&target);
+    m
+}
+
+/// An MLDv2 report (RFC 3810 §5.2) with no records, or any MLD message of type `ty` with
+/// a 20-byte body.
+fn mld(ty: u8) -> Vec<u8> {
+    let mut m = vec![ty, 0, 0, 0, 0, 0, 0, 0];
+    m.extend_from_slice(&[0; 16]);
+    m
+}
+
+/// Hop-by-hop header with the Router Alert option (RFC 2711, value 0: MLD), as every MLD
+/// message carries.
+fn ext_router_alert() -> Vec<u8> {
+    vec![0, 5, 2, 0, 0, 1, 0]
+}
+
+/// An ND message of type `ty` from `src` to `dst` with hop limit `hops`.
+fn nd_packet(src: &str, dst: &str, ty: u8, hops: u8) -> Vec<u8> {
+    hop_limit(
+        ipv6(v6(src), v6(dst), PROTO_ICMPV6, &nd(ty, v6(POD6))),
+        hops,
+    )
+}
+
+/// An MLD message of type `ty` from `src` to `dst` (Router Alert) with hop limit `hops`.
+fn mld_packet(src: &str, dst: &str, ty: u8, hops: u8) -> Vec<u8> {
+    let ext = [(0u8, ext_router_alert())];
+    hop_limit(
+        ipv6_ext(v6(src), v6(dst), &ext, PROTO_ICMPV6, &mld(ty)),
+        hops,
+    )
+}
+
+#[test]
+fn neighbour_discovery_with_hop_limit_255_passes_an_isolated_endpoint_untracked() {
+    // Isolated both ways, no allow rule, no IDENTITIES entry for any address involved.
+    let env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    // (a) Address resolution of the gateway: NS to the solicited-node group.
+    env.pass(
+        PROG_FROM_POD,
+        &nd_packet(POD6, SOLICITED, 135, 255),
+        REASON_NOT_MANAGED,
+    );
+    // (b) The answer, and a unicast NA (NUD) from a same-link peer's global address.
+    env.pass(
+        PROG_TO_POD,
+        &nd_packet(GW6_LL, POD6, 136, 255),
+        REASON_NOT_MANAGED,
+    );
+    env.pass(
+        PROG_TO_POD,
+        &nd_packet("fd00::2", POD6, 136, 255),
+        REASON_NOT_MANAGED,
+    );
+    // Every ND and RD type, both directions (RS to all-routers, RA to all-nodes, NS, NA,
+    // redirect): RFC 4861 gives them all hop limit 255.
+    for ty in 133..=137 {
+        env.pass(
+            PROG_FROM_POD,
+            &nd_packet(POD6_LL, "ff02::2", ty, 255),
+            REASON_NOT_MANAGED,
+        );
+        env.pass(
+            PROG_TO_POD,
+            &nd_packet(GW6_LL, "ff02::1", ty, 255),
+            REASON_NOT_MANAGED,
+        );
+    }
+    // DAD: NS from the unspecified address.
+    env.pass(
+        PROG_FROM_POD,
+        &nd_packet("::", SOLICITED, 135, 255),
+        REASON_NOT_MANAGED,
+    );
+    assert_eq!(
+        env.ct_lens(),
+        (0, 0),
+        "link control creates no conntrack entry"
+    );
+}
+
+#[test]
+fn neighbour_discovery_with_another_hop_limit_is_policed() {
+    let env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    // (c) The same NS with hop limit 64: a receiver would discard it as ND, so it is data.
+    env.deny(
+        PROG_FROM_POD,
+        &nd_packet(POD6, SOLICITED, 135, 64),
+        REASON_DROP_POLICY,
+    );
+    // An NA that crossed a router (255 decremented): off-link, policed.
+    env.deny(
+        PROG_TO_POD,
+        &nd_packet(GW6_LL, POD6, 136, 254),
+        REASON_DROP_POLICY,
+    );
+    for ty in 133..=137 {
+        env.deny(
+            PROG_TO_POD,
+            &nd_packet(GW6_LL, "ff02::1", ty, 1),
+            REASON_DROP_POLICY,
+        );
+    }
+    // (d) Other ICMPv6 to the solicited-node group, even at hop limit 255: an echo request,
+    // and the types just outside the ND range (MLD-typed at 255 is not MLD either).
+    env.deny(
+        PROG_FROM_POD,
+        &hop_limit(
+            ipv6(v6(POD6), v6(SOLICITED), PROTO_ICMPV6, &icmp(128, 7)),
+            255,
+        ),
+        REASON_DROP_POLICY,
+    );
+    for ty in [132, 138, 143] {
+        env.deny(
+            PROG_FROM_POD,
+            &nd_packet(POD6, SOLICITED, ty, 255),
+            REASON_DROP_POLICY,
+        );
+    }
+    // The ND type numbers over IPv4 (protocol 58, TTL 255) are not ND.
+    let mut v4_nd = ipv4(POD, PEER, PROTO_ICMPV6, &nd(135, v6(POD6)));
+    if let Some(ttl) = v4_nd.get_mut(14 + 8) {
+        *ttl = 255;
+    }
+    env.deny(PROG_FROM_POD, &v4_nd, REASON_DROP_POLICY);
+    assert_eq!(env.ct_lens(), (0, 0));
+}
+
+#[test]
+fn mld_with_hop_limit_1_from_a_link_local_source_passes_an_isolated_endpoint() {
+    let env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    // (e) An MLDv2 report to ff02::16 from the pod's link-local address, hop limit 1.
+    env.pass(
+        PROG_FROM_POD,
+        &mld_packet(POD6_LL, "ff02::16", 143, 1),
+        REASON_NOT_MANAGED,
+    );
+    // Before the pod has a link-local address: from :: (RFC 3810 §5.2.13).
+    env.pass(
+        PROG_FROM_POD,
+        &mld_packet("::", "ff02::16", 143, 1),
+        REASON_NOT_MANAGED,
+    );
+    // MLDv1 report and done, and a query from the gateway (fe80::/10 is wider than fe80::/64).
+    env.pass(
+        PROG_FROM_POD,
+        &mld_packet(POD6_LL, SOLICITED, 131, 1),
+        REASON_NOT_MANAGED,
+    );
+    env.pass(
+        PROG_FROM_POD,
+        &mld_packet(POD6_LL, "ff02::2", 132, 1),
+        REASON_NOT_MANAGED,
+    );
+    env.pass(
+        PROG_TO_POD,
+        &mld_packet(GW6_LL, "ff02::1", 130, 1),
+        REASON_NOT_MANAGED,
+    );
+    env.pass(
+        PROG_TO_POD,
+        &mld_packet("febf::1", "ff02::1", 130, 1),
+        REASON_NOT_MANAGED,
+    );
+    // The same report with hop limit 64, or from a global or a non-link-local address.
+    env.deny(
+        PROG_FROM_POD,
+        &mld_packet(POD6_LL, "ff02::16", 143, 64),
+        REASON_DROP_POLICY,
+    );
+    env.deny(
+        PROG_FROM_POD,
+        &mld_packet(POD6, "ff02::16", 143, 1),
+        REASON_DROP_POLICY,
+    );
+    env.deny(
+        PROG_TO_POD,
+        &mld_packet("fec0::1", "ff02::1", 130, 1),
+        REASON_DROP_POLICY,
+    );
+    assert_eq!(env.ct_lens(), (0, 0));
+}
+
+#[test]
+fn link_control_is_not_tracked_in_a_direction_that_is_not_isolated() {
+    let env = Env::new().endpoint(0);
+    env.pass(
+        PROG_FROM_POD,
+        &nd_packet(POD6, SOLICITED, 135, 255),
+        REASON_NOT_MANAGED,
+    );
+    env.pass(
+        PROG_TO_POD,
+        &mld_packet(GW6_LL, "ff02::1", 130, 1),
+        REASON_NOT_MANAGED,
+    );
+    // The NS with another hop limit is ordinary ICMPv6: not isolated, passed (and, as any
+    // ICMPv6 that is not an echo, never tracked).
+    env.pass(
+        PROG_FROM_POD,
+        &nd_packet(POD6, SOLICITED, 135, 64),
+        REASON_NOT_ISOLATED,
+    );
+    assert_eq!(env.ct_lens(), (0, 0));
+}
+
 #[test]
 fn isolated_without_entry_drops_and_creates_no_entry() {
     let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);

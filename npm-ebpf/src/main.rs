@@ -24,13 +24,20 @@
 //! (`EbpfLoader::map_pin_path`), so a test load with no pin directory leaves nothing behind.
 //!
 //! Reasons: non-IP frames pass as `REASON_NOT_MANAGED` (counted under the real ifindex when
-//! the interface is managed); an IP packet we cannot parse drops as `REASON_DROP_MALFORMED`
-//! in an isolated direction and passes untracked as `REASON_NOT_ISOLATED` otherwise.
+//! the interface is managed), and so does IPv6's ARP: ICMPv6 neighbour and router discovery
+//! and MLD that meet their RFCs' link-local checks (`L4Kind::LinkControl`: ND and RD with
+//! hop limit 255, MLD with hop limit 1 from fe80::/10 or ::), in both directions, before
+//! conntrack and policy, untracked; an IP packet we cannot parse drops as
+//! `REASON_DROP_MALFORMED` in an isolated direction and passes untracked as
+//! `REASON_NOT_ISOLATED` otherwise.
 //!
 //! Known limits: non-first fragments carry no ports (port 0: they match conntrack or policy
 //! only through port-0 / any-port / any-protocol entries); ICMP errors are not related to the
 //! flow they report on; IPv6 AH/ESP and more than 4 extension headers are not walked
-//! (malformed); headers must lie in the first 512 bytes.
+//! (malformed); headers must lie in the first 512 bytes. Link control passes on its hop
+//! limit alone, whatever its destination: an egress-isolated pod can send ND-typed ICMPv6 at
+//! hop limit 255 to any address, which the node routes on at 254 (every ND receiver discards
+//! it; a raw ICMPv6 socket there would read it).
 #![no_std]
 #![no_main]
 
@@ -62,7 +69,10 @@ use npm_common::{
     },
 };
 
-use crate::{conntrack::Ct, parse::Packet};
+use crate::{
+    conntrack::Ct,
+    parse::{L4Kind, Packet},
+};
 
 /// Bytes of headers we make sure are linear (Ethernet + IPv6 + a few extension headers +
 /// the L4 header in the common case).
@@ -252,7 +262,13 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     if !matches!(parsed, Ok(true)) && pull_headers(ctx) {
         parsed = parse::parse(ctx, &mut pkt);
     }
-    if !matches!(parsed, Ok(true)) {
+    // Neighbour discovery, router discovery and MLD on the link pass like ARP (not IP to
+    // policy): without them an isolated pod cannot resolve its IPv6 gateway or peers. No
+    // pass reason of its own: the eight pass indexes of a counter slot are all taken
+    // (`npm_common::metrics::reason_index`), so a new one would change the METRICS layout
+    // (`ABI_VERSION`) and the agent's reason labels; `REASON_NOT_MANAGED` is what ARP
+    // counts under.
+    if !matches!(parsed, Ok(true)) || pkt.kind == L4Kind::LinkControl {
         return unparsed(ifindex, dir, parsed.is_err());
     }
 
@@ -305,9 +321,9 @@ pub(crate) fn pull_headers(ctx: &TcContext) -> bool {
     ctx.data_end() - ctx.data() < want as usize && ctx.pull_data(want).is_ok()
 }
 
-/// The verdict of a frame that is not IP (`malformed` false: passes untouched) or an IP
-/// packet we cannot parse (dropped in an isolated direction, else passed untracked). Not
-/// inlined: the rare path keeps its own frame.
+/// The verdict of a frame that is not IP or is IPv6 link control (`malformed` false: passes
+/// untouched) or of an IP packet we cannot parse (dropped in an isolated direction, else
+/// passed untracked). Not inlined: the rare path keeps its own frame.
 #[inline(never)]
 fn unparsed(ifindex: u32, dir: u8, malformed: bool) -> (u8, u32) {
     // SAFETY: plain-integer values, see `classify`.

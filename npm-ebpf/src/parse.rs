@@ -1,4 +1,6 @@
 //! Header parsing: Ethernet → IPv4/IPv6 (bounded extension-header walk) → TCP/UDP/SCTP/ICMP.
+//! ICMPv6 neighbour and router discovery and MLD that meet the link-local checks of their
+//! RFCs are told apart ([`L4Kind::LinkControl`]): the datapath passes them like ARP.
 //!
 //! Every read goes through [`ptr_at`], which checks the access against `data_end` (the
 //! verifier insists, and a short packet must never be read past its end). Header structs are
@@ -29,6 +31,20 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
+/// MLD (RFC 2710, RFC 3810): query, v1 report, v1 done, v2 report.
+const ICMPV6_MLD_QUERY: u8 = 130;
+const ICMPV6_MLD_REPORT: u8 = 131;
+const ICMPV6_MLD_DONE: u8 = 132;
+const ICMPV6_MLD2_REPORT: u8 = 143;
+/// Neighbour and router discovery (RFC 4861): router solicitation (133), router
+/// advertisement, neighbour solicitation, neighbour advertisement, redirect (137).
+const ICMPV6_ND_FIRST: u8 = 133;
+const ICMPV6_ND_LAST: u8 = 137;
+/// The hop limit RFC 4861 §6.1, §7.1 and §8.1 require of ND messages (a receiver discards
+/// any other): a packet a router forwarded has a lower one, so it was sent on this link.
+const ND_HOP_LIMIT: u8 = 255;
+/// The hop limit RFC 2710 §3 and RFC 3810 §5 give MLD messages: no router forwards them.
+const MLD_HOP_LIMIT: u8 = 1;
 
 /// TCP flag bits (byte 13 of the TCP header).
 pub(crate) const TCP_FIN: u8 = 0x01;
@@ -49,6 +65,10 @@ pub(crate) enum L4Kind {
     EchoReply,
     /// Any other ICMP/ICMPv6 type (ports 0, never tracked).
     IcmpOther,
+    /// ICMPv6 link control: neighbour or router discovery (types 133-137) with hop limit
+    /// 255, or MLD (130-132, 143) with hop limit 1 from a link-local (fe80::/10) or the
+    /// unspecified source. IPv6's ARP: never policed, never tracked.
+    LinkControl,
 }
 
 /// The classified view of one IP packet. Aligned to 8 with the addresses first, so
@@ -120,7 +140,7 @@ struct Ipv6Hdr {
     _ver_tc_flow: [u8; 4],
     _payload_len: [u8; 2],
     next_hdr: u8,
-    _hop_limit: u8,
+    hop_limit: u8,
     src: Addr16,
     dst: Addr16,
 }
@@ -233,7 +253,8 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
     }
     pkt.v4 = true;
     if first_fragment {
-        parse_l4(ctx, ETH_HLEN + ihl, pkt)?;
+        // Hop limit 0: no ICMPv6 link control over IPv4 (protocol 58 in an IPv4 header).
+        parse_l4(ctx, ETH_HLEN + ihl, pkt, 0)?;
     }
     Ok(())
 }
@@ -242,10 +263,10 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
 fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
     // SAFETY: `ptr_at` checked bounds; the struct has alignment 1.
-    let mut next = unsafe {
+    let (mut next, hop_limit) = unsafe {
         pkt.src = (*ip).src;
         pkt.dst = (*ip).dst;
-        (*ip).next_hdr
+        ((*ip).next_hdr, (*ip).hop_limit)
     };
     let mut off = ETH_HLEN + size_of::<Ipv6Hdr>();
     let mut first_fragment = true;
@@ -283,7 +304,7 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
     }
     pkt.proto = next;
     if first_fragment {
-        parse_l4(ctx, off, pkt)?;
+        parse_l4(ctx, off, pkt, hop_limit)?;
     }
     // Last, from `pkt`: computed before the walk, the four words would stay live through it.
     pkt.v4 = v4_mapped(&pkt.src) && v4_mapped(&pkt.dst);
@@ -291,9 +312,10 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
 }
 
 /// Fills ports, kind and TCP flags from the L4 header at `off`. A truncated header of a
-/// protocol we classify is malformed; unknown protocols keep ports 0.
+/// protocol we classify is malformed; unknown protocols keep ports 0. `hop_limit`: the IPv6
+/// header's (0 for IPv4).
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, off: usize, pkt: &mut Packet) -> Result<(), Malformed> {
+fn parse_l4(ctx: &TcContext, off: usize, pkt: &mut Packet, hop_limit: u8) -> Result<(), Malformed> {
     match pkt.proto {
         PROTO_TCP => {
             // One bounds check for the whole header, then reads through that same pointer
@@ -339,6 +361,8 @@ fn parse_l4(ctx: &TcContext, off: usize, pkt: &mut Packet) -> Result<(), Malform
                 L4Kind::EchoRequest
             } else if ty == rep {
                 L4Kind::EchoReply
+            } else if pkt.proto == PROTO_ICMPV6 && link_control(ty, hop_limit, &pkt.src) {
+                L4Kind::LinkControl
             } else {
                 L4Kind::IcmpOther
             };
@@ -351,4 +375,26 @@ fn parse_l4(ctx: &TcContext, off: usize, pkt: &mut Packet) -> Result<(), Malform
         _ => {}
     }
     Ok(())
+}
+
+/// Whether an ICMPv6 message of type `ty` with this hop limit and source is link control
+/// its receivers accept (see [`L4Kind::LinkControl`]); one they would discard is policed
+/// like any ICMPv6 message (`IcmpOther`). Nothing from off-link qualifies: a router
+/// decrements the hop limit below 255 and forwards no packet with hop limit 1.
+#[inline(always)]
+fn link_control(ty: u8, hop_limit: u8, src: &Addr16) -> bool {
+    if (ICMPV6_ND_FIRST..=ICMPV6_ND_LAST).contains(&ty) {
+        return hop_limit == ND_HOP_LIMIT;
+    }
+    if matches!(
+        ty,
+        ICMPV6_MLD_QUERY | ICMPV6_MLD_REPORT | ICMPV6_MLD_DONE | ICMPV6_MLD2_REPORT
+    ) && hop_limit == MLD_HOP_LIMIT
+    {
+        // fe80::/10 (the top 10 bits 1111 1110 10) or :: (RFC 3810 §5.2.13: reports sent
+        // before the interface has a link-local address).
+        let (w0, w1) = be_words(src);
+        return w0 >> 54 == 0x3fa || w0 | w1 == 0;
+    }
+    false
 }
