@@ -87,8 +87,14 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     pub node_name: Option<String>,
     pub host_network: bool,
-    /// deletionTimestamp set, or phase Succeeded/Failed: not a selectable endpoint.
+    /// deletionTimestamp set: the pod is being deleted, but its containers run until its
+    /// grace period ends, so it stays an endpoint (selected, isolated, a peer) until it is
+    /// gone or [`Pod::finished`]. Kubernetes asks that filtering be effective throughout the
+    /// pod's lifecycle.
     pub terminating: bool,
+    /// Phase Succeeded or Failed: every container has stopped for good (its address may be
+    /// handed to another pod). Not an endpoint.
+    pub finished: bool,
     pub ports: Vec<ContainerPort>,
 }
 
@@ -97,9 +103,9 @@ impl Pod {
         ObjRef::new(&self.namespace, &self.name)
     }
     /// A pod that policies can select and that peers can address: has an IP, is not on the
-    /// host network and is not terminating.
+    /// host network and has not finished. A terminating pod still is one.
     pub fn is_endpoint(&self) -> bool {
-        !self.ips.is_empty() && !self.host_network && !self.terminating
+        !self.ips.is_empty() && !self.host_network && !self.finished
     }
 }
 

@@ -42,6 +42,7 @@ pub fn synthetic_pod(i: usize, namespaces: usize) -> Pod {
         node_name: None,
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![ContainerPort {
             name: Some("http".into()),
             port: 8080,

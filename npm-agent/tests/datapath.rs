@@ -2224,6 +2224,7 @@ fn pending_link_denies_the_isolated_direction_on_the_real_datapath() {
         node_name: Some(node.into()),
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![],
     };
     // A running local pod, a remote pod, and this node's new pod without an IP yet.
@@ -2933,6 +2934,7 @@ fn counter_slots_start_from_zero_and_totals_survive_reuse_removal_and_restart() 
         node_name: None,
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![],
     };
     s.local.insert(web.obj_ref(), IFINDEX);

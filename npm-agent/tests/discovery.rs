@@ -14,6 +14,7 @@ fn pod(name: &str, ip: &str, node: Option<&str>) -> Pod {
         node_name: node.map(str::to_string),
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![npm_agent::model::ContainerPort {
             name: None,
             port: 80,

@@ -39,6 +39,7 @@ fn pod(name: &str, ports: &[(u16, Protocol)]) -> Pod {
         node_name: Some("lab".into()),
         host_network: false,
         terminating: false,
+        finished: false,
         ports: ports
             .iter()
             .map(|&(port, protocol)| ContainerPort {

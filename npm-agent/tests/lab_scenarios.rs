@@ -80,7 +80,7 @@ fn named_port_resolves_on_each_destination_pod() {
 }
 
 #[test]
-fn terminating_pods_are_neither_selected_nor_peers() {
+fn terminating_pods_are_enforced_until_they_finish() {
     scenario("tests/scenarios/terminating-pods");
 }
 

@@ -355,6 +355,7 @@ fn new_pod_is_isolated_from_its_first_packet_and_an_unisolated_one_is_not_stalle
             node_name: None,
             host_network: false,
             terminating: false,
+            finished: false,
             ports: vec![ContainerPort {
                 name: None,
                 port: 80,
@@ -763,6 +764,7 @@ fn new_pod_on_a_bridge_is_isolated_from_its_first_packet() {
             node_name: None,
             host_network: false,
             terminating: false,
+            finished: false,
             ports: vec![],
         }],
         externals: vec![],

@@ -86,6 +86,7 @@ fn pod(name: &str, app: &str, ports: &[u16]) -> Pod {
         node_name: Some("lab".into()),
         host_network: false,
         terminating: false,
+        finished: false,
         ports: ports
             .iter()
             .map(|&port| ContainerPort {

@@ -51,6 +51,7 @@ pub(crate) fn pod(i: usize, namespaces: usize, app: usize) -> Pod {
         node_name: None,
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![ContainerPort {
             name: Some("http".into()),
             port: SERVICE_PORT,

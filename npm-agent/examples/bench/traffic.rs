@@ -297,6 +297,7 @@ fn lab_pod(ns: &str, name: &str, app: &str) -> Pod {
         node_name: None,
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![],
     }
 }

@@ -27,7 +27,7 @@ pub fn run(args: CompileArgs) -> anyhow::Result<i32> {
     // 10.244.0.0/16, as the lab does, so their policies compile.
     let mut next = 1u32;
     for pod in snapshot.pods.values_mut() {
-        if pod.ips.is_empty() && !pod.host_network && !pod.terminating {
+        if pod.ips.is_empty() && !pod.host_network && !pod.finished {
             let ip =
                 std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 244, 0, 0)) + next);
             pod.ips.push(ip.into());

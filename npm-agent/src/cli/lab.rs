@@ -73,8 +73,9 @@ fn externals<'a>(pods: &[Pod], args: impl Iterator<Item = &'a ExternalArg>) -> V
 
 /// A built lab with enforcement attached to every pod interface. Every pod gets a place in
 /// the lab: its own netns, or the node's for a hostNetwork pod. Terminating pods are placed
-/// too (they run until their grace period ends); the compiler does not treat them as
-/// endpoints, and the probes show what that means.
+/// too (they run until their grace period ends, and stay endpoints), and so are finished
+/// ones (phase Succeeded/Failed), which the compiler does not treat as endpoints; the probes
+/// show what that means.
 struct Rig {
     lab: Lab,
     enforcer: Enforcer,

@@ -22,8 +22,8 @@
 //!
 //! Pending links (`ClusterSnapshot::pending_links`) get an ENDPOINTS entry
 //! `{id: ID_PENDING, flags}` where `flags` is the union of the isolation directions of this
-//! node's not-yet-placed pods (`node_name` is this node, not host network, not terminating,
-//! not in `local`; they may have no IP yet). A local endpoint pod on the same ifindex wins.
+//! node's not-yet-placed pods (`node_name` is this node, not host network, not terminating or
+//! finished, not in `local`; they may have no IP yet). A local endpoint pod on the same ifindex wins.
 use std::collections::{BTreeMap, BTreeSet};
 use std::mem;
 use std::net::IpAddr;
@@ -475,6 +475,16 @@ impl Incremental {
         &self.ids
     }
 
+    /// The owner of an address several pods claim: the first, in namespace/name order, that
+    /// is not terminating (a pod being deleted may still hold an address a new pod was
+    /// given), else the first.
+    fn owner<'a>(&self, claims: &'a BTreeSet<ObjRef>) -> Option<&'a ObjRef> {
+        claims
+            .iter()
+            .find(|o| self.snap.pods.get(*o).is_some_and(|p| !p.terminating))
+            .or_else(|| claims.first())
+    }
+
     /// Problems found while compiling (two pods claiming one IP), in a stable order.
     pub fn diagnostics(&self) -> Vec<Diagnostic> {
         let mut out = Vec::new();
@@ -482,9 +492,10 @@ impl Incremental {
             let Some(claims) = self.ip_claims.get(a) else {
                 continue;
             };
-            let mut it = claims.iter();
-            let Some(first) = it.next() else { continue };
-            for obj in it {
+            let Some(first) = self.owner(claims) else {
+                continue;
+            };
+            for obj in claims.iter().filter(|o| *o != first) {
                 let ip = self
                     .snap
                     .pods
@@ -868,7 +879,7 @@ impl Incremental {
                     class: 0,
                 })
             } else {
-                claims.and_then(|c| c.first()).map(|o| {
+                claims.and_then(|c| self.owner(c)).map(|o| {
                     let p = &self.pods[o];
                     PeerInfo {
                         id: p.id,
@@ -1076,6 +1087,7 @@ fn is_unplaced(snap: &ClusterSnapshot, pod: &Pod) -> bool {
         && pod.node_name == snap.node_name
         && !pod.host_network
         && !pod.terminating
+        && !pod.finished
         && !snap.local.contains_key(&pod.obj_ref())
 }
 

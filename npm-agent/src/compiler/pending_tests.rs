@@ -13,6 +13,7 @@ fn pod(ns: &str, name: &str, app: &str, node: Option<&str>, ip: Option<&str>) ->
         node_name: node.map(str::to_owned),
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![],
     }
 }
@@ -118,7 +119,7 @@ fn pending_links_are_open_when_no_coming_pod_is_isolated() {
 }
 
 #[test]
-fn terminating_and_host_network_pods_do_not_count() {
+fn terminating_finished_and_host_network_pods_do_not_count() {
     let mut s = snapshot();
     s.pending_links.insert(9);
     s.pods
@@ -131,6 +132,13 @@ fn terminating_and_host_network_pods_do_not_count() {
     );
     let p = s.pods.get_mut(&ObjRef::new("a", "new")).expect("pod");
     p.terminating = false;
+    p.finished = true;
+    assert_eq!(
+        compile(&s, &mut IdAllocator::default()).maps.endpoints[&9].flags,
+        0
+    );
+    let p = s.pods.get_mut(&ObjRef::new("a", "new")).expect("pod");
+    p.finished = false;
     p.host_network = true;
     assert_eq!(
         compile(&s, &mut IdAllocator::default()).maps.endpoints[&9].flags,

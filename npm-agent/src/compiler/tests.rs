@@ -103,6 +103,7 @@ fn random_pod(r: &mut Rng, name: &str, i: u8) -> Pod {
         node_name: None,
         host_network: false,
         terminating: false,
+        finished: false,
         ports,
     }
 }
@@ -675,6 +676,7 @@ fn named_ports_resolve_per_destination_pod() {
         node_name: None,
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![ContainerPort {
             name: Some("web".into()),
             port,
@@ -748,6 +750,7 @@ fn ipblocks_match_pods_and_other_nodes_but_not_through_a_named_port() {
         node_name: None,
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![ContainerPort {
             name: Some("web".into()),
             port: 80,
@@ -852,6 +855,7 @@ fn seed_scenario_azure_npm() {
         node_name: None,
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![ContainerPort {
             name: None,
             port: 8080,
@@ -972,13 +976,26 @@ fn seed_scenario_azure_npm() {
 }
 
 #[test]
-fn pods_without_ip_host_network_or_terminating_are_not_endpoints() {
+fn pods_without_ip_host_network_or_finished_are_not_endpoints() {
     let mut s = random_cluster(11);
     let keys: Vec<ObjRef> = s.pods.keys().cloned().collect();
+    assert_eq!(keys.len(), 5, "the cluster this test is sized for");
     s.pods.get_mut(&keys[0]).expect("p").ips.clear();
     s.pods.get_mut(&keys[1]).expect("p").host_network = true;
-    s.pods.get_mut(&keys[2]).expect("p").terminating = true;
+    s.pods.get_mut(&keys[2]).expect("p").finished = true;
+    // Being deleted (deletionTimestamp) is not finished: it runs until its grace period ends.
+    s.pods.get_mut(&keys[3]).expect("p").terminating = true;
     let c = compile(&s, &mut IdAllocator::default());
+    assert!(
+        c.maps.endpoints.contains_key(&s.local[&keys[3]]),
+        "a terminating pod stays an endpoint"
+    );
+    for ip in &s.pods[&keys[3]].ips {
+        assert!(
+            c.maps.identities.contains_key(&addr16(*ip)),
+            "a terminating pod's IP keeps its identity"
+        );
+    }
     for k in &keys[..3] {
         assert!(
             !c.maps.endpoints.contains_key(&s.local[k]),
@@ -991,6 +1008,7 @@ fn pods_without_ip_host_network_or_terminating_are_not_endpoints() {
             );
         }
     }
+    // keys[3] (terminating) and keys[4].
     assert_eq!(c.maps.endpoints.len(), 2);
 }
 
@@ -1003,6 +1021,35 @@ fn duplicate_pod_ip_is_reported_and_resolved_deterministically() {
     let c = compile(&s, &mut IdAllocator::default());
     assert_eq!(c.diagnostics.len(), 1);
     assert!(c.diagnostics[0].message.contains(&ip.to_string()));
+    assert_eq!(c.diagnostics[0].object, format!("Pod {}", keys[1]));
+}
+
+#[test]
+fn a_shared_ip_belongs_to_the_pod_that_is_not_being_deleted() {
+    let mut s = random_cluster(5);
+    let keys: Vec<ObjRef> = s.pods.keys().cloned().collect();
+    let ip = s.pods[&keys[0]].ips[0];
+    s.pods.get_mut(&keys[1]).expect("p").ips = vec![ip];
+    // The first in name order is being deleted and still holds the address the second was
+    // given: the second owns it.
+    s.pods.get_mut(&keys[0]).expect("p").terminating = true;
+    let mut ids = IdAllocator::default();
+    let c = compile(&s, &mut ids);
+    assert_eq!(c.diagnostics.len(), 1);
+    assert_eq!(c.diagnostics[0].object, format!("Pod {}", keys[0]));
+    assert!(
+        c.diagnostics[0].message.contains(&keys[1].to_string()),
+        "{}",
+        c.diagnostics[0].message
+    );
+    let owner = c.maps.identities[&addr16(ip)].id;
+    s.pods.get_mut(&keys[0]).expect("p").terminating = false;
+    let before = compile(&s, &mut ids);
+    assert_ne!(
+        before.maps.identities[&addr16(ip)].id,
+        owner,
+        "without the deletion the first in name order owns it"
+    );
 }
 
 mod incremental;

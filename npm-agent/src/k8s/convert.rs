@@ -178,8 +178,8 @@ pub fn pod(p: &core::Pod) -> Result<Pod, ConvertError> {
         ips,
         node_name: spec.and_then(|s| s.node_name.clone()),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        terminating: p.metadata.deletion_timestamp.is_some()
-            || matches!(phase, Some("Succeeded") | Some("Failed")),
+        terminating: p.metadata.deletion_timestamp.is_some(),
+        finished: matches!(phase, Some("Succeeded") | Some("Failed")),
         ports,
     })
 }

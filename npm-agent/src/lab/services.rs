@@ -77,8 +77,11 @@ pub(crate) fn plan(services: &[Service], pods: &[Pod], node: (IpAddr, IpAddr)) -
         } else {
             pods.iter()
                 .filter(|p| {
+                    // kube-proxy sends new connections to ready endpoints, and a pod
+                    // being deleted is not ready.
                     p.namespace == s.namespace
                         && !p.terminating
+                        && !p.finished
                         && !p.ips.is_empty()
                         && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
                 })
@@ -167,6 +170,7 @@ mod tests {
             node_name: None,
             host_network: false,
             terminating: false,
+            finished: false,
             ports: ports
                 .iter()
                 .map(|(n, p)| ContainerPort {

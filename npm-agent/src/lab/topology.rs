@@ -322,6 +322,7 @@ mod tests {
             node_name: None,
             host_network: false,
             terminating: false,
+            finished: false,
             ports: vec![
                 ContainerPort {
                     name: None,

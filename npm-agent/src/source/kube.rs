@@ -474,6 +474,7 @@ mod tests {
                 node_name: None,
                 host_network: false,
                 terminating: false,
+                finished: false,
                 ports: vec![],
             })),
             problems: vec![],

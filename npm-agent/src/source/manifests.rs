@@ -474,8 +474,9 @@ status: {podIP: 10.0.0.7, podIPs: [{ip: 10.0.0.7}, {ip: "fd00::7"}]}
         );
         assert!(d.is_empty(), "{d:?}");
         let get = |n: &str| &s.pods[&ObjRef::new("default", n)];
-        assert!(get("done").terminating && !get("done").is_endpoint());
-        assert!(get("going").terminating);
+        assert!(get("done").finished && !get("done").terminating && !get("done").is_endpoint());
+        // Being deleted, it runs until its grace period ends: still an endpoint.
+        assert!(get("going").terminating && !get("going").finished && get("going").is_endpoint());
         assert!(get("host").host_network && !get("host").is_endpoint());
         assert_eq!(get("host").node_name.as_deref(), Some("n1"));
         assert_eq!(get("dual").ips.len(), 2);

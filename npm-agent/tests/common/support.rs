@@ -134,6 +134,7 @@ pub(crate) fn pod(name: &str, app: &str, ip: &str) -> Pod {
         node_name: None,
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![ContainerPort {
             name: None,
             port: 80,

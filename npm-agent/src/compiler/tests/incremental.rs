@@ -142,7 +142,13 @@ fn random_change(r: &mut Rng, s: &ClusterSnapshot, next: &mut u32) -> Change {
                 2 => {
                     p.ips = vec![format!("10.0.0.{}", 1 + r.below(9)).parse().expect("ip")];
                 }
-                3 => p.terminating = !p.terminating,
+                3 => {
+                    if r.below(2) == 0 {
+                        p.terminating = !p.terminating;
+                    } else {
+                        p.finished = !p.finished;
+                    }
+                }
                 _ => {
                     p.ports[0].port = r.pick(&[80, 8080, 81]);
                 }
@@ -676,6 +682,7 @@ fn pending_links_default_deny_the_directions_of_unplaced_pods() {
         node_name: Some("node".into()),
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![],
     };
     let plan = inc.apply(&[Change::Pod(newpod.obj_ref(), Some(newpod.clone()))]);
@@ -752,6 +759,7 @@ fn node_name_decides_which_pods_are_not_yet_placed() {
         node_name: Some("node".into()),
         host_network: false,
         terminating: false,
+        finished: false,
         ports: vec![],
     };
     let deny = Policy {
