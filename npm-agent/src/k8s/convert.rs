@@ -4,6 +4,10 @@
 //! isolating the pods it selects; only the broken rule is dropped (so it allows nothing). A
 //! policy whose podSelector (or policyTypes) is invalid cannot say whom it isolates and is
 //! skipped, with a problem reported.
+//!
+//! Some input is accepted with a reading the user should know about (an ipBlock CIDR with host
+//! bits set is read as its network): it is reported as a [`ConvertError::Warning`] among the
+//! policy's problems and drops nothing.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -27,6 +31,16 @@ pub enum ConvertError {
     NoName,
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
+    /// Accepted, with a reading worth knowing; reported like a problem, but nothing is dropped.
+    #[error("{field}: {reason} (warning only: nothing is dropped)")]
+    Warning { field: String, reason: String },
+}
+
+impl ConvertError {
+    /// A warning reports input that was accepted; everything else dropped something.
+    pub fn is_warning(&self) -> bool {
+        matches!(self, ConvertError::Warning { .. })
+    }
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConvertError {
@@ -154,15 +168,28 @@ pub fn pod(p: &core::Pod) -> Result<Pod, ConvertError> {
             ips.push(ip);
         }
     }
-    let mut ports = Vec::new();
-    for (ci, c) in spec
-        .map(|s| s.containers.as_slice())
-        .unwrap_or_default()
+    // Named ports come from the containers and from the sidecars: init containers with
+    // `restartPolicy: Always` (Kubernetes 1.29+) run for the pod's lifetime and policies apply
+    // to them alike. Ordinary init containers have exited before the pod serves; their ports
+    // are not read.
+    let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
+    let init = spec
+        .and_then(|s| s.init_containers.as_deref())
+        .unwrap_or_default();
+    let running = containers
         .iter()
         .enumerate()
-    {
+        .map(|(i, c)| (format!("spec.containers[{i}]"), c))
+        .chain(
+            init.iter()
+                .enumerate()
+                .filter(|(_, c)| c.restart_policy.as_deref() == Some("Always"))
+                .map(|(i, c)| (format!("spec.initContainers[{i}]"), c)),
+        );
+    let mut ports = Vec::new();
+    for (container, c) in running {
         for (pi, cp) in c.ports.as_deref().unwrap_or_default().iter().enumerate() {
-            let field = format!("spec.containers[{ci}].ports[{pi}]");
+            let field = format!("{container}.ports[{pi}]");
             ports.push(ContainerPort {
                 name: cp.name.clone(),
                 port: port_number(&field, cp.container_port)?,
@@ -230,27 +257,37 @@ pub fn selector(field: &str, s: Option<&LabelSelector>) -> Result<Selector, Conv
     Ok(out)
 }
 
-fn cidr(field: &str, s: &str) -> Result<IpNet, ConvertError> {
+/// An ipBlock `cidr` or `except` entry. One with host bits set (`10.0.0.5/8`) is read as its
+/// network (`10.0.0.0/8`) and a warning is added to `warnings`: the API server has long
+/// accepted such values (Go's `net.ParseCIDR` does) and other enforcers read them so, so
+/// rejecting it would drop a rule the cluster considers valid. Text that is not a CIDR is an
+/// error.
+fn cidr(field: &str, s: &str, warnings: &mut Vec<ConvertError>) -> Result<IpNet, ConvertError> {
     let n: IpNet = s
         .parse()
         .map_err(|_| invalid(field, format!("{s:?} is not a CIDR")))?;
-    if n.trunc() != n {
-        return Err(invalid(
-            field,
-            format!("{s:?} has host bits set (did you mean {}?)", n.trunc()),
-        ));
+    let net = n.trunc();
+    if net != n {
+        warnings.push(ConvertError::Warning {
+            field: field.to_string(),
+            reason: format!("{s:?} has host bits set; read as its network {net}"),
+        });
     }
-    Ok(n)
+    Ok(net)
 }
 
-fn peer(field: &str, p: &net::NetworkPolicyPeer) -> Result<Peer, ConvertError> {
+fn peer(
+    field: &str,
+    p: &net::NetworkPolicyPeer,
+    warnings: &mut Vec<ConvertError>,
+) -> Result<Peer, ConvertError> {
     match (&p.ip_block, &p.namespace_selector, &p.pod_selector) {
         (Some(b), None, None) => {
-            let c = cidr(&format!("{field}.ipBlock.cidr"), &b.cidr)?;
+            let c = cidr(&format!("{field}.ipBlock.cidr"), &b.cidr, warnings)?;
             let mut except = Vec::new();
             for (i, e) in b.except.as_deref().unwrap_or_default().iter().enumerate() {
                 let f = format!("{field}.ipBlock.except[{i}]");
-                let e = cidr(&f, e)?;
+                let e = cidr(&f, e, warnings)?;
                 if !c.contains(&e) {
                     return Err(invalid(f, format!("{e} is not inside cidr {c}")));
                 }
@@ -315,17 +352,19 @@ fn port_spec(field: &str, p: &net::NetworkPolicyPort) -> Result<PortSpec, Conver
     })
 }
 
+/// One rule; warnings about what it accepted go to `warnings`.
 fn rule(
     field: &str,
     peers: Option<&Vec<net::NetworkPolicyPeer>>,
     peers_name: &str,
     ports: Option<&Vec<net::NetworkPolicyPort>>,
+    warnings: &mut Vec<ConvertError>,
 ) -> Result<Rule, ConvertError> {
     let peers = peers
         .map(|v| {
             v.iter()
                 .enumerate()
-                .map(|(i, p)| peer(&format!("{field}.{peers_name}[{i}]"), p))
+                .map(|(i, p)| peer(&format!("{field}.{peers_name}[{i}]"), p, warnings))
                 .collect()
         })
         .transpose()?
@@ -349,7 +388,8 @@ type RawRule<'a> = (
 );
 
 /// Converts a NetworkPolicy. Returns the policy (None when it cannot say whom it selects)
-/// and the problems found; a rule with a problem is dropped and allows nothing.
+/// and the problems found; a rule with a problem is dropped and allows nothing, except for
+/// [`ConvertError::Warning`]s, which report what was accepted and drop nothing.
 pub fn policy(np: &net::NetworkPolicy) -> (Option<Policy>, Vec<ConvertError>) {
     let mut problems = Vec::new();
     let Some(name) = np.metadata.name.clone() else {
@@ -389,15 +429,26 @@ pub fn policy(np: &net::NetworkPolicy) -> (Option<Policy>, Vec<ConvertError>) {
             }
         }
     }
-    // Each rule as (peers, ports); a rule that fails to convert is dropped and reported.
+    // Each rule as (peers, ports); a rule that fails to convert is dropped and reported. The
+    // warnings of a rule that converts are reported with it; those of a dropped rule are moot
+    // (its error says why it is dropped).
     let mut convert = |dir: &str, peers_name: &str, rules: Vec<RawRule<'_>>| -> Vec<Rule> {
         rules
             .into_iter()
             .enumerate()
             .filter_map(|(i, (peers, ports))| {
-                rule(&format!("spec.{dir}[{i}]"), peers, peers_name, ports)
-                    .map_err(|e| problems.push(e))
-                    .ok()
+                let mut warnings = Vec::new();
+                let field = format!("spec.{dir}[{i}]");
+                match rule(&field, peers, peers_name, ports, &mut warnings) {
+                    Ok(r) => {
+                        problems.extend(warnings);
+                        Some(r)
+                    }
+                    Err(e) => {
+                        problems.push(e);
+                        None
+                    }
+                }
             })
             .collect()
     };
@@ -452,5 +503,161 @@ pub fn implicit_namespace(name: &str) -> Namespace {
     Namespace {
         name: name.to_string(),
         labels: BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn np(spec: serde_json::Value) -> net::NetworkPolicy {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": spec,
+        }))
+        .expect("a NetworkPolicy")
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("net")
+    }
+
+    #[test]
+    fn ipblock_with_host_bits_is_read_as_its_network_with_a_warning() {
+        let (p, problems) = policy(&np(serde_json::json!({
+            "podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.5/8", "except": ["10.1.2.3/16"]}}]}],
+            "egress": [{"to": [{"ipBlock": {"cidr": "fd00::5/64"}}]}],
+        })));
+        let p = p.expect("the policy is kept");
+        assert_eq!(
+            p.ingress.as_ref().expect("ingress").as_slice(),
+            [Rule {
+                peers: vec![Peer::IpBlock {
+                    cidr: net("10.0.0.0/8"),
+                    except: vec![net("10.1.0.0/16")],
+                }],
+                ports: vec![],
+            }],
+            "the rule is kept, as networks"
+        );
+        assert_eq!(
+            p.egress.as_ref().expect("egress").as_slice(),
+            [Rule {
+                peers: vec![Peer::IpBlock {
+                    cidr: net("fd00::/64"),
+                    except: vec![],
+                }],
+                ports: vec![],
+            }]
+        );
+        let texts: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert!(problems.iter().all(ConvertError::is_warning), "{texts:?}");
+        assert_eq!(
+            texts,
+            [
+                "spec.ingress[0].from[0].ipBlock.cidr: \"10.0.0.5/8\" has host bits set; read as \
+                 its network 10.0.0.0/8 (warning only: nothing is dropped)",
+                "spec.ingress[0].from[0].ipBlock.except[0]: \"10.1.2.3/16\" has host bits set; \
+                 read as its network 10.1.0.0/16 (warning only: nothing is dropped)",
+                "spec.egress[0].to[0].ipBlock.cidr: \"fd00::5/64\" has host bits set; read as \
+                 its network fd00::/64 (warning only: nothing is dropped)",
+            ]
+        );
+    }
+
+    #[test]
+    fn canonical_ipblock_has_no_warning_and_non_cidr_text_still_drops_the_rule() {
+        let (p, problems) = policy(&np(serde_json::json!({
+            "podSelector": {},
+            "ingress": [
+                {"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]},
+                {"from": [{"ipBlock": {"cidr": "10.0.0.5"}}]},
+                {"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["nope"]}}]},
+                {"from": [{"ipBlock": {"cidr": "10.0.0.5/8", "except": ["192.168.0.0/16"]}}]},
+            ],
+        })));
+        let ingress = p.expect("the policy is kept").ingress.expect("ingress");
+        assert_eq!(ingress.len(), 1, "only the valid rule is kept: {ingress:?}");
+        let texts: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 3, "{texts:?}");
+        assert!(!problems.iter().any(ConvertError::is_warning), "{texts:?}");
+        assert!(
+            texts[0]
+                .starts_with("spec.ingress[1].from[0].ipBlock.cidr: \"10.0.0.5\" is not a CIDR")
+        );
+        assert!(
+            texts[1]
+                .starts_with("spec.ingress[2].from[0].ipBlock.except[0]: \"nope\" is not a CIDR")
+        );
+        // A dropped rule's host-bits warning is not reported: its error says why it is dropped.
+        assert!(
+            texts[2].starts_with(
+                "spec.ingress[3].from[0].ipBlock.except[0]: 192.168.0.0/16 is not inside cidr 10.0.0.0/8"
+            ),
+            "{texts:?}"
+        );
+        assert!(
+            texts.iter().all(|t| t.contains("this rule is dropped")),
+            "{texts:?}"
+        );
+    }
+
+    #[test]
+    fn named_ports_come_from_containers_and_sidecars_not_from_init_containers() {
+        let p: core::Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "initContainers": [
+                    {"name": "migrate", "ports": [{"name": "setup", "containerPort": 9000}]},
+                    {"name": "mesh", "restartPolicy": "Always",
+                     "ports": [{"name": "proxy", "containerPort": 15001},
+                               {"name": "dns", "containerPort": 5353, "protocol": "UDP"}]},
+                    {"name": "once", "restartPolicy": "Never",
+                     "ports": [{"name": "other", "containerPort": 9001}]},
+                ],
+                "containers": [
+                    {"name": "app", "ports": [{"name": "http", "containerPort": 8080}]},
+                ],
+            },
+            "status": {"podIP": "10.244.1.5"},
+        }))
+        .expect("a Pod");
+        let got = pod(&p).expect("converts").ports;
+        let want = [
+            ("http", 8080, Protocol::Tcp),
+            ("proxy", 15001, Protocol::Tcp),
+            ("dns", 5353, Protocol::Udp),
+        ]
+        .map(|(n, port, protocol)| ContainerPort {
+            name: Some(n.into()),
+            port,
+            protocol,
+        });
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_bad_sidecar_port_names_its_init_container_field() {
+        let p: core::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "initContainers": [
+                    {"name": "migrate", "ports": [{"containerPort": 0}]},
+                    {"name": "mesh", "restartPolicy": "Always", "ports": [{"containerPort": 70000}]},
+                ],
+                "containers": [{"name": "app"}],
+            },
+        }))
+        .expect("a Pod");
+        let e = pod(&p).expect_err("the sidecar's port is out of range");
+        assert_eq!(
+            e.to_string(),
+            "spec.initContainers[1].ports[0]: port 70000 is outside 1-65535"
+        );
     }
 }

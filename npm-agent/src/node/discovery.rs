@@ -7,6 +7,9 @@
 //!   neighbour table gives the pod's MAC and the bridge forwarding table gives the port.
 //!
 //! It reads iproute2's JSON output (`ip -j`, `bridge -j`), which every node image has.
+//!
+//! Node addresses are those of every interface but kube-proxy's IPVS dummy ([`IPVS_LINK`]),
+//! whose addresses are Service ClusterIPs, not the node's.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::process::Command;
@@ -106,6 +109,8 @@ struct Fdb {
 
 #[derive(Debug, Deserialize)]
 struct AddrLink {
+    #[serde(default)]
+    ifname: String,
     #[serde(default)]
     addr_info: Vec<AddrInfo>,
 }
@@ -231,16 +236,31 @@ pub fn local_pods<'a>(
     out
 }
 
-/// Every address configured on this network namespace's interfaces.
+/// The dummy interface on which kube-proxy in IPVS mode puts every Service ClusterIP (and
+/// external and load-balancer IP) so that the node accepts them. Its addresses are not the
+/// node's: counted as node addresses (to and from which traffic always passes), egress to any
+/// ClusterIP would pass without the post-DNAT Service check. Only this name is recognised;
+/// other dummy interfaces (NodeLocal DNSCache's `nodelocaldns`, addresses a user put on one)
+/// stay node addresses, since discovery does not know the Service ranges to tell them apart.
+pub const IPVS_LINK: &str = "kube-ipvs0";
+
+/// Every address configured on this network namespace's interfaces but [`IPVS_LINK`].
 pub fn node_addresses() -> Result<Vec<IpAddr>, DiscoveryError> {
     let links: Vec<AddrLink> = run_json(&["ip", "-j", "addr", "show"])?;
+    Ok(addresses_of(links))
+}
+
+/// The node addresses in `ip -j addr show`'s links: sorted, without duplicates, without
+/// [`IPVS_LINK`]'s.
+fn addresses_of(links: Vec<AddrLink>) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = links
         .into_iter()
+        .filter(|l| l.ifname != IPVS_LINK)
         .flat_map(|l| l.addr_info.into_iter().map(|a| a.local))
         .collect();
     out.sort();
     out.dedup();
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -305,6 +325,43 @@ mod tests {
                 ifindex: 21
             }
         );
+    }
+
+    /// `ip -j addr show` on an IPVS-mode node (iproute2 6.1's field set, trimmed to one
+    /// address family where both say the same): ClusterIPs on kube-ipvs0, a NodeLocal
+    /// DNSCache dummy, a pod veth without addresses.
+    const IPVS_NODE_ADDR_JSON: &str = r#"[
+      {"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP","LOWER_UP"],"mtu":65536,
+       "operstate":"UNKNOWN","link_type":"loopback","address":"00:00:00:00:00:00",
+       "addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host","label":"lo"},
+                    {"family":"inet6","local":"::1","prefixlen":128,"scope":"host"}]},
+      {"ifindex":2,"ifname":"eth0","flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],"mtu":1500,
+       "operstate":"UP","link_type":"ether","address":"02:fc:00:00:00:01",
+       "addr_info":[{"family":"inet","local":"192.0.2.2","prefixlen":24,"broadcast":"192.0.2.255",
+                     "scope":"global","label":"eth0"},
+                    {"family":"inet6","local":"fd00::2","prefixlen":64,"scope":"global"}]},
+      {"ifindex":5,"ifname":"kube-ipvs0","flags":["BROADCAST","NOARP"],"mtu":1500,
+       "operstate":"DOWN","link_type":"ether","address":"7e:1c:2b:3a:4d:5e",
+       "addr_info":[{"family":"inet","local":"10.96.0.1","prefixlen":32,"scope":"global","label":"kube-ipvs0"},
+                    {"family":"inet","local":"10.96.0.10","prefixlen":32,"scope":"global","label":"kube-ipvs0"},
+                    {"family":"inet6","local":"fd00:10:96::1","prefixlen":128,"scope":"global"}]},
+      {"ifindex":6,"ifname":"nodelocaldns","flags":["BROADCAST","NOARP"],"mtu":1500,
+       "operstate":"DOWN","link_type":"ether","address":"aa:3c:11:22:33:44",
+       "addr_info":[{"family":"inet","local":"169.254.20.10","prefixlen":32,"scope":"global","label":"nodelocaldns"}]},
+      {"ifindex":7,"ifname":"cali1","flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],"mtu":1500,
+       "operstate":"UP","link_type":"ether","address":"ee:ee:ee:ee:ee:ee","link_netnsid":0,
+       "addr_info":[]}
+    ]"#;
+
+    #[test]
+    fn ipvs_cluster_ips_on_kube_ipvs0_are_not_node_addresses() {
+        let links: Vec<AddrLink> = serde_json::from_str(IPVS_NODE_ADDR_JSON).expect("ip -j addr");
+        let got = addresses_of(links);
+        let want: Vec<IpAddr> = ["127.0.0.1", "169.254.20.10", "192.0.2.2", "::1", "fd00::2"]
+            .iter()
+            .map(|s| s.parse().expect("ip"))
+            .collect();
+        assert_eq!(got, want, "every interface's addresses but kube-ipvs0's");
     }
 
     #[test]
