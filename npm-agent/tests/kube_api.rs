@@ -611,7 +611,8 @@ async fn invalid_objects_are_reported_and_never_stop_the_rest() {
         .expect("rules")
         .push(json!({"ports": [{"protocol": "ICMP", "port": 1}]}));
     api.apply(half);
-    // An invalid podSelector: cannot say whom it isolates, skipped.
+    // An invalid podSelector: cannot say whom it isolates, so it isolates the whole
+    // namespace both ways (fail closed).
     let mut broken = policy("a", "broken", "x", "y");
     broken["spec"]["podSelector"] =
         json!({"matchExpressions": [{"key": "app", "operator": "Near", "values": ["x"]}]});
@@ -627,7 +628,12 @@ async fn invalid_objects_are_reported_and_never_stop_the_rest() {
         1,
         "bad rule dropped"
     );
-    assert!(!h.snapshot.policies.contains_key(&obj("a", "broken")));
+    // An unreadable podSelector fails closed: the whole namespace, isolated both ways.
+    let broken = &h.snapshot.policies[&obj("a", "broken")];
+    assert_eq!(broken.ingress.as_deref(), Some(&[][..]));
+    assert_eq!(broken.egress.as_deref(), Some(&[][..]));
+    assert!(broken.pod_selector.match_labels.is_empty());
+    assert!(broken.pod_selector.match_expressions.is_empty());
     let bad = &h.problems["Pod a/bad"];
     assert!(bad[0].message.contains("10.6.0.999"), "{bad:?}");
     assert_eq!(bad[0].source.as_deref(), Some("api"));

@@ -480,7 +480,7 @@ impl<'a> Loop<'a> {
                         tracing::info!(%object, "object problems resolved");
                     }
                     for d in problems {
-                        tracing::warn!(problem = %d, "object skipped or failed closed");
+                        tracing::warn!(problem = %d, "object problem (the message says what was skipped, failed closed or only warned)");
                     }
                 }
                 SourceEvent::Synced => {
@@ -533,7 +533,7 @@ impl<'a> Loop<'a> {
                     cluster_changes = current.diff(&target);
                     if !cluster_changes.is_empty() || !self.ready {
                         for d in &diagnostics {
-                            tracing::warn!(problem = %d, "manifest problem; object skipped or failed closed");
+                            tracing::warn!(problem = %d, "manifest problem (the message says what was skipped, failed closed or only warned)");
                         }
                     }
                     complete = true;

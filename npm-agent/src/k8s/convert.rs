@@ -34,6 +34,10 @@ pub enum ConvertError {
     /// Accepted, with a reading worth knowing; reported like a problem, but nothing is dropped.
     #[error("{field}: {reason} (warning only: nothing is dropped)")]
     Warning { field: String, reason: String },
+    /// A policy whose podSelector or policyTypes cannot be read: it is kept, failing closed,
+    /// and the message says how.
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 impl ConvertError {
@@ -209,6 +213,26 @@ pub fn pod(p: &core::Pod) -> Result<Pod, ConvertError> {
         finished: matches!(phase, Some("Succeeded") | Some("Failed")),
         ports,
     })
+}
+
+/// The stand-in for a policy that cannot be read: `pods` isolated in both directions with no
+/// rule, and the reason as its problem.
+fn closed(
+    namespace: String,
+    name: String,
+    pods: Selector,
+    why: String,
+) -> (Option<Policy>, Vec<ConvertError>) {
+    (
+        Some(Policy {
+            namespace,
+            name,
+            pod_selector: pods,
+            ingress: Some(Vec::new()),
+            egress: Some(Vec::new()),
+        }),
+        vec![ConvertError::Unreadable(why)],
+    )
 }
 
 /// A label selector; `None` (absent or null) converts to the empty selector.
@@ -402,9 +426,17 @@ pub fn policy(np: &net::NetworkPolicy) -> (Option<Policy>, Vec<ConvertError>) {
         .unwrap_or_else(|| "default".to_string());
     let default_spec = net::NetworkPolicySpec::default();
     let spec = np.spec.as_ref().unwrap_or(&default_spec);
+    // A policy whose podSelector or policyTypes cannot be read still exists: dropping it
+    // would open the pods it was written to protect. It fails closed instead (`closed`).
     let pod_selector = match selector("spec.podSelector", spec.pod_selector.as_ref()) {
         Ok(s) => s,
-        Err(e) => return (None, vec![e]),
+        Err(e) => {
+            let why = format!(
+                "{e}; the policy cannot say which pods it selects, so every pod of namespace \
+                 {namespace} is isolated both ways, with nothing allowed, until it is fixed"
+            );
+            return closed(namespace, name, Selector::default(), why);
+        }
     };
     // Kubernetes defaults policyTypes to Ingress, plus Egress when there are egress rules; an
     // empty list counts as not given (the API server defaults it the same way).
@@ -418,13 +450,16 @@ pub fn policy(np: &net::NetworkPolicy) -> (Option<Policy>, Vec<ConvertError>) {
                 "Ingress" => ingress_on = true,
                 "Egress" => egress_on = true,
                 other => {
-                    return (
-                        None,
-                        vec![invalid(
-                            format!("spec.policyTypes[{i}]"),
-                            format!("unknown type {other:?}"),
-                        )],
+                    let e = invalid(
+                        format!("spec.policyTypes[{i}]"),
+                        format!("unknown type {other:?}"),
                     );
+                    let why = format!(
+                        "{e}; the policy cannot say which directions it isolates, so the pods \
+                         it selects are isolated both ways, with nothing allowed, until it is \
+                         fixed"
+                    );
+                    return closed(namespace, name, pod_selector, why);
                 }
             }
         }

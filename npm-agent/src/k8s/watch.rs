@@ -231,7 +231,7 @@ impl Convert for net::NetworkPolicy {
         let (policy, problems) = convert::policy(self);
         let mut problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
         if policy.is_none() {
-            problems.push("policy skipped: it cannot say which pods it selects".into());
+            problems.push("policy skipped: it has no name".into());
         }
         Converted {
             kind,

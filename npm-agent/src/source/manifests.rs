@@ -185,7 +185,7 @@ impl Loader {
                             None => self.problem(
                                 source,
                                 object,
-                                "policy skipped: it cannot say which pods it selects".into(),
+                                "policy skipped: it has no name".into(),
                             ),
                         }
                     }
@@ -258,7 +258,7 @@ pub fn add_implicit_namespaces(snapshot: &mut ClusterSnapshot) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Peer, PortRef, Protocol};
+    use crate::model::{Peer, PortRef, Protocol, Selector};
 
     fn load(text: &str) -> (ClusterSnapshot, Vec<Diagnostic>) {
         let mut l = Loader::default();
@@ -414,6 +414,14 @@ spec:
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
+metadata: {name: badtype}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress, Sideways]
+  ingress: [{}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
 metadata: {name: badpeer}
 spec:
   podSelector: {}
@@ -423,10 +431,16 @@ spec:
   - to: [{}]
 "#,
         );
-        assert!(!s.policies.contains_key(&ObjRef::new("default", "badsel")));
+        // Unreadable selector: kept, failing closed for the whole namespace, both ways.
+        let bad = &s.policies[&ObjRef::new("default", "badsel")];
+        assert_eq!(bad.pod_selector, Selector::default());
+        assert_eq!(bad.ingress.as_deref(), Some(&[][..]));
+        assert_eq!(bad.egress.as_deref(), Some(&[][..]));
         assert!(
-            d.iter()
-                .any(|x| x.object == "NetworkPolicy default/badsel" && x.message.contains("Near")),
+            d.iter().any(|x| x.object == "NetworkPolicy default/badsel"
+                && x.message.contains("Near")
+                && x.message
+                    .contains("every pod of namespace default is isolated both ways")),
             "{d:?}"
         );
         assert!(
@@ -435,6 +449,20 @@ spec:
         );
         assert!(
             d.iter().any(|x| x.message.contains("needs podSelector")),
+            "{d:?}"
+        );
+        // Unreadable policyTypes: its own pods, isolated both ways, its rules not read.
+        let bad = &s.policies[&ObjRef::new("default", "badtype")];
+        assert_eq!(
+            bad.pod_selector.match_labels.get("app").map(String::as_str),
+            Some("db")
+        );
+        assert_eq!(bad.ingress.as_deref(), Some(&[][..]));
+        assert_eq!(bad.egress.as_deref(), Some(&[][..]));
+        assert!(
+            d.iter().any(|x| x.object == "NetworkPolicy default/badtype"
+                && x.message.contains("Sideways")
+                && x.message.contains("isolated both ways")),
             "{d:?}"
         );
         let p = &s.policies[&ObjRef::new("default", "badpeer")];
