@@ -7,6 +7,7 @@
 mod fake_apiserver;
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -621,7 +622,8 @@ async fn invalid_objects_are_reported_and_never_stop_the_rest() {
     assert!(h.until(10, |h| h.synced).await);
 
     assert!(h.snapshot.pods.contains_key(&obj("a", "good")));
-    assert!(!h.snapshot.pods.contains_key(&obj("a", "bad")));
+    // Kept without the address it cannot read (left out, its interface would be unenforced).
+    assert!(h.snapshot.pods[&obj("a", "bad")].ips.is_empty());
     let half = &h.snapshot.policies[&obj("a", "half")];
     assert_eq!(
         half.ingress.as_ref().expect("isolates ingress").len(),
@@ -648,10 +650,15 @@ async fn invalid_objects_are_reported_and_never_stop_the_rest() {
             .any(|d| d.message.contains("Near"))
     );
 
-    // Fixed: the pod appears and its problem is withdrawn.
+    // Fixed: the pod gets its address and its problem is withdrawn.
     api.apply(pod("a", "bad", json!({"app": "x"}), "10.6.0.9", "n"));
+    let fixed: Vec<IpAddr> = vec!["10.6.0.9".parse().expect("ip")];
     assert!(
-        h.until(10, |h| h.snapshot.pods.contains_key(&obj("a", "bad"))
+        h.until(10, |h| h
+            .snapshot
+            .pods
+            .get(&obj("a", "bad"))
+            .is_some_and(|p| p.ips == fixed)
             && !h.problems.contains_key("Pod a/bad"))
             .await
     );

@@ -144,7 +144,13 @@ fn port_number(field: &str, n: i32) -> Result<u16, ConvertError> {
         .ok_or_else(|| invalid(field, format!("port {n} is outside 1-65535")))
 }
 
-pub fn pod(p: &core::Pod) -> Result<Pod, ConvertError> {
+/// A pod, and the problems of the fields that were left out. Only a missing name loses the
+/// pod: an address or a container port that cannot be read is left out and reported, and the
+/// pod is kept, since a pod left out entirely would leave its interface unenforced (a pod
+/// without its address is still counted where its interface is not known yet, which isolates
+/// that interface; a rule naming a port that was left out matches nothing).
+pub fn pod(p: &core::Pod) -> Result<(Pod, Vec<ConvertError>), ConvertError> {
+    let mut problems = Vec::new();
     let name = p.metadata.name.clone().ok_or(ConvertError::NoName)?;
     let namespace = p
         .metadata
@@ -162,12 +168,13 @@ pub fn pod(p: &core::Pod) -> Result<Pod, ConvertError> {
             .collect(),
     };
     for (i, s) in raw.iter().enumerate() {
-        let ip: IpAddr = s.parse().map_err(|_| {
-            invalid(
+        let Ok(ip) = s.parse::<IpAddr>() else {
+            problems.push(invalid(
                 format!("status.podIPs[{i}]"),
-                format!("{s:?} is not an IP address"),
-            )
-        })?;
+                format!("{s:?} is not an IP address; the pod is kept without it"),
+            ));
+            continue;
+        };
         if !ips.contains(&ip) {
             ips.push(ip);
         }
@@ -194,15 +201,26 @@ pub fn pod(p: &core::Pod) -> Result<Pod, ConvertError> {
     for (container, c) in running {
         for (pi, cp) in c.ports.as_deref().unwrap_or_default().iter().enumerate() {
             let field = format!("{container}.ports[{pi}]");
-            ports.push(ContainerPort {
-                name: cp.name.clone(),
-                port: port_number(&field, cp.container_port)?,
-                protocol: protocol(&field, cp.protocol.as_deref())?,
-            });
+            let port = port_number(&field, cp.container_port)
+                .and_then(|n| Ok((n, protocol(&field, cp.protocol.as_deref())?)));
+            match port {
+                Ok((port, protocol)) => ports.push(ContainerPort {
+                    name: cp.name.clone(),
+                    port,
+                    protocol,
+                }),
+                Err(ConvertError::Invalid { field, reason }) => {
+                    problems.push(ConvertError::Invalid {
+                        field,
+                        reason: format!("{reason}; the pod is kept without this port"),
+                    })
+                }
+                Err(e) => problems.push(e),
+            }
         }
     }
     let phase = status.and_then(|s| s.phase.as_deref());
-    Ok(Pod {
+    let pod = Pod {
         namespace,
         name,
         labels: p.metadata.labels.clone().unwrap_or_default(),
@@ -212,7 +230,8 @@ pub fn pod(p: &core::Pod) -> Result<Pod, ConvertError> {
         terminating: p.metadata.deletion_timestamp.is_some(),
         finished: matches!(phase, Some("Succeeded") | Some("Failed")),
         ports,
-    })
+    };
+    Ok((pod, problems))
 }
 
 /// The stand-in for a policy that cannot be read: `pods` isolated in both directions with no
@@ -662,7 +681,9 @@ mod tests {
             "status": {"podIP": "10.244.1.5"},
         }))
         .expect("a Pod");
-        let got = pod(&p).expect("converts").ports;
+        let (got, problems) = pod(&p).expect("converts");
+        assert!(problems.is_empty(), "{problems:?}");
+        let got = got.ports;
         let want = [
             ("http", 8080, Protocol::Tcp),
             ("proxy", 15001, Protocol::Tcp),
@@ -685,14 +706,24 @@ mod tests {
                     {"name": "migrate", "ports": [{"containerPort": 0}]},
                     {"name": "mesh", "restartPolicy": "Always", "ports": [{"containerPort": 70000}]},
                 ],
-                "containers": [{"name": "app"}],
+                "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 80}]}],
             },
+            "status": {"podIPs": [{"ip": "10.0.0.999"}, {"ip": "10.0.0.9"}]},
         }))
         .expect("a Pod");
-        let e = pod(&p).expect_err("the sidecar's port is out of range");
+        // The pod is kept without what cannot be read, each problem naming its field.
+        let (got, problems) = pod(&p).expect("a pod with a bad field is kept");
+        let texts: Vec<String> = problems.iter().map(ToString::to_string).collect();
         assert_eq!(
-            e.to_string(),
-            "spec.initContainers[1].ports[0]: port 70000 is outside 1-65535"
+            texts,
+            [
+                "status.podIPs[0]: \"10.0.0.999\" is not an IP address; the pod is kept without it",
+                "spec.initContainers[1].ports[0]: port 70000 is outside 1-65535; the pod is kept \
+                 without this port",
+            ]
         );
+        assert_eq!(got.ips, ["10.0.0.9".parse::<IpAddr>().expect("ip")]);
+        assert_eq!(got.ports.len(), 1, "{:?}", got.ports);
+        assert_eq!(got.ports[0].port, 80);
     }
 }

@@ -211,7 +211,10 @@ impl Convert for core::Pod {
         let m = &self.metadata;
         let key = key_of(m.namespace.as_ref(), m.name.as_ref(), kind);
         let (model, problems) = match convert::pod(self) {
-            Ok(p) => (Some(Model::Pod(p)), vec![]),
+            Ok((p, problems)) => (
+                Some(Model::Pod(p)),
+                problems.iter().map(ToString::to_string).collect(),
+            ),
             Err(e) => (None, vec![format!("{e}; pod skipped")]),
         };
         Converted {
@@ -260,7 +263,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_pod_is_absent_with_a_reason_and_bad_policy_rule_fails_closed() {
+    fn bad_pod_field_is_left_out_with_a_reason_and_bad_policy_rule_fails_closed() {
         let pod: core::Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "a"},
             "status": {"podIP": "not-an-ip"}
@@ -268,8 +271,17 @@ mod tests {
         .expect("pod");
         let c = pod.convert();
         assert_eq!(c.key, ObjRef::new("a", "p"));
-        assert!(c.model.is_none());
+        // Kept without the address: a pod left out would leave its interface unenforced.
+        match &c.model {
+            Some(Model::Pod(p)) => assert!(p.ips.is_empty(), "{p:?}"),
+            other => panic!("the pod is kept: {other:?}"),
+        }
         assert!(c.problems[0].contains("not-an-ip"), "{:?}", c.problems);
+        assert!(
+            c.problems[0].contains("kept without it"),
+            "{:?}",
+            c.problems
+        );
 
         let np: net::NetworkPolicy = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "np", "namespace": "a"},

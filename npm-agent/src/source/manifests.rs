@@ -159,7 +159,10 @@ impl Loader {
             },
             ("v1", "Pod") => match serde_yaml::from_value::<core::Pod>(v) {
                 Ok(o) => match convert::pod(&o) {
-                    Ok(p) => {
+                    Ok((p, problems)) => {
+                        for e in problems {
+                            self.problem(source, object.clone(), e.to_string());
+                        }
                         self.note_duplicate(source, &object);
                         self.snapshot.pods.insert(p.obj_ref(), p);
                     }
@@ -293,7 +296,9 @@ items:
   metadata: {name: prod, labels: {team: red}}
 "#,
         );
-        assert_eq!(s.pods.len(), 1);
+        // The bad pod is kept without the port it cannot read.
+        assert_eq!(s.pods.len(), 2);
+        assert!(s.pods[&ObjRef::new("prod", "bad")].ports.is_empty());
         assert_eq!(d.len(), 1, "{d:?}");
         assert_eq!(d[0].object, "Pod prod/bad");
         assert_eq!(d[0].source.as_deref(), Some("test.yaml"));
