@@ -10,19 +10,12 @@ use npm_agent::lab::{External, Lab, LabSpec, Outcome, ProbeProtocol, ProbeResult
 use npm_agent::model::{ContainerPort, Pod, Protocol};
 use npm_agent::netns;
 
+#[path = "common/support.rs"]
+mod support;
+
 /// Panics unless this runs as root: a missing prerequisite fails the test, never skips it.
 fn require_root() {
-    // Effective uid from /proc/self/status ("Uid: real effective saved fs").
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let root = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0");
-    assert!(
-        root,
-        "lab tests need root (effective uid 0, for CAP_NET_ADMIN and setns): run scripts/setup.sh as root and the tests as root"
-    );
+    support::require_root("lab tests");
     // Namespaces of earlier runs that were killed before their Drop (pid no longer alive).
     let stale = npm_agent::lab::cleanup_stale();
     if !stale.is_empty() {

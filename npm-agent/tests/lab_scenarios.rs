@@ -6,8 +6,8 @@
 mod support;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
-use support::KillOnDrop;
+use std::time::Duration;
+use support::{KillOnDrop, eventually_every};
 
 use npm_agent::cli::args::{LabArgs, ProbeOptions};
 use npm_agent::cli::lab::{LabOutcome, execute};
@@ -209,17 +209,11 @@ fn interrupted_lab_removes_everything_it_made() {
     let prefix = format!("npmlab-{pid}-");
     leftovers.0 = Some(prefix.clone());
     // Interrupt once the lab's namespaces exist (bounded wait), as a user pressing Ctrl-C.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline
-        && !npm_agent::netns::list()
+    let saw_lab = eventually_every(Duration::from_secs(20), Duration::from_millis(20), || {
+        npm_agent::netns::list()
             .iter()
             .any(|n| n.starts_with(&prefix))
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let saw_lab = npm_agent::netns::list()
-        .iter()
-        .any(|n| n.starts_with(&prefix));
+    });
     // Signal only the process this test started, by its pid.
     let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
     // SAFETY: kill(2) takes no pointers; `pid` is our own child, not yet reaped.
@@ -231,17 +225,16 @@ fn interrupted_lab_removes_everything_it_made() {
         std::io::Error::last_os_error()
     );
     let wait_for = Duration::from_secs(60);
-    let deadline = Instant::now() + wait_for;
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait lab") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the lab (pid {pid}) did not exit within {wait_for:?} of SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut status = None;
+    let exited = eventually_every(wait_for, Duration::from_millis(50), || {
+        status = child.0.try_wait().expect("wait lab");
+        status.is_some()
+    });
+    assert!(
+        exited,
+        "the lab (pid {pid}) did not exit within {wait_for:?} of SIGINT"
+    );
+    let status = status.expect("exited");
     let left: Vec<String> = npm_agent::netns::list()
         .into_iter()
         .filter(|n| n.starts_with(&prefix))

@@ -55,16 +55,7 @@ spec:
 /// Panics unless this runs as root with `nft` installed: a missing prerequisite fails the
 /// test, never skips it.
 fn require_root_and_nft() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let root = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0");
-    assert!(
-        root,
-        "service_dnat needs root (effective uid 0): run scripts/setup.sh as root and the tests as root"
-    );
+    support::require_root("service_dnat tests");
     let nft = std::process::Command::new("nft").arg("--version").output();
     assert!(
         nft.as_ref().is_ok_and(|o| o.status.success()),

@@ -521,9 +521,9 @@ pub(crate) fn run(p: &Params, sink: &mut Sink) {
 /// The machine's floor under any per-flow state: the time of one load from a random cache
 /// line of a buffer of each size, when its address depends on the previous load (a pointer
 /// chase through every line once, in a random order), in ns per load, median of `rounds`
-/// passes. The buffer has 4 KiB pages (transparent huge pages are only used where
-/// madvised), as the kernel's vmalloc'd conntrack maps do (`NPM_CT4` 26 MiB, `NPM_CT`
-/// 32 MiB). A new flow's entry lands on such a line, so the line's miss is what an insert
+/// passes. The buffer has 4 KiB pages where transparent huge pages are madvise-only (this
+/// machine's setting); the page size of the kernel's conntrack maps (`NPM_CT4` 26 MiB,
+/// `NPM_CT` 32 MiB) was not checked. A new flow's entry lands on such a line, so the line's miss is what an insert
 /// costs at the least once the flows in use outgrow the caches. This is measured in
 /// userspace: it stands for the kernel's memory, it is not a run of the classifier.
 pub(crate) fn memory_floor(full: bool, sink: &mut Sink) {

@@ -1012,12 +1012,18 @@ fn pods_without_ip_host_network_or_finished_are_not_endpoints() {
     assert_eq!(c.maps.endpoints.len(), 2);
 }
 
-#[test]
-fn duplicate_pod_ip_is_reported_and_resolved_deterministically() {
+/// A random cluster in which the second pod (name order) was given the first one's address.
+fn two_pods_sharing_an_ip() -> (ClusterSnapshot, Vec<ObjRef>, IpAddr) {
     let mut s = random_cluster(5);
     let keys: Vec<ObjRef> = s.pods.keys().cloned().collect();
     let ip = s.pods[&keys[0]].ips[0];
     s.pods.get_mut(&keys[1]).expect("p").ips = vec![ip];
+    (s, keys, ip)
+}
+
+#[test]
+fn duplicate_pod_ip_is_reported_and_resolved_deterministically() {
+    let (s, keys, ip) = two_pods_sharing_an_ip();
     let c = compile(&s, &mut IdAllocator::default());
     assert_eq!(c.diagnostics.len(), 1);
     assert!(c.diagnostics[0].message.contains(&ip.to_string()));
@@ -1026,10 +1032,7 @@ fn duplicate_pod_ip_is_reported_and_resolved_deterministically() {
 
 #[test]
 fn a_shared_ip_belongs_to_the_pod_that_is_not_being_deleted() {
-    let mut s = random_cluster(5);
-    let keys: Vec<ObjRef> = s.pods.keys().cloned().collect();
-    let ip = s.pods[&keys[0]].ips[0];
-    s.pods.get_mut(&keys[1]).expect("p").ips = vec![ip];
+    let (mut s, keys, ip) = two_pods_sharing_an_ip();
     // The first in name order is being deleted and still holds the address the second was
     // given: the second owns it.
     s.pods.get_mut(&keys[0]).expect("p").terminating = true;

@@ -89,6 +89,18 @@ fn join_within(handle: JoinHandle<Vec<u8>>, within: Duration) -> Option<Vec<u8>>
         .then(|| handle.join().expect("pipe reader"))
 }
 
+/// Panics unless the effective uid is 0, naming `who` and what to run: a missing
+/// prerequisite fails a test, never skips it.
+pub(crate) fn require_root(who: &str) {
+    // SAFETY: geteuid(2) takes no arguments and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "{who} need root (effective uid 0, for CAP_NET_ADMIN and setns; this is {euid}): run \
+         scripts/setup.sh as root and the tests as root"
+    );
+}
+
 /// Polls `f` every `every` until it holds or `within` has passed.
 pub(crate) fn eventually_every(
     within: Duration,
