@@ -85,6 +85,11 @@ impl<B: MapBackend> Pipeline<B> {
         &self.programmer
     }
 
+    /// The programmer itself (tests reach its backend through it to simulate the kernel).
+    pub fn programmer_mut(&mut self) -> &mut Programmer<B> {
+        &mut self.programmer
+    }
+
     /// Compiles `changes` and applies the resulting plan to the maps.
     pub fn apply_changes(&mut self, changes: &[Change]) -> ApplyReport {
         let start = Instant::now();
@@ -137,6 +142,9 @@ impl<B: MapBackend> Pipeline<B> {
         report.sync.upserts += repair.upserts;
         report.sync.deletes += repair.deletes;
         report.sync.failed += repair.failed;
+        if report.sync.first_failure.is_none() {
+            report.sync.first_failure = repair.first_failure;
+        }
         report.sync.elapsed += repair.elapsed;
         self.full_sync = repair.failed > 0;
         Ok(report)

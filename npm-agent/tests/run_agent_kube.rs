@@ -193,8 +193,108 @@ fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() 
     );
 }
 
+#[test]
+fn a_failed_first_node_read_keeps_the_adopted_enforcement_and_is_not_ready() {
+    let pid = std::process::id();
+    let bpffs = PathBuf::from(format!("/sys/fs/bpf/npm-kubenode-{pid}"));
+    let _pins = RemoveOnDrop(bpffs.clone());
+    let kubeconfig = std::env::temp_dir().join(format!("npm-kubenode-{pid}.yaml"));
+    let _kc = RemoveOnDrop(kubeconfig.clone());
+    let log1 = std::env::temp_dir().join(format!("npm-kubenode-{pid}-1.log"));
+    let _l1 = RemoveOnDrop(log1.clone());
+    let log2 = std::env::temp_dir().join(format!("npm-kubenode-{pid}-2.log"));
+    let _l2 = RemoveOnDrop(log2.clone());
+
+    let lab = Lab::build(LabSpec {
+        pods: vec![
+            lab_pod("web", "web", "10.245.0.2"),
+            lab_pod("client", "client", "10.245.0.3"),
+            lab_pod("intruder", "intruder", "10.245.0.4"),
+        ],
+        externals: vec![],
+    })
+    .expect("lab");
+    let node = lab.node().name().to_string();
+    let listener = lab
+        .node()
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind in node netns");
+    let api = FakeApi::start_on(listener);
+    api.write_kubeconfig(&kubeconfig);
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "default", "labels": {"kubernetes.io/metadata.name": "default"}}}));
+    api.apply(api_pod("web", "web", "10.245.0.2", "node-1"));
+    api.apply(api_pod("client", "client", "10.245.0.3", "node-1"));
+    api.apply(api_pod("intruder", "intruder", "10.245.0.4", "node-1"));
+    api.apply(web_from_client());
+    let allowed = |from: &str| lab.probe(from, "default/web", 80, Protocol::Tcp).allowed;
+    let endpoints = bpffs
+        .join(format!("v{}", npm_common::ABI_VERSION))
+        .join(npm_common::maps::MAP_ENDPOINTS);
+
+    let agent = spawn_agent(&node, &kubeconfig, &bpffs, &log1);
+    assert!(
+        eventually(20, || !allowed("default/intruder")),
+        "policy never enforced:\n{}",
+        log_tail(&log1)
+    );
+    assert_eq!(map_entries(&endpoints), 3);
+    stop_agent(agent);
+
+    // The next agent lists the cluster but cannot read the node's tables (no iproute2 on its
+    // PATH): it must not compare the adopted maps with a node of no pods (that deleted every
+    // endpoint), nor say it is ready.
+    let _agent = spawn_agent_with(&node, &kubeconfig, &bpffs, &log2, Some("/nonexistent"));
+    let get = |path: &str| http_get(lab.node(), 10091, path);
+    assert!(
+        eventually(20, || get("/readyz").is_ok_and(
+            |(code, body)| code == 503 && body.contains("the node's tables cannot be read")
+        )),
+        "/readyz does not say why it waits: {:?}\n{}",
+        get("/readyz"),
+        log_tail(&log2)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        map_entries(&endpoints),
+        3,
+        "the adopted endpoints were deleted:\n{}",
+        log_tail(&log2)
+    );
+    assert!(!allowed("default/intruder"), "enforcement lost");
+    assert!(allowed("default/client"));
+    let (_, metrics) = get("/node-metrics").expect("/node-metrics");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("npm_enforcement_errors_total{kind=\"node_tables\"}")
+            && !l.ends_with(" 0")),
+        "node table errors not counted:\n{metrics}"
+    );
+}
+
 fn spawn_agent(node: &str, kubeconfig: &Path, bpffs: &Path, log: &Path) -> KillOnDrop {
-    let child = Command::new("nsenter")
+    spawn_agent_with(node, kubeconfig, bpffs, log, None)
+}
+
+/// [`spawn_agent`] with `PATH` set to `path` when given (an agent without iproute2 on its
+/// `PATH` cannot read the node's tables).
+fn spawn_agent_with(
+    node: &str,
+    kubeconfig: &Path,
+    bpffs: &Path,
+    log: &Path,
+    path: Option<&str>,
+) -> KillOnDrop {
+    // nsenter itself is found on our PATH (a child's PATH would be searched for it).
+    let nsenter = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("nsenter"))
+        .find(|p| p.exists())
+        .expect("nsenter on PATH (util-linux; scripts/setup.sh installs it)");
+    let mut cmd = Command::new(nsenter);
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
+    let child = cmd
         .arg(format!("--net=/run/netns/{node}"))
         .arg(env!("CARGO_BIN_EXE_npm-agent"))
         .args([

@@ -14,4 +14,35 @@ pub mod verdict;
 mod pod;
 
 /// Bumped on any change of a map's name, type, key, value or meaning.
-pub const ABI_VERSION: u32 = 4;
+///
+/// A build may be given another number through the environment variable
+/// `NPM_ABI_VERSION_OVERRIDE` at compile time: the upgrade test (`npm-agent/tests/upgrade.rs`)
+/// builds a second agent that way to play the next release (same layouts, another pin
+/// directory). Release builds never set it.
+pub const ABI_VERSION: u32 = match option_env!("NPM_ABI_VERSION_OVERRIDE") {
+    Some(v) => parse_version(v),
+    None => 4,
+};
+
+/// The oldest `ABI_VERSION` whose conntrack maps (`NPM_CT4`, `NPM_CT`: keys, values, flags
+/// and the jiffies-based clock of their deadlines) have the layout and meaning of this one,
+/// so an agent upgrading from it carries the tracked flows over (`Datapath::carry_conntrack`).
+/// Raise it to the new `ABI_VERSION` with any change to those maps.
+pub const CONNTRACK_COMPATIBLE_SINCE: u32 = 3;
+
+/// A decimal `u32` at compile time (a bad one fails the build).
+const fn parse_version(s: &str) -> u32 {
+    let b = s.as_bytes();
+    assert!(!b.is_empty(), "NPM_ABI_VERSION_OVERRIDE is empty");
+    let mut i = 0;
+    let mut v: u32 = 0;
+    while i < b.len() {
+        assert!(
+            b[i].is_ascii_digit(),
+            "NPM_ABI_VERSION_OVERRIDE is not a decimal number"
+        );
+        v = v * 10 + (b[i] - b'0') as u32;
+        i += 1;
+    }
+    v
+}

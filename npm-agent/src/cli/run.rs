@@ -28,7 +28,7 @@ use npm_common::ABI_VERSION;
 
 use super::args::RunArgs;
 use crate::config::{self, FileConfig, Overrides, Resolved};
-use crate::datapath::TcMode;
+use crate::datapath::{self, TcMode};
 use crate::enforcer::{ApplyReport, Enforcer, EnforcerError};
 use crate::k8s::client::error_chain;
 use crate::model::Diagnostic;
@@ -262,6 +262,13 @@ struct Loop<'a> {
     pod_links: PodLinks,
     /// The first apply happened: the maps follow the cluster from here on.
     ready: bool,
+    /// Our maps have been filled for the first time, so our programs may go on links. Until
+    /// then nothing is attached: the programs already there (a previous agent's, with its
+    /// pinned maps, of this ABI or another) keep enforcing, and ours, whose maps may be empty
+    /// (a new ABI version's pin directory), would pass everything as not managed.
+    attach_ok: bool,
+    /// Where the pin directories of every ABI version live (`--bpffs-dir`).
+    bpffs_dir: std::path::PathBuf,
     resync_every: Duration,
     last_resync: Instant,
     poll: Duration,
@@ -299,6 +306,8 @@ impl<'a> Loop<'a> {
                 prefixes: args.pod_interface_prefixes.clone(),
             }),
             ready: false,
+            attach_ok: false,
+            bpffs_dir: args.bpffs_dir.clone(),
             resync_every: agent.resync_every(),
             last_resync: now,
             poll: Duration::from_millis(args.poll_interval_ms.max(50)),
@@ -329,13 +338,11 @@ impl<'a> Loop<'a> {
                 }
             }
         };
+        // The candidate pod interfaces as they are now; nothing is attached before the first
+        // apply has filled the maps (`attach_ok`).
         match links::dump_links() {
             Ok(all) => {
-                let deltas = self.pod_links.relist(&all);
-                self.on_deltas(deltas, false);
-                for link in &all {
-                    self.host_link(link);
-                }
+                self.pod_links.relist(&all);
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "listing links"),
         }
@@ -559,13 +566,26 @@ impl<'a> Loop<'a> {
         }
         let (tables, node_ips) = match g.node {
             Ok(n) => n,
+            Err(e) if !self.ready => {
+                // Without the node's placement a first apply would compare the adopted maps
+                // with a node of no pods and delete every endpoint: wait, keep what enforces
+                // now, and say why on /readyz. The cluster's changes wait with us.
+                tracing::error!(error = %format!("{e:#}"), "reading the node's tables failed before the first enforcement; nothing applied, retrying on the next pass");
+                self.observer.error("node_tables", &format!("{e:#}"));
+                self.observer
+                    .waiting(Some(format!("the node's tables cannot be read: {e:#}")));
+                if let Feed::Api(api) = &mut self.feed {
+                    cluster_changes.append(&mut api.buffered);
+                    api.buffered = cluster_changes;
+                }
+                return Ok(());
+            }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "reading the node's tables failed; placement unchanged");
                 self.observer.error("node_tables", &format!("{e:#}"));
                 if !cluster_changes.is_empty() {
                     let report = self.enforcer.apply_changes(&cluster_changes);
                     self.report(&report, Trigger::Change);
-                    self.ready = true;
                 }
                 return Ok(());
             }
@@ -575,33 +595,169 @@ impl<'a> Loop<'a> {
         for c in &cluster_changes {
             base.apply(c);
         }
-        let node_changes = self.place(&base, &tables, node_ips);
-        let report = if self.ready {
-            let mut changes = cluster_changes;
-            changes.extend(node_changes);
-            if changes.is_empty() {
-                return Ok(());
-            }
-            self.enforcer.apply_changes(&changes)
-        } else {
-            // The first apply: the whole view at once (adopted maps are compared in full).
-            for c in &node_changes {
-                base.apply(c);
-            }
-            base.node_name = self.args.node_name.clone();
-            base.service_cidrs = self.wanted_service_ranges();
-            self.enforcer.apply(&base)
-        };
+        if !self.ready {
+            return self.first_apply(base, &tables, node_ips);
+        }
+        let mut changes = cluster_changes;
+        changes.extend(self.place(&base, &tables, node_ips));
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let report = self.enforcer.apply_changes(&changes);
         self.report(&report, Trigger::Change);
-        self.ready = true;
         self.sync_service_ranges();
         Ok(())
+    }
+
+    /// The first apply: the whole view at once (maps adopted from a previous agent of this
+    /// ABI are compared in full), then our programs go on, then the previous ABI's pins go.
+    ///
+    /// 1. The maps are filled with the cluster and the node's placement as if every candidate
+    ///    and discovered pod interface carried our programs (entries before programs: a
+    ///    program that meets a packet first finds its endpoint). The Service ranges wait
+    ///    (step 4).
+    /// 2. If a previous agent of another ABI version left pins and a write failed, nothing is
+    ///    switched: its programs keep enforcing with its complete maps, and the next pass
+    ///    tries again (not ready meanwhile). With nothing to keep, we go on: what was written
+    ///    enforces, and a refused allow entry only denies.
+    /// 3. Its tracked flows are copied into our conntrack maps, our programs replace its
+    ///    programs on every pod interface (atomically per hook), the entries of interfaces
+    ///    whose attach failed are dropped again, the flows its programs tracked until the
+    ///    switch are copied once more, and its pin directories are removed.
+    /// 4. The node's other links get the post-DNAT check, then the Service ranges go in.
+    fn first_apply(
+        &mut self,
+        mut base: ClusterSnapshot,
+        tables: &NodeTables,
+        node_ips: Vec<IpAddr>,
+    ) -> anyhow::Result<()> {
+        let node_name = self.args.node_name.clone();
+        let discovered = discovery::local_pods(tables, base.pods.values(), node_name.as_deref());
+        let live: BTreeSet<u32> = self.pod_links.links().keys().copied().collect();
+        let local: BTreeMap<_, _> = discovered
+            .iter()
+            .map(|(p, i)| (p.clone(), i.ifindex))
+            .collect();
+        let mut node_changes = links::node_changes(&base, &live, &local);
+        if base.node_ips != node_ips {
+            node_changes.push(Change::NodeIps(node_ips));
+        }
+        for c in &node_changes {
+            base.apply(c);
+        }
+        base.node_name = node_name;
+        base.service_cidrs = Vec::new();
+        let report = self.enforcer.apply(&base);
+        self.report(&report, Trigger::Change);
+
+        let previous = datapath::previous_pin_dirs(&self.bpffs_dir);
+        if report.sync.failed > 0 && !previous.is_empty() {
+            tracing::error!(
+                failed = report.sync.failed,
+                previous = ?previous.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+                "our maps could not be filled; the previous agent's programs keep enforcing with its maps until a run succeeds"
+            );
+            return Ok(());
+        }
+
+        // The switch.
+        self.carry_conntrack(&previous);
+        self.attach_ok = true;
+        let mut targets: BTreeMap<u32, String> = self
+            .pod_links
+            .links()
+            .iter()
+            .map(|(i, l)| (*i, l.name.clone()))
+            .collect();
+        for iface in discovered.values() {
+            targets.insert(iface.ifindex, iface.name.clone());
+        }
+        for (ifindex, name) in targets {
+            match self.enforcer.attach_index(ifindex) {
+                Ok(now) => {
+                    self.attached.insert(ifindex, now);
+                }
+                Err(e) => {
+                    tracing::error!(ifindex, interface = %name, error = %error_chain(&e), "attach failed");
+                    self.observer.error(
+                        "attach",
+                        &format!("{name} ({ifindex}): {}", error_chain(&e)),
+                    );
+                }
+            }
+        }
+        let attached_local: BTreeMap<_, _> = local
+            .into_iter()
+            .filter(|(_, i)| self.attached.contains_key(i))
+            .collect();
+        let current = self.enforcer.compiler().snapshot();
+        let undo = links::node_changes(current, &self.live(), &attached_local);
+        if !undo.is_empty() {
+            let report = self.enforcer.apply_changes(&undo);
+            self.report(&report, Trigger::Change);
+        }
+        self.carry_conntrack(&previous);
+        for (version, dir) in &previous {
+            match datapath::remove_pin_dir(dir) {
+                Ok(()) => {
+                    tracing::info!(version, dir = %dir.display(), "removed the pins of a previous ABI")
+                }
+                Err(e) => {
+                    tracing::warn!(version, error = %error_chain(&e), "removing the pins of a previous ABI");
+                    self.observer.error(e.metric_label(), &error_chain(&e));
+                }
+            }
+        }
+        self.ready = true;
+        tracing::info!(
+            interfaces = self.attached.len(),
+            "programs attached; enforcing"
+        );
+
+        match links::dump_links() {
+            Ok(all) => {
+                for link in &all {
+                    self.host_link(link);
+                }
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "listing links"),
+        }
+        self.sync_service_ranges();
+        Ok(())
+    }
+
+    /// Copies the tracked flows of every previous ABI's conntrack maps into ours (see
+    /// [`crate::datapath::Datapath::carry_conntrack`]); errors are logged and reported, the
+    /// switch goes on (those flows are judged as new).
+    fn carry_conntrack(&mut self, previous: &[(u32, std::path::PathBuf)]) {
+        for (version, dir) in previous {
+            let endpoints = self.enforcer.compiler().maps().endpoints.clone();
+            let slot_of = |ifindex: u32| endpoints.get(&ifindex).map(|e| e.slot as u16);
+            match self
+                .enforcer
+                .datapath_mut()
+                .carry_conntrack(dir, *version, slot_of)
+            {
+                Ok(n) => {
+                    tracing::info!(
+                        version,
+                        flows = n,
+                        "tracked flows carried over from a previous ABI"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(version, error = %error_chain(&e), "carrying tracked flows over from a previous ABI");
+                    self.observer.error(e.metric_label(), &error_chain(&e));
+                }
+            }
+        }
     }
 
     /// With Service ranges configured, attaches `npm_host_egress` to `link` when it is one of
     /// the node's other links: not loopback, not a (candidate or attached) pod interface.
     fn host_link(&mut self, link: &links::Link) {
-        if self.service_cidrs.is_empty()
+        if !self.attach_ok
+            || self.service_cidrs.is_empty()
             || link.name == "lo"
             || self.attached.contains_key(&link.ifindex)
             || self.pod_filter.is_pod_interface(link)
@@ -753,6 +909,8 @@ impl<'a> Loop<'a> {
         let mut new = Vec::new();
         for d in deltas {
             match d {
+                // Before the first apply: attached by it (`first_apply`).
+                PodLinkDelta::Appeared(_) if !self.attach_ok => {}
                 PodLinkDelta::Appeared(link) => match self.attach_appeared(link.ifindex, quick) {
                     Ok((name, mode)) => {
                         self.attached.insert(link.ifindex, name.clone());

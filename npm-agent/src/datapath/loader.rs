@@ -172,6 +172,12 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    #[error("removing the pins of a previous ABI in {path}")]
+    RemovePins {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl DatapathError {
@@ -179,7 +185,7 @@ impl DatapathError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::EmptyObject => "empty_object",
-            Self::PinDir { .. } | Self::NotBpffs { .. } => "pin_dir",
+            Self::PinDir { .. } | Self::NotBpffs { .. } | Self::RemovePins { .. } => "pin_dir",
             Self::Load { .. } => "load",
             Self::ProgramMissing { .. } | Self::Program { .. } => "program",
             Self::Qdisc { .. } => "qdisc",
@@ -234,7 +240,7 @@ pub struct TestRunResult {
 /// replaces them ([`Datapath::attach`]) or removes them ([`Datapath::detach`]). The programs
 /// stay loaded as long as a filter references them.
 pub struct Datapath {
-    ebpf: Ebpf,
+    pub(super) ebpf: Ebpf,
     tc_mode: TcMode,
 }
 
@@ -798,7 +804,7 @@ impl Datapath {
 }
 
 /// The error of a map absent from the object (or already taken).
-fn map_missing(name: &str) -> DatapathError {
+pub(super) fn map_missing(name: &str) -> DatapathError {
     DatapathError::MapMissing {
         map: name.to_owned(),
     }
@@ -820,7 +826,7 @@ fn program_error(prog: &str) -> impl Fn(ProgramError) -> DatapathError + Copy + 
 }
 
 /// Wraps an error of an operation on map `name`.
-fn map_error(name: &str) -> impl Fn(aya::maps::MapError) -> DatapathError + '_ {
+pub(super) fn map_error(name: &str) -> impl Fn(aya::maps::MapError) -> DatapathError + '_ {
     move |source| DatapathError::Map {
         map: name.to_owned(),
         source: Box::new(source),

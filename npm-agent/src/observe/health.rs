@@ -2,9 +2,12 @@
 //!
 //! - Live: the enforcement loop ticked recently (it ticks every poll interval, also while the
 //!   source is failing).
-//! - Ready: the first enforcement was applied. It stays ready when the cluster source is lost:
-//!   the maps keep enforcing the last good state, and the body says since when the source is
-//!   gone.
+//! - Ready: the first enforcement was applied and the last run brought every map to the
+//!   compiled contents. It stays ready when the cluster source is lost (the maps keep
+//!   enforcing the last good state, and the body says since when the source is gone), and it
+//!   is not ready while map writes fail (a full map: the body names the map and the kernel's
+//!   reason; the next run retries) or while the loop says what it waits for before its first
+//!   enforcement (e.g. the node's tables cannot be read).
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -59,6 +62,12 @@ pub struct DebugState {
     pub counts: Counts,
     /// Oldest first, at most [`RECENT_ERRORS`].
     pub last_errors: Vec<ErrorRecord>,
+    /// RFC 3339 (UTC) since when map writes fail, while they do (not ready meanwhile).
+    pub maps_failing_since: Option<String>,
+    /// What failed, while map writes fail: how many writes and the first one's map and reason.
+    pub maps_error: Option<String>,
+    /// Before the first enforcement: what the agent waits for, when it knows.
+    pub waiting_for: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +76,9 @@ struct State {
     ready_since: Option<SystemTime>,
     last_sync: Option<SystemTime>,
     disconnected: Option<(SystemTime, String)>,
+    /// Since when map writes fail, and what failed last.
+    failing: Option<(SystemTime, String)>,
+    waiting: Option<String>,
     counts: Counts,
     errors: VecDeque<ErrorRecord>,
 }
@@ -103,15 +115,33 @@ impl Health {
         self.with(|s| s.last_tick = Some(Instant::now()));
     }
 
-    /// An enforcement was applied; `complete` when every map update succeeded.
-    pub fn set_ready(&self, counts: Counts, complete: bool) {
+    /// An enforcement was applied; `failure` says what failed when some map update did
+    /// (not ready until a later run succeeds), `None` when every one succeeded.
+    pub fn set_ready(&self, counts: Counts, failure: Option<String>) {
         let now = SystemTime::now();
         self.with(|s| {
             s.ready_since.get_or_insert(now);
-            if complete {
-                s.last_sync = Some(now);
+            s.waiting = None;
+            match failure {
+                None => {
+                    s.last_sync = Some(now);
+                    s.failing = None;
+                }
+                Some(f) => {
+                    let since = s.failing.as_ref().map_or(now, |(t, _)| *t);
+                    s.failing = Some((since, f));
+                }
             }
             s.counts = counts;
+        });
+    }
+
+    /// Before the first enforcement: what the agent waits for (`None`: nothing said).
+    pub fn set_waiting(&self, why: Option<String>) {
+        self.with(|s| {
+            if s.ready_since.is_none() {
+                s.waiting = why;
+            }
         });
     }
 
@@ -169,15 +199,26 @@ impl Health {
     pub fn readiness(&self) -> ProbeAnswer {
         self.with(|s| {
             let Some(since) = s.ready_since else {
-                let why = match &s.disconnected {
-                    Some((at, e)) => format!("source failing since {}: {e}", rfc3339(*at)),
-                    None => "first enforcement not applied yet".to_owned(),
+                let why = match (&s.disconnected, &s.waiting) {
+                    (Some((at, e)), _) => format!("source failing since {}: {e}", rfc3339(*at)),
+                    (None, Some(w)) => format!("first enforcement not applied yet: {w}"),
+                    (None, None) => "first enforcement not applied yet".to_owned(),
                 };
                 return ProbeAnswer {
                     ok: false,
                     body: format!("not ready: {why}\n"),
                 };
             };
+            if let Some((at, f)) = &s.failing {
+                return ProbeAnswer {
+                    ok: false,
+                    body: format!(
+                        "not ready: map writes failing since {}: {f}; the next run retries them (enforcing since {})\n",
+                        rfc3339(*at),
+                        rfc3339(since)
+                    ),
+                };
+            }
             let mut body = format!("ready: enforcing since {}", rfc3339(since));
             if let Some(t) = s.last_sync {
                 body.push_str(&format!(", maps in step at {}", rfc3339(t)));
@@ -196,9 +237,10 @@ impl Health {
     /// `/debug/state`.
     pub fn debug_state(&self) -> DebugState {
         let live = self.liveness().ok;
+        let ready = self.readiness().ok;
         self.with(|s| DebugState {
             live,
-            ready: s.ready_since.is_some(),
+            ready,
             ready_since: s.ready_since.map(rfc3339),
             last_sync: s.last_sync.map(rfc3339),
             seconds_since_last_tick: s.last_tick.map(|t| t.elapsed().as_secs_f64()),
@@ -207,6 +249,9 @@ impl Health {
             source_error: s.disconnected.as_ref().map(|(_, e)| e.clone()),
             counts: s.counts.clone(),
             last_errors: s.errors.iter().cloned().collect(),
+            maps_failing_since: s.failing.as_ref().map(|(t, _)| rfc3339(*t)),
+            maps_error: s.failing.as_ref().map(|(_, e)| e.clone()),
+            waiting_for: s.waiting.clone(),
         })
     }
 }
@@ -263,7 +308,7 @@ mod tests {
         assert!(!r.ok && r.body.contains("connection refused"), "{}", r.body);
         assert!(h.set_source(None));
 
-        h.set_ready(Counts::default(), true);
+        h.set_ready(Counts::default(), None);
         let r = h.readiness();
         assert!(r.ok);
         assert!(r.body.contains("source connected"), "{}", r.body);
@@ -285,6 +330,47 @@ mod tests {
         assert!(h.set_source(None));
         assert!(h.readiness().body.contains("source connected"));
         assert!(h.debug_state().source_disconnected_since.is_none());
+    }
+
+    #[test]
+    fn failing_map_writes_make_it_unready_until_a_run_succeeds() {
+        let h = Health::new(Duration::from_secs(60));
+        h.set_waiting(Some("the node's tables cannot be read: boom".into()));
+        let r = h.readiness();
+        assert!(
+            !r.ok && r.body.contains("tables cannot be read: boom"),
+            "{}",
+            r.body
+        );
+        assert_eq!(
+            h.debug_state().waiting_for.as_deref(),
+            Some("the node's tables cannot be read: boom")
+        );
+
+        let full = "3 of 10 map writes failed, first: map NPM_POLICY: insert failed: E2BIG";
+        h.set_ready(Counts::default(), Some(full.into()));
+        let r = h.readiness();
+        assert!(!r.ok, "a failed write is not ready");
+        assert!(
+            r.body.contains("map writes failing since") && r.body.contains("NPM_POLICY"),
+            "{}",
+            r.body
+        );
+        let d = h.debug_state();
+        assert!(!d.ready && d.waiting_for.is_none());
+        assert_eq!(d.maps_error.as_deref(), Some(full));
+        let since = d.maps_failing_since.clone();
+        // Still failing: the first failure's time stays.
+        h.set_ready(Counts::default(), Some("again".into()));
+        assert_eq!(h.debug_state().maps_failing_since, since);
+
+        h.set_ready(Counts::default(), None);
+        assert!(h.readiness().ok);
+        let d = h.debug_state();
+        assert!(d.ready && d.maps_error.is_none() && d.maps_failing_since.is_none());
+        // Waiting reasons no longer apply once enforcing.
+        h.set_waiting(Some("late".into()));
+        assert!(h.debug_state().waiting_for.is_none());
     }
 
     #[test]

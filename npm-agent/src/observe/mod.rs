@@ -55,16 +55,29 @@ impl Observer {
             map_entries: report.map_entries.by_name().into(),
             policy_problems: report.diagnostics.len(),
         };
-        if report.sync.failed > 0 {
-            self.health.record_error(
-                "map_update",
-                format!(
-                    "{} map updates failed; the next run retries them",
-                    report.sync.failed
-                ),
-            );
+        let failure = (report.sync.failed > 0).then(|| {
+            format!(
+                "{} of {} map updates failed, first: {}",
+                report.sync.failed,
+                report.sync.failed + report.sync.upserts + report.sync.deletes,
+                report
+                    .sync
+                    .first_failure
+                    .as_deref()
+                    .unwrap_or("(no reason kept)")
+            )
+        });
+        if let Some(f) = &failure {
+            tracing::error!(failure = %f, "maps not in step; not ready until a run succeeds");
+            self.health
+                .record_error("map_update", format!("{f}; the next run retries them"));
         }
-        self.health.set_ready(counts, report.sync.failed == 0);
+        self.health.set_ready(counts, failure);
+    }
+
+    /// Before the first enforcement: what the loop waits for (shown by `/readyz`).
+    pub fn waiting(&self, why: Option<String>) {
+        self.health.set_waiting(why);
     }
 
     /// The cluster source gave a complete view.
@@ -88,5 +101,64 @@ impl Observer {
     pub fn error(&self, kind: &'static str, error: &dyn Display) {
         self.metrics.record_error(kind);
         self.health.record_error(kind, error.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enforcer::Pipeline;
+    use crate::programmer::fake::FakeBackend;
+    use crate::synth::synthetic_cluster;
+
+    #[test]
+    fn a_full_map_makes_the_agent_unready_naming_the_map_until_a_run_succeeds() {
+        let s = synthetic_cluster(50, 5, 5, 5);
+        let mut fake = FakeBackend::default();
+        // Room for a few POLICY entries only: the kernel refuses the rest with E2BIG.
+        fake.capacity.insert(npm_common::maps::MAP_POLICY, 3);
+        let mut pipe = Pipeline::new(fake).expect("fake");
+        let report = pipe.apply(&s);
+        assert!(report.sync.failed > 0, "the capacity was not hit");
+        let first = report.sync.first_failure.clone().expect("a reason kept");
+        assert!(
+            first.contains("NPM_POLICY") && first.contains("Argument list too long"),
+            "{first}"
+        );
+
+        let observer = Observer::new(Duration::from_secs(60), serde_json::Value::Null);
+        observer.applied(pipe.compiler().snapshot(), &report, Trigger::Change);
+        let r = observer.health.readiness();
+        assert!(!r.ok, "ready with a full map: {}", r.body);
+        assert!(
+            r.body.contains("map updates failed") && r.body.contains("NPM_POLICY"),
+            "{}",
+            r.body
+        );
+        assert_eq!(
+            observer
+                .health
+                .debug_state()
+                .last_errors
+                .last()
+                .map(|e| e.kind),
+            Some("map_update")
+        );
+
+        // Room again: the next run compares in full, writes what was refused, and is ready.
+        pipe.programmer_mut().backend_mut().capacity.clear();
+        let report = pipe.apply(&s);
+        assert_eq!(report.sync.failed, 0);
+        assert!(
+            report.sync.upserts > 0,
+            "the refused entries were not retried"
+        );
+        observer.applied(pipe.compiler().snapshot(), &report, Trigger::Change);
+        assert!(observer.health.readiness().ok);
+        assert_eq!(
+            &pipe.programmer().backend().maps,
+            pipe.compiler().maps(),
+            "the maps hold the compiled contents"
+        );
     }
 }

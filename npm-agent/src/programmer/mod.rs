@@ -21,7 +21,26 @@ pub struct SyncStats {
     pub resets: usize,
     /// Operations the kernel refused (logged; the rest of the plan still ran).
     pub failed: usize,
+    /// The first refusal, with its map and the kernel's reason (e.g. a full map), for the
+    /// readiness answer and the log.
+    pub first_failure: Option<String>,
     pub elapsed: Duration,
+}
+
+/// At most this many refused operations are logged one by one per run; the rest are summed
+/// up in one line (a full map refuses every insert of a big plan).
+const FAILURES_LOGGED: usize = 5;
+
+/// `e` and its sources, `: `-separated (the kernel's reason is the innermost one).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 /// Owns a backend and a cache of what the maps hold.
@@ -80,9 +99,21 @@ impl<B: MapBackend> Programmer<B> {
                 }
                 Err(e) => {
                     stats.failed += 1;
-                    tracing::warn!(error = %e, ?op, "map update failed");
+                    if stats.failed <= FAILURES_LOGGED {
+                        tracing::warn!(error = %chain(&e), ?op, "map update failed");
+                    }
+                    if stats.first_failure.is_none() {
+                        stats.first_failure = Some(chain(&e));
+                    }
                 }
             }
+        }
+        if stats.failed > FAILURES_LOGGED {
+            tracing::warn!(
+                failed = stats.failed,
+                first = stats.first_failure.as_deref().unwrap_or_default(),
+                "map updates failed (only the first {FAILURES_LOGGED} logged one by one)"
+            );
         }
         stats.elapsed = start.elapsed();
         stats
@@ -143,7 +174,7 @@ mod tests {
         let mut p = Programmer {
             backend: FakeBackend {
                 maps: drifted,
-                log: vec![],
+                ..FakeBackend::default()
             },
             current: desired.clone(),
         };

@@ -64,6 +64,23 @@ impl Op {
         )
     }
 
+    /// The name of the map the operation writes (`npm_common::maps::MAP_*`).
+    pub fn map(&self) -> &'static str {
+        use npm_common::maps::{
+            MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY,
+            MAP_SERVICES,
+        };
+        match self {
+            Op::UpsertPolicy(..) | Op::DeletePolicy(_) => MAP_POLICY,
+            Op::UpsertPair(..) | Op::DeletePair(_) => MAP_PAIRS,
+            Op::UpsertCidr(..) | Op::DeleteCidr(_) => MAP_CIDRS,
+            Op::UpsertIdentity(..) | Op::DeleteIdentity(_) => MAP_IDENTITIES,
+            Op::UpsertEndpoint(..) | Op::DeleteEndpoint(_) => MAP_ENDPOINTS,
+            Op::UpsertService(..) | Op::DeleteService(_) => MAP_SERVICES,
+            Op::ResetCounters(_) => MAP_METRICS,
+        }
+    }
+
     /// Applies the operation to an in-memory copy of the maps.
     pub fn apply_to(&self, maps: &mut DesiredMaps) {
         match self {
