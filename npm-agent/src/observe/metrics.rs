@@ -53,6 +53,42 @@ struct PacketLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Why the HTTP server closed a connection without answering it (`observe::http`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpDrop {
+    /// Its source address already held the most connections allowed per source.
+    PeerLimit,
+    /// The server held the most connections allowed in total.
+    TotalLimit,
+    /// No complete request head in time.
+    HeadTimeout,
+    /// The answer was not written in time.
+    AnswerTimeout,
+}
+
+impl HttpDrop {
+    const ALL: [Self; 4] = [
+        Self::PeerLimit,
+        Self::TotalLimit,
+        Self::HeadTimeout,
+        Self::AnswerTimeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::PeerLimit => "peer_limit",
+            Self::TotalLimit => "total_limit",
+            Self::HeadTimeout => "head_timeout",
+            Self::AnswerTimeout => "answer_timeout",
+        }
+    }
+}
+
 /// Why the run loop applied: a changed snapshot or the periodic resync.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trigger {
@@ -75,6 +111,7 @@ pub struct Metrics {
     source_connected: Gauge,
     last_sync: Gauge<f64, AtomicU64>,
     errors: Family<KindLabels, Counter>,
+    http_dropped: Family<ReasonLabels, Counter>,
     num_policies: Gauge,
     num_pods: Gauge,
     num_namespaces: Gauge,
@@ -102,6 +139,7 @@ impl Metrics {
             source_connected: Gauge::default(),
             last_sync: Gauge::default(),
             errors: Family::default(),
+            http_dropped: Family::default(),
             num_policies: Gauge::default(),
             num_pods: Gauge::default(),
             num_namespaces: Gauge::default(),
@@ -166,6 +204,18 @@ impl Metrics {
             "Errors of the enforcement loop, by kind",
             m.errors.clone(),
         );
+        m.node.register(
+            "http_connections_dropped",
+            "Connections to the HTTP endpoints closed without an answer, by reason: \
+             peer_limit, total_limit (refused at accept), head_timeout (no request within 1 s), \
+             answer_timeout",
+            m.http_dropped.clone(),
+        );
+        for why in HttpDrop::ALL {
+            let _ = m.http_dropped.get_or_create(&ReasonLabels {
+                reason: why.label(),
+            });
+        }
         m.node.register_collector(Box::new(Arc::clone(&m.datapath)));
         m.cluster.register(
             "num_policies",
@@ -246,6 +296,15 @@ impl Metrics {
     /// (`source`, `attach`, `node_tables`, `resync`, ... or an error's `metric_label()`).
     pub fn record_error(&self, kind: &'static str) {
         self.errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Counts one connection the HTTP server closed without an answer.
+    pub fn http_dropped(&self, why: HttpDrop) {
+        self.http_dropped
+            .get_or_create(&ReasonLabels {
+                reason: why.label(),
+            })
+            .inc();
     }
 
     /// `/node-metrics`: OpenMetrics text.
