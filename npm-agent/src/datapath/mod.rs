@@ -8,7 +8,10 @@ mod counters;
 mod loader;
 mod sys;
 
-pub use counters::{CounterReader, DatapathCounters, PacketCount};
+pub use counters::{
+    CONNTRACK_RECOUNT, ConntrackCount, CounterReader, DatapathCounters, PacketCount,
+};
 pub use loader::{
-    Datapath, DatapathError, TC_HANDLE, TC_PRIORITY, TcMode, TestRunResult, tcx_programs,
+    Datapath, DatapathError, LoadOptions, TC_HANDLE, TC_PRIORITY, TcMode, TestRunResult,
+    tcx_programs,
 };

@@ -15,11 +15,11 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::datapath::{CounterReader, PacketCount};
+use crate::datapath::{ConntrackCount, CounterReader, PacketCount};
 use crate::enforcer::ApplyReport;
 use crate::state::ClusterSnapshot;
 
@@ -51,6 +51,11 @@ struct PacketLabels {
     direction: &'static str,
     verdict: &'static str,
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    family: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -459,8 +464,61 @@ impl DatapathCollector {
     }
 }
 
+impl DatapathCollector {
+    /// Conntrack occupancy (cached by the reader, see `datapath::counters`).
+    fn conntrack(&self) -> Option<ConntrackCount> {
+        let guard = self.reader.read().ok()?;
+        match guard.as_ref()?.conntrack() {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(error = %error, "counting the conntrack entries");
+                if let Ok(e) = self.errors.read()
+                    && let Some(e) = e.as_ref()
+                {
+                    e.get_or_create(&KindLabels {
+                        kind: "datapath_conntrack",
+                    })
+                    .inc();
+                }
+                None
+            }
+        }
+    }
+
+    fn encode_conntrack(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(c) = self.conntrack() else {
+            return Ok(());
+        };
+        for (name, help, v4, v6) in [
+            (
+                "conntrack_entries",
+                "Flows in the conntrack maps (NPM_CT4 for ipv4, NPM_CT for ipv6), shared by all \
+                 pods of the node; counted at most every 30 s",
+                c.ipv4,
+                c.ipv6,
+            ),
+            (
+                "conntrack_capacity",
+                "max_entries of each conntrack map (MaxConntrackEntries, or the size of the \
+                 adopted pin); when full, the kernel's LRU evicts the least recently used flows",
+                c.ipv4_capacity,
+                c.ipv6_capacity,
+            ),
+        ] {
+            let mut metric =
+                encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+            for (family, v) in [("ipv4", v4), ("ipv6", v6)] {
+                ConstGauge::new(i64::from(v))
+                    .encode(metric.encode_family(&FamilyLabels { family })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.encode_conntrack(&mut encoder)?;
         let Some(samples) = self.samples() else {
             return Ok(());
         };
