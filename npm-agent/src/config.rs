@@ -22,6 +22,14 @@ pub const DEFAULT_RESYNC_PERIOD_MINUTES: u64 = 15;
 pub const DEFAULT_LISTEN_PORT: u16 = 10091;
 /// Azure NPM's default ListeningAddress.
 pub const DEFAULT_LISTEN_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+/// Default MaxConntrackEntries: the size the datapath was built with.
+pub const DEFAULT_MAX_CONNTRACK_ENTRIES: u32 = npm_common::maps::CONNTRACK_MAX;
+/// Smallest accepted MaxConntrackEntries: below this the kernel's LRU, which evicts in
+/// batches per CPU, keeps too few flows to be of use.
+pub const MIN_CONNTRACK_ENTRIES: u32 = 64;
+/// Largest accepted MaxConntrackEntries (4 Mi per map: about 0.9 GiB of kernel memory for the
+/// two maps, charged to the agent's memory cgroup); more is almost surely a mistake.
+pub const MAX_CONNTRACK_ENTRIES: u32 = 1 << 22;
 /// Longest accepted resync period (one week): a larger value is almost surely a unit mistake.
 pub const MAX_RESYNC_PERIOD_MINUTES: u64 = 7 * 24 * 60;
 
@@ -32,6 +40,7 @@ pub const ENV_LISTEN_ADDRESS: &str = "NPM_LISTEN_ADDRESS";
 pub const ENV_LISTEN_PORT: &str = "NPM_LISTEN_PORT";
 pub const ENV_ENABLE_PROMETHEUS_METRICS: &str = "NPM_ENABLE_PROMETHEUS_METRICS";
 pub const ENV_ENABLE_HTTP_DEBUG_API: &str = "NPM_ENABLE_HTTP_DEBUG_API";
+pub const ENV_MAX_CONNTRACK_ENTRIES: &str = "NPM_MAX_CONNTRACK_ENTRIES";
 /// Comma-separated Service ranges (`ServiceCIDRs`).
 pub const ENV_SERVICE_CIDRS: &str = "NPM_SERVICE_CIDRS";
 
@@ -97,6 +106,10 @@ pub struct Settings {
     /// to them that the pre-DNAT lookup denies is checked again after kube-proxy's DNAT.
     /// Empty (the default): egress is checked against the ClusterIP (the documented gap).
     pub service_cidrs: Vec<IpNet>,
+    /// MaxConntrackEntries (npm's own key): `max_entries` of each conntrack map (IPv4 flows,
+    /// IPv6 flows), shared by every pod of the node. Applies when the maps are created; maps
+    /// adopted from pins keep their size until a restart with fresh pins.
+    pub max_conntrack_entries: u32,
 }
 
 impl Default for Settings {
@@ -108,6 +121,7 @@ impl Default for Settings {
             enable_prometheus_metrics: true,
             enable_http_debug_api: true,
             service_cidrs: Vec::new(),
+            max_conntrack_entries: DEFAULT_MAX_CONNTRACK_ENTRIES,
         }
     }
 }
@@ -121,6 +135,7 @@ pub struct Overrides {
     pub enable_prometheus_metrics: Option<bool>,
     pub enable_http_debug_api: Option<bool>,
     pub service_cidrs: Option<Vec<IpNet>>,
+    pub max_conntrack_entries: Option<u32>,
 }
 
 /// What a config file said: the values npm uses, and what it ignored or did not know.
@@ -190,6 +205,8 @@ const EXPECT_PORT: &str = "a port number from 1 to 65535";
 const EXPECT_ADDRESS: &str = "an IPv4 or IPv6 address such as 0.0.0.0 or ::";
 const EXPECT_BOOL: &str = "true or false";
 const EXPECT_OBJECT: &str = "a JSON object";
+const EXPECT_CONNTRACK: &str =
+    "a whole number of entries per conntrack map from 64 to 4194304 (default 262144)";
 const EXPECT_CIDRS: &str = "a list of CIDRs such as [\"10.96.0.0/12\", \"fd00:10:96::/112\"] (network addresses, no host bits)";
 
 /// A CIDR as written in ServiceCIDRs: a network address (host bits zero) with a prefix length.
@@ -251,6 +268,12 @@ impl FileConfig {
                             .ok_or_else(|| invalid(key, v, EXPECT_ADDRESS))?,
                     );
                 }
+                "maxconntrackentries" => {
+                    out.values.max_conntrack_entries = Some(
+                        conntrack_entries(v.as_u64())
+                            .ok_or_else(|| invalid(key, v, EXPECT_CONNTRACK))?,
+                    );
+                }
                 "servicecidrs" => {
                     let list = v
                         .as_array()
@@ -298,6 +321,11 @@ fn minutes(v: Option<u64>) -> Option<u64> {
     v.filter(|m| (1..=MAX_RESYNC_PERIOD_MINUTES).contains(m))
 }
 
+fn conntrack_entries(v: Option<u64>) -> Option<u32> {
+    v.and_then(|n| u32::try_from(n).ok())
+        .filter(|n| (MIN_CONNTRACK_ENTRIES..=MAX_CONNTRACK_ENTRIES).contains(n))
+}
+
 fn port(v: Option<u64>) -> Option<u16> {
     v.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)
 }
@@ -334,6 +362,13 @@ impl Overrides {
         let listen_address = get(n)
             .map(|v| v.trim().parse().map_err(|_| invalid(n, &v, EXPECT_ADDRESS)))
             .transpose()?;
+        let n = ENV_MAX_CONNTRACK_ENTRIES;
+        let max_conntrack_entries = get(n)
+            .map(|v| {
+                conntrack_entries(v.trim().parse().ok())
+                    .ok_or_else(|| invalid(n, &v, EXPECT_CONNTRACK))
+            })
+            .transpose()?;
         let n = ENV_SERVICE_CIDRS;
         let service_cidrs = get(n)
             .map(|v| {
@@ -348,6 +383,7 @@ impl Overrides {
             enable_prometheus_metrics: parse_bool(ENV_ENABLE_PROMETHEUS_METRICS)?,
             enable_http_debug_api: parse_bool(ENV_ENABLE_HTTP_DEBUG_API)?,
             service_cidrs,
+            max_conntrack_entries,
         })
     }
 
@@ -366,6 +402,15 @@ impl Overrides {
                 "resync-period-minutes",
                 m.to_string(),
                 EXPECT_MINUTES,
+            ));
+        }
+        if let Some(n) = self.max_conntrack_entries
+            && conntrack_entries(Some(u64::from(n))).is_none()
+        {
+            return Err(invalid(
+                "max-conntrack-entries",
+                n.to_string(),
+                EXPECT_CONNTRACK,
             ));
         }
         if self.listen_port == Some(0) {
@@ -390,6 +435,7 @@ pub fn resolve(file: Option<&FileConfig>, env: &Overrides, flags: &Overrides) ->
         "Toggles.EnablePrometheusMetrics",
         "Toggles.EnableHTTPDebugAPI",
         "ServiceCIDRs",
+        "MaxConntrackEntries",
     ]
     .into_iter()
     .map(|k| (k, Origin::Default))
@@ -436,6 +482,10 @@ pub fn resolve(file: Option<&FileConfig>, env: &Overrides, flags: &Overrides) ->
             settings.service_cidrs = v.clone();
         }
         set("ServiceCIDRs", l.service_cidrs.is_some());
+        if let Some(v) = l.max_conntrack_entries {
+            settings.max_conntrack_entries = v;
+        }
+        set("MaxConntrackEntries", l.max_conntrack_entries.is_some());
     }
     Resolved { settings, origins }
 }
@@ -482,6 +532,7 @@ mod tests {
                 enable_prometheus_metrics: Some(true),
                 enable_http_debug_api: Some(true),
                 service_cidrs: None,
+                max_conntrack_entries: None,
             }
         );
         let ignored: Vec<&str> = f.ignored.iter().map(|(k, _)| k.as_str()).collect();
@@ -613,6 +664,7 @@ mod tests {
                 enable_prometheus_metrics: false,
                 enable_http_debug_api: false,
                 service_cidrs: Vec::new(),
+                max_conntrack_entries: DEFAULT_MAX_CONNTRACK_ENTRIES,
             }
         );
         assert_eq!(r.origins["ResyncPeriodInMinutes"], Origin::File);
@@ -750,6 +802,62 @@ mod tests {
         };
         let err = flags.validate_flags().expect_err("host bits");
         assert!(err.to_string().contains("--service-cidr"), "{err}");
+    }
+
+    #[test]
+    fn max_conntrack_entries_layers_and_is_bounded() {
+        let f = FileConfig::parse(r#"{"maxConntrackEntries": 65536}"#, "cfg.json").expect("parses");
+        assert!(f.unknown.is_empty() && f.ignored.is_empty());
+        let r = resolve(Some(&f), &Overrides::default(), &Overrides::default());
+        assert_eq!(r.settings.max_conntrack_entries, 65536);
+        assert_eq!(r.origins["MaxConntrackEntries"], Origin::File);
+        let e = Overrides::from_env(env(&[(ENV_MAX_CONNTRACK_ENTRIES, " 64 ")])).expect("env");
+        let r = resolve(Some(&f), &e, &Overrides::default());
+        assert_eq!(r.settings.max_conntrack_entries, 64);
+        assert_eq!(r.origins["MaxConntrackEntries"], Origin::Env);
+        let flags = Overrides {
+            max_conntrack_entries: Some(1 << 20),
+            ..Overrides::default()
+        };
+        assert!(flags.validate_flags().is_ok());
+        let r = resolve(Some(&f), &e, &flags);
+        assert_eq!(r.settings.max_conntrack_entries, 1 << 20);
+        assert_eq!(r.origins["MaxConntrackEntries"], Origin::Flag);
+        let r = resolve(None, &Overrides::default(), &Overrides::default());
+        assert_eq!(
+            r.settings.max_conntrack_entries,
+            npm_common::maps::CONNTRACK_MAX
+        );
+
+        for bad in ["63", "0", "4194305", "-1", "1.5", "\"1000\"", "true"] {
+            let text = format!(r#"{{"MaxConntrackEntries": {bad}}}"#);
+            let err = FileConfig::parse(&text, "cfg.json").expect_err(&text);
+            assert_eq!(
+                err.to_string(),
+                format!("cfg.json: MaxConntrackEntries is {bad}; expected {EXPECT_CONNTRACK}")
+            );
+        }
+        assert!(
+            FileConfig::parse(r#"{"MaxConntrackEntries": 4194304}"#, "f").is_ok(),
+            "the upper bound itself"
+        );
+        let err =
+            Overrides::from_env(env(&[(ENV_MAX_CONNTRACK_ENTRIES, "lots")])).expect_err("env");
+        assert!(
+            err.to_string()
+                .starts_with("environment variable NPM_MAX_CONNTRACK_ENTRIES: "),
+            "{err}"
+        );
+        let flags = Overrides {
+            max_conntrack_entries: Some(10),
+            ..Overrides::default()
+        };
+        let err = flags.validate_flags().expect_err("too small");
+        assert!(
+            err.to_string().contains("--max-conntrack-entries")
+                && err.to_string().contains("from 64"),
+            "{err}"
+        );
     }
 
     /// The ConfigMap the DaemonSet mounts holds a config npm reads completely.

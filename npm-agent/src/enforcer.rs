@@ -185,11 +185,19 @@ impl Enforcer {
     /// Loads the datapath (pinning/adopting its maps under `pin_dir` when given) and reads
     /// what the maps already hold, so ids still in use are never handed out again.
     pub fn new(pin_dir: Option<&Path>) -> Result<Self, EnforcerError> {
+        Self::load(pin_dir, crate::datapath::LoadOptions::default())
+    }
+
+    /// [`Enforcer::new`] with the datapath's sizes (`Datapath::load_with`).
+    pub fn load(
+        pin_dir: Option<&Path>,
+        options: crate::datapath::LoadOptions,
+    ) -> Result<Self, EnforcerError> {
         use npm_common::maps::{
             MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY,
             MAP_SERVICES,
         };
-        let mut datapath = Datapath::load(pin_dir)?;
+        let mut datapath = Datapath::load_with(pin_dir, options)?;
         let endpoints_handle = Some(datapath.map_handle(MAP_ENDPOINTS)?);
         let backend = AyaBackend::new(
             datapath.take_map(MAP_ENDPOINTS)?,
@@ -208,7 +216,8 @@ impl Enforcer {
         })
     }
 
-    /// The verdict counters, for the metrics (takes the METRICS map: once).
+    /// The verdict counters and conntrack occupancy, for the metrics (takes the METRICS map:
+    /// once).
     pub fn counters(&mut self) -> Result<DatapathCounters, DatapathError> {
         let metrics = self.datapath.take_map(npm_common::maps::MAP_METRICS)?;
         let endpoints = self
@@ -217,7 +226,10 @@ impl Enforcer {
             .ok_or_else(|| DatapathError::MapMissing {
                 map: npm_common::maps::MAP_ENDPOINTS.to_owned(),
             })?;
-        DatapathCounters::from_maps(metrics, endpoints)
+        DatapathCounters::from_maps(metrics, endpoints)?.with_conntrack(
+            self.datapath.map_handle(npm_common::maps::MAP_CONNTRACK4)?,
+            self.datapath.map_handle(npm_common::maps::MAP_CONNTRACK)?,
+        )
     }
 
     /// Attaches the classifiers to a host-side interface in the calling thread's netns.

@@ -506,6 +506,8 @@ fn configmap_holds_the_config_in_azure_npm_format() {
             "ListeningAddress": "0.0.0.0",
             // AKS's default Service range; operators set their cluster's (deploy/README.md).
             "ServiceCIDRs": ["10.0.0.0/16"],
+            // Each conntrack map's size, the datapath's default (deploy/README.md).
+            "MaxConntrackEntries": npm_common::maps::CONNTRACK_MAX,
             "Toggles": {"EnablePrometheusMetrics": true, "EnableHTTPDebugAPI": true}
         })
     );

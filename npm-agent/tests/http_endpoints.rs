@@ -164,6 +164,8 @@ fn endpoints_report_real_state_and_a_lost_source_keeps_enforcement() {
             &port,
             "--bpffs-dir",
             bpffs.to_str().expect("utf-8"),
+            "--max-conntrack-entries",
+            "4096",
         ],
         &[],
     );
@@ -225,6 +227,32 @@ fn endpoints_report_real_state_and_a_lost_source_keeps_enforcement() {
         "{synced} vs {now}"
     );
     assert!(sample(&metrics, "npm_compile_duration_seconds_count").unwrap_or(0.0) >= 1.0);
+    // The conntrack maps were created with the flag's size (fresh pins).
+    for family in ["ipv4", "ipv6"] {
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!("npm_conntrack_capacity{{family=\"{family}\"}}")
+            ),
+            Some(4096.0),
+            "{metrics}"
+        );
+        assert!(
+            sample(
+                &metrics,
+                &format!("npm_conntrack_entries{{family=\"{family}\"}}")
+            )
+            .is_some(),
+            "{metrics}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &metrics,
+            "npm_http_connections_dropped_total{reason=\"peer_limit\"}"
+        ),
+        Some(0.0)
+    );
 
     // Real packets: denied probes raise the drop counter of web's ingress, allowed ones the
     // allow counter.
@@ -270,6 +298,8 @@ fn endpoints_report_real_state_and_a_lost_source_keeps_enforcement() {
         "Toggles.EnablePprof"
     );
     assert_eq!(debug["config"]["origins"]["ListeningPort"], "flag");
+    assert_eq!(debug["config"]["origins"]["MaxConntrackEntries"], "flag");
+    assert_eq!(debug["config"]["effective"]["max_conntrack_entries"], 4096);
     assert_eq!(debug["config"]["origins"]["ResyncPeriodInMinutes"], "file");
     assert_eq!(debug["config"]["effective"]["listen_port"], PORT);
 

@@ -76,6 +76,11 @@ pub struct RunArgs {
     /// NPM_SERVICE_CIDRS, comma separated].
     #[arg(long = "service-cidr", value_name = "CIDR")]
     pub service_cidrs: Vec<ipnet::IpNet>,
+    /// Entries of each conntrack map (IPv4 flows, IPv6 flows), from 64 to 4194304; applies
+    /// when the maps are created (pinned maps keep their size) [default: MaxConntrackEntries,
+    /// else 262144; env NPM_MAX_CONNTRACK_ENTRIES].
+    #[arg(long, value_name = "ENTRIES")]
+    pub max_conntrack_entries: Option<u32>,
     /// Serve /node-metrics and /cluster-metrics [default: Toggles.EnablePrometheusMetrics,
     /// else true; env NPM_ENABLE_PROMETHEUS_METRICS].
     #[arg(long, value_name = "BOOL")]

@@ -130,7 +130,10 @@ impl Agent {
     /// Loads the datapath (adopting pinned maps) and hands its counters to the metrics.
     fn load_enforcer(&self, args: &RunArgs) -> anyhow::Result<Enforcer> {
         let pin_dir = args.bpffs_dir.join(format!("v{ABI_VERSION}"));
-        let mut enforcer = Enforcer::new(Some(&pin_dir)).with_context(|| {
+        let options = crate::datapath::LoadOptions {
+            conntrack_entries: self.settings.max_conntrack_entries,
+        };
+        let mut enforcer = Enforcer::load(Some(&pin_dir), options).with_context(|| {
             format!(
                 "loading the datapath with maps pinned in {}",
                 pin_dir.display()
@@ -1188,6 +1191,7 @@ fn load_config(args: &RunArgs) -> anyhow::Result<(Resolved, serde_json::Value)> 
             v.dedup();
             v
         }),
+        max_conntrack_entries: args.max_conntrack_entries,
     };
     flags.validate_flags()?;
     let resolved = config::resolve(file.as_ref(), &env, &flags);

@@ -5,11 +5,24 @@
 //! unmanaged and retired slots and the slots of the interfaces in ENDPOINTS (a freed slot's
 //! counts are moved to the retired slot by the programmer), so a scrape costs
 //! `(2 + endpoints) * COUNTER_STRIDE` lookups, not the whole array.
+//!
+//! Conntrack occupancy (`NPM_CT4`, `NPM_CT`): the kernel keeps no element count a program
+//! outside a BPF iterator can read, so entries are counted by walking the keys, one
+//! `BPF_MAP_GET_NEXT_KEY` syscall per entry (at the default 262 144 entries per map, full:
+//! about half a million syscalls, a fraction of a second of one core). So a count is reused for
+//! [`CONNTRACK_RECOUNT`] = 30 s, and the walk stops after `max_entries` keys. Under churn the
+//! count is approximate (a key deleted during the walk restarts it from the first key; the
+//! result is clamped to the capacity).
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use npm_common::maps::{COUNTER_SLOTS, EndpointInfo, MAP_ENDPOINTS, MAP_METRICS};
+use npm_common::maps::{
+    COUNTER_SLOTS, CtKey, CtKey4, CtValue, EndpointInfo, MAP_CONNTRACK, MAP_CONNTRACK4,
+    MAP_ENDPOINTS, MAP_METRICS,
+};
 use npm_common::metrics::{
     COUNTER_REASONS, COUNTER_STRIDE, MetricsValue, SLOT_RETIRED, SLOT_UNMANAGED, reason_of_index,
 };
@@ -27,16 +40,95 @@ pub struct PacketCount {
     pub bytes: u64,
 }
 
+/// How long a conntrack count is reused before the maps are walked again.
+pub const CONNTRACK_RECOUNT: Duration = Duration::from_secs(30);
+
+/// Entries and `max_entries` of the two conntrack maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackCount {
+    /// Entries of `NPM_CT4` (IPv4 flows).
+    pub ipv4: u32,
+    /// Entries of `NPM_CT` (IPv6 flows).
+    pub ipv6: u32,
+    /// `max_entries` of `NPM_CT4`, as the kernel has it (an adopted pin keeps its size).
+    pub ipv4_capacity: u32,
+    /// `max_entries` of `NPM_CT`.
+    pub ipv6_capacity: u32,
+}
+
 /// Something that can read the verdict counters (the kernel map, or a fake in tests).
 pub trait CounterReader: Send + Sync + 'static {
     /// The counters now, one entry per (dir, reason) seen, in (dir, reason) order.
     fn read(&self) -> Result<Vec<PacketCount>, DatapathError>;
+
+    /// Conntrack occupancy, at most [`CONNTRACK_RECOUNT`] old; `None` when this reader has no
+    /// conntrack maps.
+    fn conntrack(&self) -> Result<Option<ConntrackCount>, DatapathError> {
+        Ok(None)
+    }
 }
 
-/// The `NPM_METRICS` map (and `NPM_ENDPOINTS`, for the slots in use), opened for reading.
+/// The two conntrack maps and their last count.
+struct Conntrack {
+    ct4: HashMap<MapData, CtKey4, CtValue>,
+    ct6: HashMap<MapData, CtKey, CtValue>,
+    ipv4_capacity: u32,
+    ipv6_capacity: u32,
+    last: Mutex<Option<(Instant, ConntrackCount)>>,
+}
+
+/// `max_entries` of a map as the kernel has it.
+fn capacity(map: &Map, name: &str) -> Result<u32, DatapathError> {
+    let data = match map {
+        Map::LruHashMap(d) | Map::HashMap(d) => d,
+        _ => {
+            return Err(DatapathError::MapMissing {
+                map: name.to_owned(),
+            });
+        }
+    };
+    Ok(data.info().map_err(map_err(name))?.max_entries())
+}
+
+/// Keys of `map`, walking at most `limit` of them.
+fn count_keys<K: aya::Pod>(
+    map: &HashMap<MapData, K, CtValue>,
+    limit: u32,
+    name: &str,
+) -> Result<u32, DatapathError> {
+    let mut n = 0u32;
+    for key in map.keys().take(limit as usize) {
+        key.map_err(map_err(name))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+impl Conntrack {
+    fn count(&self, max_age: Duration) -> Result<ConntrackCount, DatapathError> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, count)) = *last
+            && at.elapsed() < max_age
+        {
+            return Ok(count);
+        }
+        let count = ConntrackCount {
+            ipv4: count_keys(&self.ct4, self.ipv4_capacity, MAP_CONNTRACK4)?,
+            ipv6: count_keys(&self.ct6, self.ipv6_capacity, MAP_CONNTRACK)?,
+            ipv4_capacity: self.ipv4_capacity,
+            ipv6_capacity: self.ipv6_capacity,
+        };
+        *last = Some((Instant::now(), count));
+        Ok(count)
+    }
+}
+
+/// The `NPM_METRICS` map (and `NPM_ENDPOINTS`, for the slots in use), opened for reading;
+/// with [`DatapathCounters::with_conntrack`], the conntrack maps too.
 pub struct DatapathCounters {
     metrics: PerCpuArray<MapData, MetricsValue>,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
+    conntrack: Option<Conntrack>,
 }
 
 impl std::fmt::Debug for DatapathCounters {
@@ -59,16 +151,48 @@ impl DatapathCounters {
         Ok(Self {
             metrics: PerCpuArray::try_from(metrics).map_err(map_err(MAP_METRICS))?,
             endpoints: HashMap::try_from(endpoints).map_err(map_err(MAP_ENDPOINTS))?,
+            conntrack: None,
         })
     }
 
-    /// Opens the maps pinned as `pin_dir/NPM_METRICS` and `pin_dir/NPM_ENDPOINTS` by a
-    /// running agent.
+    /// Adds the conntrack maps (`NPM_CT4`, `NPM_CT`; second handles from
+    /// `Datapath::map_handle`) for [`CounterReader::conntrack`].
+    pub fn with_conntrack(mut self, ct4: Map, ct6: Map) -> Result<Self, DatapathError> {
+        let ipv4_capacity = capacity(&ct4, MAP_CONNTRACK4)?;
+        let ipv6_capacity = capacity(&ct6, MAP_CONNTRACK)?;
+        self.conntrack = Some(Conntrack {
+            ct4: HashMap::try_from(ct4).map_err(map_err(MAP_CONNTRACK4))?,
+            ct6: HashMap::try_from(ct6).map_err(map_err(MAP_CONNTRACK))?,
+            ipv4_capacity,
+            ipv6_capacity,
+            last: Mutex::new(None),
+        });
+        Ok(self)
+    }
+
+    /// Conntrack occupancy, reusing a count younger than `max_age` (`Duration::ZERO`: count
+    /// now). `None` without conntrack maps.
+    pub fn conntrack_count(
+        &self,
+        max_age: Duration,
+    ) -> Result<Option<ConntrackCount>, DatapathError> {
+        self.conntrack
+            .as_ref()
+            .map(|c| c.count(max_age))
+            .transpose()
+    }
+
+    /// Opens the maps pinned as `pin_dir/NPM_METRICS`, `pin_dir/NPM_ENDPOINTS` and the two
+    /// conntrack maps by a running agent.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
         let metrics = MapData::from_pin(pin_dir.join(MAP_METRICS)).map_err(map_err(MAP_METRICS))?;
         let endpoints =
             MapData::from_pin(pin_dir.join(MAP_ENDPOINTS)).map_err(map_err(MAP_ENDPOINTS))?;
-        Self::from_maps(Map::PerCpuArray(metrics), Map::HashMap(endpoints))
+        let counters = Self::from_maps(Map::PerCpuArray(metrics), Map::HashMap(endpoints))?;
+        let ct4 =
+            MapData::from_pin(pin_dir.join(MAP_CONNTRACK4)).map_err(map_err(MAP_CONNTRACK4))?;
+        let ct6 = MapData::from_pin(pin_dir.join(MAP_CONNTRACK)).map_err(map_err(MAP_CONNTRACK))?;
+        counters.with_conntrack(Map::LruHashMap(ct4), Map::LruHashMap(ct6))
     }
 
     /// The slots that can hold counts.
@@ -114,5 +238,9 @@ impl CounterReader for DatapathCounters {
             }
         }
         Ok(sums.into_values().collect())
+    }
+
+    fn conntrack(&self) -> Result<Option<ConntrackCount>, DatapathError> {
+        self.conntrack_count(CONNTRACK_RECOUNT)
     }
 }

@@ -233,6 +233,22 @@ pub struct TestRunResult {
     pub mark_out: u32,
 }
 
+/// What [`Datapath::load_with`] sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// `max_entries` of each conntrack map (`NPM_CT4`, `NPM_CT`); the config's
+    /// MaxConntrackEntries. Default [`npm_common::maps::CONNTRACK_MAX`].
+    pub conntrack_entries: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conntrack_entries: npm_common::maps::CONNTRACK_MAX,
+        }
+    }
+}
+
 /// The loaded datapath: the eBPF object with both classifiers loaded (verified).
 ///
 /// Attachments are *not* tied to this value: TC filters stay on their interfaces after it is
@@ -251,7 +267,8 @@ impl std::fmt::Debug for Datapath {
 }
 
 impl Datapath {
-    /// Loads the embedded object and verifies both programs.
+    /// Loads the embedded object and verifies both programs, with the default
+    /// [`LoadOptions`].
     ///
     /// With `Some(dir)`, `dir` is created and every map is pinned as `dir/<MAP_NAME>`; maps
     /// already pinned there (by a previous agent) are adopted with their contents. The
@@ -259,6 +276,14 @@ impl Datapath {
     /// layout are never adopted. With `None`, nothing is pinned: the maps live as long as
     /// this value and any attached program.
     pub fn load(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        Self::load_with(pin_dir, LoadOptions::default())
+    }
+
+    /// [`Datapath::load`] with `options`. Sizes apply to maps created here; a map adopted
+    /// from a pin keeps the size it was created with (the kernel cannot resize a map, and
+    /// replacing it would drop every tracked flow), and a differing size is logged as a
+    /// warning: the new size takes effect after a restart with fresh pins.
+    pub fn load_with(pin_dir: Option<&Path>, options: LoadOptions) -> Result<Self, DatapathError> {
         if let Some(dir) = pin_dir {
             check_bpffs(dir)?;
         }
@@ -269,6 +294,9 @@ impl Datapath {
             tracing::debug!(%error, "could not raise RLIMIT_MEMLOCK (not needed on kernels >= 5.11)");
         }
         let mut loader = EbpfLoader::new();
+        for map in [MAP_CONNTRACK4, MAP_CONNTRACK] {
+            loader.map_max_entries(map, options.conntrack_entries);
+        }
         if let Some(dir) = pin_dir {
             fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
                 path: dir.to_owned(),
@@ -282,6 +310,24 @@ impl Datapath {
             pin_dir: pin_dir.map(Path::to_owned),
             source: Box::new(source),
         })?;
+        for map in [MAP_CONNTRACK4, MAP_CONNTRACK] {
+            let size = ebpf.map(map).map(|m| match m {
+                aya::maps::Map::LruHashMap(d) => d.info().map(|i| i.max_entries()),
+                _ => Ok(0),
+            });
+            match size {
+                Some(Ok(n)) if n != options.conntrack_entries => tracing::warn!(
+                    map,
+                    pinned = n,
+                    configured = options.conntrack_entries,
+                    "conntrack map adopted from its pin keeps its size; MaxConntrackEntries \
+                     takes effect after a restart with fresh pins (remove the pin directory; \
+                     tracked flows are then re-evaluated)"
+                ),
+                Some(Err(error)) => tracing::warn!(map, %error, "reading the conntrack map's size"),
+                _ => {}
+            }
+        }
         // The pass-only baseline and the HZ probe are loaded too (they are tiny) so `test_run`
         // can run them; they are never attached.
         for prog in

@@ -9,8 +9,11 @@ mod loader;
 mod sys;
 mod upgrade;
 
-pub use counters::{CounterReader, DatapathCounters, PacketCount};
+pub use counters::{
+    CONNTRACK_RECOUNT, ConntrackCount, CounterReader, DatapathCounters, PacketCount,
+};
 pub use loader::{
-    Datapath, DatapathError, TC_HANDLE, TC_PRIORITY, TcMode, TestRunResult, tcx_programs,
+    Datapath, DatapathError, LoadOptions, TC_HANDLE, TC_PRIORITY, TcMode, TestRunResult,
+    tcx_programs,
 };
 pub use upgrade::{previous_pin_dirs, remove_pin_dir};

@@ -15,11 +15,11 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::datapath::{CounterReader, PacketCount};
+use crate::datapath::{ConntrackCount, CounterReader, PacketCount};
 use crate::enforcer::ApplyReport;
 use crate::state::ClusterSnapshot;
 
@@ -53,6 +53,47 @@ struct PacketLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    family: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Why the HTTP server closed a connection without answering it (`observe::http`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpDrop {
+    /// Its source address already held the most connections allowed per source.
+    PeerLimit,
+    /// The server held the most connections allowed in total.
+    TotalLimit,
+    /// No complete request head in time.
+    HeadTimeout,
+    /// The answer was not written in time.
+    AnswerTimeout,
+}
+
+impl HttpDrop {
+    const ALL: [Self; 4] = [
+        Self::PeerLimit,
+        Self::TotalLimit,
+        Self::HeadTimeout,
+        Self::AnswerTimeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::PeerLimit => "peer_limit",
+            Self::TotalLimit => "total_limit",
+            Self::HeadTimeout => "head_timeout",
+            Self::AnswerTimeout => "answer_timeout",
+        }
+    }
+}
+
 /// Why the run loop applied: a changed snapshot or the periodic resync.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trigger {
@@ -75,6 +116,7 @@ pub struct Metrics {
     source_connected: Gauge,
     last_sync: Gauge<f64, AtomicU64>,
     errors: Family<KindLabels, Counter>,
+    http_dropped: Family<ReasonLabels, Counter>,
     num_policies: Gauge,
     num_pods: Gauge,
     num_namespaces: Gauge,
@@ -102,6 +144,7 @@ impl Metrics {
             source_connected: Gauge::default(),
             last_sync: Gauge::default(),
             errors: Family::default(),
+            http_dropped: Family::default(),
             num_policies: Gauge::default(),
             num_pods: Gauge::default(),
             num_namespaces: Gauge::default(),
@@ -166,6 +209,18 @@ impl Metrics {
             "Errors of the enforcement loop, by kind",
             m.errors.clone(),
         );
+        m.node.register(
+            "http_connections_dropped",
+            "Connections to the HTTP endpoints closed without an answer, by reason: \
+             peer_limit, total_limit (refused at accept), head_timeout (no request within 1 s), \
+             answer_timeout",
+            m.http_dropped.clone(),
+        );
+        for why in HttpDrop::ALL {
+            let _ = m.http_dropped.get_or_create(&ReasonLabels {
+                reason: why.label(),
+            });
+        }
         m.node.register_collector(Box::new(Arc::clone(&m.datapath)));
         m.cluster.register(
             "num_policies",
@@ -246,6 +301,15 @@ impl Metrics {
     /// (`source`, `attach`, `node_tables`, `resync`, ... or an error's `metric_label()`).
     pub fn record_error(&self, kind: &'static str) {
         self.errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Counts one connection the HTTP server closed without an answer.
+    pub fn http_dropped(&self, why: HttpDrop) {
+        self.http_dropped
+            .get_or_create(&ReasonLabels {
+                reason: why.label(),
+            })
+            .inc();
     }
 
     /// `/node-metrics`: OpenMetrics text.
@@ -400,8 +464,61 @@ impl DatapathCollector {
     }
 }
 
+impl DatapathCollector {
+    /// Conntrack occupancy (cached by the reader, see `datapath::counters`).
+    fn conntrack(&self) -> Option<ConntrackCount> {
+        let guard = self.reader.read().ok()?;
+        match guard.as_ref()?.conntrack() {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(error = %error, "counting the conntrack entries");
+                if let Ok(e) = self.errors.read()
+                    && let Some(e) = e.as_ref()
+                {
+                    e.get_or_create(&KindLabels {
+                        kind: "datapath_conntrack",
+                    })
+                    .inc();
+                }
+                None
+            }
+        }
+    }
+
+    fn encode_conntrack(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(c) = self.conntrack() else {
+            return Ok(());
+        };
+        for (name, help, v4, v6) in [
+            (
+                "conntrack_entries",
+                "Flows in the conntrack maps (NPM_CT4 for ipv4, NPM_CT for ipv6), shared by all \
+                 pods of the node; counted at most every 30 s",
+                c.ipv4,
+                c.ipv6,
+            ),
+            (
+                "conntrack_capacity",
+                "max_entries of each conntrack map (MaxConntrackEntries, or the size of the \
+                 adopted pin); when full, the kernel's LRU evicts the least recently used flows",
+                c.ipv4_capacity,
+                c.ipv6_capacity,
+            ),
+        ] {
+            let mut metric =
+                encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+            for (family, v) in [("ipv4", v4), ("ipv6", v6)] {
+                ConstGauge::new(i64::from(v))
+                    .encode(metric.encode_family(&FamilyLabels { family })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.encode_conntrack(&mut encoder)?;
         let Some(samples) = self.samples() else {
             return Ok(());
         };
