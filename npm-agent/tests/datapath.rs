@@ -36,8 +36,8 @@ use npm_common::{
     metrics::{COUNTER_STRIDE, MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
         DIR_EGRESS, DIR_INGRESS, REASON_DEFERRED, REASON_DROP_MALFORMED, REASON_DROP_POLICY,
-        REASON_DROP_UNKNOWN_SOURCE, REASON_ESTABLISHED, REASON_HOST, REASON_NOT_ISOLATED,
-        REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_REPLY, REASON_SELF,
+        REASON_DROP_SPOOFED, REASON_DROP_UNKNOWN_SOURCE, REASON_ESTABLISHED, REASON_HOST,
+        REASON_NOT_ISOLATED, REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_REPLY, REASON_SELF,
     },
 };
 
@@ -219,7 +219,8 @@ impl Env {
     }
 
     /// An endpoint (the local pod) at `IFINDEX` with `LOCAL_ID`, isolation `flags` and
-    /// counter slot `SLOT`.
+    /// counter slot `SLOT`, and the pod's own addresses (`POD`, `POD6`) in IDENTITIES with
+    /// that ifindex, as the compiler writes a placed pod's.
     fn endpoint(mut self, flags: u32) -> Self {
         self.endpoints
             .insert(
@@ -232,6 +233,8 @@ impl Env {
                 0,
             )
             .expect("insert endpoint");
+        self.identity(v4(POD), LOCAL_ID, IFINDEX, 0);
+        self.identity(v6(POD6), LOCAL_ID, IFINDEX, 0);
         self
     }
 
@@ -726,6 +729,392 @@ fn link_control_is_not_tracked_in_a_direction_that_is_not_isolated() {
         PROG_FROM_POD,
         &nd_packet(POD6, SOLICITED, 135, 64),
         REASON_NOT_ISOLATED,
+    );
+    assert_eq!(env.ct_lens(), (0, 0));
+}
+
+// ---------------------------------------------------------------------------------------
+// Source spoofing: a new flow's pod-side address must be the pod's
+// ---------------------------------------------------------------------------------------
+
+/// The node's address (IDENTITIES: `PEER_HOST`).
+const NODE: [u8; 4] = [10, 0, 0, 254];
+const NODE6: &str = "fd00::fe";
+/// The node's link-local address on some interface (node addresses include them).
+const NODE6_LL: &str = "fe80::fe";
+/// Another local pod, behind `OTHER_IF`.
+const OTHER: [u8; 4] = [10, 0, 0, 3];
+const OTHER6: &str = "fd00::3";
+const OTHER_IF: u32 = 7;
+const OTHER_ID: u32 = 300;
+/// An address IDENTITIES does not know.
+const STRANGER: [u8; 4] = [192, 168, 9, 9];
+
+/// The addresses of the spoofing tests: the node's, another local pod's (`OTHER_IF`), and
+/// a remote pod (`PEER`, ifindex 0).
+fn spoof_env(flags: u32) -> Env {
+    let mut env = Env::new().endpoint(flags);
+    env.identity(v4(NODE), 0, 0, PEER_HOST);
+    env.identity(v6(NODE6), 0, 0, PEER_HOST);
+    env.identity(v6(NODE6_LL), 0, 0, PEER_HOST);
+    env.identity(v4(OTHER), OTHER_ID, OTHER_IF, 0);
+    env.identity(v6(OTHER6), OTHER_ID, OTHER_IF, 0);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.identity(v6("fd00::2"), PEER_ID, 0, 0);
+    env
+}
+
+#[test]
+fn a_pod_sends_only_from_its_own_addresses() {
+    // Not isolated at all: the check does not depend on policy.
+    let env = spoof_env(0);
+    // Its own IPv4 and IPv6 addresses pass (and are tracked), to a pod, the node, anywhere.
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, PEER, PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_NOT_ISOLATED,
+    );
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, NODE, PROTO_UDP, &udp(40001, 53)),
+        REASON_NOT_ISOLATED,
+    );
+    env.pass(
+        PROG_FROM_POD,
+        &ipv6(v6(POD6), v6("2001:db8::1"), PROTO_UDP, &udp(40002, 53)),
+        REASON_NOT_ISOLATED,
+    );
+    assert_eq!(env.ct_lens(), (2, 1));
+    // The node's addresses, another local pod's, a remote pod's, one nobody has: dropped,
+    // counted as spoofed under this endpoint's slot, nothing tracked.
+    for src in [NODE, OTHER, PEER, STRANGER, [0, 0, 0, 0]] {
+        env.deny(
+            PROG_FROM_POD,
+            &ipv4(src, [10, 0, 0, 9], PROTO_UDP, &udp(40003, 53)),
+            REASON_DROP_SPOOFED,
+        );
+        env.deny(
+            PROG_FROM_POD,
+            &ipv4(src, POD, PROTO_TCP, &tcp(40004, 80, TCP_SYN)),
+            REASON_DROP_SPOOFED,
+        );
+    }
+    for src in [NODE6, OTHER6, "fd00::2", "2001:db8::77", "::"] {
+        env.deny(
+            PROG_FROM_POD,
+            &ipv6(v6(src), v6("fd00::9"), PROTO_TCP, &tcp(40005, 80, TCP_SYN)),
+            REASON_DROP_SPOOFED,
+        );
+    }
+    assert_eq!(env.ct_lens(), (2, 1), "a spoofed packet creates no entry");
+    // The receiver's view of the node address: an isolated endpoint would pass it as host.
+    let env = spoof_env(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    env.deny(
+        PROG_FROM_POD,
+        &ipv4(NODE, PEER, PROTO_TCP, &tcp(40006, 80, TCP_SYN)),
+        REASON_DROP_SPOOFED,
+    );
+}
+
+#[test]
+fn the_loser_of_a_shared_address_may_not_send_from_it() {
+    // Two local pods claim 10.0.0.8; the compiler gives it to the one behind OTHER_IF.
+    use npm_agent::compiler::{IdAllocator, compile};
+    use npm_agent::model::{Namespace, ObjRef, Pod};
+    use npm_agent::state::ClusterSnapshot;
+    let mut s = ClusterSnapshot {
+        node_name: Some("node".into()),
+        ..Default::default()
+    };
+    s.namespaces.insert(
+        "a".into(),
+        Namespace {
+            name: "a".into(),
+            labels: Default::default(),
+        },
+    );
+    let pod = |name: &str, ips: &[&str]| Pod {
+        namespace: "a".into(),
+        name: name.into(),
+        labels: [("app".to_string(), name.to_string())].into(),
+        ips: ips.iter().map(|i| i.parse().expect("ip")).collect(),
+        node_name: Some("node".into()),
+        host_network: false,
+        terminating: false,
+        finished: false,
+        ports: vec![],
+    };
+    // "a/first" sorts first and owns the shared address; "a/second" is dual-stack.
+    for p in [
+        pod("first", &["10.0.0.8"]),
+        pod("second", &["10.0.0.8", "10.0.0.1", "fd00::1"]),
+    ] {
+        s.pods.insert(p.obj_ref(), p);
+    }
+    s.local.insert(ObjRef::new("a", "first"), OTHER_IF);
+    s.local.insert(ObjRef::new("a", "second"), IFINDEX);
+    let maps = compile(&s, &mut IdAllocator::default()).maps;
+    let mut env = Env::new();
+    for (k, v) in &maps.endpoints {
+        env.endpoints.insert(*k, *v, 0).expect("endpoint");
+    }
+    for (k, v) in &maps.identities {
+        env.identities.insert(*k, *v, 0).expect("identity");
+    }
+    // The compiler wrote both of the second pod's own addresses with its ifindex...
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, PEER, PROTO_UDP, &udp(1000, 53)),
+        REASON_NOT_ISOLATED,
+    );
+    env.pass(
+        PROG_FROM_POD,
+        &ipv6(v6("fd00::1"), v6("fd00::2"), PROTO_UDP, &udp(1001, 53)),
+        REASON_NOT_ISOLATED,
+    );
+    // ... and the shared one with the owner's.
+    env.deny(
+        PROG_FROM_POD,
+        &ipv4([10, 0, 0, 8], PEER, PROTO_UDP, &udp(1002, 53)),
+        REASON_DROP_SPOOFED,
+    );
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(PEER, [10, 0, 0, 8], PROTO_UDP, &udp(1003, 53)),
+        REASON_DROP_SPOOFED,
+    );
+}
+
+#[test]
+fn a_pod_receives_new_flows_only_for_its_own_or_unknown_addresses() {
+    let env = spoof_env(0);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_NOT_ISOLATED,
+    );
+    env.pass(
+        PROG_TO_POD,
+        &ipv6(v6("fd00::2"), v6(POD6), PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_NOT_ISOLATED,
+    );
+    // Hairpin traffic the node masqueraded: from the node to the pod itself.
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(NODE, POD, PROTO_TCP, &tcp(40001, 80, TCP_SYN)),
+        REASON_NOT_ISOLATED,
+    );
+    // Broadcast and multicast (no IDENTITIES entry) are left to the policy.
+    for dst in [[255, 255, 255, 255], [10, 0, 0, 255], [224, 0, 0, 251]] {
+        env.pass(
+            PROG_TO_POD,
+            &ipv4(PEER, dst, PROTO_UDP, &udp(5353, 5353)),
+            REASON_NOT_ISOLATED,
+        );
+    }
+    let before = env.ct_lens();
+    // Traffic for another local pod, a remote pod or the node delivered to this interface
+    // (stolen at L2): dropped before it can create conntrack state.
+    for dst in [OTHER, PEER, NODE] {
+        env.deny(
+            PROG_TO_POD,
+            &ipv4([10, 0, 0, 9], dst, PROTO_TCP, &tcp(40002, 80, TCP_SYN)),
+            REASON_DROP_SPOOFED,
+        );
+    }
+    env.deny(
+        PROG_TO_POD,
+        &ipv6(
+            v6("fd00::9"),
+            v6(OTHER6),
+            PROTO_TCP,
+            &tcp(40002, 80, TCP_SYN),
+        ),
+        REASON_DROP_SPOOFED,
+    );
+    assert_eq!(env.ct_lens(), before);
+}
+
+#[test]
+fn established_and_reply_packets_skip_the_source_check() {
+    let env = spoof_env(EP_ISOLATE_EGRESS);
+    // A datagram to this interface for an address nobody has (a subnet broadcast) creates
+    // an entry at this ifindex; the pod's answer from that address is its reply. The check
+    // ran on the packet that created the entry: the destination was no other interface's.
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, [10, 0, 0, 255], PROTO_UDP, &udp(6000, 7000)),
+        REASON_NOT_ISOLATED,
+    );
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4([10, 0, 0, 255], PEER, PROTO_UDP, &udp(7000, 6000)),
+        REASON_REPLY,
+    );
+    // A new flow from that address is not a reply: dropped.
+    env.deny(
+        PROG_FROM_POD,
+        &ipv4([10, 0, 0, 255], PEER, PROTO_UDP, &udp(7001, 6000)),
+        REASON_DROP_SPOOFED,
+    );
+}
+
+#[test]
+fn a_pending_endpoint_may_not_use_a_placed_pods_or_the_nodes_address() {
+    let mut env = spoof_env(0);
+    // The interface is pending: its pod is not placed, so no address carries its ifindex,
+    // and its own pod's address (if the API already gave it one) is in IDENTITIES with
+    // ifindex 0, as every remote pod's.
+    env.endpoints
+        .insert(
+            IFINDEX,
+            EndpointInfo {
+                id: npm_common::maps::ID_PENDING,
+                flags: 0,
+                slot: SLOT,
+            },
+            0,
+        )
+        .expect("pending endpoint");
+    env.identities.remove(&v4(POD)).expect("remove");
+    env.identities.remove(&v6(POD6)).expect("remove");
+    for src in [PEER, STRANGER] {
+        env.pass(
+            PROG_FROM_POD,
+            &ipv4(src, [10, 0, 0, 9], PROTO_UDP, &udp(1000, 53)),
+            REASON_NOT_ISOLATED,
+        );
+    }
+    for src in [NODE, OTHER] {
+        env.deny(
+            PROG_FROM_POD,
+            &ipv4(src, [10, 0, 0, 9], PROTO_UDP, &udp(1000, 53)),
+            REASON_DROP_SPOOFED,
+        );
+    }
+    env.deny(
+        PROG_FROM_POD,
+        &ipv6(v6(OTHER6), v6("fd00::9"), PROTO_UDP, &udp(1000, 53)),
+        REASON_DROP_SPOOFED,
+    );
+    // Entering: for its (maybe) own pod's or an unknown address, yes; another local pod's or
+    // the node's, no.
+    env.pass(
+        PROG_TO_POD,
+        &ipv4([10, 0, 0, 9], PEER, PROTO_UDP, &udp(1001, 53)),
+        REASON_NOT_ISOLATED,
+    );
+    for dst in [NODE, OTHER] {
+        env.deny(
+            PROG_TO_POD,
+            &ipv4([10, 0, 0, 9], dst, PROTO_UDP, &udp(1001, 53)),
+            REASON_DROP_SPOOFED,
+        );
+    }
+}
+
+#[test]
+fn ipv6_link_local_sources_pass_only_within_the_link() {
+    let env = spoof_env(0);
+    // To a link-local or multicast destination (mDNS, LLMNR, a same-link peer): passes.
+    for dst in ["ff02::fb", "ff02::1:3", "ff05::2", GW6_LL] {
+        env.pass(
+            PROG_FROM_POD,
+            &ipv6(v6(POD6_LL), v6(dst), PROTO_UDP, &udp(5353, 5353)),
+            REASON_NOT_ISOLATED,
+        );
+    }
+    env.pass(
+        PROG_FROM_POD,
+        &ipv6(v6("febf::1"), v6(GW6_LL), PROTO_ICMPV6, &icmp(128, 1)),
+        REASON_NOT_ISOLATED,
+    );
+    // To a global address, a unique-local one or the node's: not the pod's address.
+    for dst in ["2001:db8::1", "fd00::2", NODE6] {
+        env.deny(
+            PROG_FROM_POD,
+            &ipv6(v6(POD6_LL), v6(dst), PROTO_UDP, &udp(5353, 5353)),
+            REASON_DROP_SPOOFED,
+        );
+    }
+    // fec0::/10 is not link-local.
+    env.deny(
+        PROG_FROM_POD,
+        &ipv6(v6("fec0::1"), v6("ff02::fb"), PROTO_UDP, &udp(5353, 5353)),
+        REASON_DROP_SPOOFED,
+    );
+    // The node's own link-local address is a known address of something else.
+    env.deny(
+        PROG_FROM_POD,
+        &ipv6(v6(NODE6_LL), v6("ff02::fb"), PROTO_UDP, &udp(5353, 5353)),
+        REASON_DROP_SPOOFED,
+    );
+}
+
+/// An ARP packet (IPv4 over Ethernet) of operation `op` with sender address `spa`.
+fn arp(op: u8, spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
+    let mut a = vec![0, 1, 8, 0, 6, 4, 0, op, 0x02, 0, 0, 0, 0, 0x01];
+    a.extend_from_slice(&spa);
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&tpa);
+    eth(0x0806, &a)
+}
+
+#[test]
+fn arp_leaving_a_pod_may_not_claim_another_pods_or_the_nodes_address() {
+    let env = spoof_env(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    // Requests and replies for its own address, and a probe from 0.0.0.0: pass.
+    env.pass(PROG_FROM_POD, &arp(1, POD, NODE), REASON_NOT_MANAGED);
+    env.pass(PROG_FROM_POD, &arp(2, POD, NODE), REASON_NOT_MANAGED);
+    env.pass(PROG_FROM_POD, &arp(1, [0; 4], POD), REASON_NOT_MANAGED);
+    env.pass(PROG_FROM_POD, &arp(1, STRANGER, NODE), REASON_NOT_MANAGED);
+    // Gratuitous ARP or a reply claiming the node's or another pod's address: dropped.
+    for spa in [NODE, OTHER, PEER] {
+        env.deny(PROG_FROM_POD, &arp(2, spa, spa), REASON_DROP_SPOOFED);
+        env.deny(PROG_FROM_POD, &arp(1, spa, POD), REASON_DROP_SPOOFED);
+    }
+    // Entering the pod, the node answers for its own address: not checked.
+    env.pass(PROG_TO_POD, &arp(2, NODE, POD), REASON_NOT_MANAGED);
+    // A truncated ARP packet is not read (its receivers discard it).
+    let short = arp(2, NODE, NODE);
+    env.pass(PROG_FROM_POD, &short[..14 + 20], REASON_NOT_MANAGED);
+}
+
+#[test]
+fn neighbour_discovery_leaving_a_pod_may_not_claim_another_pods_or_the_nodes_address() {
+    let env = spoof_env(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    let na = |src: &str, target: &str| {
+        hop_limit(
+            ipv6(v6(src), v6("ff02::1"), PROTO_ICMPV6, &nd(136, v6(target))),
+            255,
+        )
+    };
+    let ns = |src: &str, target: &str| {
+        hop_limit(
+            ipv6(v6(src), v6(SOLICITED), PROTO_ICMPV6, &nd(135, v6(target))),
+            255,
+        )
+    };
+    // Its own addresses, DAD from ::, a solicitation for anyone's address: pass.
+    env.pass(PROG_FROM_POD, &na(POD6_LL, POD6), REASON_NOT_MANAGED);
+    env.pass(PROG_FROM_POD, &na(POD6, POD6_LL), REASON_NOT_MANAGED);
+    env.pass(PROG_FROM_POD, &ns(POD6, NODE6), REASON_NOT_MANAGED);
+    env.pass(PROG_FROM_POD, &ns("::", POD6), REASON_NOT_MANAGED);
+    env.pass(PROG_FROM_POD, &ns(POD6_LL, OTHER6), REASON_NOT_MANAGED);
+    // An advertisement for another pod's or the node's address, whatever its source, and a
+    // solicitation from one (its receivers learn the source's link-layer address): dropped.
+    for claimed in [OTHER6, NODE6, NODE6_LL, "fd00::2"] {
+        env.deny(PROG_FROM_POD, &na(POD6_LL, claimed), REASON_DROP_SPOOFED);
+        env.deny(PROG_FROM_POD, &ns(claimed, POD6), REASON_DROP_SPOOFED);
+    }
+    // Entering the pod, the node advertises its own address: not checked.
+    env.pass(
+        PROG_TO_POD,
+        &hop_limit(
+            ipv6(v6(NODE6_LL), v6(POD6), PROTO_ICMPV6, &nd(136, v6(NODE6))),
+            255,
+        ),
+        REASON_NOT_MANAGED,
     );
     assert_eq!(env.ct_lens(), (0, 0));
 }
@@ -2312,10 +2701,15 @@ fn pending_link_denies_the_isolated_direction_on_the_real_datapath() {
         REASON_NOT_ISOLATED,
     );
     // The same interface as the running pod's endpoint: the ipBlock admits 10/8 (so the
-    // denials above come from the pending identity, not from missing entries).
+    // denials above come from the pending identity, not from missing entries). Its address
+    // moves with it, as the compiler would write it.
     env.endpoints
         .insert(IFINDEX, maps.endpoints[&50], 0)
         .expect("endpoint");
+    let web = v4([10, 0, 0, 2]);
+    let mut info = maps.identities[&web];
+    info.ifindex = IFINDEX;
+    env.identities.insert(web, info, 0).expect("identity");
     env.pass(
         PROG_TO_POD,
         &ipv4(

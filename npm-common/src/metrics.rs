@@ -74,6 +74,7 @@ const _: () = {
         REASON_DROP_POLICY,
         REASON_DROP_MALFORMED,
         REASON_DROP_UNKNOWN_SOURCE,
+        REASON_DROP_SPOOFED,
     ];
     let mut i = 0;
     while i < drop.len() {

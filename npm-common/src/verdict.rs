@@ -36,6 +36,11 @@ pub const REASON_DROP_MALFORMED: u8 = 129;
 /// A deferred packet whose source is not a local pod with an endpoint (kube-proxy
 /// masqueraded it, or the pod went away): dropped, counted under the unmanaged slot, egress.
 pub const REASON_DROP_UNKNOWN_SOURCE: u8 = 130;
+/// A new flow (or an ARP / neighbour-discovery claim) whose pod-side address is not the
+/// pod's: leaving a pod, a source address IDENTITIES gives to another interface or to the
+/// node (or, from a placed pod, one it does not know); entering a pod, a destination
+/// address of another interface or of the node. Counted under the endpoint's slot.
+pub const REASON_DROP_SPOOFED: u8 = 131;
 
 /// True when `reason` passes the packet.
 #[inline(always)]

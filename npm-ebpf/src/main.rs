@@ -10,7 +10,8 @@
 //! - `npm_host_egress` (TC egress of other links): the post-DNAT check of deferred packets.
 //!
 //! Verdicts: allow → `TC_ACT_PIPE` (let later filters run, then pass), drop → `TC_ACT_SHOT`.
-//! Per packet: parse → (flow cache →) CONNTRACK → ENDPOINTS → IDENTITIES → POLICY (peer
+//! Per packet: parse → (flow cache →) CONNTRACK → ENDPOINTS → IDENTITIES of the pod-side
+//! address (the source check, `spoofed`) → IDENTITIES → POLICY (peer
 //! identity) → POLICY (the peer's CIDR class, from its IDENTITIES entry; from the CIDRS trie
 //! only for an address IDENTITIES does not know), a fixed number of lookups and no loops over
 //! rules. A conntrack key holds the ifindex, so a hit means this interface's endpoint allowed
@@ -22,6 +23,12 @@
 //!
 //! Maps are declared unpinned here; the loader pins them by name in its pin directory
 //! (`EbpfLoader::map_pin_path`), so a test load with no pin directory leaves nothing behind.
+//!
+//! Spoofing: a new flow leaving a managed endpoint from an address that is not its pod's, or
+//! entering one for an address of another interface or of the node, drops as
+//! `REASON_DROP_SPOOFED`, isolated or not (`spoofed`); so does an ARP packet or neighbour
+//! discovery leaving it that claims such an address (`claims_foreign`). Established packets
+//! are not checked again (a conntrack key holds the ifindex; see `classify`).
 //!
 //! Reasons: non-IP frames pass as `REASON_NOT_MANAGED` (counted under the real ifindex when
 //! the interface is managed), and so does IPv6's ARP: ICMPv6 neighbour and router discovery
@@ -37,7 +44,10 @@
 //! (malformed); headers must lie in the first 512 bytes. Link control passes on its hop
 //! limit alone, whatever its destination: an egress-isolated pod can send ND-typed ICMPv6 at
 //! hop limit 255 to any address, which the node routes on at 254 (every ND receiver discards
-//! it; a raw ICMPv6 socket there would read it).
+//! it; a raw ICMPv6 socket there would read it). The source check: a pending endpoint may
+//! use a remote pod's address (its own pod's may be one of them until it is placed); an IP
+//! packet we cannot parse, in a direction that is not isolated, passes unchecked; router
+//! advertisements and redirects from a pod are link control like the rest.
 #![no_std]
 #![no_main]
 
@@ -57,15 +67,15 @@ use npm_common::{
     maps::{
         Addr16, CIDRS_MAX, CLOCK_ENTRIES, CLOCK_NS_PER_JIFFY, CONNTRACK_MAX, CtKey, CtKey4,
         CtValue, ENDPOINTS_MAX, EP_CLASS_EGRESS, EP_CLASS_INGRESS, EP_ISOLATE_EGRESS,
-        EP_ISOLATE_INGRESS, EndpointInfo, IDENTITIES_MAX, METRICS_MAX, PAIR_TRIE, PAIRS_MAX,
-        PEER_HOST, POLICY_MAX, POLICY_PREFIX_FULL, PairKey, PairValue, PeerInfo, PolicyKey,
-        PolicyValue,
+        EP_ISOLATE_INGRESS, EndpointInfo, ID_PENDING, IDENTITIES_MAX, METRICS_MAX, PAIR_TRIE,
+        PAIRS_MAX, PEER_HOST, POLICY_MAX, POLICY_PREFIX_FULL, PairKey, PairValue, PeerInfo,
+        PolicyKey, PolicyValue,
     },
     metrics::{MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
         DIR_EGRESS, DIR_INGRESS, REASON_DEFERRED, REASON_DROP_MALFORMED, REASON_DROP_POLICY,
-        REASON_HOST, REASON_NOT_ISOLATED, REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_SELF,
-        is_allow,
+        REASON_DROP_SPOOFED, REASON_HOST, REASON_NOT_ISOLATED, REASON_NOT_MANAGED,
+        REASON_POLICY_ALLOW, REASON_SELF, is_allow,
     },
 };
 
@@ -269,7 +279,8 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     // (`ABI_VERSION`) and the agent's reason labels; `REASON_NOT_MANAGED` is what ARP
     // counts under.
     if !matches!(parsed, Ok(true)) || pkt.kind == L4Kind::LinkControl {
-        return unparsed(ifindex, dir, parsed.is_err());
+        let v = unparsed(ctx, &pkt, ifindex, dir, parsed.is_err());
+        return ((v >> 32) as u8, v as u32);
     }
 
     // Tick resolution is plenty for timeouts of seconds (see `now_ns`).
@@ -289,6 +300,17 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
         return (REASON_NOT_MANAGED, SLOT_UNMANAGED);
     };
+    // A new flow's pod-side address must be the pod's, isolated or not (`spoofed`). Only new
+    // flows pay the lookup: a conntrack (or flow-cache) hit returned above, and a hit is
+    // safe because the key holds the ifindex: every entry at this interface was created
+    // here by a packet of the flow that passed this check (leaving the pod with its source
+    // checked, or entering it with a destination that is no other interface's or the
+    // node's), or by the deferred-Service path, which runs after it. A packet matching the
+    // entry carries the same two addresses, so its pod-side address is one this check
+    // already let through at this interface.
+    if spoofed(&pkt, ifindex, ep.id, dir) {
+        return (REASON_DROP_SPOOFED, ep.slot);
+    }
     let (isolate_bit, class_bit) = if dir == DIR_INGRESS {
         (EP_ISOLATE_INGRESS, EP_CLASS_INGRESS)
     } else {
@@ -322,13 +344,16 @@ pub(crate) fn pull_headers(ctx: &TcContext) -> bool {
 }
 
 /// The verdict of a frame that is not IP or is IPv6 link control (`malformed` false: passes
-/// untouched) or of an IP packet we cannot parse (dropped in an isolated direction, else
-/// passed untracked). Not inlined: the rare path keeps its own frame.
+/// untouched, unless it leaves the pod claiming another's address: `claims_foreign`) or of
+/// an IP packet we cannot parse (dropped in an isolated direction, else passed untracked).
+/// Not inlined: the rare path keeps its own frame. Returns the reason and the counter slot
+/// in one register (reason << 32 | slot): a returned pair would be passed by a pointer, a
+/// sixth argument, and BPF has five.
 #[inline(never)]
-fn unparsed(ifindex: u32, dir: u8, malformed: bool) -> (u8, u32) {
+fn unparsed(ctx: &TcContext, pkt: &Packet, ifindex: u32, dir: u8, malformed: bool) -> u64 {
     // SAFETY: plain-integer values, see `classify`.
     let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
-        return (REASON_NOT_MANAGED, SLOT_UNMANAGED);
+        return u64::from(REASON_NOT_MANAGED) << 32 | u64::from(SLOT_UNMANAGED);
     };
     let isolate_bit = if dir == DIR_INGRESS {
         EP_ISOLATE_INGRESS
@@ -336,13 +361,84 @@ fn unparsed(ifindex: u32, dir: u8, malformed: bool) -> (u8, u32) {
         EP_ISOLATE_EGRESS
     };
     let reason = if !malformed {
-        REASON_NOT_MANAGED
+        if dir == DIR_EGRESS && claims_foreign(ctx, pkt, ifindex, ep.id != ID_PENDING) {
+            REASON_DROP_SPOOFED
+        } else {
+            REASON_NOT_MANAGED
+        }
     } else if ep.flags & isolate_bit != 0 {
         REASON_DROP_MALFORMED
     } else {
         REASON_NOT_ISOLATED
     };
-    (reason, ep.slot)
+    u64::from(reason) << 32 | u64::from(ep.slot)
+}
+
+/// Whether a new flow at the endpoint of `ifindex` (identity `ep_id`) has a pod-side address
+/// that is not the endpoint's (Cilium's "invalid source"): leaving the pod (`DIR_EGRESS`) the
+/// source, entering it the destination. Dropped when IDENTITIES gives that address to
+/// another interface or to the node ([`foreign`]). Leaving a placed pod, an address
+/// IDENTITIES does not know is dropped too: the compiler writes every address of a placed
+/// endpoint pod with its ifindex (a shared address only for its owner, so the other pod's
+/// use of it drops here), the only exception being IPv6 link-local sources (fe80::/10, never
+/// a pod IP), which pass only towards a link-local or multicast destination: such packets
+/// stay on the link (the kernel does not forward a link-local source), so they cannot pose
+/// as the pod anywhere else. Entering a pod, an unknown destination (broadcast, multicast,
+/// an address outside the cluster) is left to the policy. A pending endpoint (`ID_PENDING`)
+/// has no address IDENTITIES gives its ifindex yet, and its pod's own address may already be
+/// there with ifindex 0 (known, not yet placed), so it is held to the first rule only, with
+/// ifindex 0 counting as unknown. Not inlined: its own frame.
+#[inline(never)]
+fn spoofed(pkt: &Packet, ifindex: u32, ep_id: u32, dir: u8) -> bool {
+    let placed = ep_id != ID_PENDING;
+    let own = if dir == DIR_EGRESS {
+        &pkt.src
+    } else {
+        &pkt.dst
+    };
+    // SAFETY: plain-integer values, see `classify`.
+    match unsafe { IDENTITIES.get(own) } {
+        Some(id) => foreign(id, ifindex, placed),
+        None => {
+            dir == DIR_EGRESS
+                && placed
+                && !(parse::link_local(&pkt.src) && parse::link_scoped(&pkt.dst))
+        }
+    }
+}
+
+/// Whether the known address `id` is not the endpoint's at `ifindex`: the node's, or another
+/// interface's. For a pending endpoint (`placed` false) ifindex 0 (a pod not placed on this
+/// node: remote, or maybe this endpoint's own pod) is not another interface.
+#[inline(always)]
+fn foreign(id: &PeerInfo, ifindex: u32, placed: bool) -> bool {
+    if id.flags & PEER_HOST != 0 {
+        return true;
+    }
+    id.ifindex != ifindex && (placed || id.ifindex != 0)
+}
+
+/// Whether an ARP packet or IPv6 neighbour discovery leaving the pod claims an address of
+/// another interface or of the node ([`foreign`]), which would bind it to this pod's MAC in
+/// the node's (or, on a bridge, other pods') neighbour cache: an ARP sender protocol address
+/// ([`parse::arp_sender`]), or what link control claims (`Packet::dst` of
+/// `L4Kind::LinkControl`: an advertisement's target, a solicitation's source). Unknown
+/// addresses pass (ARP probes from 0.0.0.0, the pod's link-local address).
+#[inline(always)]
+fn claims_foreign(ctx: &TcContext, pkt: &Packet, ifindex: u32, placed: bool) -> bool {
+    let claim = if pkt.kind == L4Kind::LinkControl {
+        pkt.dst
+    } else {
+        match parse::arp_sender(ctx) {
+            Some(a) => a,
+            None => return false,
+        }
+    };
+    // SAFETY: plain-integer values, see `classify`.
+    match unsafe { IDENTITIES.get(claim) } {
+        Some(id) => foreign(id, ifindex, placed),
+        None => false,
+    }
 }
 
 /// The verdict for a new flow in an isolated direction. Not inlined: its lookup keys get

@@ -16,6 +16,7 @@ use npm_common::maps::{
 
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+const ETH_P_ARP: [u8; 2] = [0x08, 0x06];
 
 /// IPv6 extension headers we skip (RFC 8200 §4): hop-by-hop, routing, fragment, dest-opts.
 const IPV6_HOPOPTS: u8 = 0;
@@ -40,6 +41,9 @@ const ICMPV6_MLD2_REPORT: u8 = 143;
 /// advertisement, neighbour solicitation, neighbour advertisement, redirect (137).
 const ICMPV6_ND_FIRST: u8 = 133;
 const ICMPV6_ND_LAST: u8 = 137;
+/// Neighbour solicitation and advertisement (RFC 4861 §4.3, §4.4).
+const ICMPV6_ND_NS: u8 = 135;
+const ICMPV6_ND_NA: u8 = 136;
 /// The hop limit RFC 4861 §6.1, §7.1 and §8.1 require of ND messages (a receiver discards
 /// any other): a packet a router forwarded has a lower one, so it was sent on this link.
 const ND_HOP_LIMIT: u8 = 255;
@@ -67,7 +71,8 @@ pub(crate) enum L4Kind {
     IcmpOther,
     /// ICMPv6 link control: neighbour or router discovery (types 133-137) with hop limit
     /// 255, or MLD (130-132, 143) with hop limit 1 from a link-local (fe80::/10) or the
-    /// unspecified source. IPv6's ARP: never policed, never tracked.
+    /// unspecified source. IPv6's ARP: never policed, never tracked; only what it claims
+    /// (`Packet::dst`) is checked when it leaves a pod.
     LinkControl,
 }
 
@@ -78,6 +83,11 @@ pub(crate) enum L4Kind {
 #[repr(C, align(8))]
 pub(crate) struct Packet {
     pub(crate) src: Addr16,
+    /// The destination; for [`L4Kind::LinkControl`] instead the address the message claims
+    /// for its sender, which a receiver puts in its neighbour cache: a neighbour
+    /// advertisement's target, a neighbour solicitation's source (`::` for DAD), `::` for
+    /// the other types (nothing claimed). Link control passes without policy, so nothing
+    /// else reads its destination.
     pub(crate) dst: Addr16,
     /// Ports in network byte order (as on the wire).
     pub(crate) sport_be: u16,
@@ -108,6 +118,21 @@ pub(crate) fn be_words(a: &Addr16) -> (u64, u64) {
 fn v4_mapped(a: &Addr16) -> bool {
     let (w0, w1) = be_words(a);
     w0 == 0 && w1 >> 32 == 0xffff
+}
+
+/// fe80::/10 (the top 10 bits 1111 1110 10): IPv6 link-local unicast.
+#[inline(always)]
+pub(crate) fn link_local(a: &Addr16) -> bool {
+    let (w0, _) = be_words(a);
+    w0 >> 54 == 0x3fa
+}
+
+/// A destination a packet cannot leave the link for: link-local unicast (fe80::/10) or
+/// IPv6 multicast (ff00::/8; every scope: a router does not forward a link-local source).
+#[inline(always)]
+pub(crate) fn link_scoped(a: &Addr16) -> bool {
+    let (w0, _) = be_words(a);
+    w0 >> 54 == 0x3fa || w0 >> 56 == 0xff
 }
 
 /// An IP packet we cannot classify (truncated header, bad version/IHL, too many ext headers).
@@ -174,6 +199,20 @@ struct PortsHdr<const N: usize> {
     sport: [u8; 2],
     dport: [u8; 2],
     _rest: [u8; N],
+}
+
+/// ARP for IPv4 over Ethernet (RFC 826).
+#[repr(C)]
+struct ArpHdr {
+    _htype: [u8; 2],
+    ptype: [u8; 2],
+    hlen: u8,
+    plen: u8,
+    _oper: [u8; 2],
+    _sha: [u8; 6],
+    spa: [u8; 4],
+    _tha: [u8; 6],
+    _tpa: [u8; 4],
 }
 
 #[repr(C)]
@@ -371,10 +410,39 @@ fn parse_l4(ctx: &TcContext, off: usize, pkt: &mut Packet, hop_limit: u8) -> Res
                 pkt.sport_be = id_be;
                 pkt.dport_be = id_be;
             }
+            if pkt.kind == L4Kind::LinkControl {
+                // What the message claims (see `Packet::dst`).
+                pkt.dst = if ty == ICMPV6_ND_NA {
+                    // The target follows the 4 bytes of flags (RFC 4861 §4.4).
+                    let target = ptr_at::<Addr16>(ctx, off + 8)?;
+                    // SAFETY: `ptr_at` checked bounds; alignment 1.
+                    unsafe { *target }
+                } else if ty == ICMPV6_ND_NS {
+                    pkt.src
+                } else {
+                    [0; 16]
+                };
+            }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// The sender protocol address of an ARP packet for IPv4 over Ethernet, IPv4-mapped: the
+/// address its receivers bind to the sender's MAC. `None` for any other frame (and for a
+/// truncated ARP packet, which receivers discard).
+#[inline(always)]
+pub(crate) fn arp_sender(ctx: &TcContext) -> Option<Addr16> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok()?;
+    // SAFETY: `ptr_at` checked that the header lies within the packet.
+    if unsafe { (*eth).proto } != ETH_P_ARP {
+        return None;
+    }
+    let arp = ptr_at::<ArpHdr>(ctx, ETH_HLEN).ok()?;
+    // SAFETY: `ptr_at` checked bounds; alignment 1.
+    let (ptype, hlen, plen, spa) = unsafe { ((*arp).ptype, (*arp).hlen, (*arp).plen, (*arp).spa) };
+    (ptype == ETH_P_IP && hlen == 6 && plen == 4).then(|| addr_from_v4(spa))
 }
 
 /// Whether an ICMPv6 message of type `ty` with this hop limit and source is link control
@@ -394,7 +462,7 @@ fn link_control(ty: u8, hop_limit: u8, src: &Addr16) -> bool {
         // fe80::/10 (the top 10 bits 1111 1110 10) or :: (RFC 3810 §5.2.13: reports sent
         // before the interface has a link-local address).
         let (w0, w1) = be_words(src);
-        return w0 >> 54 == 0x3fa || w0 | w1 == 0;
+        return link_local(src) || w0 | w1 == 0;
     }
     false
 }

@@ -292,6 +292,8 @@ struct Loop<'a> {
     host_failed: BTreeMap<u32, String>,
     /// The "egress to ClusterIPs is checked pre-DNAT" warning was logged.
     warned_gap: bool,
+    /// The placement conflicts of the last node pass (each is logged when it appears).
+    conflicts: Vec<discovery::PlacementConflict>,
 }
 
 impl<'a> Loop<'a> {
@@ -324,6 +326,7 @@ impl<'a> Loop<'a> {
             host_attached: BTreeMap::new(),
             host_failed: BTreeMap::new(),
             warned_gap: false,
+            conflicts: Vec::new(),
         }
     }
 
@@ -861,8 +864,21 @@ impl<'a> Loop<'a> {
             .map(PodLinkDelta::Appeared)
             .collect();
         self.on_deltas(missing, false);
-        let discovered =
-            discovery::local_pods(tables, base.pods.values(), self.args.node_name.as_deref());
+        // The current placement keeps a pod on its veth against a bridge entry that now
+        // points elsewhere (which a pod's own frames can cause): reported, not followed.
+        let placement = discovery::place_pods(
+            tables,
+            base.pods.values(),
+            self.args.node_name.as_deref(),
+            &base.local,
+        );
+        for c in &placement.conflicts {
+            if !self.conflicts.contains(c) {
+                tracing::warn!(pod = %c.pod, "{c}");
+            }
+        }
+        self.conflicts = placement.conflicts;
+        let discovered = placement.pods;
         for (pod, iface) in &discovered {
             if self.attached.get(&iface.ifindex) != Some(&iface.name) {
                 match self.enforcer.attach(&iface.name) {

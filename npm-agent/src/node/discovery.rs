@@ -44,7 +44,8 @@ pub struct HostInterface {
     pub ifindex: u32,
 }
 
-fn run_json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Result<T, DiscoveryError> {
+/// Runs `args` and returns its standard output.
+fn run_text(args: &[&str]) -> Result<String, DiscoveryError> {
     let command = args.join(" ");
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -59,13 +60,27 @@ fn run_json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Result<T, DiscoveryE
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Parses `command`'s JSON output `text` (empty output is an empty list).
+fn parse_json<T: for<'de> Deserialize<'de>>(
+    command: &str,
+    text: &str,
+) -> Result<T, DiscoveryError> {
     let text = if text.trim().is_empty() {
         "[]"
     } else {
         text.trim()
     };
-    serde_json::from_str(text).map_err(|source| DiscoveryError::Parse { command, source })
+    serde_json::from_str(text).map_err(|source| DiscoveryError::Parse {
+        command: command.to_owned(),
+        source,
+    })
+}
+
+fn run_json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Result<T, DiscoveryError> {
+    parse_json(&args.join(" "), &run_text(args)?)
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,71 +152,180 @@ impl NodeTables {
     /// Reads links, routes, and for each bridge its neighbour and forwarding tables.
     pub fn read() -> Result<Self, DiscoveryError> {
         let mut t = NodeTables::default();
-        let links: Vec<Link> = run_json(&["ip", "-j", "-d", "link", "show"])?;
-        for l in links {
-            let kind = l.linkinfo.and_then(|i| i.info_kind);
-            t.links.insert(l.ifname, (l.ifindex, kind, l.master));
-        }
+        t.add_links(&run_text(&["ip", "-j", "-d", "link", "show"])?)?;
         for family in ["-4", "-6"] {
-            let routes: Vec<Route> = run_json(&["ip", "-j", family, "route", "show"])?;
-            for r in routes {
-                if r.gateway.is_some() {
-                    continue;
-                }
-                let (Some(dev), Some(net)) = (r.dev, parse_dst(&r.dst)) else {
-                    continue;
-                };
-                t.routes.push((net, dev));
-            }
+            t.add_routes(&run_text(&["ip", "-j", family, "route", "show"])?)?;
         }
-        let bridges: Vec<String> = t
-            .links
-            .iter()
-            .filter(|(_, (_, kind, _))| kind.as_deref() == Some("bridge"))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for br in bridges {
-            let neigh: Vec<Neigh> = run_json(&["ip", "-j", "neigh", "show", "dev", &br])?;
-            let map = neigh
-                .into_iter()
-                .filter_map(|n| Some((n.dst.parse().ok()?, n.lladdr?)))
-                .collect();
-            t.neigh.insert(br.clone(), map);
-            let fdb: Vec<Fdb> = run_json(&["bridge", "-j", "fdb", "show", "br", &br])?;
-            let map = fdb
-                .into_iter()
-                .filter_map(|f| Some((f.mac, f.ifname?)))
-                .collect();
-            t.fdb.insert(br, map);
+        for br in t.bridges() {
+            let neigh = run_text(&["ip", "-j", "neigh", "show", "dev", &br])?;
+            let fdb = run_text(&["bridge", "-j", "fdb", "show", "br", &br])?;
+            t.add_bridge(&br, &neigh, &fdb)?;
         }
         Ok(t)
     }
 
+    /// Adds the links of `ip -j -d link show`'s output.
+    pub fn add_links(&mut self, json: &str) -> Result<(), DiscoveryError> {
+        let links: Vec<Link> = parse_json("ip -j -d link show", json)?;
+        for l in links {
+            let kind = l.linkinfo.and_then(|i| i.info_kind);
+            self.links.insert(l.ifname, (l.ifindex, kind, l.master));
+        }
+        Ok(())
+    }
+
+    /// Adds the directly connected routes of `ip -j route show`'s output (either family).
+    pub fn add_routes(&mut self, json: &str) -> Result<(), DiscoveryError> {
+        let routes: Vec<Route> = parse_json("ip -j route show", json)?;
+        for r in routes {
+            if r.gateway.is_some() {
+                continue;
+            }
+            let (Some(dev), Some(net)) = (r.dev, parse_dst(&r.dst)) else {
+                continue;
+            };
+            self.routes.push((net, dev));
+        }
+        Ok(())
+    }
+
+    /// The bridges among the links.
+    pub fn bridges(&self) -> Vec<String> {
+        self.links
+            .iter()
+            .filter(|(_, (_, kind, _))| kind.as_deref() == Some("bridge"))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Adds bridge `br`'s neighbour table (`ip -j neigh show dev br`) and forwarding table
+    /// (`bridge -j fdb show br br`).
+    pub fn add_bridge(&mut self, br: &str, neigh: &str, fdb: &str) -> Result<(), DiscoveryError> {
+        let neigh: Vec<Neigh> = parse_json("ip -j neigh show", neigh)?;
+        let map = neigh
+            .into_iter()
+            .filter_map(|n| Some((n.dst.parse().ok()?, n.lladdr?)))
+            .collect();
+        self.neigh.insert(br.to_owned(), map);
+        let fdb: Vec<Fdb> = parse_json("bridge -j fdb show", fdb)?;
+        let map = fdb
+            .into_iter()
+            .filter_map(|f| Some((f.mac, f.ifname?)))
+            .collect();
+        self.fdb.insert(br.to_owned(), map);
+        Ok(())
+    }
+
     /// The host-side veth behind which `ip` lives, if it is a local pod address.
     pub fn interface_for(&self, ip: IpAddr) -> Option<HostInterface> {
-        let (_, dev) = self
-            .routes
+        self.resolve(ip).map(|(i, _)| i)
+    }
+
+    /// The device of the longest directly connected route to `ip`.
+    fn route_dev(&self, ip: IpAddr) -> Option<&String> {
+        self.routes
             .iter()
             .filter(|(net, _)| net.contains(&ip))
-            .max_by_key(|(net, _)| net.prefix_len())?;
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, dev)| dev)
+    }
+
+    /// [`NodeTables::interface_for`], and whether the route named the veth itself (written
+    /// by the CNI: authoritative) or a bridge whose neighbour and fdb entries led to it
+    /// (learnt from the pods' own frames).
+    fn resolve(&self, ip: IpAddr) -> Option<(HostInterface, Via)> {
+        let dev = self.route_dev(ip)?;
         let (ifindex, kind, _) = self.links.get(dev)?;
         match kind.as_deref() {
-            Some("veth") => Some(HostInterface {
-                name: dev.clone(),
-                ifindex: *ifindex,
-            }),
+            Some("veth") => Some((
+                HostInterface {
+                    name: dev.clone(),
+                    ifindex: *ifindex,
+                },
+                Via::Route,
+            )),
             Some("bridge") => {
                 let mac = self.neigh.get(dev)?.get(&ip)?;
                 let port = self.fdb.get(dev)?.get(mac)?;
                 let (port_index, port_kind, master) = self.links.get(port)?;
                 (port_kind.as_deref() == Some("veth") && master.as_deref() == Some(dev.as_str()))
-                    .then(|| HostInterface {
-                        name: port.clone(),
-                        ifindex: *port_index,
+                    .then(|| {
+                        (
+                            HostInterface {
+                                name: port.clone(),
+                                ifindex: *port_index,
+                            },
+                            Via::Bridge,
+                        )
                     })
             }
             _ => None,
         }
+    }
+
+    /// The veth `ifindex` when it still exists as a port of the bridge the routes send `ip`
+    /// to.
+    fn bridge_port_for(&self, ip: IpAddr, ifindex: u32) -> Option<HostInterface> {
+        let dev = self.route_dev(ip)?;
+        let (_, kind, _) = self.links.get(dev)?;
+        if kind.as_deref() != Some("bridge") {
+            return None;
+        }
+        self.links
+            .iter()
+            .find(|(_, (i, k, master))| {
+                *i == ifindex && k.as_deref() == Some("veth") && master.as_deref() == Some(dev)
+            })
+            .map(|(name, (i, _, _))| HostInterface {
+                name: name.clone(),
+                ifindex: *i,
+            })
+    }
+}
+
+/// How an address was tied to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// A directly connected route through the veth.
+    Route,
+    /// A route through a bridge, then its neighbour and forwarding entries.
+    Bridge,
+}
+
+/// What [`place_pods`] found: each local pod's interface, and the pods that more than one
+/// interface claims.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub pods: BTreeMap<ObjRef, HostInterface>,
+    pub conflicts: Vec<PlacementConflict>,
+}
+
+/// A pod that another interface than the one it is placed on also claims: one of its
+/// addresses resolves there (a bridge's neighbour or fdb entry pointing at another port,
+/// which a pod's own ARP, neighbour advertisements or source MACs can cause; or a dual-stack
+/// pod whose addresses resolve to two interfaces). Reported, never acted on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlacementConflict {
+    pub pod: ObjRef,
+    pub placed: HostInterface,
+    pub also_claimed_by: Vec<HostInterface>,
+}
+
+impl std::fmt::Display for PlacementConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let others: Vec<String> = self
+            .also_claimed_by
+            .iter()
+            .map(|i| format!("{} (ifindex {})", i.name, i.ifindex))
+            .collect();
+        write!(
+            f,
+            "pod {} stays on {} (ifindex {}); the node's tables also tie it to {}",
+            self.pod,
+            self.placed.name,
+            self.placed.ifindex,
+            others.join(", ")
+        )
     }
 }
 
@@ -213,13 +337,33 @@ fn parse_dst(dst: &str) -> Option<IpNet> {
 }
 
 /// Pods (endpoints, on this node by `node_name` when both sides know it) whose address is
-/// behind a local veth, with that interface.
+/// behind a local veth, with that interface, as a first placement ([`place_pods`] with
+/// nothing placed yet).
 pub fn local_pods<'a>(
     tables: &NodeTables,
     pods: impl IntoIterator<Item = &'a Pod>,
     node_name: Option<&str>,
 ) -> BTreeMap<ObjRef, HostInterface> {
-    let mut out = BTreeMap::new();
+    place_pods(tables, pods, node_name, &BTreeMap::new()).pods
+}
+
+/// Ties this node's pods to their interfaces, given where they are placed now (`current`:
+/// `ClusterSnapshot::local`, pod → ifindex). Pure.
+///
+/// A route through a veth is the CNI's word and decides (a pod's sandbox recreated on a new
+/// veth moves with it). A bridge's neighbour and fdb entries are learnt from the pods' own
+/// frames, so a pod could point them at itself; a pod placed on a veth keeps it while that
+/// veth is still a port of the bridge the routes send one of its addresses to, whatever the
+/// entries say now (a changed entry is a [`PlacementConflict`], reported, not followed), and
+/// moves only when its veth is gone or left the bridge. A pod not placed yet takes its first
+/// address's interface. Addresses resolving to two interfaces are a conflict too.
+pub fn place_pods<'a>(
+    tables: &NodeTables,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    node_name: Option<&str>,
+    current: &BTreeMap<ObjRef, u32>,
+) -> Placement {
+    let mut out = Placement::default();
     for pod in pods {
         if !pod.is_endpoint() {
             continue;
@@ -229,9 +373,51 @@ pub fn local_pods<'a>(
         {
             continue;
         }
-        if let Some(iface) = pod.ips.iter().find_map(|ip| tables.interface_for(*ip)) {
-            out.insert(pod.obj_ref(), iface);
+        let obj = pod.obj_ref();
+        let mut claims: Vec<(HostInterface, Via)> = Vec::new();
+        for ip in &pod.ips {
+            if let Some((i, via)) = tables.resolve(*ip)
+                && !claims.iter().any(|(c, _)| c.ifindex == i.ifindex)
+            {
+                claims.push((i, via));
+            }
         }
+        let cur = current.get(&obj).copied();
+        let routed: Vec<&HostInterface> = claims
+            .iter()
+            .filter(|(_, via)| *via == Via::Route)
+            .map(|(i, _)| i)
+            .collect();
+        let chosen = if !routed.is_empty() {
+            routed
+                .iter()
+                .find(|i| Some(i.ifindex) == cur)
+                .or(routed.first())
+                .map(|i| (*i).clone())
+        } else if let Some(kept) =
+            cur.and_then(|c| pod.ips.iter().find_map(|ip| tables.bridge_port_for(*ip, c)))
+        {
+            Some(kept)
+        } else {
+            claims.first().map(|(i, _)| i.clone())
+        };
+        let Some(chosen) = chosen else {
+            continue;
+        };
+        let others: Vec<HostInterface> = claims
+            .iter()
+            .map(|(i, _)| i)
+            .filter(|i| i.ifindex != chosen.ifindex)
+            .cloned()
+            .collect();
+        if !others.is_empty() {
+            out.conflicts.push(PlacementConflict {
+                pod: obj.clone(),
+                placed: chosen.clone(),
+                also_claimed_by: others,
+            });
+        }
+        out.pods.insert(obj, chosen);
     }
     out
 }
@@ -362,6 +548,193 @@ mod tests {
             .map(|s| s.parse().expect("ip"))
             .collect();
         assert_eq!(got, want, "every interface's addresses but kube-ipvs0's");
+    }
+
+    /// `ip -j -d link show` of a bridged node (iproute2 6.1's fields, trimmed): kube-bridge
+    /// with two pod veths, vethA (pod a) and vethB (pod b), and a routed veth cali1.
+    const BRIDGED_LINKS_JSON: &str = r#"[
+      {"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP"],"mtu":65536,"link_type":"loopback"},
+      {"ifindex":2,"ifname":"eth0","flags":["UP"],"mtu":1500,"link_type":"ether"},
+      {"ifindex":20,"ifname":"kube-bridge","flags":["UP"],"mtu":1500,"link_type":"ether",
+       "linkinfo":{"info_kind":"bridge","info_data":{"stp_state":0}}},
+      {"ifindex":21,"link_index":2,"ifname":"vethA","flags":["UP"],"mtu":1500,
+       "master":"kube-bridge","link_type":"ether","link_netnsid":1,
+       "linkinfo":{"info_kind":"veth","info_slave_kind":"bridge"}},
+      {"ifindex":22,"link_index":2,"ifname":"vethB","flags":["UP"],"mtu":1500,
+       "master":"kube-bridge","link_type":"ether","link_netnsid":2,
+       "linkinfo":{"info_kind":"veth","info_slave_kind":"bridge"}},
+      {"ifindex":30,"link_index":2,"ifname":"cali1","flags":["UP"],"mtu":1500,
+       "link_type":"ether","link_netnsid":3,"linkinfo":{"info_kind":"veth"}}
+    ]"#;
+    /// `ip -j -4 route show` and `ip -j -6 route show`.
+    const ROUTES4_JSON: &str = r#"[
+      {"dst":"default","gateway":"192.0.2.254","dev":"eth0","flags":[]},
+      {"dst":"10.244.2.0/24","dev":"kube-bridge","protocol":"kernel","scope":"link",
+       "prefsrc":"10.244.2.1","flags":[]},
+      {"dst":"10.244.9.9","dev":"cali1","scope":"link","flags":[]}
+    ]"#;
+    const ROUTES6_JSON: &str = r#"[
+      {"dst":"fd00:244:2::/64","dev":"kube-bridge","protocol":"kernel","metric":256,
+       "flags":[],"pref":"medium"}
+    ]"#;
+    const MAC_A: &str = "aa:bb:cc:00:00:0a";
+    const MAC_B: &str = "aa:bb:cc:00:00:0b";
+
+    /// `ip -j neigh show dev kube-bridge` with pod b's IPv4 (and IPv6) address at `b_mac`.
+    fn neigh_json(b_mac: &str) -> String {
+        format!(
+            r#"[{{"dst":"10.244.2.10","lladdr":"{MAC_A}","state":["REACHABLE"]}},
+               {{"dst":"10.244.2.11","lladdr":"{b_mac}","state":["STALE"]}},
+               {{"dst":"fd00:244:2::11","lladdr":"{MAC_B}","state":["REACHABLE"]}},
+               {{"dst":"10.244.2.99","state":["FAILED"]}}]"#
+        )
+    }
+
+    /// `bridge -j fdb show br kube-bridge`: the MACs learnt on their ports.
+    fn fdb_json(b_port: &str) -> String {
+        format!(
+            r#"[{{"mac":"{MAC_A}","ifname":"vethA","master":"kube-bridge","state":""}},
+               {{"mac":"{MAC_B}","ifname":"{b_port}","master":"kube-bridge","state":""}},
+               {{"mac":"33:33:00:00:00:01","ifname":"kube-bridge","state":"permanent"}}]"#
+        )
+    }
+
+    fn bridged(links: &str, neigh: &str, fdb: &str) -> NodeTables {
+        let mut t = NodeTables::default();
+        t.add_links(links).expect("links");
+        t.add_routes(ROUTES4_JSON).expect("routes");
+        t.add_routes(ROUTES6_JSON).expect("routes");
+        for br in t.bridges() {
+            t.add_bridge(&br, neigh, fdb).expect("bridge tables");
+        }
+        t
+    }
+
+    fn bridged_pod(name: &str, ips: &[&str]) -> Pod {
+        Pod {
+            namespace: "default".into(),
+            name: name.into(),
+            labels: Default::default(),
+            ips: ips.iter().map(|i| i.parse().expect("ip")).collect(),
+            node_name: None,
+            host_network: false,
+            terminating: false,
+            finished: false,
+            ports: vec![],
+        }
+    }
+
+    fn iface(name: &str, ifindex: u32) -> HostInterface {
+        HostInterface {
+            name: name.into(),
+            ifindex,
+        }
+    }
+
+    #[test]
+    fn a_placed_pod_stays_on_its_veth_when_bridge_entries_point_elsewhere() {
+        let a = bridged_pod("a", &["10.244.2.10"]);
+        let b = bridged_pod("b", &["10.244.2.11"]);
+        let pods = [a.clone(), b.clone()];
+        // First pass: the tables are right.
+        let t = bridged(BRIDGED_LINKS_JSON, &neigh_json(MAC_B), &fdb_json("vethB"));
+        let first = place_pods(&t, &pods, None, &BTreeMap::new());
+        assert_eq!(first.pods[&b.obj_ref()], iface("vethB", 22));
+        assert_eq!(first.pods[&a.obj_ref()], iface("vethA", 21));
+        assert!(first.conflicts.is_empty());
+        let current: BTreeMap<ObjRef, u32> =
+            [(a.obj_ref(), 21), (b.obj_ref(), 22)].into_iter().collect();
+
+        // Pod a claims b's address (a gratuitous ARP put a's MAC in the neighbour entry):
+        // b stays on vethB, the conflict names vethA.
+        let poisoned = bridged(BRIDGED_LINKS_JSON, &neigh_json(MAC_A), &fdb_json("vethB"));
+        let p = place_pods(&poisoned, &pods, None, &current);
+        assert_eq!(p.pods[&b.obj_ref()], iface("vethB", 22));
+        assert_eq!(p.pods[&a.obj_ref()], iface("vethA", 21));
+        assert_eq!(
+            p.conflicts,
+            vec![PlacementConflict {
+                pod: b.obj_ref(),
+                placed: iface("vethB", 22),
+                also_claimed_by: vec![iface("vethA", 21)],
+            }]
+        );
+        assert!(p.conflicts[0].to_string().contains("stays on vethB"));
+        // The same with b's MAC learnt on a's port (a sent frames from it).
+        let p = place_pods(
+            &bridged(BRIDGED_LINKS_JSON, &neigh_json(MAC_B), &fdb_json("vethA")),
+            &pods,
+            None,
+            &current,
+        );
+        assert_eq!(p.pods[&b.obj_ref()], iface("vethB", 22));
+        assert_eq!(p.conflicts.len(), 1);
+        // Without the current placement (the old behaviour, and a pod not placed yet), the
+        // entries decide: b would be a's.
+        assert_eq!(
+            local_pods(&poisoned, &pods, None)[&b.obj_ref()],
+            iface("vethA", 21)
+        );
+    }
+
+    #[test]
+    fn a_pod_moves_when_its_veth_is_gone_or_the_routes_say_so() {
+        let b = bridged_pod("b", &["10.244.2.11"]);
+        let pods = [b.clone()];
+        let current: BTreeMap<ObjRef, u32> = [(b.obj_ref(), 22)].into_iter().collect();
+        // vethB is gone (the pod's sandbox was recreated behind vethA): b moves, no conflict.
+        let links: Vec<serde_json::Value> = serde_json::from_str(BRIDGED_LINKS_JSON).expect("json");
+        let without_b: Vec<serde_json::Value> = links
+            .iter()
+            .filter(|l| l["ifname"] != "vethB")
+            .cloned()
+            .collect();
+        let without_b = serde_json::to_string(&without_b).expect("json");
+        let t = bridged(&without_b, &neigh_json(MAC_A), &fdb_json("vethA"));
+        let p = place_pods(&t, &pods, None, &current);
+        assert_eq!(p.pods[&b.obj_ref()], iface("vethA", 21));
+        assert!(p.conflicts.is_empty());
+        // vethB still exists but left the bridge: moves as well.
+        let detached = BRIDGED_LINKS_JSON.replacen(
+            r#""ifname":"vethB","flags":["UP"],"mtu":1500,
+       "master":"kube-bridge","#,
+            r#""ifname":"vethB","flags":["UP"],"mtu":1500,"#,
+            1,
+        );
+        assert_ne!(detached, BRIDGED_LINKS_JSON);
+        let t = bridged(&detached, &neigh_json(MAC_A), &fdb_json("vethA"));
+        assert_eq!(
+            place_pods(&t, &pods, None, &current).pods[&b.obj_ref()],
+            iface("vethA", 21)
+        );
+        // Its veth still a port, but no neighbour entry (expired): it stays.
+        let t = bridged(BRIDGED_LINKS_JSON, "[]", &fdb_json("vethB"));
+        let p = place_pods(&t, &pods, None, &current);
+        assert_eq!(p.pods[&b.obj_ref()], iface("vethB", 22));
+        assert!(p.conflicts.is_empty());
+        // A route through a veth is the CNI's word: a pod placed elsewhere follows it.
+        let r = bridged_pod("r", &["10.244.9.9"]);
+        let current: BTreeMap<ObjRef, u32> = [(r.obj_ref(), 21)].into_iter().collect();
+        let t = bridged(BRIDGED_LINKS_JSON, &neigh_json(MAC_B), &fdb_json("vethB"));
+        let p = place_pods(&t, [&r], None, &current);
+        assert_eq!(p.pods[&r.obj_ref()], iface("cali1", 30));
+        assert!(p.conflicts.is_empty());
+    }
+
+    #[test]
+    fn a_dual_stack_pod_whose_addresses_resolve_to_two_veths_is_a_conflict() {
+        // b's IPv6 address resolves to vethB, its IPv4 address (poisoned) to vethA.
+        let b = bridged_pod("b", &["10.244.2.11", "fd00:244:2::11"]);
+        let t = bridged(BRIDGED_LINKS_JSON, &neigh_json(MAC_A), &fdb_json("vethB"));
+        let current: BTreeMap<ObjRef, u32> = [(b.obj_ref(), 22)].into_iter().collect();
+        let p = place_pods(&t, [&b], None, &current);
+        assert_eq!(p.pods[&b.obj_ref()], iface("vethB", 22));
+        assert_eq!(p.conflicts.len(), 1);
+        assert_eq!(p.conflicts[0].also_claimed_by, vec![iface("vethA", 21)]);
+        // Not placed yet: its first address decides, and the conflict is reported.
+        let p = place_pods(&t, [&b], None, &BTreeMap::new());
+        assert_eq!(p.pods[&b.obj_ref()], iface("vethA", 21));
+        assert_eq!(p.conflicts[0].also_claimed_by, vec![iface("vethB", 22)]);
     }
 
     #[test]

@@ -8,8 +8,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use npm_common::verdict::{
     DIR_EGRESS, DIR_INGRESS, REASON_DEFERRED, REASON_DROP_MALFORMED, REASON_DROP_POLICY,
-    REASON_DROP_UNKNOWN_SOURCE, REASON_ESTABLISHED, REASON_HOST, REASON_NOT_ISOLATED,
-    REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_REPLY, REASON_SELF, is_allow,
+    REASON_DROP_SPOOFED, REASON_DROP_UNKNOWN_SOURCE, REASON_ESTABLISHED, REASON_HOST,
+    REASON_NOT_ISOLATED, REASON_NOT_MANAGED, REASON_POLICY_ALLOW, REASON_REPLY, REASON_SELF,
+    is_allow,
 };
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -351,12 +352,13 @@ fn reason_label(reason: u8) -> &'static str {
         REASON_DROP_POLICY => "policy_deny",
         REASON_DROP_MALFORMED => "malformed",
         REASON_DROP_UNKNOWN_SOURCE => "unknown_source",
+        REASON_DROP_SPOOFED => "spoofed",
         _ => "unknown",
     }
 }
 
 /// Every reason the datapath has, so each series exists (at 0) before its first packet.
-const REASONS: [u8; 11] = [
+const REASONS: [u8; 12] = [
     REASON_NOT_MANAGED,
     REASON_NOT_ISOLATED,
     REASON_ESTABLISHED,
@@ -368,6 +370,7 @@ const REASONS: [u8; 11] = [
     REASON_DROP_POLICY,
     REASON_DROP_MALFORMED,
     REASON_DROP_UNKNOWN_SOURCE,
+    REASON_DROP_SPOOFED,
 ];
 
 fn direction_label(dir: u8) -> &'static str {
