@@ -737,12 +737,17 @@ impl<'a> Loop<'a> {
     /// switch goes on (those flows are judged as new).
     fn carry_conntrack(&mut self, previous: &[(u32, std::path::PathBuf)]) {
         for (version, dir) in previous {
-            let endpoints = self.enforcer.compiler().maps().endpoints.clone();
+            let maps = self.enforcer.compiler().maps();
+            let endpoints = maps.endpoints.clone();
+            let identities = maps.identities.clone();
             let slot_of = |ifindex: u32| endpoints.get(&ifindex).map(|e| e.slot as u16);
+            let owner_of = |a: &npm_common::maps::Addr16| {
+                identities.get(a).map(|p| p.ifindex).filter(|i| *i != 0)
+            };
             match self
                 .enforcer
                 .datapath_mut()
-                .carry_conntrack(dir, *version, slot_of)
+                .carry_conntrack(dir, *version, slot_of, owner_of)
             {
                 Ok(n) => {
                     tracing::info!(

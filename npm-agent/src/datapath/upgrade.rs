@@ -11,7 +11,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData};
-use npm_common::maps::{CtKey, CtKey4, CtValue, MAP_CONNTRACK, MAP_CONNTRACK4};
+use npm_common::maps::{
+    Addr16, CtKey, CtKey4, CtValue, MAP_CONNTRACK, MAP_CONNTRACK4, addr_from_v4,
+};
 use npm_common::{ABI_VERSION, CONNTRACK_COMPATIBLE_SINCE};
 
 use super::loader::{Datapath, DatapathError, map_error, map_missing};
@@ -57,7 +59,12 @@ impl Datapath {
     /// Copies the live flows of the conntrack maps pinned in `from` (an agent of ABI
     /// `version`) into ours, without replacing a flow ours already track, each counted under
     /// the counter slot `slot_of(its ifindex)` gives (our endpoints' slots; 0, the unmanaged
-    /// slot, for an interface we do not manage). Nothing is copied from a version whose
+    /// slot, for an interface we do not manage).
+    ///
+    /// Only flows that our datapath could have created are copied: one of the two addresses
+    /// of an entry at interface I must be one `owner_of` (our IDENTITIES: address → local
+    /// ifindex) gives to I. Entries of a datapath without the source-address check (before
+    /// ABI 5), made by a pod that sent from an address not its own, stay behind. Nothing is copied from a version whose
     /// conntrack layout differs from ours (before `CONNTRACK_COMPATIBLE_SINCE`), nor from a
     /// newer one (a rollback: its layout is unknown to this build): their flows are judged as
     /// new after the switch. Returns how many flows were copied.
@@ -66,13 +73,24 @@ impl Datapath {
         from: &Path,
         version: u32,
         slot_of: impl Fn(u32) -> Option<u16>,
+        owner_of: impl Fn(&Addr16) -> Option<u32>,
     ) -> Result<usize, DatapathError> {
         if !(CONNTRACK_COMPATIBLE_SINCE..ABI_VERSION).contains(&version) {
             return Ok(0);
         }
         let mut copied = 0;
-        copied += self.carry::<CtKey4>(from, MAP_CONNTRACK4, |k| k.ifindex, &slot_of)?;
-        copied += self.carry::<CtKey>(from, MAP_CONNTRACK, |k| k.ifindex, &slot_of)?;
+        let owned4 = |k: &CtKey4| {
+            [k.addr_lo, k.addr_hi]
+                .iter()
+                .any(|a| owner_of(&addr_from_v4(*a)) == Some(k.ifindex))
+        };
+        let owned6 = |k: &CtKey| {
+            [k.addr_lo, k.addr_hi]
+                .iter()
+                .any(|a| owner_of(a) == Some(k.ifindex))
+        };
+        copied += self.carry::<CtKey4>(from, MAP_CONNTRACK4, |k| k.ifindex, &owned4, &slot_of)?;
+        copied += self.carry::<CtKey>(from, MAP_CONNTRACK, |k| k.ifindex, &owned6, &slot_of)?;
         Ok(copied)
     }
 
@@ -81,6 +99,7 @@ impl Datapath {
         from: &Path,
         name: &str,
         ifindex_of: fn(&K) -> u32,
+        owned: &impl Fn(&K) -> bool,
         slot_of: &impl Fn(u32) -> Option<u16>,
     ) -> Result<usize, DatapathError> {
         let path = from.join(name);
@@ -99,6 +118,9 @@ impl Datapath {
             HashMap::try_from(ours).map_err(map_error(name))?;
         let mut copied = 0;
         for (k, mut v) in entries {
+            if !owned(&k) {
+                continue;
+            }
             v.slot = slot_of(ifindex_of(&k)).unwrap_or(0);
             // BPF_NOEXIST: a flow our programs track already keeps its own entry.
             if ours.insert(k, v, BPF_NOEXIST).is_ok() {
