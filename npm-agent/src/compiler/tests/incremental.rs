@@ -22,7 +22,7 @@ enum Cid {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-struct Canon {
+pub(super) struct Canon {
     endpoints: BTreeMap<u32, (Cid, u32)>,
     /// (identity, ifindex, flags, CIDR class or none).
     identities: BTreeMap<npm_common::maps::Addr16, (Cid, u32, u32, Option<Cid>)>,
@@ -33,7 +33,7 @@ struct Canon {
 
 /// The maps with every id replaced by its meaning (the allocator must know every id in use)
 /// and every rule_ref by its rule.
-fn canon(inc: &Incremental) -> Canon {
+pub(super) fn canon(inc: &Incremental) -> Canon {
     let pods: BTreeMap<u32, IdentityKey> =
         inc.ids().pod_ids().map(|(k, id)| (id, k.clone())).collect();
     let classes: BTreeMap<u32, BTreeSet<Block>> = inc
@@ -102,7 +102,7 @@ fn canon(inc: &Incremental) -> Canon {
 }
 
 /// A random change against the current snapshot.
-fn random_change(r: &mut Rng, s: &ClusterSnapshot, next: &mut u32) -> Change {
+pub(super) fn random_change(r: &mut Rng, s: &ClusterSnapshot, next: &mut u32) -> Change {
     let pods: Vec<&ObjRef> = s.pods.keys().collect();
     let pick_pod = |r: &mut Rng| pods[r.below(pods.len() as u64) as usize].clone();
     *next += 1;
@@ -220,7 +220,7 @@ fn random_change(r: &mut Rng, s: &ClusterSnapshot, next: &mut u32) -> Change {
 /// pods with an address of their own (not a node address, not claimed twice) are pod ends,
 /// the addresses of pods that are not endpoints and a few others are external hosts. Returns
 /// the number of flows checked.
-fn check_reference(s: &ClusterSnapshot, m: &DesiredMaps, ctx: &str) -> usize {
+pub(super) fn check_reference(s: &ClusterSnapshot, m: &DesiredMaps, ctx: &str) -> usize {
     let node: BTreeSet<IpAddr> = s.node_ips.iter().copied().collect();
     let mut claims: BTreeMap<IpAddr, BTreeSet<ObjRef>> = BTreeMap::new();
     for p in s.pods.values().filter(|p| p.is_endpoint()) {
@@ -384,7 +384,7 @@ fn check_slots(
         .count()
 }
 
-fn replay(backend: &mut FakeBackend, plan: &Plan) {
+pub(super) fn replay(backend: &mut FakeBackend, plan: &Plan) {
     for op in &plan.ops {
         backend.apply(op).expect("fake backend");
     }
