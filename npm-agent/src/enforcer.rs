@@ -56,24 +56,11 @@ impl<B: MapBackend> Pipeline<B> {
     /// [`Self::new`] with explicit limits on what policies may add (`MaxPolicyEntries`).
     pub fn with_limits(backend: B, limits: Limits) -> Result<Self, ProgrammerError> {
         let present = backend.dump()?;
+        // Ids found there are never handed out with another meaning; the first compile gives
+        // each identity and class the id its addresses, interfaces and prefixes carried, and
+        // each interface its counter slot (so a restart rewrites nothing that did not change).
         let mut ids = IdAllocator::default();
-        ids.reserve(
-            present
-                .endpoints
-                .values()
-                .map(|e| e.id)
-                .chain(present.identities.values().map(|p| p.id))
-                .chain(present.cidrs.values().copied())
-                .chain(
-                    present
-                        .policy
-                        .keys()
-                        .flat_map(|(_, k)| [k.local_id, k.peer_id]),
-                ),
-        );
-        // Interfaces keep the counter slots the adopted maps gave them (their counters go on).
-        ids.slots
-            .reserve(present.endpoints.iter().map(|(i, e)| (*i, e.slot)));
+        ids.adopt(&present);
         let full_sync = present.total_entries() > 0;
         Ok(Self {
             compiler: Incremental::with_limits(&ClusterSnapshot::default(), ids, limits),

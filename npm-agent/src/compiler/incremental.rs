@@ -741,6 +741,10 @@ impl Incremental {
         let mut touched: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
         let mut addrs: BTreeSet<Addr16> = BTreeSet::new();
         let mut ifs: BTreeSet<u32> = mem::take(&mut d.links);
+        let any_pods = !d.pods.is_empty() || (d.all_pods && !self.snap.pods.is_empty());
+        if any_pods && self.ids.has_adopted() {
+            self.seed_adopted_ids(&d);
+        }
         let dirty_pods: Box<dyn Iterator<Item = &ObjRef>> = if d.all_pods {
             Box::new(self.snap.pods.keys().chain(d.pods.iter()))
         } else {
@@ -1139,6 +1143,63 @@ impl Incremental {
             };
             self.out.identity(a, v);
         }
+        // Adopted ids are offered to the first compile that places pods only.
+        if any_pods {
+            self.ids.forget_adopted();
+        }
+    }
+
+    /// Offers the adopted ids to the identities of the dirty pods that have none yet: each
+    /// address votes for the id IDENTITIES gave it, each interface for the id ENDPOINTS gave
+    /// it, both on behalf of the pod that owns it now (the same rules as the maps': the first
+    /// claimant in name order, not terminating first). See [`IdAllocator::seed_pods`].
+    fn seed_adopted_ids(&mut self, d: &Dirty) {
+        let objs: Box<dyn Iterator<Item = &ObjRef>> = if d.all_pods {
+            Box::new(self.snap.pods.keys().chain(d.pods.iter()))
+        } else {
+            Box::new(d.pods.iter())
+        };
+        let mut keys: BTreeMap<&ObjRef, IdentityKey> = BTreeMap::new();
+        let mut addr_claims: BTreeMap<Addr16, BTreeSet<ObjRef>> = BTreeMap::new();
+        let mut if_claims: BTreeMap<u32, &ObjRef> = BTreeMap::new();
+        for obj in objs {
+            let Some(pod) = self.snap.pods.get(obj).filter(|p| p.is_endpoint()) else {
+                continue;
+            };
+            if keys.contains_key(obj) {
+                continue;
+            }
+            keys.insert(obj, identity_key(pod, &self.snap));
+            for ip in &pod.ips {
+                addr_claims
+                    .entry(addr16(*ip))
+                    .or_default()
+                    .insert(obj.clone());
+            }
+            if let Some(i) = self.snap.local.get(obj) {
+                if_claims
+                    .entry(*i)
+                    .and_modify(|o| *o = (*o).min(obj))
+                    .or_insert(obj);
+            }
+        }
+        let mut votes: BTreeMap<IdentityKey, BTreeMap<u32, usize>> = BTreeMap::new();
+        let mut vote = |owner: &ObjRef, id: Option<u32>| {
+            if let (Some(id), Some(key)) = (id, keys.get(owner))
+                && !self.ids.knows_pod(key)
+            {
+                *votes.entry(key.clone()).or_default().entry(id).or_default() += 1;
+            }
+        };
+        for (a, claims) in &addr_claims {
+            if let Some(owner) = self.owner(claims) {
+                vote(owner, self.ids.adopted_addr(a));
+            }
+        }
+        for (i, owner) in &if_claims {
+            vote(owner, self.ids.adopted_ifindex(*i));
+        }
+        self.ids.seed_pods(&votes);
     }
 
     /// Recomputes the CIDR classes of the ipBlocks in use, the CIDRS map and which classes
@@ -1146,6 +1207,18 @@ impl Incremental {
     fn recompute_classes(&mut self) {
         let blocks: Vec<Block> = self.blocks.keys().cloned().collect();
         let classes = peers::classes(&blocks);
+        if self.ids.has_adopted() {
+            // Each prefix votes for the class id adopted CIDRS gave it.
+            let mut votes: BTreeMap<BTreeSet<Block>, BTreeMap<u32, usize>> = BTreeMap::new();
+            for (prefix, set) in &classes {
+                let key: BTreeSet<Block> = set.iter().map(|i| blocks[*i].clone()).collect();
+                let v = votes.entry(key).or_default();
+                if let Some(id) = self.ids.adopted_prefix(&(prefix.len, prefix.addr16())) {
+                    *v.entry(id).or_default() += 1;
+                }
+            }
+            self.ids.seed_classes(&votes);
+        }
         let mut cidrs: BTreeMap<Lpm<Addr16>, u32> = BTreeMap::new();
         let mut members: BTreeMap<Block, Vec<u32>> = BTreeMap::new();
         let mut used: BTreeSet<u32> = BTreeSet::new();
