@@ -43,6 +43,10 @@ pub const ENV_ENABLE_HTTP_DEBUG_API: &str = "NPM_ENABLE_HTTP_DEBUG_API";
 pub const ENV_MAX_CONNTRACK_ENTRIES: &str = "NPM_MAX_CONNTRACK_ENTRIES";
 /// Comma-separated Service ranges (`ServiceCIDRs`).
 pub const ENV_SERVICE_CIDRS: &str = "NPM_SERVICE_CIDRS";
+/// Per-policy POLICY entry budget (`MaxPolicyEntries`).
+pub const ENV_MAX_POLICY_ENTRIES: &str = "NPM_MAX_POLICY_ENTRIES";
+/// The largest MaxPolicyEntries: the POLICY map's size.
+pub const MAX_MAX_POLICY_ENTRIES: usize = npm_common::maps::POLICY_MAX as usize;
 
 /// Azure NPM keys accepted and ignored, with the reason (dotted paths, canonical spelling).
 pub const IGNORED_KEYS: [(&str, &str); 14] = [
@@ -110,6 +114,9 @@ pub struct Settings {
     /// IPv6 flows), shared by every pod of the node. Applies when the maps are created; maps
     /// adopted from pins keep their size until a restart with fresh pins.
     pub max_conntrack_entries: u32,
+    /// MaxPolicyEntries (npm's own key): the POLICY entries one NetworkPolicy may add on this
+    /// node; a policy above it fails closed (isolates, allows nothing) and is reported.
+    pub max_policy_entries: usize,
 }
 
 impl Default for Settings {
@@ -122,6 +129,7 @@ impl Default for Settings {
             enable_http_debug_api: true,
             service_cidrs: Vec::new(),
             max_conntrack_entries: DEFAULT_MAX_CONNTRACK_ENTRIES,
+            max_policy_entries: crate::compiler::DEFAULT_MAX_POLICY_ENTRIES,
         }
     }
 }
@@ -136,6 +144,7 @@ pub struct Overrides {
     pub enable_http_debug_api: Option<bool>,
     pub service_cidrs: Option<Vec<IpNet>>,
     pub max_conntrack_entries: Option<u32>,
+    pub max_policy_entries: Option<usize>,
 }
 
 /// What a config file said: the values npm uses, and what it ignored or did not know.
@@ -207,6 +216,7 @@ const EXPECT_BOOL: &str = "true or false";
 const EXPECT_OBJECT: &str = "a JSON object";
 const EXPECT_CONNTRACK: &str =
     "a whole number of entries per conntrack map from 64 to 4194304 (default 262144)";
+const EXPECT_ENTRIES: &str = "a whole number of POLICY entries from 1 to 1048576";
 const EXPECT_CIDRS: &str = "a list of CIDRs such as [\"10.96.0.0/12\", \"fd00:10:96::/112\"] (network addresses, no host bits)";
 
 /// A CIDR as written in ServiceCIDRs: a network address (host bits zero) with a prefix length.
@@ -281,6 +291,10 @@ impl FileConfig {
                         .ok_or_else(|| invalid(key, v, EXPECT_CIDRS))?;
                     out.values.service_cidrs = Some(list);
                 }
+                "maxpolicyentries" => {
+                    out.values.max_policy_entries =
+                        Some(entries(v.as_u64()).ok_or_else(|| invalid(key, v, EXPECT_ENTRIES))?);
+                }
                 "toggles" => {
                     let Value::Object(toggles) = v else {
                         return Err(invalid(key, v, EXPECT_OBJECT));
@@ -324,6 +338,11 @@ fn minutes(v: Option<u64>) -> Option<u64> {
 fn conntrack_entries(v: Option<u64>) -> Option<u32> {
     v.and_then(|n| u32::try_from(n).ok())
         .filter(|n| (MIN_CONNTRACK_ENTRIES..=MAX_CONNTRACK_ENTRIES).contains(n))
+}
+
+fn entries(v: Option<u64>) -> Option<usize> {
+    v.and_then(|n| usize::try_from(n).ok())
+        .filter(|n| (1..=MAX_MAX_POLICY_ENTRIES).contains(n))
 }
 
 fn port(v: Option<u64>) -> Option<u16> {
@@ -376,6 +395,10 @@ impl Overrides {
                     .ok_or_else(|| invalid(n, &v, EXPECT_CIDRS))
             })
             .transpose()?;
+        let n = ENV_MAX_POLICY_ENTRIES;
+        let max_policy_entries = get(n)
+            .map(|v| entries(v.trim().parse().ok()).ok_or_else(|| invalid(n, &v, EXPECT_ENTRIES)))
+            .transpose()?;
         Ok(Self {
             resync_period_minutes,
             listen_address,
@@ -384,6 +407,7 @@ impl Overrides {
             enable_http_debug_api: parse_bool(ENV_ENABLE_HTTP_DEBUG_API)?,
             service_cidrs,
             max_conntrack_entries,
+            max_policy_entries,
         })
     }
 
@@ -421,6 +445,11 @@ impl Overrides {
         {
             return Err(invalid("service-cidr", bad.to_string(), EXPECT_CIDRS));
         }
+        if let Some(n) = self.max_policy_entries
+            && entries(Some(n as u64)).is_none()
+        {
+            return Err(invalid("max-policy-entries", n.to_string(), EXPECT_ENTRIES));
+        }
         Ok(())
     }
 }
@@ -436,6 +465,7 @@ pub fn resolve(file: Option<&FileConfig>, env: &Overrides, flags: &Overrides) ->
         "Toggles.EnableHTTPDebugAPI",
         "ServiceCIDRs",
         "MaxConntrackEntries",
+        "MaxPolicyEntries",
     ]
     .into_iter()
     .map(|k| (k, Origin::Default))
@@ -486,6 +516,10 @@ pub fn resolve(file: Option<&FileConfig>, env: &Overrides, flags: &Overrides) ->
             settings.max_conntrack_entries = v;
         }
         set("MaxConntrackEntries", l.max_conntrack_entries.is_some());
+        if let Some(v) = l.max_policy_entries {
+            settings.max_policy_entries = v;
+        }
+        set("MaxPolicyEntries", l.max_policy_entries.is_some());
     }
     Resolved { settings, origins }
 }
@@ -533,6 +567,7 @@ mod tests {
                 enable_http_debug_api: Some(true),
                 service_cidrs: None,
                 max_conntrack_entries: None,
+                max_policy_entries: None,
             }
         );
         let ignored: Vec<&str> = f.ignored.iter().map(|(k, _)| k.as_str()).collect();
@@ -665,6 +700,7 @@ mod tests {
                 enable_http_debug_api: false,
                 service_cidrs: Vec::new(),
                 max_conntrack_entries: DEFAULT_MAX_CONNTRACK_ENTRIES,
+                max_policy_entries: crate::compiler::DEFAULT_MAX_POLICY_ENTRIES,
             }
         );
         assert_eq!(r.origins["ResyncPeriodInMinutes"], Origin::File);
@@ -857,6 +893,62 @@ mod tests {
             err.to_string().contains("--max-conntrack-entries")
                 && err.to_string().contains("from 64"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn max_policy_entries_comes_from_file_env_or_flags_and_is_checked() {
+        let r = resolve(None, &Overrides::default(), &Overrides::default());
+        assert_eq!(r.settings.max_policy_entries, 65_536);
+        assert_eq!(r.origins["MaxPolicyEntries"], Origin::Default);
+        let f = FileConfig::parse(r#"{"maxPolicyEntries": 5000}"#, "cfg.json").expect("parses");
+        assert!(f.unknown.is_empty() && f.ignored.is_empty());
+        let e = Overrides::from_env(env(&[(ENV_MAX_POLICY_ENTRIES, " 7000 ")])).expect("env");
+        let flags = Overrides {
+            max_policy_entries: Some(9000),
+            ..Overrides::default()
+        };
+        assert!(flags.validate_flags().is_ok());
+        let r = resolve(Some(&f), &Overrides::default(), &Overrides::default());
+        assert_eq!(
+            (r.settings.max_policy_entries, r.origins["MaxPolicyEntries"]),
+            (5000, Origin::File)
+        );
+        let r = resolve(Some(&f), &e, &Overrides::default());
+        assert_eq!(
+            (r.settings.max_policy_entries, r.origins["MaxPolicyEntries"]),
+            (7000, Origin::Env)
+        );
+        let r = resolve(Some(&f), &e, &flags);
+        assert_eq!(
+            (r.settings.max_policy_entries, r.origins["MaxPolicyEntries"]),
+            (9000, Origin::Flag)
+        );
+        for bad in [
+            r#"{"MaxPolicyEntries": 0}"#,
+            r#"{"MaxPolicyEntries": 1048577}"#,
+            r#"{"MaxPolicyEntries": "10"}"#,
+        ] {
+            let err = FileConfig::parse(bad, "cfg.json").expect_err(bad);
+            assert!(
+                err.to_string().contains("MaxPolicyEntries") && err.to_string().contains("1048576"),
+                "{err}"
+            );
+        }
+        for bad in ["0", "-1", "lots", "2000000"] {
+            let err = Overrides::from_env(env(&[(ENV_MAX_POLICY_ENTRIES, bad)])).expect_err(bad);
+            assert!(err.to_string().contains(ENV_MAX_POLICY_ENTRIES), "{err}");
+        }
+        let flags = Overrides {
+            max_policy_entries: Some(0),
+            ..Overrides::default()
+        };
+        assert!(
+            flags
+                .validate_flags()
+                .expect_err("zero")
+                .to_string()
+                .contains("--max-policy-entries")
         );
     }
 

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::compiler::{IdAllocator, Incremental};
+use crate::compiler::{IdAllocator, Incremental, Limits};
 use crate::datapath::{Datapath, DatapathCounters, DatapathError, TcMode};
 use crate::model::Diagnostic;
 use crate::programmer::{AyaBackend, MapBackend, Programmer, ProgrammerError, SyncStats};
@@ -50,28 +50,20 @@ impl<B: MapBackend> Pipeline<B> {
     /// Reads what the maps hold, and reserves every id found there so it is never handed out
     /// again with another meaning.
     pub fn new(backend: B) -> Result<Self, ProgrammerError> {
+        Self::with_limits(backend, Limits::default())
+    }
+
+    /// [`Self::new`] with explicit limits on what policies may add (`MaxPolicyEntries`).
+    pub fn with_limits(backend: B, limits: Limits) -> Result<Self, ProgrammerError> {
         let present = backend.dump()?;
+        // Ids found there are never handed out with another meaning; the first compile gives
+        // each identity and class the id its addresses, interfaces and prefixes carried, and
+        // each interface its counter slot (so a restart rewrites nothing that did not change).
         let mut ids = IdAllocator::default();
-        ids.reserve(
-            present
-                .endpoints
-                .values()
-                .map(|e| e.id)
-                .chain(present.identities.values().map(|p| p.id))
-                .chain(present.cidrs.values().copied())
-                .chain(
-                    present
-                        .policy
-                        .keys()
-                        .flat_map(|(_, k)| [k.local_id, k.peer_id]),
-                ),
-        );
-        // Interfaces keep the counter slots the adopted maps gave them (their counters go on).
-        ids.slots
-            .reserve(present.endpoints.iter().map(|(i, e)| (*i, e.slot)));
+        ids.adopt(&present);
         let full_sync = present.total_entries() > 0;
         Ok(Self {
-            compiler: Incremental::new(&ClusterSnapshot::default(), ids),
+            compiler: Incremental::with_limits(&ClusterSnapshot::default(), ids, limits),
             programmer: Programmer::new(backend)?,
             full_sync,
         })
@@ -193,6 +185,15 @@ impl Enforcer {
         pin_dir: Option<&Path>,
         options: crate::datapath::LoadOptions,
     ) -> Result<Self, EnforcerError> {
+        Self::load_with_limits(pin_dir, options, Limits::default())
+    }
+
+    /// [`Self::load`] with explicit limits on what policies may add (`MaxPolicyEntries`).
+    pub fn load_with_limits(
+        pin_dir: Option<&Path>,
+        options: crate::datapath::LoadOptions,
+        limits: Limits,
+    ) -> Result<Self, EnforcerError> {
         use npm_common::maps::{
             MAP_CIDRS, MAP_ENDPOINTS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY,
             MAP_SERVICES,
@@ -211,7 +212,7 @@ impl Enforcer {
         )?;
         Ok(Self {
             datapath,
-            pipeline: Pipeline::new(backend)?,
+            pipeline: Pipeline::with_limits(backend, limits)?,
             endpoints_handle,
         })
     }

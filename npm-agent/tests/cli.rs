@@ -78,6 +78,101 @@ fn compile_names_the_file_object_and_reason_of_bad_input_and_exits_one() {
 }
 
 #[test]
+fn compile_fails_a_policy_over_the_entry_budget_closed_and_keeps_the_others() {
+    let dir = std::env::temp_dir().join(format!("npm-cli-budget-{}", std::process::id()));
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = Rm(dir.clone());
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    // Three pods in each of two namespaces, each its own identity (no IPs: compile gives
+    // placeholders). "huge" lets every pod of every namespace reach a's web pods on 100
+    // ports: 3 × 6 × 100 = 1800 entries; "normal" lets b's pods reach each other on one
+    // port: 3 × 3 = 9.
+    let mut yaml = String::new();
+    for (ns, app) in [("a", "web"), ("b", "db")] {
+        yaml += &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{kubernetes.io/metadata.name: {ns}}}}}\n---\n"
+        );
+        for i in 0..3 {
+            yaml += &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {app}{i}, namespace: {ns}, labels: {{app: {app}, i: \"{i}\"}}}}\n\
+                 spec: {{containers: [{{name: c, image: x}}]}}\n---\n"
+            );
+        }
+    }
+    let ports: Vec<String> = (0..100)
+        .map(|i| format!("{{port: {}}}", 1000 + i))
+        .collect();
+    yaml += &format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: huge, namespace: a}}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  ingress: [{{from: [{{namespaceSelector: {{}}}}], ports: [{}]}}]\n---\n",
+        ports.join(", ")
+    );
+    yaml += "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: normal, namespace: b}\n\
+             spec:\n  podSelector: {}\n  ingress: [{from: [{podSelector: {}}], ports: [{port: 5432}]}]\n";
+    std::fs::write(dir.join("cluster.yaml"), yaml).expect("write");
+    let d = dir.to_str().expect("utf8");
+
+    // Within the default budget: both compile.
+    let (code, out, err) = agent(&["compile", "--manifests", d, "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["max_policy_entries"], 65536);
+    assert_eq!(v["policy"], 1809);
+    assert_eq!(v["policy_entries"]["a/huge"]["entries"], 1800);
+
+    // Budget 1000: huge is reported and fails closed; normal keeps its entries.
+    let (code, out, err) = agent(&[
+        "compile",
+        "--manifests",
+        d,
+        "--json",
+        "--max-policy-entries",
+        "1000",
+    ]);
+    assert_eq!(code, 1, "a problem was reported: {out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let problems: Vec<&str> = v["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .filter_map(|p| p.as_str())
+        .collect();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let p = problems[0];
+    assert!(
+        p.contains("NetworkPolicy a/huge")
+            && p.contains("1800")
+            && p.contains("1000")
+            && p.contains("fails closed"),
+        "{p}"
+    );
+    assert_eq!(v["max_policy_entries"], 1000);
+    assert_eq!(
+        v["policy_entries"]["a/huge"],
+        serde_json::json!({"entries": 1800, "fails_closed": "over_budget"})
+    );
+    assert_eq!(
+        v["policy_entries"]["b/normal"],
+        serde_json::json!({"entries": 9, "fails_closed": null})
+    );
+    assert_eq!(v["policy"], 9, "only normal's entries are in POLICY");
+    assert_eq!(
+        v["endpoints"], 6,
+        "huge's pods keep their (isolated) endpoints"
+    );
+
+    // A budget of 0 is refused, naming the flag.
+    let (code, _, err) = agent(&["compile", "--manifests", d, "--max-policy-entries", "0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-policy-entries"), "{err}");
+}
+
+#[test]
 fn lab_needs_manifests_or_steps_and_rejects_bad_externals() {
     let (code, _, err) = agent(&["lab"]);
     assert_eq!(code, 2, "{err}");

@@ -508,6 +508,7 @@ fn configmap_holds_the_config_in_azure_npm_format() {
             "ServiceCIDRs": ["10.0.0.0/16"],
             // Each conntrack map's size, the datapath's default (deploy/README.md).
             "MaxConntrackEntries": npm_common::maps::CONNTRACK_MAX,
+            "MaxPolicyEntries": 65536,
             "Toggles": {"EnablePrometheusMetrics": true, "EnableHTTPDebugAPI": true}
         })
     );

@@ -46,7 +46,8 @@ spec:
 /// How long `npm-agent run --once` may take (it loads, applies and exits in seconds).
 const ONCE_WITHIN: Duration = Duration::from_secs(60);
 
-fn agent_once(node_netns: &str, manifests: &Path, bpffs: &Path) {
+/// Runs `npm-agent run --once`; returns its log (stderr).
+fn agent_once(node_netns: &str, manifests: &Path, bpffs: &Path) -> String {
     // nsenter (not `ip netns exec`, which remounts /sys and would hide bpffs).
     let out = output_within(
         Command::new("nsenter")
@@ -64,6 +65,40 @@ fn agent_once(node_netns: &str, manifests: &Path, bpffs: &Path) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The (upserts, deletes) of every "maps in step" line of a log (ANSI colours removed).
+fn map_writes(log: &str) -> Vec<(u64, u64)> {
+    let mut plain = String::new();
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let field = |line: &str, name: &str| -> u64 {
+        let at = line
+            .find(&format!(" {name}="))
+            .unwrap_or_else(|| panic!("no {name}= in {line}"));
+        line[at + name.len() + 2..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{name}= is not a number in {line}"))
+    };
+    plain
+        .lines()
+        .filter(|l| l.contains("maps in step"))
+        .map(|l| (field(l, "upserts"), field(l, "deletes")))
+        .collect()
 }
 
 #[test]
@@ -92,7 +127,11 @@ fn run_enforces_survives_exit_and_adopts_pinned_maps() {
     // Before any agent: open.
     assert!(allowed("default/intruder"));
 
-    agent_once(&node, &manifests, &bpffs);
+    let first = agent_once(&node, &manifests, &bpffs);
+    assert!(
+        map_writes(&first).iter().any(|(u, _)| *u > 0),
+        "the first agent wrote the maps: {first}"
+    );
     assert!(
         bpffs
             .join(format!("v{}", npm_common::ABI_VERSION))
@@ -103,6 +142,18 @@ fn run_enforces_survives_exit_and_adopts_pinned_maps() {
     // The agent has exited: its programs and pinned maps keep enforcing.
     assert!(allowed("default/client"), "client is allowed by the policy");
     assert!(!allowed("default/intruder"), "intruder is denied");
+
+    // A restart with nothing changed: the new agent adopts the maps and keeps every id, so it
+    // writes and deletes nothing (it used to renumber every identity and rewrite it all).
+    let second = agent_once(&node, &manifests, &bpffs);
+    let writes = map_writes(&second);
+    assert!(!writes.is_empty(), "no 'maps in step' line: {second}");
+    assert!(
+        writes.iter().all(|w| *w == (0, 0)),
+        "a restart rewrote the maps {writes:?}: {second}"
+    );
+    assert!(allowed("default/client"));
+    assert!(!allowed("default/intruder"));
 
     // Policy removed: a new agent adopts the pinned maps and opens the path again.
     std::fs::remove_file(manifests.join("policy.yaml")).expect("rm policy");

@@ -81,6 +81,12 @@ pub struct RunArgs {
     /// else 262144; env NPM_MAX_CONNTRACK_ENTRIES].
     #[arg(long, value_name = "ENTRIES")]
     pub max_conntrack_entries: Option<u32>,
+    /// The POLICY entries one NetworkPolicy may add on this node; a policy above it fails
+    /// closed (keeps isolating its pods, allows nothing) and is reported. When the policies
+    /// within it together would overfill the POLICY map, the largest fail closed first
+    /// [default: MaxPolicyEntries, else 65536; env NPM_MAX_POLICY_ENTRIES].
+    #[arg(long, value_name = "ENTRIES")]
+    pub max_policy_entries: Option<usize>,
     /// Serve /node-metrics and /cluster-metrics [default: Toggles.EnablePrometheusMetrics,
     /// else true; env NPM_ENABLE_PROMETHEUS_METRICS].
     #[arg(long, value_name = "BOOL")]
@@ -164,6 +170,13 @@ pub struct CompileArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// The POLICY entries one NetworkPolicy may add (as `run --max-policy-entries`); a policy
+    /// above it is reported and compiled as failing closed [env NPM_MAX_POLICY_ENTRIES,
+    /// default 65536].
+    #[arg(long, env = "NPM_MAX_POLICY_ENTRIES", value_name = "ENTRIES",
+          default_value_t = crate::compiler::DEFAULT_MAX_POLICY_ENTRIES as u64,
+          value_parser = clap::value_parser!(u64).range(1..=crate::config::MAX_MAX_POLICY_ENTRIES as u64))]
+    pub max_policy_entries: u64,
 }
 
 /// One `--external` value.

@@ -5,7 +5,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::args::CompileArgs;
-use crate::compiler::{self, IdAllocator};
+use crate::compiler::{self, Closed, IdAllocator, Limits};
 use crate::source::manifests;
 
 #[derive(Serialize)]
@@ -17,6 +17,19 @@ struct Output {
     policy: usize,
     /// PAIRS entries: one per (local identity, peer, direction) with POLICY entries.
     pairs: usize,
+    /// The per-policy budget compiled with (`--max-policy-entries`).
+    max_policy_entries: usize,
+    /// Per NetworkPolicy (`namespace/name`): the POLICY entries its rules make (before the
+    /// merge with other policies' entries) and whether it fails closed for exceeding a limit.
+    policy_entries: BTreeMap<String, PolicyEntries>,
+}
+
+#[derive(Serialize)]
+struct PolicyEntries {
+    entries: usize,
+    /// null; "over_budget" (above `max_policy_entries`); "over_total" (the policies within
+    /// budget together overfill the POLICY map, and it is among the largest).
+    fails_closed: Option<&'static str>,
 }
 
 /// Returns the process exit code: 0 when every object compiled, 1 when any had a problem.
@@ -42,7 +55,12 @@ pub fn run(args: CompileArgs) -> anyhow::Result<i32> {
         .enumerate()
         .map(|(i, p)| (p.obj_ref(), 1000 + i as u32))
         .collect::<BTreeMap<_, _>>();
-    let compiled = compiler::compile(&snapshot, &mut IdAllocator::default());
+    let limits = Limits {
+        max_policy_entries: usize::try_from(args.max_policy_entries)
+            .context("--max-policy-entries")?,
+        ..Limits::default()
+    };
+    let compiled = compiler::compile_with(&snapshot, &mut IdAllocator::default(), limits);
     problems.extend(compiled.diagnostics.iter().cloned());
     let out = Output {
         problems: problems.iter().map(ToString::to_string).collect(),
@@ -51,6 +69,24 @@ pub fn run(args: CompileArgs) -> anyhow::Result<i32> {
         cidrs: compiled.maps.cidrs.len(),
         policy: compiled.maps.policy.len(),
         pairs: compiled.maps.pairs.len(),
+        max_policy_entries: limits.max_policy_entries,
+        policy_entries: compiled
+            .policy_entries
+            .iter()
+            .map(|(obj, n)| {
+                let fails_closed = n.closed.map(|c| match c {
+                    Closed::OverBudget => "over_budget",
+                    Closed::OverTotal => "over_total",
+                });
+                (
+                    obj.to_string(),
+                    PolicyEntries {
+                        entries: n.entries,
+                        fails_closed,
+                    },
+                )
+            })
+            .collect(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&out)?);

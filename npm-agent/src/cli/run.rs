@@ -133,12 +133,17 @@ impl Agent {
         let options = crate::datapath::LoadOptions {
             conntrack_entries: self.settings.max_conntrack_entries,
         };
-        let mut enforcer = Enforcer::load(Some(&pin_dir), options).with_context(|| {
-            format!(
-                "loading the datapath with maps pinned in {}",
-                pin_dir.display()
-            )
-        })?;
+        let limits = crate::compiler::Limits {
+            max_policy_entries: self.settings.max_policy_entries,
+            ..Default::default()
+        };
+        let mut enforcer = Enforcer::load_with_limits(Some(&pin_dir), options, limits)
+            .with_context(|| {
+                format!(
+                    "loading the datapath with maps pinned in {}",
+                    pin_dir.display()
+                )
+            })?;
         tracing::info!(pin_dir = %pin_dir.display(), "datapath loaded");
         match enforcer.counters() {
             Ok(counters) => self.observer.metrics.set_counter_reader(Box::new(counters)),
@@ -1213,6 +1218,7 @@ fn load_config(args: &RunArgs) -> anyhow::Result<(Resolved, serde_json::Value)> 
             v
         }),
         max_conntrack_entries: args.max_conntrack_entries,
+        max_policy_entries: args.max_policy_entries,
     };
     flags.validate_flags()?;
     let resolved = config::resolve(file.as_ref(), &env, &flags);

@@ -3,12 +3,18 @@
 //! Ids are handed out from monotonic counters and never reused: the same identity keeps its
 //! id from one compile to the next, and a retired id can never come back with another meaning
 //! while a stale kernel entry may still hold it. At start-up the agent reserves every id the
-//! (adopted, pinned) maps still hold, so the counters start above them.
+//! (adopted, pinned) maps still hold, so the counters start above them, and offers those ids
+//! back to what they stood for ([`IdAllocator::adopt`]): on the first compile that places
+//! pods, an identity whose pods' addresses (IDENTITIES) and interfaces (ENDPOINTS) carried id
+//! X gets X again, and a CIDR class whose prefixes (CIDRS) carried X gets X, so a restarted
+//! agent rewrites nothing that did not change.
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use npm_common::maps::{CIDR_CLASS_BIT, COUNTER_SLOTS, ID_PENDING};
+use npm_common::maps::{Addr16, CIDR_CLASS_BIT, COUNTER_SLOTS, ID_PENDING, PEER_HOST};
 use npm_common::metrics::{SLOT_FIRST, SLOT_UNMANAGED};
 
+use super::desired::{DesiredMaps, Lpm};
 use super::peers::Block;
 use crate::model::{ContainerPort, Labels};
 
@@ -30,6 +36,49 @@ pub struct IdAllocator {
     next_class: u32,
     /// Endpoints' counter slots.
     pub slots: SlotAllocator,
+    /// What adopted maps said each id stood for, until the first compile takes it.
+    adopted: Adopted,
+}
+
+/// The ids of adopted maps by what they were attached to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Adopted {
+    /// Pod address -> pod identity (IDENTITIES).
+    addrs: BTreeMap<Addr16, u32>,
+    /// Host-side ifindex -> pod identity (ENDPOINTS).
+    ifindexes: BTreeMap<u32, u32>,
+    /// CIDRS prefix -> class.
+    prefixes: BTreeMap<Lpm<Addr16>, u32>,
+}
+
+/// A pod identity id (not the host's 0, not pending, not a class).
+fn is_pod_id(id: u32) -> bool {
+    id != 0 && id < ID_PENDING && id & CIDR_CLASS_BIT == 0
+}
+
+/// Gives each key at most one of the ids it voted for and each id to at most one key: the
+/// (key, id) pairs with the most votes first (ties: key order, then the lower id); ids in
+/// `taken` are never given. Deterministic, whatever order the votes came in.
+fn resolve<K: Ord + Clone>(
+    votes: &BTreeMap<K, BTreeMap<u32, usize>>,
+    taken: &BTreeSet<u32>,
+) -> Vec<(K, u32)> {
+    let mut cands: Vec<(Reverse<usize>, &K, u32)> = votes
+        .iter()
+        .flat_map(|(k, ids)| ids.iter().map(move |(id, n)| (Reverse(*n), k, *id)))
+        .collect();
+    cands.sort();
+    let mut keys: BTreeSet<&K> = BTreeSet::new();
+    let mut ids: BTreeSet<u32> = taken.clone();
+    let mut out = Vec::new();
+    for (_, k, id) in cands {
+        if !keys.contains(k) && !ids.contains(&id) {
+            keys.insert(k);
+            ids.insert(id);
+            out.push((k.clone(), id));
+        }
+    }
+    out
 }
 
 impl Default for IdAllocator {
@@ -40,6 +89,7 @@ impl Default for IdAllocator {
             next_pod: 1,
             next_class: 1,
             slots: SlotAllocator::default(),
+            adopted: Adopted::default(),
         }
     }
 }
@@ -56,6 +106,121 @@ impl IdAllocator {
                 self.next_pod = self.next_pod.max(id.saturating_add(1));
             }
         }
+    }
+
+    /// Adopts the maps a previous agent left: reserves every id they hold, keeps each
+    /// interface's counter slot, and remembers which address, interface and CIDRS prefix
+    /// carried which id, for the first compile that places pods to give those ids back
+    /// (see [`Self::seed_pods`], [`Self::seed_classes`]).
+    pub fn adopt(&mut self, maps: &DesiredMaps) {
+        self.reserve(
+            maps.endpoints
+                .values()
+                .map(|e| e.id)
+                .chain(maps.identities.values().map(|p| p.id))
+                .chain(maps.cidrs.values().copied())
+                .chain(
+                    maps.policy
+                        .keys()
+                        .flat_map(|(_, k)| [k.local_id, k.peer_id]),
+                ),
+        );
+        self.slots
+            .reserve(maps.endpoints.iter().map(|(i, e)| (*i, e.slot)));
+        self.adopted = Adopted {
+            addrs: maps
+                .identities
+                .iter()
+                .filter(|(_, p)| p.flags & PEER_HOST == 0 && is_pod_id(p.id))
+                .map(|(a, p)| (*a, p.id))
+                .collect(),
+            ifindexes: maps
+                .endpoints
+                .iter()
+                .filter(|(_, e)| is_pod_id(e.id))
+                .map(|(i, e)| (*i, e.id))
+                .collect(),
+            prefixes: maps
+                .cidrs
+                .iter()
+                .filter(|(_, id)| *id & CIDR_CLASS_BIT != 0)
+                .map(|(k, id)| (*k, *id))
+                .collect(),
+        };
+    }
+
+    /// Adopted ids are still on offer.
+    pub fn has_adopted(&self) -> bool {
+        self.adopted != Adopted::default()
+    }
+
+    /// The pod identity adopted maps gave address `a`.
+    pub fn adopted_addr(&self, a: &Addr16) -> Option<u32> {
+        self.adopted.addrs.get(a).copied()
+    }
+
+    /// The pod identity adopted maps gave interface `ifindex`.
+    pub fn adopted_ifindex(&self, ifindex: u32) -> Option<u32> {
+        self.adopted.ifindexes.get(&ifindex).copied()
+    }
+
+    /// The class adopted maps gave CIDRS prefix `p`.
+    pub fn adopted_prefix(&self, p: &Lpm<Addr16>) -> Option<u32> {
+        self.adopted.prefixes.get(p).copied()
+    }
+
+    /// No more adopted ids on offer (after the first compile that placed pods: an id freed
+    /// later is never handed out again).
+    pub fn forget_adopted(&mut self) {
+        self.adopted = Adopted::default();
+    }
+
+    /// Gives identities not yet numbered the adopted ids their pods voted for (one vote per
+    /// address and interface): see [`resolve`]. Losers get new ids later, as usual.
+    pub fn seed_pods(&mut self, votes: &BTreeMap<IdentityKey, BTreeMap<u32, usize>>) {
+        let votes: BTreeMap<IdentityKey, BTreeMap<u32, usize>> = votes
+            .iter()
+            .filter(|(k, _)| !self.pods.contains_key(*k))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.iter()
+                        .filter(|(id, _)| is_pod_id(**id))
+                        .map(|(a, b)| (*a, *b))
+                        .collect(),
+                )
+            })
+            .collect();
+        let taken: BTreeSet<u32> = self.pods.values().copied().collect();
+        for (k, id) in resolve(&votes, &taken) {
+            self.pods.insert(k, id);
+        }
+    }
+
+    /// Gives classes not yet numbered the adopted ids their prefixes voted for.
+    pub fn seed_classes(&mut self, votes: &BTreeMap<BTreeSet<Block>, BTreeMap<u32, usize>>) {
+        let votes: BTreeMap<BTreeSet<Block>, BTreeMap<u32, usize>> = votes
+            .iter()
+            .filter(|(k, _)| !self.classes.contains_key(*k))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.iter()
+                        .filter(|(id, _)| **id & CIDR_CLASS_BIT != 0)
+                        .map(|(a, b)| (*a, *b))
+                        .collect(),
+                )
+            })
+            .collect();
+        let taken: BTreeSet<u32> = self.classes.values().copied().collect();
+        for (k, id) in resolve(&votes, &taken) {
+            self.classes.insert(k, id);
+        }
+    }
+
+    /// The identity has an id already.
+    pub fn knows_pod(&self, key: &IdentityKey) -> bool {
+        self.pods.contains_key(key)
     }
 
     pub fn pod(&mut self, key: &IdentityKey) -> u32 {

@@ -24,7 +24,7 @@
 //! `{id: ID_PENDING, flags}` where `flags` is the union of the isolation directions of this
 //! node's not-yet-placed pods (`node_name` is this node, not host network, not terminating or
 //! finished, not in `local`; they may have no IP yet). A local endpoint pod on the same ifindex wins.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::mem;
 use std::net::IpAddr;
 
@@ -40,8 +40,10 @@ use super::desired::{DesiredMaps, Lpm, RuleRef, pairs_of};
 use super::ids::{IdAllocator, IdentityKey};
 use super::peers::{self, Block, Prefix};
 use super::ports::PortPrefix;
-use super::{addr16, port_prefixes};
-use crate::model::{Diagnostic, Labels, ObjRef, Peer, Pod, Policy, PortRef, PortSpec, Rule};
+use super::{Closed, Limits, PolicyCount, addr16, port_prefixes};
+use crate::model::{
+    ContainerPort, Diagnostic, Labels, ObjRef, Peer, Pod, Policy, PortRef, PortSpec, Rule,
+};
 use crate::programmer::plan::{self, Plan};
 use crate::state::{Change, ClusterSnapshot};
 
@@ -87,14 +89,44 @@ struct BlockAllow {
     ports: Vec<PortSpec>,
 }
 
+/// The rules of one policy that selects a local identity.
+struct PolicyRules {
+    policy: ObjRef,
+    /// `EP_ISOLATE_*` of the directions it has.
+    isolate: u32,
+    rules: Vec<RuleUse>,
+    blocks: Vec<BlockAllow>,
+    /// Within its limits: its rules add entries (else it only isolates).
+    open: bool,
+}
+
 /// What a local identity compiles to.
 #[derive(Default)]
 struct LocalState {
     flags: u32,
-    rules: Vec<RuleUse>,
-    blocks: Vec<BlockAllow>,
+    /// Every policy selecting it, in name order, open or closed.
+    groups: Vec<PolicyRules>,
     /// peer (pod identity or CIDR class) -> entries(L, peer); never empty values.
     entries: BTreeMap<u32, Entries>,
+}
+
+impl LocalState {
+    /// The rules that add entries (those of open policies), in (policy, direction, index)
+    /// order.
+    fn rules(&self) -> impl Iterator<Item = &RuleUse> + '_ {
+        self.groups
+            .iter()
+            .filter(|g| g.open)
+            .flat_map(|g| g.rules.iter())
+    }
+
+    /// The block allows of open policies.
+    fn blocks(&self) -> impl Iterator<Item = &BlockAllow> + '_ {
+        self.groups
+            .iter()
+            .filter(|g| g.open)
+            .flat_map(|g| g.blocks.iter())
+    }
 }
 
 /// Stable rule numbers: one per (policy, direction, index), never renumbered while the rule
@@ -375,12 +407,26 @@ pub struct Incremental {
     unplaced: BTreeMap<ObjRef, u32>,
     /// Union of `unplaced` flags: the flags of every pending link.
     pending_flags: u32,
+    limits: Limits,
+    /// policy -> local identity it selects -> the POLICY entries its rules give that
+    /// identity (towards every peer, before the merge with other policies' entries; ipBlocks
+    /// counted over the policy's own CIDR classes). Every selected local identity has a key.
+    counts: BTreeMap<ObjRef, BTreeMap<u32, usize>>,
+    /// policy -> the sum of its `counts`.
+    totals: BTreeMap<ObjRef, usize>,
+    /// Policies over a limit (they isolate, and add no entries).
+    closed: BTreeMap<ObjRef, Closed>,
 }
 
 impl Incremental {
     /// Compiles `base` (its `node_name` included) with `ids`, which may hold ids reserved from
-    /// adopted maps.
+    /// adopted maps, and the default [`Limits`].
     pub fn new(base: &ClusterSnapshot, ids: IdAllocator) -> Self {
+        Self::with_limits(base, ids, Limits::default())
+    }
+
+    /// [`Self::new`] with explicit limits on what policies may add.
+    pub fn with_limits(base: &ClusterSnapshot, ids: IdAllocator, limits: Limits) -> Self {
         let mut me = Self {
             snap: base.clone(),
             ids,
@@ -402,6 +448,10 @@ impl Incremental {
             class_lens: Vec::new(),
             unplaced: BTreeMap::new(),
             pending_flags: 0,
+            limits,
+            counts: BTreeMap::new(),
+            totals: BTreeMap::new(),
+            closed: BTreeMap::new(),
         };
         // Everything is new: every object is dirty, every policy was absent.
         let d = Dirty {
@@ -511,8 +561,102 @@ impl Incremental {
                 });
             }
         }
+        for (obj, why) in &self.closed {
+            let n = self.totals.get(obj).copied().unwrap_or(0);
+            let message = match why {
+                Closed::OverBudget => format!(
+                    "needs {n} POLICY entries on this node, over the budget of {} per policy \
+                     (MaxPolicyEntries); fails closed: it keeps isolating the pods it selects \
+                     and allows nothing",
+                    self.limits.max_policy_entries
+                ),
+                Closed::OverTotal => format!(
+                    "needs {n} POLICY entries on this node; with the other policies within \
+                     budget that is over the {} the POLICY map holds, and it is among the \
+                     largest; fails closed: it keeps isolating the pods it selects and allows \
+                     nothing",
+                    self.limits.max_total_entries
+                ),
+            };
+            out.push(Diagnostic {
+                source: None,
+                object: format!("NetworkPolicy {obj}"),
+                message,
+            });
+        }
         out.sort();
         out
+    }
+
+    /// Per policy with entries or selected local identities: its entry count and whether it
+    /// fails closed.
+    pub fn policy_counts(&self) -> BTreeMap<ObjRef, PolicyCount> {
+        self.snap
+            .policies
+            .keys()
+            .map(|obj| {
+                (
+                    obj.clone(),
+                    PolicyCount {
+                        entries: self.totals.get(obj).copied().unwrap_or(0),
+                        closed: self.closed.get(obj).copied(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The policies that fail closed for exceeding a limit.
+    pub fn closed_policies(&self) -> &BTreeMap<ObjRef, Closed> {
+        &self.closed
+    }
+
+    /// Sets (n: Some) or removes one (policy, local identity) count.
+    fn set_count(&mut self, obj: &ObjRef, l: u32, n: Option<usize>) {
+        let per = self.counts.entry(obj.clone()).or_default();
+        let old = match n {
+            Some(n) => per.insert(l, n),
+            None => per.remove(&l),
+        }
+        .unwrap_or(0);
+        if per.is_empty() {
+            self.counts.remove(obj);
+        }
+        let t = self.totals.entry(obj.clone()).or_insert(0);
+        *t = *t - old + n.unwrap_or(0);
+        if !self.counts.contains_key(obj) {
+            self.totals.remove(obj);
+        }
+    }
+
+    /// Which policies fail closed, from the counts: those over the per-policy budget, then,
+    /// while the rest together exceed the total, the largest of them (ties: the later name).
+    fn decide_closed(&self) -> BTreeMap<ObjRef, Closed> {
+        let mut closed = BTreeMap::new();
+        let mut within: Vec<(usize, &ObjRef)> = Vec::new();
+        for (obj, n) in &self.totals {
+            if *n > self.limits.max_policy_entries {
+                closed.insert(obj.clone(), Closed::OverBudget);
+            } else {
+                within.push((*n, obj));
+            }
+        }
+        let sum: usize = within.iter().map(|(n, _)| n).sum();
+        if sum > self.limits.max_total_entries {
+            // Smallest first (ties: name order); from the first that does not fit on, every
+            // policy fails closed (they are larger, or as large and later).
+            within.sort();
+            let (mut used, mut full) = (0usize, false);
+            for (n, obj) in within {
+                if !full && used + n <= self.limits.max_total_entries {
+                    used += n;
+                } else {
+                    full = true;
+                    closed.insert(obj.clone(), Closed::OverTotal);
+                }
+            }
+        }
+        closed
     }
 
     /// Gives the maps, the rule table and the diagnostics, and the allocator back.
@@ -520,6 +664,7 @@ impl Incremental {
         let diagnostics = self.diagnostics();
         (
             super::Compiled {
+                policy_entries: self.policy_counts(),
                 maps: self.out.maps,
                 rules: self.rules.refs,
                 diagnostics,
@@ -596,6 +741,10 @@ impl Incremental {
         let mut touched: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
         let mut addrs: BTreeSet<Addr16> = BTreeSet::new();
         let mut ifs: BTreeSet<u32> = mem::take(&mut d.links);
+        let any_pods = !d.pods.is_empty() || (d.all_pods && !self.snap.pods.is_empty());
+        if any_pods && self.ids.has_adopted() {
+            self.seed_adopted_ids(&d);
+        }
         let dirty_pods: Box<dyn Iterator<Item = &ObjRef>> = if d.all_pods {
             Box::new(self.snap.pods.keys().chain(d.pods.iter()))
         } else {
@@ -663,6 +812,9 @@ impl Incremental {
         // 2. Identities that appeared, vanished, became local or stopped being local.
         let mut appeared = Vec::new();
         let mut vanished = Vec::new();
+        // The keys of vanished identities (their counts towards each local identity go).
+        let mut vanished_keys: BTreeMap<u32, IdentityKey> = BTreeMap::new();
+        let mut counts_changed = false;
         let mut recompute: BTreeSet<u32> = BTreeSet::new();
         let mut blocks_changed = false;
         for (&id, &(existed, was_local)) in &touched {
@@ -679,6 +831,9 @@ impl Incremental {
                             self.ns_ids.remove(&info.key.namespace);
                         }
                     }
+                    if existed {
+                        vanished_keys.insert(id, info.key);
+                    }
                 }
                 if existed {
                     vanished.push(id);
@@ -693,8 +848,12 @@ impl Incremental {
                     for e in st.entries.values() {
                         self.out.replace(Some(e), None);
                     }
-                    for b in &st.blocks {
+                    for b in st.blocks() {
                         blocks_changed |= unref_block(&mut self.blocks, &b.block);
+                    }
+                    for g in &st.groups {
+                        self.set_count(&g.policy, id, None);
+                        counts_changed = true;
                     }
                 }
             } else if !was_local && is_local {
@@ -724,14 +883,109 @@ impl Incremental {
                 }
             }
         }
+        // The open policies' blocks of each local identity whose rules are replaced or whose
+        // policies open or close, as they were (their uses are given back below).
+        let mut old_blocks: BTreeMap<u32, Vec<Block>> = BTreeMap::new();
+        for id in &recompute {
+            let key = &self.identities[id].key;
+            let groups = local_rules(&self.snap, &self.rules, key);
+            let counted: Vec<(ObjRef, usize)> = groups
+                .iter()
+                .map(|g| {
+                    let n = count_entries(g, key, &self.identities, &self.ns_ids);
+                    (g.policy.clone(), n)
+                })
+                .collect();
+            let st = self.locals.entry(*id).or_default();
+            old_blocks.insert(*id, st.blocks().map(|b| b.block.clone()).collect());
+            let old: Vec<ObjRef> = mem::replace(&mut st.groups, groups)
+                .into_iter()
+                .map(|g| g.policy)
+                .collect();
+            for obj in old {
+                self.set_count(&obj, *id, None);
+            }
+            for (obj, n) in counted {
+                self.set_count(&obj, *id, Some(n));
+            }
+            counts_changed = true;
+        }
+        // Identities that appeared or vanished change the counts of the other local
+        // identities' policies that match them.
+        if !appeared.is_empty() || !vanished_keys.is_empty() {
+            let mut delta: BTreeMap<(ObjRef, u32), (usize, usize)> = BTreeMap::new();
+            for (l, st) in &self.locals {
+                if recompute.contains(l) {
+                    continue;
+                }
+                let me = &self.identities[l].key;
+                for g in st
+                    .groups
+                    .iter()
+                    .filter(|g| g.rules.iter().any(|r| r.pod_peers))
+                {
+                    let (mut add, mut sub) = (0, 0);
+                    for p in &appeared {
+                        add += count_pod_entries(&g.rules, me, &self.identities[p].key);
+                    }
+                    for other in vanished_keys.values() {
+                        sub += count_pod_entries(&g.rules, me, other);
+                    }
+                    if add != sub {
+                        delta.insert((g.policy.clone(), *l), (add, sub));
+                    }
+                }
+            }
+            for ((obj, l), (add, sub)) in delta {
+                let n = (self.counts[&obj][&l] + add).saturating_sub(sub);
+                self.set_count(&obj, l, Some(n));
+                counts_changed = true;
+            }
+        }
+        // Policies that open or close: the local identities they select recompile.
+        if counts_changed {
+            let closed = self.decide_closed();
+            let flipped: Vec<ObjRef> = closed
+                .keys()
+                .filter(|o| !self.closed.contains_key(*o))
+                .chain(self.closed.keys().filter(|o| !closed.contains_key(*o)))
+                .cloned()
+                .collect();
+            self.closed = closed;
+            for obj in flipped {
+                for l in self.counts.get(&obj).into_iter().flat_map(|c| c.keys()) {
+                    if let Some(st) = self.locals.get(l)
+                        && !old_blocks.contains_key(l)
+                    {
+                        old_blocks.insert(*l, st.blocks().map(|b| b.block.clone()).collect());
+                        recompute.insert(*l);
+                    }
+                }
+            }
+        }
         for id in &recompute {
             let info = &self.identities[id];
-            let (flags, rules, blocks) = local_rules(&self.snap, &self.rules, &info.key);
-            let st = self.locals.entry(*id).or_default();
-            for b in &st.blocks {
-                blocks_changed |= unref_block(&mut self.blocks, &b.block);
+            let st = self
+                .locals
+                .get_mut(id)
+                .expect("recomputed identities are local");
+            let mut flags = 0;
+            for g in &mut st.groups {
+                g.open = !self.closed.contains_key(&g.policy);
+                flags |= g.isolate;
             }
-            for b in &blocks {
+            // Class entries exist only in the directions that have block allows.
+            for b in st.blocks() {
+                flags |= if b.dir == DIR_INGRESS {
+                    EP_CLASS_INGRESS
+                } else {
+                    EP_CLASS_EGRESS
+                };
+            }
+            for b in old_blocks.remove(id).unwrap_or_default() {
+                blocks_changed |= unref_block(&mut self.blocks, &b);
+            }
+            for b in st.blocks() {
                 let n = self.blocks.entry(b.block.clone()).or_insert(0);
                 *n += 1;
                 blocks_changed |= *n == 1;
@@ -740,8 +994,6 @@ impl Incremental {
                 ifs.extend(info.local.iter().map(|(i, _)| *i));
             }
             st.flags = flags;
-            st.rules = rules;
-            st.blocks = blocks;
         }
 
         // 4. CIDR classes, when the set of ipBlocks in use changed.
@@ -751,7 +1003,7 @@ impl Incremental {
             class_dirty = self
                 .locals
                 .iter()
-                .filter(|(id, st)| !st.blocks.is_empty() && !recompute.contains(id))
+                .filter(|(id, st)| st.blocks().next().is_some() && !recompute.contains(id))
                 .map(|(id, _)| *id)
                 .collect();
         }
@@ -780,7 +1032,7 @@ impl Incremental {
                     continue;
                 }
                 let me = &self.identities[l].key;
-                let e = pod_entries(st, *l, me, *p, other);
+                let e = pod_entries(st.rules(), *l, me, *p, other);
                 if !e.is_empty() {
                     self.out.replace(None, Some(&e));
                     st.entries.insert(*p, e);
@@ -891,6 +1143,63 @@ impl Incremental {
             };
             self.out.identity(a, v);
         }
+        // Adopted ids are offered to the first compile that places pods only.
+        if any_pods {
+            self.ids.forget_adopted();
+        }
+    }
+
+    /// Offers the adopted ids to the identities of the dirty pods that have none yet: each
+    /// address votes for the id IDENTITIES gave it, each interface for the id ENDPOINTS gave
+    /// it, both on behalf of the pod that owns it now (the same rules as the maps': the first
+    /// claimant in name order, not terminating first). See [`IdAllocator::seed_pods`].
+    fn seed_adopted_ids(&mut self, d: &Dirty) {
+        let objs: Box<dyn Iterator<Item = &ObjRef>> = if d.all_pods {
+            Box::new(self.snap.pods.keys().chain(d.pods.iter()))
+        } else {
+            Box::new(d.pods.iter())
+        };
+        let mut keys: BTreeMap<&ObjRef, IdentityKey> = BTreeMap::new();
+        let mut addr_claims: BTreeMap<Addr16, BTreeSet<ObjRef>> = BTreeMap::new();
+        let mut if_claims: BTreeMap<u32, &ObjRef> = BTreeMap::new();
+        for obj in objs {
+            let Some(pod) = self.snap.pods.get(obj).filter(|p| p.is_endpoint()) else {
+                continue;
+            };
+            if keys.contains_key(obj) {
+                continue;
+            }
+            keys.insert(obj, identity_key(pod, &self.snap));
+            for ip in &pod.ips {
+                addr_claims
+                    .entry(addr16(*ip))
+                    .or_default()
+                    .insert(obj.clone());
+            }
+            if let Some(i) = self.snap.local.get(obj) {
+                if_claims
+                    .entry(*i)
+                    .and_modify(|o| *o = (*o).min(obj))
+                    .or_insert(obj);
+            }
+        }
+        let mut votes: BTreeMap<IdentityKey, BTreeMap<u32, usize>> = BTreeMap::new();
+        let mut vote = |owner: &ObjRef, id: Option<u32>| {
+            if let (Some(id), Some(key)) = (id, keys.get(owner))
+                && !self.ids.knows_pod(key)
+            {
+                *votes.entry(key.clone()).or_default().entry(id).or_default() += 1;
+            }
+        };
+        for (a, claims) in &addr_claims {
+            if let Some(owner) = self.owner(claims) {
+                vote(owner, self.ids.adopted_addr(a));
+            }
+        }
+        for (i, owner) in &if_claims {
+            vote(owner, self.ids.adopted_ifindex(*i));
+        }
+        self.ids.seed_pods(&votes);
     }
 
     /// Recomputes the CIDR classes of the ipBlocks in use, the CIDRS map and which classes
@@ -898,6 +1207,18 @@ impl Incremental {
     fn recompute_classes(&mut self) {
         let blocks: Vec<Block> = self.blocks.keys().cloned().collect();
         let classes = peers::classes(&blocks);
+        if self.ids.has_adopted() {
+            // Each prefix votes for the class id adopted CIDRS gave it.
+            let mut votes: BTreeMap<BTreeSet<Block>, BTreeMap<u32, usize>> = BTreeMap::new();
+            for (prefix, set) in &classes {
+                let key: BTreeSet<Block> = set.iter().map(|i| blocks[*i].clone()).collect();
+                let v = votes.entry(key).or_default();
+                if let Some(id) = self.ids.adopted_prefix(&(prefix.len, prefix.addr16())) {
+                    *v.entry(id).or_default() += 1;
+                }
+            }
+            self.ids.seed_classes(&votes);
+        }
         let mut cidrs: BTreeMap<Lpm<Addr16>, u32> = BTreeMap::new();
         let mut members: BTreeMap<Block, Vec<u32>> = BTreeMap::new();
         let mut used: BTreeSet<u32> = BTreeSet::new();
@@ -982,21 +1303,21 @@ impl Incremental {
         };
         let me = &self.identities[&l].key;
         let mut new: BTreeMap<u32, Entries> = BTreeMap::new();
-        if st.rules.iter().any(|r| r.pod_peers) {
-            let all = st.rules.iter().any(|r| r.all_namespaces);
+        if st.rules().any(|r| r.pod_peers) {
+            let all = st.rules().any(|r| r.all_namespaces);
             let candidates: Box<dyn Iterator<Item = &u32>> = if all {
                 Box::new(self.identities.keys())
             } else {
                 Box::new(self.ns_ids.get(&me.namespace).into_iter().flatten())
             };
             for p in candidates {
-                let e = pod_entries(st, l, me, *p, &self.identities[p].key);
+                let e = pod_entries(st.rules(), l, me, *p, &self.identities[p].key);
                 if !e.is_empty() {
                     new.insert(*p, e);
                 }
             }
         }
-        new.extend(class_entries(st, l, me, &self.block_classes));
+        new.extend(class_entries(st.blocks(), l, me, &self.block_classes));
         let old = mem::take(&mut st.entries);
         for (peer, e) in &old {
             self.out.replace(Some(e), new.get(peer));
@@ -1015,7 +1336,7 @@ impl Incremental {
             return;
         };
         let me = &self.identities[&l].key;
-        let new = class_entries(st, l, me, &self.block_classes);
+        let new = class_entries(st.blocks(), l, me, &self.block_classes);
         let old: Vec<u32> = st
             .entries
             .range(CIDR_CLASS_BIT..)
@@ -1118,17 +1439,14 @@ fn isolation(snap: &ClusterSnapshot, ns: &str, labels: &Labels) -> u32 {
     })
 }
 
-/// The flags (isolation, and which directions have class entries), rules and block allows
-/// of a local identity.
-fn local_rules(
-    snap: &ClusterSnapshot,
-    table: &RuleTable,
-    key: &IdentityKey,
-) -> (u32, Vec<RuleUse>, Vec<BlockAllow>) {
-    let mut flags = 0;
-    let mut uses = Vec::new();
-    let mut blocks = Vec::new();
+/// The rules and block allows of every policy selecting a local identity, per policy in name
+/// order (all open: the caller decides).
+fn local_rules(snap: &ClusterSnapshot, table: &RuleTable, key: &IdentityKey) -> Vec<PolicyRules> {
+    let mut groups = Vec::new();
     for (obj, policy) in selecting(snap, &key.namespace, &key.labels) {
+        let mut flags = 0;
+        let mut uses = Vec::new();
+        let mut blocks = Vec::new();
         for (dir, rules, bit) in [
             (DIR_INGRESS, &policy.ingress, EP_ISOLATE_INGRESS),
             (DIR_EGRESS, &policy.egress, EP_ISOLATE_EGRESS),
@@ -1184,16 +1502,15 @@ fn local_rules(
                 });
             }
         }
+        groups.push(PolicyRules {
+            policy: obj.clone(),
+            isolate: flags,
+            rules: uses,
+            blocks,
+            open: true,
+        });
     }
-    // Class entries exist only in the directions that have block allows.
-    for b in &blocks {
-        flags |= if b.dir == DIR_INGRESS {
-            EP_CLASS_INGRESS
-        } else {
-            EP_CLASS_EGRESS
-        };
-    }
-    (flags, uses, blocks)
+    groups
 }
 
 /// Adds an entry unless the key is already there (the first rule in order names it).
@@ -1210,14 +1527,10 @@ fn insert_first(e: &mut Entries, local: u32, peer: u32, dir: u8, p: PortPrefix, 
         .or_insert(PolicyValue { rule_ref, flags: 0 });
 }
 
-/// entries(L, P) for a pod identity P.
-fn pod_entries(st: &LocalState, l: u32, me: &IdentityKey, p: u32, other: &IdentityKey) -> Entries {
-    let mut e = Entries::new();
-    for ru in &st.rules {
-        if !ru.pod_peers {
-            continue;
-        }
-        let hit = ru.any_peer_named
+/// Does rule `ru` allow pod identity `other` as a peer?
+fn hits(ru: &RuleUse, other: &IdentityKey) -> bool {
+    ru.pod_peers
+        && (ru.any_peer_named
             || ru.rule.peers.iter().any(|peer| match peer {
                 Peer::Pods {
                     namespace_selector,
@@ -1233,8 +1546,20 @@ fn pod_entries(st: &LocalState, l: u32, me: &IdentityKey, p: u32, other: &Identi
                             .is_none_or(|s| s.matches(&other.labels))
                 }
                 Peer::IpBlock { .. } => false,
-            });
-        if !hit {
+            }))
+}
+
+/// entries(L, P) for a pod identity P, from `rules` (in order: the first names an entry).
+fn pod_entries<'a>(
+    rules: impl Iterator<Item = &'a RuleUse>,
+    l: u32,
+    me: &IdentityKey,
+    p: u32,
+    other: &IdentityKey,
+) -> Entries {
+    let mut e = Entries::new();
+    for ru in rules {
+        if !hits(ru, other) {
             continue;
         }
         // Named ports resolve on the destination: the local pod for ingress, the peer for egress.
@@ -1263,15 +1588,15 @@ fn class_of(cidrs: &BTreeMap<Lpm<Addr16>, u32>, lens: &[u32], a: Addr16) -> u32 
         .unwrap_or(0)
 }
 
-/// entries(L, C) for every CIDR class C.
-fn class_entries(
-    st: &LocalState,
+/// entries(L, C) for every CIDR class C, from `blocks`.
+fn class_entries<'a>(
+    blocks: impl Iterator<Item = &'a BlockAllow>,
     l: u32,
     me: &IdentityKey,
     block_classes: &BTreeMap<Block, Vec<u32>>,
 ) -> BTreeMap<u32, Entries> {
     let mut out: BTreeMap<u32, Entries> = BTreeMap::new();
-    for ba in &st.blocks {
+    for ba in blocks {
         // Named ports: the local pod's for ingress; an address range has none (egress).
         let dest = (ba.dir == DIR_INGRESS).then_some(me.named_ports.as_slice());
         let prefixes = port_prefixes(&ba.ports, dest);
@@ -1286,4 +1611,108 @@ fn class_entries(
         }
     }
     out
+}
+
+/// The POLICY entries one policy's `rules` give local identity `me` towards pod identity
+/// `other`: |entries(L, P)| of this policy alone. Counts distinct (direction, port prefix)
+/// without building the entries.
+fn count_pod_entries(rules: &[RuleUse], me: &IdentityKey, other: &IdentityKey) -> usize {
+    let mut seen: BTreeSet<(u8, PortPrefix)> = BTreeSet::new();
+    for ru in rules.iter().filter(|ru| hits(ru, other)) {
+        let dest = if ru.dir == DIR_INGRESS {
+            &me.named_ports
+        } else {
+            &other.named_ports
+        };
+        seen.extend(
+            port_prefixes(&ru.rule.ports, Some(dest))
+                .into_iter()
+                .map(|p| (ru.dir, p)),
+        );
+    }
+    seen.len()
+}
+
+/// The POLICY entries of one policy for local identity `l`: towards every pod identity, and
+/// towards the CIDR classes its own ipBlocks make (so the count does not depend on other
+/// policies' ipBlocks). Deterministic; the work grows with (peers × rules), not with the
+/// entries: peers whose matching rules and destination ports are alike are counted once.
+fn count_entries(
+    g: &PolicyRules,
+    me: &IdentityKey,
+    identities: &BTreeMap<u32, IdentityInfo>,
+    ns_ids: &BTreeMap<String, BTreeSet<u32>>,
+) -> usize {
+    let mut n = 0usize;
+    if g.rules.iter().any(|r| r.pod_peers) {
+        let all = g.rules.iter().any(|r| r.all_namespaces);
+        let candidates: Box<dyn Iterator<Item = &u32>> = if all {
+            Box::new(identities.keys())
+        } else {
+            Box::new(ns_ids.get(&me.namespace).into_iter().flatten())
+        };
+        // (rules hit, the destination's named ports when an egress rule hit names ports)
+        let mut memo: HashMap<(Vec<usize>, Option<&[ContainerPort]>), usize> = HashMap::new();
+        for p in candidates {
+            let other = &identities[p].key;
+            let hit: Vec<usize> = (0..g.rules.len())
+                .filter(|i| hits(&g.rules[*i], other))
+                .collect();
+            if hit.is_empty() {
+                continue;
+            }
+            let named_egress = hit.iter().any(|i| {
+                let ru = &g.rules[*i];
+                ru.dir == DIR_EGRESS
+                    && ru
+                        .rule
+                        .ports
+                        .iter()
+                        .any(|p| matches!(p.port, Some(PortRef::Name(_))))
+            });
+            let dest = named_egress.then_some(other.named_ports.as_slice());
+            n += *memo
+                .entry((hit, dest))
+                .or_insert_with(|| count_pod_entries(&g.rules, me, other));
+        }
+    }
+    if !g.blocks.is_empty() {
+        let mut own: Vec<Block> = g.blocks.iter().map(|b| b.block.clone()).collect();
+        own.sort();
+        own.dedup();
+        // own block -> the allows with that block.
+        let mut allows_of: Vec<Vec<usize>> = vec![Vec::new(); own.len()];
+        for (i, b) in g.blocks.iter().enumerate() {
+            if let Ok(k) = own.binary_search(&b.block) {
+                allows_of[k].push(i);
+            }
+        }
+        let mut memo: HashMap<Vec<usize>, usize> = HashMap::new();
+        // A class is a set of blocks (prefixes with the same set share one class id).
+        let sets: BTreeSet<BTreeSet<usize>> = peers::classes(&own).into_values().collect();
+        for set in sets {
+            // The allows whose block matches this class.
+            let mut allows: Vec<usize> = set
+                .iter()
+                .flat_map(|b| allows_of[*b].iter().copied())
+                .collect();
+            if allows.is_empty() {
+                continue;
+            }
+            allows.sort_unstable();
+            n += *memo.entry(allows).or_insert_with_key(|allows| {
+                let mut seen: BTreeSet<(u8, PortPrefix)> = BTreeSet::new();
+                for ba in allows.iter().map(|i| &g.blocks[*i]) {
+                    let dest = (ba.dir == DIR_INGRESS).then_some(me.named_ports.as_slice());
+                    seen.extend(
+                        port_prefixes(&ba.ports, dest)
+                            .into_iter()
+                            .map(|p| (ba.dir, p)),
+                    );
+                }
+                seen.len()
+            });
+        }
+    }
+    n
 }

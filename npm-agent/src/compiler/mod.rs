@@ -27,11 +27,41 @@ use std::collections::{BTreeMap, BTreeSet};
 pub use desired::{DesiredMaps, RuleRef};
 pub use ids::IdAllocator;
 pub use incremental::Incremental;
+
 use npm_common::maps::Addr16;
 use ports::PortPrefix;
 
 use crate::model::{ContainerPort, Diagnostic, PortRef, PortSpec};
 use crate::state::ClusterSnapshot;
+
+/// The default per-policy budget ([`Limits::max_policy_entries`]): 65 536, 1/16 of the
+/// POLICY map, so at least 16 policies at the limit fit beside each other. A policy's POLICY
+/// entries are (selected local identities) × (peers) × (port prefixes): even 64 local
+/// identities × 64 peer identities × 16 ports stays below it, where one policy with 2 000
+/// ports towards every pod of a large cluster is far above.
+pub const DEFAULT_MAX_POLICY_ENTRIES: usize = 65_536;
+
+/// Bounds on what policies may add to the POLICY map. Configuration, passed in (the compiler
+/// reads nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// At most this many POLICY entries per NetworkPolicy (counted before the merge with other
+    /// policies' entries; see [`incremental`]). A policy above it fails closed: it keeps
+    /// isolating the pods it selects and allows nothing.
+    pub max_policy_entries: usize,
+    /// The policies within budget together: at most this many entries (the POLICY map's
+    /// size). Above it the largest fail closed first.
+    pub max_total_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_policy_entries: DEFAULT_MAX_POLICY_ENTRIES,
+            max_total_entries: npm_common::maps::POLICY_MAX as usize,
+        }
+    }
+}
 
 /// The compiler's output.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -41,6 +71,26 @@ pub struct Compiled {
     /// index): adding a policy never renumbers another's rules (so the table has holes).
     pub rules: BTreeMap<u32, RuleRef>,
     pub diagnostics: Vec<Diagnostic>,
+    /// Per policy: its POLICY entries on this node (before the merge), and whether it fails
+    /// closed for exceeding a limit.
+    pub policy_entries: BTreeMap<crate::model::ObjRef, PolicyCount>,
+}
+
+/// One policy's entry count and whether it is over a limit (and so fails closed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyCount {
+    pub entries: usize,
+    pub closed: Option<Closed>,
+}
+
+/// Why a policy fails closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// Its entries exceed [`Limits::max_policy_entries`].
+    OverBudget,
+    /// Within budget, but the policies within budget together exceed
+    /// [`Limits::max_total_entries`], and it is among the largest.
+    OverTotal,
 }
 
 /// Converts an IP address to the maps' 16-byte form.
@@ -84,7 +134,12 @@ fn port_prefixes(ports: &[PortSpec], dest_ports: Option<&[ContainerPort]>) -> Ve
 /// across calls, so that successive outputs differ only where the cluster changed. A thin
 /// wrapper over [`Incremental`]: there is one compiler.
 pub fn compile(snapshot: &ClusterSnapshot, ids: &mut IdAllocator) -> Compiled {
-    let inc = Incremental::new(snapshot, std::mem::take(ids));
+    compile_with(snapshot, ids, Limits::default())
+}
+
+/// [`compile`] with explicit [`Limits`].
+pub fn compile_with(snapshot: &ClusterSnapshot, ids: &mut IdAllocator, limits: Limits) -> Compiled {
+    let inc = Incremental::with_limits(snapshot, std::mem::take(ids), limits);
     let (compiled, mut allocator) = inc.into_parts();
     let used_pods: BTreeSet<u32> = compiled
         .maps

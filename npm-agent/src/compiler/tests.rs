@@ -1055,4 +1055,5 @@ fn a_shared_ip_belongs_to_the_pod_that_is_not_being_deleted() {
     );
 }
 
+mod budget;
 mod incremental;

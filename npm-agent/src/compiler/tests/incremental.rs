@@ -22,7 +22,7 @@ enum Cid {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-struct Canon {
+pub(super) struct Canon {
     endpoints: BTreeMap<u32, (Cid, u32)>,
     /// (identity, ifindex, flags, CIDR class or none).
     identities: BTreeMap<npm_common::maps::Addr16, (Cid, u32, u32, Option<Cid>)>,
@@ -33,7 +33,7 @@ struct Canon {
 
 /// The maps with every id replaced by its meaning (the allocator must know every id in use)
 /// and every rule_ref by its rule.
-fn canon(inc: &Incremental) -> Canon {
+pub(super) fn canon(inc: &Incremental) -> Canon {
     let pods: BTreeMap<u32, IdentityKey> =
         inc.ids().pod_ids().map(|(k, id)| (id, k.clone())).collect();
     let classes: BTreeMap<u32, BTreeSet<Block>> = inc
@@ -102,7 +102,7 @@ fn canon(inc: &Incremental) -> Canon {
 }
 
 /// A random change against the current snapshot.
-fn random_change(r: &mut Rng, s: &ClusterSnapshot, next: &mut u32) -> Change {
+pub(super) fn random_change(r: &mut Rng, s: &ClusterSnapshot, next: &mut u32) -> Change {
     let pods: Vec<&ObjRef> = s.pods.keys().collect();
     let pick_pod = |r: &mut Rng| pods[r.below(pods.len() as u64) as usize].clone();
     *next += 1;
@@ -220,7 +220,7 @@ fn random_change(r: &mut Rng, s: &ClusterSnapshot, next: &mut u32) -> Change {
 /// pods with an address of their own (not a node address, not claimed twice) are pod ends,
 /// the addresses of pods that are not endpoints and a few others are external hosts. Returns
 /// the number of flows checked.
-fn check_reference(s: &ClusterSnapshot, m: &DesiredMaps, ctx: &str) -> usize {
+pub(super) fn check_reference(s: &ClusterSnapshot, m: &DesiredMaps, ctx: &str) -> usize {
     let node: BTreeSet<IpAddr> = s.node_ips.iter().copied().collect();
     let mut claims: BTreeMap<IpAddr, BTreeSet<ObjRef>> = BTreeMap::new();
     for p in s.pods.values().filter(|p| p.is_endpoint()) {
@@ -384,7 +384,7 @@ fn check_slots(
         .count()
 }
 
-fn replay(backend: &mut FakeBackend, plan: &Plan) {
+pub(super) fn replay(backend: &mut FakeBackend, plan: &Plan) {
     for op in &plan.ops {
         backend.apply(op).expect("fake backend");
     }
@@ -801,4 +801,168 @@ fn node_name_decides_which_pods_are_not_yet_placed() {
         canon(&Incremental::new(&fresh_snapshot, IdAllocator::default()))
     );
     assert!(inc.set_node_name(Some("node".into())).is_empty());
+}
+
+/// A restarted agent: a compiler that adopted `old`'s maps and is fed `s` as changes from an
+/// empty snapshot, as `Pipeline` does.
+fn restarted(old: &DesiredMaps, s: &ClusterSnapshot) -> Incremental {
+    let mut ids = IdAllocator::default();
+    ids.adopt(old);
+    let start = ClusterSnapshot {
+        node_name: s.node_name.clone(),
+        ..ClusterSnapshot::default()
+    };
+    let mut inc = Incremental::new(&start, ids);
+    inc.apply(&start.diff(s));
+    inc
+}
+
+#[test]
+fn a_compiler_seeded_from_adopted_maps_gives_every_id_back() {
+    let (mut exact, mut renumbered_before) = (0usize, 0usize);
+    for seed in 1..=40u64 {
+        let mut r = Rng(seed.wrapping_mul(0x9FB2_1C65_1E98_DF25) | 1);
+        let mut base = random_cluster(seed);
+        base.node_name = Some("node".into());
+        // A history of pod, namespace, link and node changes (policies unchanged, so rule
+        // numbers are those of a fresh compile), so ids are not 1..n.
+        let mut inc = Incremental::new(&base, IdAllocator::default());
+        let mut next = 0;
+        for _ in 0..25 {
+            let c = loop {
+                let c = random_change(&mut r, inc.snapshot(), &mut next);
+                if !matches!(c, Change::Policy(..)) {
+                    break c;
+                }
+            };
+            inc.apply(&[c]);
+        }
+        let old = inc.maps().clone();
+        let again = restarted(&old, inc.snapshot());
+        assert_eq!(again.maps(), &old, "seed {seed}: the same maps, id for id");
+        assert!(
+            plan::plan(&old, again.maps()).ops.is_empty(),
+            "seed {seed}: nothing to write"
+        );
+        assert_eq!(canon(&again), canon(&inc), "seed {seed}");
+        exact += 1;
+        // Without adoption (the old behaviour) the ids move above the reserved ones.
+        let mut ids = IdAllocator::default();
+        ids.reserve(old.identities.values().map(|p| p.id));
+        let fresh = Incremental::new(inc.snapshot(), ids);
+        renumbered_before += usize::from(!plan::plan(&old, fresh.maps()).ops.is_empty());
+
+        // And after a history with policy changes too: ENDPOINTS, IDENTITIES and CIDRS are the
+        // same id for id, and so is every POLICY and PAIRS key between identities that own an
+        // address or an interface (one whose pods own neither, e.g. a pod whose only address
+        // another pod owns, appears nowhere to vote from: it gets a new id); rule numbers may
+        // differ (they follow the policies' history); what each entry means is the same.
+        for _ in 0..15 {
+            let c = random_change(&mut r, inc.snapshot(), &mut next);
+            inc.apply(&[c]);
+        }
+        let old = inc.maps().clone();
+        let again = restarted(&old, inc.snapshot());
+        let m = again.maps();
+        assert_eq!(
+            (&m.endpoints, &m.identities, &m.cidrs),
+            (&old.endpoints, &old.identities, &old.cidrs),
+            "seed {seed}"
+        );
+        let placed: BTreeSet<u32> = old
+            .identities
+            .values()
+            .map(|p| p.id)
+            .chain(old.endpoints.values().map(|e| e.id))
+            .chain(old.cidrs.values().copied())
+            .collect();
+        let keys = |m: &DesiredMaps| -> Vec<_> {
+            m.pairs
+                .keys()
+                .filter(|k| placed.contains(&k.local_id) && placed.contains(&k.peer_id))
+                .copied()
+                .collect()
+        };
+        assert_eq!(keys(m), keys(&old), "seed {seed}");
+        assert_eq!(canon(&again), canon(&inc), "seed {seed}");
+    }
+    assert_eq!(exact, 40);
+    assert!(renumbered_before > 30, "{renumbered_before}");
+}
+
+#[test]
+fn adopted_ids_in_conflict_go_to_one_identity_each() {
+    let s = random_cluster(7);
+    let keys: Vec<ObjRef> = s.pods.keys().cloned().collect();
+    let c = compile(&s, &mut IdAllocator::default());
+    let ip = |p: &Pod| addr16(p.ips[0]);
+    let old_id = |o: &ObjRef| c.maps.identities[&ip(&s.pods[o])].id;
+    let max_old = c.maps.identities.values().map(|p| p.id).max().expect("ids");
+    // While the agent was down: pod 1 became a twin of pod 0 (same namespace, labels and
+    // ports: one identity, two adopted ids voting for it; pod 1's interface went), and pod 2
+    // got new labels (its address's id now votes for a new identity, and any pod still of its
+    // old identity votes for the same id).
+    let mut t = s.clone();
+    let mut twin = s.pods[&keys[0]].clone();
+    twin.name = "twin".into();
+    twin.ips = s.pods[&keys[1]].ips.clone();
+    t.pods.remove(&keys[1]);
+    t.local.remove(&keys[1]);
+    t.pods.insert(twin.obj_ref(), twin.clone());
+    t.pods
+        .get_mut(&keys[2])
+        .expect("pod")
+        .labels
+        .insert("relabelled".into(), "yes".into());
+    let again = restarted(&c.maps, &t);
+    let m = again.maps();
+    let new_id = |p: &Pod| m.identities[&ip(p)].id;
+    assert_eq!(
+        new_id(&twin),
+        new_id(&t.pods[&keys[0]]),
+        "one identity, one id"
+    );
+    assert_eq!(
+        new_id(&twin),
+        old_id(&keys[0]),
+        "two votes (address and interface) against one"
+    );
+    // No two identities share an id; an identity that lost a conflict gets a new one, above
+    // every adopted id.
+    let live: BTreeMap<u32, &IdentityKey> = again.ids().pod_ids().map(|(k, id)| (id, k)).collect();
+    assert_eq!(live.len(), again.ids().live_pod_identities());
+    let old_ids: BTreeSet<u32> = c.maps.identities.values().map(|p| p.id).collect();
+    for p in t.pods.values() {
+        let id = new_id(p);
+        assert!(old_ids.contains(&id) || id > max_old, "{}: {id}", p.name);
+    }
+    // The relabelled pod's address voted for its old id: its new identity has it unless a pod
+    // still of the old identity won it (more votes, or as many and the earlier key).
+    let relabelled = new_id(&t.pods[&keys[2]]);
+    let stayed = t.pods.values().any(|p| {
+        p.name != keys[2].name
+            && s.pods
+                .get(&p.obj_ref())
+                .is_some_and(|q| old_id(&q.obj_ref()) == old_id(&keys[2]))
+    });
+    assert!(
+        relabelled == old_id(&keys[2]) || (stayed && relabelled > max_old),
+        "{relabelled}"
+    );
+    // Pods untouched keep their ids unless their identity lost a conflict.
+    for o in keys.iter().skip(3) {
+        assert!(
+            new_id(&t.pods[o]) == old_id(o) || new_id(&t.pods[o]) > max_old,
+            "{o}"
+        );
+    }
+    // The order the changes come in does not matter.
+    let mut ids = IdAllocator::default();
+    ids.adopt(&c.maps);
+    let start = ClusterSnapshot::default();
+    let mut inc = Incremental::new(&start, ids);
+    let mut changes = start.diff(&t);
+    changes.reverse();
+    inc.apply(&changes);
+    assert_eq!(inc.maps(), again.maps());
 }
