@@ -146,6 +146,20 @@ impl Env {
                 0,
             )
             .expect("identity");
+        // The pod's own address, on its interface, as the compiler writes it (the datapath
+        // drops a new flow whose source is not the sending endpoint's).
+        identities
+            .insert(
+                addr_from_v4(POD),
+                PeerInfo {
+                    id: LOCAL_ID,
+                    ifindex: IFINDEX,
+                    flags: 0,
+                    class: 0,
+                },
+                0,
+            )
+            .expect("own identity");
         let pk = PolicyKey {
             local_id: LOCAL_ID,
             peer_id: PEER_ID,
