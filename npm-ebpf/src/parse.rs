@@ -320,7 +320,12 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
                 if next == IPV6_FRAGMENT {
                     // Fixed 8-byte header; offset is the upper 13 bits of bytes 2..4.
                     if u16::from_be_bytes(frag) >> 3 != 0 {
+                        // A non-first fragment: what follows is the middle of the payload,
+                        // not headers. Its protocol is the one this header names.
                         first_fragment = false;
+                        next = n;
+                        done = true;
+                        break;
                     }
                     off += 8;
                 } else {
