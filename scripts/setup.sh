@@ -48,6 +48,13 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null
     --no-default-features --features llvm-22
 fi
 
+# cargo-fuzz for `cargo xtask fuzz` (and the fuzz smoke of `cargo xtask test`); 0.13.2 builds
+# with the stable toolchain here (about a minute) and drives the nightly one.
+if ! command -v cargo-fuzz >/dev/null 2>&1 || ! cargo fuzz --version 2>/dev/null | grep -q '0.13.2'; then
+  log "cargo install cargo-fuzz 0.13.2"
+  cargo install cargo-fuzz --version 0.13.2 --locked
+fi
+
 if ! mountpoint -q /sys/fs/bpf; then
   log "mount bpffs on /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf

@@ -39,9 +39,10 @@ const TC_ACT_PIPE: u32 = 3;
 /// `lo`: exists in every network namespace, as `BPF_PROG_TEST_RUN` requires.
 const IFINDEX: u32 = 1;
 const ETH_HLEN: usize = 14;
-/// Wall-time bound of a default run (a debug build takes about 10 s on 2 busy cores); a
-/// longer run (`NPM_FUZZ_CASES`) gets the same per frame.
-const TIME_LIMIT: Duration = Duration::from_secs(50);
+/// Wall-time bound of a default run, against a hang: a debug build takes about 10 s on 2
+/// cores (40 s seen with other builds and fuzzers running); a longer run (`NPM_FUZZ_CASES`)
+/// gets the same per frame.
+const TIME_LIMIT: Duration = Duration::from_secs(120);
 const DEFAULT_CASES: usize = 20_000;
 
 const TCP: u8 = 6;
@@ -354,7 +355,11 @@ fn reading(f: &[u8]) -> Reading {
 
 /// Whether a pass of frame `f` in direction `dir` is justified.
 fn justified(dir: u8, f: &[u8]) -> bool {
-    match reading(f) {
+    justified_reading(dir, &reading(f))
+}
+
+fn justified_reading(dir: u8, r: &Reading) -> bool {
+    match *r {
         Reading::NotIp | Reading::LinkControl => true,
         Reading::Malformed => false,
         Reading::Ip {
@@ -1021,12 +1026,13 @@ fn random_and_malformed_frames_never_pass_what_the_policy_denies() {
             runs += 1;
             let s = &mut stats[usize::from(dir)];
             s[0] += 1;
+            let read = reading(f);
             let context = || {
                 format!(
                     "seed {seed:#x} case {i} ({}, {prog}): frame {} read as {:?}",
                     case.what,
                     hex(f),
-                    reading(f)
+                    read
                 )
             };
             assert!(
@@ -1035,13 +1041,22 @@ fn random_and_malformed_frames_never_pass_what_the_policy_denies() {
                 context()
             );
             let pass = retval == TC_ACT_PIPE;
-            let ok = justified(dir, f);
+            let ok = justified_reading(dir, &read);
             assert!(
                 !pass || ok,
                 "passed a new flow the policy does not allow; {}",
                 context()
             );
-            if case.exact {
+            // Exactness is asked only of frames whose local side is web's own address (a
+            // check of the pod's source or destination address may drop the others).
+            let local_is_web = match read {
+                Reading::Ip { src, dst, .. } => {
+                    let local = if dir == DIR_INGRESS { dst } else { src };
+                    one_of(local, &["10.0.0.1", "fd00::1"])
+                }
+                _ => true,
+            };
+            if case.exact && local_is_web {
                 assert_eq!(
                     pass,
                     ok,
@@ -1053,7 +1068,7 @@ fn random_and_malformed_frames_never_pass_what_the_policy_denies() {
             if pass {
                 s[1] += 1;
             }
-            if reading(f) == Reading::NotIp {
+            if read == Reading::NotIp {
                 s[4] += 1;
             }
             // Every frame is a new flow: forget what an allowed one created.

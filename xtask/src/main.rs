@@ -22,7 +22,7 @@ enum Verb {
     /// Set up, build, and run the lab on the built-in example (the seed documents' policies).
     Demo,
     /// Set up and run every check and test: fmt, clippy (userspace and eBPF), all tests, and
-    /// (without a filter) the smoke benchmark.
+    /// (without a filter) the smoke benchmark and the fuzz targets at smoke size.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -40,7 +40,26 @@ enum Verb {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Set up, build the cargo-fuzz targets (fuzz/, nightly) and run each for N seconds from
+    /// its seeds (fuzz/seeds/TARGET) and what earlier runs found (fuzz/corpus/TARGET). A
+    /// panic fails the verb; libFuzzer leaves the input in fuzz/artifacts/TARGET.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = FUZZ_DEFAULT_SECONDS)]
+        seconds: u32,
+        /// Only this target (manifests, convert, config, expect).
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
+
+/// The cargo-fuzz targets (fuzz/fuzz_targets/NAME.rs), one per parser.
+const FUZZ_TARGETS: [&str; 4] = ["manifests", "convert", "config", "expect"];
+/// Seconds per target of `cargo xtask fuzz` without `--seconds`.
+const FUZZ_DEFAULT_SECONDS: u32 = 20;
+/// Seconds per target in `cargo xtask test`: with the fuzz crate's build (4.5 min measured from
+/// scratch on 2 cores busy with other builds, 2 min 50 s of CPU) the smoke stays small.
+const FUZZ_TEST_SECONDS: u32 = 10;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -58,8 +77,14 @@ fn cargo_home_bin() -> Option<PathBuf> {
 
 /// Runs a command in the workspace root, with ~/.cargo/bin on PATH (bpf-linker lives there).
 fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    sh_env(program, args, &[])
+}
+
+/// [`sh`] with extra environment variables.
+fn sh_env(program: &str, args: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<()> {
     let mut cmd = Command::new(program);
     cmd.args(args).current_dir(root());
+    cmd.envs(envs.iter().copied());
     if let Some(bin) = cargo_home_bin() {
         let path = std::env::var_os("PATH").unwrap_or_default();
         let mut parts: Vec<PathBuf> = std::env::split_paths(&path).collect();
@@ -151,6 +176,59 @@ fn bench(size: &str, json: Option<&Path>, only: Option<&str>) -> anyhow::Result<
     sh("target/release/examples/bench", &args)
 }
 
+/// Builds the fuzz targets and runs each of `targets` for `seconds`; returns each target's
+/// outcome (a failed build fails them all). Unoptimised (`--dev`) and without a sanitizer:
+/// the build is most of the cost at smoke size, and a panic, which is what the targets look
+/// for, needs neither. `AYA_BUILD_SKIP`: the parsers do not need the eBPF object.
+fn fuzz(seconds: u32, targets: &[&str]) -> Vec<(String, anyhow::Result<()>)> {
+    let flags = ["--fuzz-dir", "fuzz", "--dev", "--sanitizer", "none"];
+    let env = [("AYA_BUILD_SKIP", "1")];
+    let mut build = vec!["+nightly", "fuzz", "build"];
+    build.extend(flags);
+    if let Err(e) = sh_env("cargo", &build, &env) {
+        let e = format!("{e:#}");
+        return targets
+            .iter()
+            .map(|t| {
+                (
+                    t.to_string(),
+                    Err(anyhow::anyhow!("fuzz build failed: {e}")),
+                )
+            })
+            .collect();
+    }
+    targets
+        .iter()
+        .map(|t| {
+            let corpus = format!("fuzz/corpus/{t}");
+            let seeds = format!("fuzz/seeds/{t}");
+            let time = format!("-max_total_time={seconds}");
+            let run = std::fs::create_dir_all(root().join(&corpus))
+                .with_context(|| format!("creating {corpus}"))
+                .and_then(|()| {
+                    let mut args = vec!["+nightly", "fuzz", "run"];
+                    args.extend(flags);
+                    // 10 s per input at most (a hang fails); bounded memory; inputs up to 64 KiB.
+                    args.extend([
+                        t,
+                        corpus.as_str(),
+                        seeds.as_str(),
+                        "--",
+                        time.as_str(),
+                        "-timeout=10",
+                        "-rss_limit_mb=2048",
+                        "-max_len=65536",
+                    ]);
+                    sh_env("cargo", &args, &env)
+                });
+            if let Err(e) = &run {
+                eprintln!("fuzz target {t} failed: {e:#} (the input is in fuzz/artifacts/{t}/)");
+            }
+            (t.to_string(), run)
+        })
+        .collect()
+}
+
 fn setup() -> anyhow::Result<()> {
     sh("bash", &["scripts/setup.sh"])
 }
@@ -237,20 +315,56 @@ fn main() -> anyhow::Result<()> {
                 Some(Err(_)) => (0, 1),
                 None => (0, 0),
             };
+            // The fuzz targets at smoke size, each counted as one test (passed when it ran
+            // its time without a panic); skipped with a filter, like the benchmark.
+            let fuzzed = if args.is_empty() {
+                fuzz(FUZZ_TEST_SECONDS, &FUZZ_TARGETS)
+            } else {
+                Vec::new()
+            };
+            let fp = fuzzed.iter().filter(|(_, r)| r.is_ok()).count() as u64;
+            let ff = fuzzed.len() as u64 - fp;
             println!(
                 "tests: {} passed, {} failed, {} skipped",
-                t.passed + bp,
-                t.failed + bf,
+                t.passed + bp + fp,
+                t.failed + bf + ff,
                 t.ignored
             );
             if !t.ok {
                 bail!("cargo test failed");
+            }
+            if ff > 0 {
+                let names: Vec<&str> = fuzzed
+                    .iter()
+                    .filter(|(_, r)| r.is_err())
+                    .map(|(t, _)| t.as_str())
+                    .collect();
+                bail!("fuzz targets failed: {}", names.join(", "));
             }
             smoke.unwrap_or(Ok(()))
         }
         Verb::Bench { size, json, only } => {
             setup()?;
             bench(&size, json.as_deref(), only.as_deref())
+        }
+        Verb::Fuzz { seconds, target } => {
+            setup()?;
+            let targets: Vec<&str> = match &target {
+                Some(t) if FUZZ_TARGETS.contains(&t.as_str()) => vec![t.as_str()],
+                Some(t) => bail!(
+                    "no fuzz target {t:?} (there are: {})",
+                    FUZZ_TARGETS.join(", ")
+                ),
+                None => FUZZ_TARGETS.to_vec(),
+            };
+            let failed: Vec<String> = fuzz(seconds, &targets)
+                .into_iter()
+                .filter_map(|(t, r)| r.err().map(|_| t))
+                .collect();
+            if !failed.is_empty() {
+                bail!("fuzz targets failed: {}", failed.join(", "));
+            }
+            Ok(())
         }
     }
 }
