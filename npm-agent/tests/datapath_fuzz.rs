@@ -425,6 +425,18 @@ const PORTS: [u16; 22] = [
     6001, 6002, 0, 65535, 1, 22,
 ];
 
+/// The shortest valid ICMPv6 message of type `ty`, as its RFC requires (RFC 4861 §6.1.1,
+/// §6.1.2, §7.1.1, §7.1.2, §8.1; RFC 2710 §3, RFC 3810 §5.2): receivers discard shorter ones,
+/// and the classifier reads a neighbour advertisement's target (bytes 8..24).
+fn icmpv6_min_len(ty: u8) -> usize {
+    match ty {
+        130..=132 | 135 | 136 => 24,
+        134 => 16,
+        137 => 40,
+        _ => 8,
+    }
+}
+
 struct Gen {
     rng: fastrand::Rng,
 }
@@ -514,7 +526,12 @@ impl Gen {
                     _ => self.rng.u8(..),
                 };
                 h.push(ty);
-                h.extend(self.bytes(7));
+                let n = if proto == ICMPV6 {
+                    icmpv6_min_len(ty)
+                } else {
+                    8
+                } - 1;
+                h.extend(self.bytes(n));
             }
             _ => h.extend(self.some_bytes(0, 24)),
         }
@@ -687,8 +704,9 @@ impl Gen {
             1 => 1,
             _ => self.rng.u8(..),
         };
+        let min = icmpv6_min_len(ty);
         let mut icmp = vec![ty];
-        let n = 7 + 8 * self.rng.usize(..3);
+        let n = min - 1 + 8 * self.rng.usize(..3);
         icmp.extend(self.bytes(n));
         let (first, mut body) = if self.rng.bool() {
             (HOPOPTS, vec![ICMPV6, 0, 5, 2, 0, 0, 1, 0])
@@ -758,10 +776,18 @@ impl Gen {
         f
     }
 
-    /// An ARP request or reply (which must pass: an isolated pod needs its neighbours).
-    fn arp(&mut self) -> Vec<u8> {
+    /// An ARP request or reply (which must pass: an isolated pod needs its neighbours). One
+    /// leaving web gives web's address as its sender (one claiming another pod's or the
+    /// node's address drops as spoofed: main.rs, `claims_foreign`).
+    fn arp(&mut self, dir: u8) -> Vec<u8> {
         let mut arp = vec![0, 1, 8, 0, 6, 4, 0, self.rng.u8(1..3)];
-        arp.extend(self.bytes(20));
+        arp.extend(self.bytes(6));
+        if dir == DIR_EGRESS {
+            arp.extend_from_slice(&[10, 0, 0, 1]);
+        } else {
+            arp.extend(self.bytes(4));
+        }
+        arp.extend(self.bytes(10));
         self.eth(0x0806, &arp)
     }
 
@@ -769,7 +795,7 @@ impl Gen {
     /// VLAN-tagged IP (802.1Q and 802.1ad), LLDP, IPX, MPLS, random EtherTypes.
     fn not_ip(&mut self, dir: u8) -> Vec<u8> {
         match self.rng.u8(..5) {
-            0 => self.arp(),
+            0 => self.arp(dir),
             1 | 2 => {
                 let inner = if self.rng.bool() {
                     self.ipv4(dir)
@@ -895,7 +921,7 @@ impl Gen {
                 }
             }
             16 => Case {
-                frame: self.arp(),
+                frame: self.arp(dir),
                 exact: true,
                 what: "ARP",
             },
