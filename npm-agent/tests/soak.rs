@@ -952,7 +952,7 @@ fn soak(size: Size) {
             let n = churn.rng.range(size.changes.0, size.changes.1);
             let kill_after = rng.range(0, n);
             // In some rounds (always in the second), kill the restarted agent again during
-            // its start-up, at a random point of the time a start took.
+            // its start-up, at a random point of the time a restart takes.
             let startup_kill = round == 1 || rng.chance(1, 3);
             tl.note(format!(
                 "round {round}: {n} changes, SIGKILL after change {kill_after}{}",
@@ -975,7 +975,12 @@ fn soak(size: Size) {
                 kills += 1;
                 agent = agents.spawn(&tl);
                 if startup_kill {
-                    let upto = first_ready.as_millis().max(100) as u64;
+                    // Up to the median restart so far: most of these land before the
+                    // first apply (the first start, with empty maps, takes longer).
+                    let mut so_far = to_ready.clone();
+                    so_far.sort();
+                    let typical = so_far.get(so_far.len() / 2).copied().unwrap_or(first_ready);
+                    let upto = typical.as_millis().max(100) as u64;
                     std::thread::sleep(Duration::from_millis(rng.range(0, upto)));
                     if agents.kill(agent, &tl) {
                         startup_kills_after += 1;

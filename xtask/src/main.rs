@@ -21,8 +21,8 @@ enum Verb {
     BuildEbpf,
     /// Set up, build, and run the lab on the built-in example (the seed documents' policies).
     Demo,
-    /// Set up and run every check and test: fmt, clippy (userspace and eBPF), all tests, and
-    /// (without a filter) the smoke benchmark.
+    /// Set up and run every check and test: fmt, clippy (userspace and eBPF), all tests (the
+    /// smoke soak among them, one test), and (without a filter) the smoke benchmark.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -39,6 +39,17 @@ enum Verb {
         /// Only these parts (comma-separated: packet, traffic, control).
         #[arg(long)]
         only: Option<String>,
+    },
+    /// Set up and run the soak (npm-agent/tests/soak.rs): the agent SIGKILLed at seeded random
+    /// points during API churn with traffic running. Fails on a denied probe that passed, an
+    /// established connection that missed a message, or an allowed pair that did not connect
+    /// after a restart. `smoke` is the size `cargo test` runs (CI); `full` is 50 rounds.
+    Soak {
+        #[arg(long, value_parser = ["smoke", "full"], default_value = "smoke")]
+        size: String,
+        /// The seed of the churn and kill schedule (default: a new one, printed).
+        #[arg(long)]
+        seed: Option<u64>,
     },
 }
 
@@ -58,8 +69,16 @@ fn cargo_home_bin() -> Option<PathBuf> {
 
 /// Runs a command in the workspace root, with ~/.cargo/bin on PATH (bpf-linker lives there).
 fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    sh_env(program, args, &[])
+}
+
+/// [`sh`] with these environment variables set for the command.
+fn sh_env(program: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<()> {
     let mut cmd = Command::new(program);
     cmd.args(args).current_dir(root());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     if let Some(bin) = cargo_home_bin() {
         let path = std::env::var_os("PATH").unwrap_or_default();
         let mut parts: Vec<PathBuf> = std::env::split_paths(&path).collect();
@@ -151,6 +170,23 @@ fn bench(size: &str, json: Option<&Path>, only: Option<&str>) -> anyhow::Result<
     sh("target/release/examples/bench", &args)
 }
 
+/// Runs one size of the soak test with its report shown (`--nocapture`); the full size is an
+/// ignored test, so `cargo test` runs only the smoke one.
+fn soak(size: &str, seed: Option<u64>) -> anyhow::Result<()> {
+    let mut args = vec!["test", "--package", "npm-agent", "--test", "soak", "--"];
+    if size == "full" {
+        args.extend(["--ignored", "--exact", "soak_full"]);
+    } else {
+        args.extend(["--exact", "soak_smoke"]);
+    }
+    args.push("--nocapture");
+    let env: Vec<(&str, String)> = seed
+        .map(|s| ("NPM_SOAK_SEED", s.to_string()))
+        .into_iter()
+        .collect();
+    sh_env("cargo", &args, &env)
+}
+
 fn setup() -> anyhow::Result<()> {
     sh("bash", &["scripts/setup.sh"])
 }
@@ -217,6 +253,8 @@ fn main() -> anyhow::Result<()> {
                     "warnings",
                 ],
             )?;
+            // The smoke soak (tests/soak.rs, soak_smoke) is an ordinary test of this run and
+            // counts as one there; its full size is ignored (`cargo xtask soak --size full`).
             let mut test: Vec<&str> = vec!["test", "--all-targets"];
             test.extend(args.iter().map(String::as_str));
             let t = run_tests(&test)?;
@@ -251,6 +289,10 @@ fn main() -> anyhow::Result<()> {
         Verb::Bench { size, json, only } => {
             setup()?;
             bench(&size, json.as_deref(), only.as_deref())
+        }
+        Verb::Soak { size, seed } => {
+            setup()?;
+            soak(&size, seed)
         }
     }
 }
