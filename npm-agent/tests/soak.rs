@@ -7,8 +7,9 @@
 //! - pairs denied in every state (`DENIED`): their target is isolated in that direction and
 //!   no policy, fixed or churned, ever admits the source to it;
 //! - pairs allowed in every state (`ALLOWED`);
-//! - two established TCP connections of ingress-isolated clients (`TALKS`), whose answers pass
-//!   only as replies of tracked flows, exchanging a message every 100 ms.
+//! - two established TCP connections of ingress-isolated clients (`TALKS`), on which the
+//!   server sends a message every 100 ms: they reach the client only as a tracked flow's
+//!   replies (see `push`).
 //!
 //! The churn (`Churn::change`) only ever touches what cannot change those: policies that
 //! select the spare pods, or that admit only `kind=remote` pods (node-2, never local) and
@@ -24,6 +25,8 @@
 //! every ~50 ms per pair; a connection or a refusal is a packet that got through) and the
 //! talkers. Asserted: no denied probe passed, no established connection missed a message,
 //! every allowed pair connects within `ALLOWED_WITHIN` of each ready. Privileged (root).
+//! Checked by hand: deleting every `NPM_CT4` entry (bpftool) during a run makes it fail with
+//! both connections' next message missing.
 //!
 //! `soak_smoke` runs in `cargo test` (CI: a few kills within ~60-90 s); `soak_full` is
 //! ignored and run by `cargo xtask soak --size full`. `NPM_SOAK_SEED` fixes the seed (the
@@ -69,8 +72,8 @@ const SPARES: &[&str] = &["dev/s1", "dev/s2", "prod/s3", "ops/s4"];
 const NAMESPACES: &[&str] = &["prod", "dev", "ops"];
 /// Pods of node-2 (10.249.9.x: no interface here, peers only), labelled kind=remote.
 const REMOTES: usize = 8;
-/// Echo servers this test runs itself: (pod, port).
-const ECHO: &[(&str, u16)] = &[("prod/web", 8080), ("prod/db", 9000)];
+/// Servers this test runs itself, pushing a message every 100 ms: (pod, port).
+const PUSH: &[(&str, u16)] = &[("prod/web", 8080), ("prod/db", 9000)];
 
 /// Denied in every state: (from, to, port).
 const DENIED: &[(&str, &str, u16)] = &[
@@ -92,7 +95,8 @@ const ALLOWED: &[(&str, &str, u16)] = &[
     ("dev/intruder", "prod/web", 80),
     ("ops/mon", "prod/web", 80),
 ];
-/// Established connections of ingress-isolated clients: (client, server, echo port).
+/// Established connections of ingress-isolated clients: (client, server, port of a `PUSH`
+/// server).
 const TALKS: &[(&str, &str, u16)] = &[("prod/api", "prod/web", 8080), ("ops/mon", "prod/db", 9000)];
 /// An allowed pair must connect within this long after each ready.
 const ALLOWED_WITHIN: Duration = Duration::from_secs(5);
@@ -560,10 +564,11 @@ struct Violation {
 #[derive(Default)]
 struct Counts {
     denied_tries: AtomicU64,
-    round_trips: AtomicU64,
-    /// Round trips slower than 200 ms (a lost segment retransmitted): reported, not failed.
-    slow_round_trips: AtomicU64,
-    max_rtt_us: AtomicU64,
+    messages: AtomicU64,
+    /// Gaps between two messages over 300 ms (a lost segment retransmitted): reported, not
+    /// failed.
+    slow_gaps: AtomicU64,
+    max_gap_us: AtomicU64,
     violations: Mutex<Vec<Violation>>,
 }
 
@@ -585,30 +590,23 @@ fn connects(to: SocketAddr, timeout: Duration) -> Result<(), std::io::Error> {
     TcpStream::connect_timeout(&to, timeout).map(drop)
 }
 
-/// One 8-byte round trip on an established connection (1 s read timeout).
-fn round_trip(conn: &mut TcpStream, n: u64) -> bool {
-    let msg = n.to_be_bytes();
-    let mut back = [0u8; 8];
-    conn.write_all(&msg).is_ok() && conn.read_exact(&mut back).is_ok() && back == msg
-}
-
-/// Echoes bytes back until the peer closes or `stop` (reads time out every 200 ms, so a
-/// peer whose close never arrives does not keep the scope from ending).
-fn echo(mut s: TcpStream, stop: &AtomicBool) {
+/// The server side of an established connection: an 8-byte counter every 100 ms until
+/// `stop` or a failed write. The server speaks and the client only acknowledges: were the
+/// messages requests' answers, each request would make a new conntrack entry at the client's
+/// interface (its egress is allowed) just before the answer needs one, and a lost entry would
+/// go unseen. Here a lost entry drops the next message at the ingress-isolated client, whose
+/// retransmissions are dropped too, and the client, with nothing to acknowledge, sends nothing
+/// that could track the flow again.
+fn push(mut s: TcpStream, stop: &AtomicBool) {
     let _ = s.set_nonblocking(false);
-    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut buf = [0u8; 64];
+    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+    let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        match s.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if s.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return,
+        if s.write_all(&n.to_be_bytes()).is_err() {
+            return;
         }
+        n += 1;
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -771,14 +769,14 @@ fn soak(size: Size) {
     for obj in fixed_objects() {
         api.apply(obj);
     }
-    let echo_listeners: Vec<TcpListener> = ECHO
+    let push_listeners: Vec<TcpListener> = PUSH
         .iter()
         .map(|(pod, port)| {
             let l = lab
                 .netns_of(pod)
-                .expect("echo pod netns")
+                .expect("server pod netns")
                 .run(|| TcpListener::bind(("0.0.0.0", *port)))
-                .expect("echo listener");
+                .expect("push listener");
             l.set_nonblocking(true).expect("nonblocking");
             l
         })
@@ -818,13 +816,13 @@ fn soak(size: Size) {
 
     std::thread::scope(|scope| {
         let _stop = StopOnDrop(&stop);
-        for l in &echo_listeners {
+        for l in &push_listeners {
             let stop = &stop;
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match l.accept() {
                         Ok((s, _)) => {
-                            scope.spawn(move || echo(s, stop));
+                            scope.spawn(move || push(s, stop));
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(20)),
                     }
@@ -857,28 +855,34 @@ fn soak(size: Size) {
             let (stop, counts, tl) = (&stop, &counts, &tl);
             scope.spawn(move || {
                 let mut n = 0u64;
+                let mut last = Instant::now();
+                let mut buf = [0u8; 8];
                 while !stop.load(Ordering::Relaxed) {
-                    let t0 = Instant::now();
-                    if !round_trip(&mut conn, n) {
+                    let got = conn.read_exact(&mut buf).map(|()| u64::from_be_bytes(buf));
+                    // At the end the servers stop and close first.
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if got.as_ref().ok() != Some(&n) {
                         counts.violation(
                             tl,
                             format!(
-                                "established {client} -> {server}:{port} missed message {n} \
-                                 (no echo within 1 s); the connection is given up"
+                                "established {client} <- {server}:{port}: message {n} not \
+                                 received within 1 s ({got:?}); the connection is given up"
                             ),
                         );
                         return;
                     }
-                    let rtt = t0.elapsed();
-                    counts.round_trips.fetch_add(1, Ordering::Relaxed);
-                    if rtt > Duration::from_millis(200) {
-                        counts.slow_round_trips.fetch_add(1, Ordering::Relaxed);
+                    let gap = last.elapsed();
+                    last = Instant::now();
+                    counts.messages.fetch_add(1, Ordering::Relaxed);
+                    if gap > Duration::from_millis(300) {
+                        counts.slow_gaps.fetch_add(1, Ordering::Relaxed);
                     }
                     counts
-                        .max_rtt_us
-                        .fetch_max(rtt.as_micros() as u64, Ordering::Relaxed);
+                        .max_gap_us
+                        .fetch_max(gap.as_micros() as u64, Ordering::Relaxed);
                     n += 1;
-                    std::thread::sleep(Duration::from_millis(100));
                 }
             });
         }
@@ -1016,8 +1020,8 @@ fn soak(size: Size) {
          start-up after it; {started} agents started\n\
          restart to ready: p50 {p50:?}, max {max:?} (first start: {first:?})\n\
          denied probes: {dt} tries, {dp} passed\n\
-         established: {rt} round trips on {talks} connections, {slow} slower than 200 ms, max \
-         {maxrtt} ms, {missed} missed\n\
+         established: {msgs} messages (server to ingress-isolated client, every 100 ms) on \
+         {talks} connections, {slow} gaps over 300 ms, max gap {maxgap} ms, {missed} missed\n\
          allowed after ready: {ac} checks, {af} needed more than one try{ff}, {an} failed within \
          {ALLOWED_WITHIN:?}",
         size = size.name,
@@ -1034,10 +1038,10 @@ fn soak(size: Size) {
             .iter()
             .filter(|v| v.what.starts_with("denied"))
             .count(),
-        rt = counts.round_trips.load(Ordering::Relaxed),
+        msgs = counts.messages.load(Ordering::Relaxed),
         talks = TALKS.len(),
-        slow = counts.slow_round_trips.load(Ordering::Relaxed),
-        maxrtt = counts.max_rtt_us.load(Ordering::Relaxed) / 1000,
+        slow = counts.slow_gaps.load(Ordering::Relaxed),
+        maxgap = counts.max_gap_us.load(Ordering::Relaxed) / 1000,
         missed = violations
             .iter()
             .filter(|v| v.what.starts_with("established"))
