@@ -18,6 +18,7 @@ use std::process::Command;
 use std::time::Duration;
 use support::{KillOnDrop, RemoveOnDrop, eventually, log_tail};
 
+use aya::programs::TcAttachType;
 use fake_apiserver::{FakeApi, Res};
 use http::http_get;
 use npm_agent::lab::{Lab, LabSpec};
@@ -269,6 +270,97 @@ fn a_failed_first_node_read_keeps_the_adopted_enforcement_and_is_not_ready() {
             .starts_with("npm_enforcement_errors_total{kind=\"node_tables\"}")
             && !l.ends_with(" 0")),
         "node table errors not counted:\n{metrics}"
+    );
+}
+
+/// `/readyz` turns 200 only once every pod interface carries the programs: on a fresh node
+/// the first apply fills the maps, then attaches (tcx, ~13 ms per hook), and readiness said
+/// ready in between (found by the soak: its denied probes, started at the first ready, got
+/// through). Eight pods make the attach take long enough to be seen from here.
+#[test]
+fn ready_only_once_every_pod_interface_carries_the_programs() {
+    let pid = std::process::id();
+    let bpffs = PathBuf::from(format!("/sys/fs/bpf/npm-kubeready-{pid}"));
+    let _pins = RemoveOnDrop(bpffs.clone());
+    let kubeconfig = std::env::temp_dir().join(format!("npm-kubeready-{pid}.yaml"));
+    let _kc = RemoveOnDrop(kubeconfig.clone());
+    let log = std::env::temp_dir().join(format!("npm-kubeready-{pid}.log"));
+    let _log = RemoveOnDrop(log.clone());
+
+    let names: Vec<(String, String)> = (0..8)
+        .map(|i| (format!("p{i}"), format!("10.243.0.{}", 2 + i)))
+        .collect();
+    let lab = Lab::build(LabSpec {
+        pods: names
+            .iter()
+            .map(|(name, ip)| lab_pod(name, "app", ip))
+            .collect(),
+        externals: vec![],
+    })
+    .expect("lab");
+    let listener = lab
+        .node()
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind in node netns");
+    let api = FakeApi::start_on(listener);
+    api.write_kubeconfig(&kubeconfig);
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "default", "labels": {"kubernetes.io/metadata.name": "default"}}}));
+    for (name, ip) in &names {
+        api.apply(api_pod(name, "app", ip, "node-1"));
+    }
+    api.apply(
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "deny-all", "namespace": "default"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}),
+    );
+
+    let node = lab.node().name().to_string();
+    let _agent = spawn_agent(&node, &kubeconfig, &bpffs, &log);
+    assert!(
+        support::eventually_every(Duration::from_secs(60), Duration::from_millis(5), || {
+            matches!(http_get(lab.node(), 10091, "/readyz"), Ok((200, _)))
+        }),
+        "never ready:\n{}",
+        log_tail(&log)
+    );
+    // At once: what the node's interfaces carry, on one thread in the node's namespace, the
+    // interface attached last first (the first apply goes in ifindex order). tcx, or cls_bpf
+    // filters where the kernel has no tcx.
+    let mut devs: Vec<(String, u32)> = lab.pod_interfaces().values().cloned().collect();
+    devs.sort_by_key(|(_, ifindex)| std::cmp::Reverse(*ifindex));
+    let tcx: Vec<(String, Vec<String>, Vec<String>)> = lab.node().run(|| {
+        devs.iter()
+            .map(|(dev, _)| {
+                let on = |hook| npm_agent::datapath::tcx_programs(dev, hook).expect("tcx query");
+                (
+                    dev.clone(),
+                    on(TcAttachType::Ingress),
+                    on(TcAttachType::Egress),
+                )
+            })
+            .collect()
+    });
+    let carries = |dev: &str, on_tcx: &[String], side: &str, prog: &str| {
+        on_tcx.iter().any(|p| p == prog)
+            || lab
+                .node()
+                .exec(&["tc", "filter", "show", "dev", dev, side])
+                .expect("tc filter show")
+                .contains(prog)
+    };
+    let bare: Vec<String> = tcx
+        .iter()
+        .filter(|(dev, ingress, egress)| {
+            !(carries(dev, ingress, "ingress", "npm_from_pod")
+                && carries(dev, egress, "egress", "npm_to_pod"))
+        })
+        .map(|(dev, ..)| dev.clone())
+        .collect();
+    assert!(
+        bare.is_empty(),
+        "/readyz said ready while {bare:?} carried no programs\n{}",
+        log_tail(&log)
     );
 }
 

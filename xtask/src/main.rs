@@ -21,8 +21,9 @@ enum Verb {
     BuildEbpf,
     /// Set up, build, and run the lab on the built-in example (the seed documents' policies).
     Demo,
-    /// Set up and run every check and test: fmt, clippy (userspace and eBPF), all tests, and
-    /// (without a filter) the smoke benchmark and the fuzz targets at smoke size.
+    /// Set up and run every check and test: fmt, clippy (userspace and eBPF), all tests (the
+    /// smoke soak among them, one test), and (without a filter) the smoke benchmark and the
+    /// fuzz targets at smoke size.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -50,6 +51,17 @@ enum Verb {
         /// Only this target (manifests, convert, config, expect).
         #[arg(long)]
         target: Option<String>,
+    },
+    /// Set up and run the soak (npm-agent/tests/soak.rs): the agent SIGKILLed at seeded random
+    /// points during API churn with traffic running. Fails on a denied probe that passed, an
+    /// established connection that missed a message, or an allowed pair that did not connect
+    /// after a restart. `smoke` is the size `cargo test` runs (CI); `full` is 50 rounds.
+    Soak {
+        #[arg(long, value_parser = ["smoke", "full"], default_value = "smoke")]
+        size: String,
+        /// The seed of the churn and kill schedule (default: a new one, printed).
+        #[arg(long)]
+        seed: Option<u64>,
     },
 }
 
@@ -229,6 +241,25 @@ fn fuzz(seconds: u32, targets: &[&str]) -> Vec<(String, anyhow::Result<()>)> {
         .collect()
 }
 
+/// Runs one size of the soak test with its report shown (`--nocapture`); the full size is an
+/// ignored test, so `cargo test` runs only the smoke one.
+fn soak(size: &str, seed: Option<u64>) -> anyhow::Result<()> {
+    let mut args = vec!["test", "--package", "npm-agent", "--test", "soak", "--"];
+    if size == "full" {
+        args.extend(["--ignored", "--exact", "soak_full"]);
+    } else {
+        args.extend(["--exact", "soak_smoke"]);
+    }
+    args.push("--nocapture");
+    let seed = seed.map(|s| s.to_string());
+    let env: Vec<(&str, &str)> = seed
+        .as_deref()
+        .map(|s| ("NPM_SOAK_SEED", s))
+        .into_iter()
+        .collect();
+    sh_env("cargo", &args, &env)
+}
+
 fn setup() -> anyhow::Result<()> {
     sh("bash", &["scripts/setup.sh"])
 }
@@ -295,6 +326,8 @@ fn main() -> anyhow::Result<()> {
                     "warnings",
                 ],
             )?;
+            // The smoke soak (tests/soak.rs, soak_smoke) is an ordinary test of this run and
+            // counts as one there; its full size is ignored (`cargo xtask soak --size full`).
             let mut test: Vec<&str> = vec!["test", "--all-targets"];
             test.extend(args.iter().map(String::as_str));
             let t = run_tests(&test)?;
@@ -365,6 +398,10 @@ fn main() -> anyhow::Result<()> {
                 bail!("fuzz targets failed: {}", failed.join(", "));
             }
             Ok(())
+        }
+        Verb::Soak { size, seed } => {
+            setup()?;
+            soak(&size, seed)
         }
     }
 }

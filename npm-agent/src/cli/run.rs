@@ -659,10 +659,11 @@ impl<'a> Loop<'a> {
         base.node_name = node_name;
         base.service_cidrs = Vec::new();
         let report = self.enforcer.apply(&base);
-        self.report(&report, Trigger::Change);
 
         let previous = datapath::previous_pin_dirs(&self.bpffs_dir);
         if report.sync.failed > 0 && !previous.is_empty() {
+            // Not ready: the report carries the failure (/readyz 503 naming it).
+            self.report(&report, Trigger::Change);
             tracing::error!(
                 failed = report.sync.failed,
                 previous = ?previous.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
@@ -697,6 +698,10 @@ impl<'a> Loop<'a> {
                 }
             }
         }
+        // Ready (and counted as applied) only now that the programs are on: reported before
+        // the attach, /readyz said ready while a fresh node's interfaces carried nothing yet
+        // (~13 ms per tcx hook), and the soak's denied probes passed in that window.
+        self.report(&report, Trigger::Change);
         let attached_local: BTreeMap<_, _> = local
             .into_iter()
             .filter(|(_, i)| self.attached.contains_key(i))
