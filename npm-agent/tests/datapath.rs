@@ -25,13 +25,13 @@ use npm_common::{
         Addr16, CIDR_CLASS_BIT, CT_ORIGIN_LO, CT_PENDING, CT_SEEN_REPLY, CT_TCP_CLOSING,
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS, CtKey,
         CtKey4, CtValue, DeferKey, DeferValue, EP_CLASS_EGRESS, EP_CLASS_INGRESS,
-        EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, MAP_CIDRS, MAP_CLOCK, MAP_CONNTRACK,
-        MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_FLOWS, MAP_IDENTITIES, MAP_METRICS,
-        MAP_PAIRS, MAP_POLICY, MAP_SERVICES, MARK_DEFERRED, PAIR_TRIE, PEER_HOST,
-        POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL, PROG_BENCH_BUMP,
-        PROG_BENCH_NEW, PROG_CLOCK, PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD,
-        PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PairKey, PairPort, PairValue,
-        PeerInfo, PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
+        EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, FragKey, FragValue, MAP_CIDRS,
+        MAP_CLOCK, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_FLOWS,
+        MAP_FRAGS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, MARK_DEFERRED,
+        PAIR_TRIE, PEER_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
+        PROG_BENCH_BUMP, PROG_BENCH_NEW, PROG_CLOCK, PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS,
+        PROG_TO_POD, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PairKey, PairPort,
+        PairValue, PeerInfo, PolicyKey, PolicyValue, V4_MAPPED_PREFIX_LEN, addr_from_v4,
     },
     metrics::{COUNTER_STRIDE, MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
@@ -88,10 +88,23 @@ fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
 }
 
 fn ipv4_frag(src: [u8; 4], dst: [u8; 4], proto: u8, frag_off: u16, l4: &[u8]) -> Vec<u8> {
+    ipv4_frag_id(src, dst, proto, frag_off, 1, l4)
+}
+
+/// IPv4 with identification `id` and `frag_off` (flags and offset, as on the wire: 0x2000
+/// is "more fragments", the low 13 bits the offset in 8-byte units).
+fn ipv4_frag_id(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    frag_off: u16,
+    id: u16,
+    l4: &[u8],
+) -> Vec<u8> {
     let total = u16::try_from(20 + l4.len()).expect("small packet");
     let mut ip = vec![0x45, 0];
     ip.extend_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&[0, 1]);
+    ip.extend_from_slice(&id.to_be_bytes());
     ip.extend_from_slice(&frag_off.to_be_bytes());
     ip.extend_from_slice(&[64, proto, 0, 0]);
     ip.extend_from_slice(&src);
@@ -129,12 +142,17 @@ fn ext_opts8() -> Vec<u8> {
     vec![0, 1, 4, 0, 0, 0, 0]
 }
 
-/// Fragment header: offset in 8-byte units, more-fragments flag.
+/// Fragment header: offset in 8-byte units, more-fragments flag, identification 7.
 fn ext_frag(offset: u16, more: bool) -> Vec<u8> {
+    ext_frag_id(offset, more, 7)
+}
+
+/// Fragment header with identification `id`.
+fn ext_frag_id(offset: u16, more: bool, id: u32) -> Vec<u8> {
     let v = (offset << 3) | u16::from(more);
     let mut b = vec![0];
     b.extend_from_slice(&v.to_be_bytes());
-    b.extend_from_slice(&[0, 0, 0, 7]);
+    b.extend_from_slice(&id.to_be_bytes());
     b
 }
 
@@ -169,6 +187,17 @@ fn icmp(ty: u8, id: u16) -> Vec<u8> {
     i
 }
 
+/// An ICMP or ICMPv6 error of type `ty` and code `code` (bytes 4..8: `mtu` as ICMP's
+/// next-hop MTU or ICMPv6's MTU field) embedding `frame`'s IP packet (the Ethernet header
+/// left off) cut to its first `keep` bytes, as a router or host sends it.
+fn icmp_error(ty: u8, code: u8, mtu: u16, frame: &[u8], keep: usize) -> Vec<u8> {
+    let mut e = vec![ty, code, 0, 0, 0, 0];
+    e.extend_from_slice(&mtu.to_be_bytes());
+    let ip = &frame[14..];
+    e.extend_from_slice(&ip[..keep.min(ip.len())]);
+    e
+}
+
 // ---------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------
@@ -187,6 +216,7 @@ struct Env {
     metrics: PerCpuArray<MapData, MetricsValue>,
     services: LpmTrie<MapData, Addr16, u32>,
     deferred: HashMap<MapData, DeferKey, DeferValue>,
+    frags: HashMap<MapData, FragKey, FragValue>,
 }
 
 impl Env {
@@ -203,6 +233,7 @@ impl Env {
         let metrics = PerCpuArray::try_from(take(MAP_METRICS)).expect("metrics map");
         let services = LpmTrie::try_from(take(MAP_SERVICES)).expect("services map");
         let deferred = HashMap::try_from(take(MAP_DEFERRED)).expect("deferred map");
+        let frags = HashMap::try_from(take(MAP_FRAGS)).expect("fragments map");
         Self {
             dp,
             endpoints,
@@ -215,6 +246,7 @@ impl Env {
             metrics,
             services,
             deferred,
+            frags,
         }
     }
 
@@ -1520,8 +1552,9 @@ fn ipv6_identity_cidr_exthdrs_and_fragments() {
         &ipv6_ext(peer, pod, &ext, PROTO_TCP, &tcp(50002, 443, TCP_SYN)),
         REASON_POLICY_ALLOW,
     );
-    // A non-first fragment has no L4 header: port 0, not allowed by the port-443 entry.
-    let ext = [(44u8, ext_frag(100, false))];
+    // A non-first fragment of a datagram whose first fragment was not seen (another
+    // identification) has no L4 header: port 0, not allowed by the port-443 entry.
+    let ext = [(44u8, ext_frag_id(100, false, 8))];
     env.deny(
         PROG_TO_POD,
         &ipv6_ext(peer, pod, &ext, PROTO_TCP, &[0; 16]),
@@ -2211,6 +2244,7 @@ fn pinned_maps_are_adopted() {
             MAP_FLOWS,
             MAP_SERVICES,
             MAP_DEFERRED,
+            MAP_FRAGS,
         ] {
             assert!(v1.join(name).exists(), "{name} is pinned");
         }
@@ -3422,4 +3456,416 @@ fn counter_slots_start_from_zero_and_totals_survive_reuse_removal_and_restart() 
     assert!(!e.compiler().maps().endpoints.contains_key(&IFINDEX));
     assert_eq!(slot_packets(&metrics, slot, dirn, why), 0);
     assert_eq!(total(&counters, dirn, why), 1004);
+}
+
+// ---------------------------------------------------------------------------------------
+// ICMP errors related to their flow; later fragments of an allowed datagram
+// ---------------------------------------------------------------------------------------
+
+/// A router on the path (an address nothing in IDENTITIES knows, so no policy names it).
+const ROUTER: [u8; 4] = [192, 0, 2, 1];
+const ROUTER6: &str = "2001:db8::1";
+const PEER6: &str = "fd00::2";
+/// ICMP destination unreachable / fragmentation needed, time exceeded.
+const ICMP_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMPv6 destination unreachable, packet too big.
+const ICMPV6_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// The embedded IP header plus the 8 bytes of L4 header every error carries.
+const KEEP4: usize = 28;
+const KEEP6: usize = 48;
+
+/// Both directions isolated; the pod may open TCP 80 to the peer (both families) and the
+/// peer may open TCP 443 to the pod. Nothing allows ICMP, in either direction.
+fn icmp_env() -> Env {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.identity(v6(PEER6), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_EGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 443, POLICY_PREFIX_FULL);
+    env
+}
+
+/// The pod's connection to peer:80 from port 40000 and the peer's to pod:443 from port
+/// 50000, tracked at the pod's interface (their SYNs allowed).
+fn open_flows(env: &Env) -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) {
+    let out4 = ipv4(POD, PEER, PROTO_TCP, &tcp(40000, 80, TCP_ACK));
+    let out6 = ipv6(v6(POD6), v6(PEER6), PROTO_TCP, &tcp(40000, 80, TCP_ACK));
+    // The pod's answers on the connections the peer opened.
+    let answer4 = ipv4(POD, PEER, PROTO_TCP, &tcp(443, 50000, TCP_ACK));
+    let answer6 = ipv6(v6(POD6), v6(PEER6), PROTO_TCP, &tcp(443, 50000, TCP_ACK));
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, PEER, PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    env.pass(
+        PROG_FROM_POD,
+        &ipv6(v6(POD6), v6(PEER6), PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(50000, 443, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    env.pass(
+        PROG_TO_POD,
+        &ipv6(v6(PEER6), v6(POD6), PROTO_TCP, &tcp(50000, 443, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    assert_eq!(env.ct_lens(), (2, 2));
+    (out4, out6, answer4, answer6)
+}
+
+/// Path MTU discovery to and from an isolated pod: a router's Fragmentation Needed (IPv4) or
+/// Packet Too Big (IPv6) about a segment the pod sent, on a connection it opened or one it
+/// accepted, reaches the pod (counted as a reply of that flow), as do other errors about
+/// those flows; nothing is tracked or refreshed for them.
+#[test]
+fn icmp_errors_about_a_tracked_flow_reach_an_isolated_pod() {
+    let env = icmp_env();
+    let (out4, out6, answer4, answer6) = open_flows(&env);
+    let entries = |env: &Env| {
+        [
+            ct_key(v4(POD), 40000, v4(PEER), 80, PROTO_TCP).0,
+            ct_key(v6(POD6), 40000, v6(PEER6), 80, PROTO_TCP).0,
+        ]
+        .map(|k| env.ct_entry(&k).expect("tracked"))
+    };
+    let before = entries(&env);
+
+    for segment in [&out4, &answer4] {
+        let err = icmp_error(ICMP_UNREACH, ICMP_FRAG_NEEDED, 1400, segment, KEEP4);
+        env.pass(
+            PROG_TO_POD,
+            &ipv4(ROUTER, POD, PROTO_ICMP, &err),
+            REASON_REPLY,
+        );
+        // Linux quotes up to 576 bytes: a longer quote is the same error.
+        let err = icmp_error(ICMP_TIME_EXCEEDED, 0, 0, segment, 200);
+        env.pass(
+            PROG_TO_POD,
+            &ipv4(ROUTER, POD, PROTO_ICMP, &err),
+            REASON_REPLY,
+        );
+    }
+    for segment in [&out6, &answer6] {
+        let err = icmp_error(ICMPV6_PACKET_TOO_BIG, 0, 1280, segment, KEEP6);
+        let pkt = ipv6(v6(ROUTER6), v6(POD6), PROTO_ICMPV6, &err);
+        env.pass(PROG_TO_POD, &pkt, REASON_REPLY);
+        // From the peer itself (port unreachable), as well as from a router.
+        let err = icmp_error(ICMPV6_UNREACH, 4, 0, segment, KEEP6);
+        let pkt = ipv6(v6(PEER6), v6(POD6), PROTO_ICMPV6, &err);
+        env.pass(PROG_TO_POD, &pkt, REASON_REPLY);
+    }
+    assert_eq!(env.ct_lens(), (2, 2), "errors create no entries");
+    assert_eq!(entries(&env), before, "errors refresh nothing");
+
+    // An echo the pod sent, allowed by an any-protocol rule to a second peer: a host
+    // unreachable about it comes back.
+    let mut env = env;
+    let other = [10, 0, 0, 9];
+    env.identity(v4(other), PEER_ID + 1, 0, 0);
+    env.allow(PEER_ID + 1, DIR_EGRESS, 0, 0, POLICY_PREFIX_ANY_PROTO);
+    let echo = ipv4(POD, other, PROTO_ICMP, &icmp(8, 77));
+    env.pass(PROG_FROM_POD, &echo, REASON_POLICY_ALLOW);
+    let err = icmp_error(ICMP_UNREACH, 1, 0, &echo, KEEP4);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(ROUTER, POD, PROTO_ICMP, &err),
+        REASON_REPLY,
+    );
+}
+
+/// An error a pod sends about a packet of a flow it tracks (port unreachable for a datagram
+/// it accepted) goes back to that packet's sender; to anyone else, or from an address that
+/// is not the pod's, it is judged as any new ICMP flow (dropped by the isolated egress, or
+/// as spoofed).
+#[test]
+fn icmp_errors_a_pod_sends_go_only_to_the_flows_peer() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.identity(v4([10, 0, 0, 254]), 0, 0, PEER_HOST);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_UDP, 53, POLICY_PREFIX_FULL);
+    let query = ipv4(PEER, POD, PROTO_UDP, &udp(5000, 53));
+    env.pass(PROG_TO_POD, &query, REASON_POLICY_ALLOW);
+    let err = icmp_error(ICMP_UNREACH, 3, 0, &query, KEEP4);
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, PEER, PROTO_ICMP, &err),
+        REASON_REPLY,
+    );
+    // To a third address: not the sender of the datagram it reports on.
+    env.deny(
+        PROG_FROM_POD,
+        &ipv4(POD, [10, 0, 0, 77], PROTO_ICMP, &err),
+        REASON_DROP_POLICY,
+    );
+    // From an address that is not the pod's (the node's, another pod's): the source rule.
+    env.deny(
+        PROG_FROM_POD,
+        &ipv4([10, 0, 0, 254], PEER, PROTO_ICMP, &err),
+        REASON_DROP_SPOOFED,
+    );
+    // About a datagram the pod never received (another port).
+    let other = ipv4(PEER, POD, PROTO_UDP, &udp(5000, 54));
+    let err = icmp_error(ICMP_UNREACH, 3, 0, &other, KEEP4);
+    env.deny(
+        PROG_FROM_POD,
+        &ipv4(POD, PEER, PROTO_ICMP, &err),
+        REASON_DROP_POLICY,
+    );
+    assert_eq!(env.ct_len(), 1, "errors create no entries");
+}
+
+/// Errors about anything but a live, confirmed flow of this pod, in the direction the quoted
+/// packet claims, are judged as new ICMP flows: dropped by the isolated ingress.
+#[test]
+fn icmp_errors_about_unknown_foreign_pending_or_truncated_flows_are_dropped() {
+    let mut env = icmp_env();
+    let (out4, out6, _, _) = open_flows(&env);
+    let deny4 = |env: &Env, embedded: &[u8], keep: usize, what: &str| {
+        let err = icmp_error(ICMP_UNREACH, ICMP_FRAG_NEEDED, 1400, embedded, keep);
+        let pkt = ipv4(ROUTER, POD, PROTO_ICMP, &err);
+        assert_eq!(env.run(PROG_TO_POD, &pkt), TC_ACT_SHOT, "{what}");
+    };
+    let deny6 = |env: &Env, embedded: &[u8], keep: usize, what: &str| {
+        let err = icmp_error(ICMPV6_PACKET_TOO_BIG, 0, 1280, embedded, keep);
+        let pkt = ipv6(v6(ROUTER6), v6(POD6), PROTO_ICMPV6, &err);
+        assert_eq!(env.run(PROG_TO_POD, &pkt), TC_ACT_SHOT, "{what}");
+    };
+    // Counted as policy drops.
+    let err = icmp_error(ICMP_UNREACH, ICMP_FRAG_NEEDED, 1400, &out4, KEEP4 - 1);
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(ROUTER, POD, PROTO_ICMP, &err),
+        REASON_DROP_POLICY,
+    );
+
+    // Untracked: another source port, another destination.
+    deny4(
+        &env,
+        &ipv4(POD, PEER, PROTO_TCP, &tcp(40001, 80, 0)),
+        KEEP4,
+        "untracked port",
+    );
+    deny4(
+        &env,
+        &ipv4(POD, [10, 0, 0, 3], PROTO_TCP, &tcp(40000, 80, 0)),
+        KEEP4,
+        "untracked peer",
+    );
+    deny6(
+        &env,
+        &ipv6(v6(POD6), v6(PEER6), PROTO_TCP, &tcp(40001, 80, 0)),
+        KEEP6,
+        "untracked IPv6 port",
+    );
+    deny4(
+        &env,
+        &ipv4(POD, PEER, PROTO_UDP, &udp(40000, 80)),
+        KEEP4,
+        "another protocol",
+    );
+    // The quoted packet claims the other direction (the peer's to the pod): the error would
+    // go to the peer, not the pod.
+    deny4(
+        &env,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(80, 40000, 0)),
+        KEEP4,
+        "reversed",
+    );
+    // Truncated: the embedded IP header without the 8 bytes of ports.
+    deny4(&env, &out4, KEEP4 - 1, "truncated");
+    deny4(&env, &out4, 20, "only the IP header");
+    deny6(&env, &out6, KEEP6 - 1, "truncated IPv6");
+    deny6(&env, &out6, 40, "only the IPv6 header");
+    // A mismatched family (IPv6 quoted in ICMPv4).
+    deny4(&env, &out6, KEEP6, "IPv6 in ICMP");
+
+    // Another pod's flow: the same tuple tracked at another interface only, and a flow of
+    // another pod's address.
+    let other_pod = [10, 0, 0, 3];
+    let mut foreign = ct_key(v4(other_pod), 40000, v4(PEER), 80, PROTO_TCP).0;
+    foreign.ifindex = 7;
+    let live = CtValue {
+        expires_ns: u64::MAX,
+        origin_dir: DIR_EGRESS,
+        flags: CT_SEEN_REPLY
+            | if ct_key(v4(other_pod), 40000, v4(PEER), 80, PROTO_TCP).1 {
+                CT_ORIGIN_LO
+            } else {
+                0
+            },
+        slot: 9,
+        _pad: [0; 4],
+    };
+    env.ct_insert(foreign, live);
+    let theirs = ipv4(other_pod, PEER, PROTO_TCP, &tcp(40000, 80, 0));
+    deny4(
+        &env,
+        &theirs,
+        KEEP4,
+        "another pod's flow, error to this pod",
+    );
+    let mut here = foreign;
+    here.ifindex = IFINDEX;
+    // Even with an entry for that tuple at this interface, the error is not to its source.
+    env.ct_insert(here, live);
+    deny4(
+        &env,
+        &theirs,
+        KEEP4,
+        "a flow of another address, error to this pod",
+    );
+    env.ct_evict(&here);
+
+    // Pending (deferred, not confirmed after the DNAT) and expired entries relate nothing.
+    let (key, src_is_lo) = ct_key(v4(POD), 41000, v4(PEER), 80, PROTO_TCP);
+    let flags = if src_is_lo { CT_ORIGIN_LO } else { 0 };
+    env.ct_insert(
+        key,
+        CtValue {
+            expires_ns: u64::MAX,
+            origin_dir: DIR_EGRESS,
+            flags: flags | CT_PENDING,
+            slot: SLOT as u16,
+            _pad: [0; 4],
+        },
+    );
+    let pending = ipv4(POD, PEER, PROTO_TCP, &tcp(41000, 80, 0));
+    deny4(&env, &pending, KEEP4, "pending");
+    env.ct_insert(
+        key,
+        CtValue {
+            expires_ns: 1,
+            origin_dir: DIR_EGRESS,
+            flags,
+            slot: SLOT as u16,
+            _pad: [0; 4],
+        },
+    );
+    deny4(&env, &pending, KEEP4, "expired");
+    // Made live and confirmed, the same entry relates the same error.
+    env.ct_insert(
+        key,
+        CtValue {
+            expires_ns: u64::MAX,
+            origin_dir: DIR_EGRESS,
+            flags,
+            slot: SLOT as u16,
+            _pad: [0; 4],
+        },
+    );
+    let err = icmp_error(ICMP_UNREACH, ICMP_FRAG_NEEDED, 1400, &pending, KEEP4);
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(ROUTER, POD, PROTO_ICMP, &err),
+        REASON_REPLY,
+    );
+    // The four flows, the foreign entry and the pending-then-confirmed one.
+    assert_eq!(env.ct_lens(), (4, 2), "errors create no entries");
+}
+
+/// The pod's DNS query to the peer (egress not isolated) and the peer's answer in three
+/// fragments (as a 4096-byte EDNS answer arrives): the first has the ports and passes as a
+/// reply; the later ones carry no ports and pass on the first one's verdict. A datagram
+/// whose first fragment was not seen (another identification, another source, fragments
+/// that arrive before their first) is judged without ports: dropped by the isolated ingress.
+#[test]
+fn later_fragments_of_a_passed_datagram_pass_an_isolated_pod() {
+    let env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    let query = ipv4(POD, PEER, PROTO_UDP, &udp(5353, 53));
+    env.pass(PROG_FROM_POD, &query, REASON_NOT_ISOLATED);
+    const MF: u16 = 0x2000;
+    let first = |id| ipv4_frag_id(PEER, POD, PROTO_UDP, MF, id, &udp(53, 5353));
+    let middle = |id| ipv4_frag_id(PEER, POD, PROTO_UDP, MF | 185, id, &[0xaa; 64]);
+    let last = |id| ipv4_frag_id(PEER, POD, PROTO_UDP, 370, id, &[0xbb; 64]);
+
+    // Before its first fragment, a later one finds nothing: dropped (out of order).
+    env.deny(PROG_TO_POD, &middle(0x1234), REASON_DROP_POLICY);
+    env.pass(PROG_TO_POD, &first(0x1234), REASON_REPLY);
+    env.pass(PROG_TO_POD, &middle(0x1234), REASON_REPLY);
+    env.pass(PROG_TO_POD, &last(0x1234), REASON_REPLY);
+    // Another datagram's later fragments.
+    env.deny(PROG_TO_POD, &last(0x1235), REASON_DROP_POLICY);
+    // The same identification from another source, or in the other direction.
+    let other = ipv4_frag_id([10, 0, 0, 3], POD, PROTO_UDP, 370, 0x1234, &[0xbb; 64]);
+    env.deny(PROG_TO_POD, &other, REASON_DROP_POLICY);
+    let tcp_frag = ipv4_frag_id(PEER, POD, PROTO_TCP, 370, 0x1234, &[0xbb; 64]);
+    env.deny(PROG_TO_POD, &tcp_frag, REASON_DROP_POLICY);
+    assert_eq!(env.frags.keys().count(), 1, "one datagram recorded");
+    assert_eq!(env.ct_len(), 1, "fragments track nothing");
+
+    // IPv6: the fragment header's 32-bit identification.
+    let pod = v6(POD6);
+    let peer = v6(PEER6);
+    env.pass(
+        PROG_FROM_POD,
+        &ipv6(pod, peer, PROTO_UDP, &udp(5353, 53)),
+        REASON_NOT_ISOLATED,
+    );
+    let frag6 = |offset, more, id, l4: &[u8]| {
+        ipv6_ext(
+            peer,
+            pod,
+            &[(44, ext_frag_id(offset, more, id))],
+            PROTO_UDP,
+            l4,
+        )
+    };
+    env.deny(
+        PROG_TO_POD,
+        &frag6(185, false, 0xdead_beef, &[0; 64]),
+        REASON_DROP_POLICY,
+    );
+    env.pass(
+        PROG_TO_POD,
+        &frag6(0, true, 0xdead_beef, &udp(53, 5353)),
+        REASON_REPLY,
+    );
+    env.pass(
+        PROG_TO_POD,
+        &frag6(185, false, 0xdead_beef, &[0; 64]),
+        REASON_REPLY,
+    );
+    env.deny(
+        PROG_TO_POD,
+        &frag6(185, false, 0xdead_bef0, &[0; 64]),
+        REASON_DROP_POLICY,
+    );
+    assert_eq!(env.ct_len(), 2, "fragments track nothing");
+}
+
+/// A first fragment allowed by policy as a new flow passes its later fragments under the
+/// same verdict; a denied first fragment records nothing; an expired record is ignored.
+#[test]
+fn later_fragments_follow_the_policy_verdict_of_their_first_fragment() {
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_UDP, 53, POLICY_PREFIX_FULL);
+    const MF: u16 = 0x2000;
+    let first = |dport, id| ipv4_frag_id(PEER, POD, PROTO_UDP, MF, id, &udp(5000, dport));
+    let later = |id| ipv4_frag_id(PEER, POD, PROTO_UDP, 185, id, &[0xaa; 64]);
+    env.pass(PROG_TO_POD, &first(53, 7), REASON_POLICY_ALLOW);
+    env.pass(PROG_TO_POD, &later(7), REASON_POLICY_ALLOW);
+    // A first fragment to a port the policy does not allow: its datagram stays out.
+    env.deny(PROG_TO_POD, &first(54, 8), REASON_DROP_POLICY);
+    env.deny(PROG_TO_POD, &later(8), REASON_DROP_POLICY);
+    // The record of datagram 7 dies after FRAG_TIMEOUT_NS: made expired, it is ignored.
+    let keys: Vec<FragKey> = env.frags.keys().map(|k| k.expect("key")).collect();
+    assert_eq!(keys.len(), 1);
+    let mut value = env.frags.get(&keys[0], 0).expect("record");
+    assert_eq!(
+        (value.reason, u32::from(value.slot)),
+        (REASON_POLICY_ALLOW, SLOT)
+    );
+    value.expires_ns = 1;
+    env.frags
+        .insert(keys[0], value, 0)
+        .expect("expire the record");
+    env.deny(PROG_TO_POD, &later(7), REASON_DROP_POLICY);
 }

@@ -66,6 +66,9 @@ pub const CLOCK_NS_PER_JIFFY: u32 = 0;
 pub const MAP_FLOWS: &str = "NPM_FLOWS";
 pub const MAP_SERVICES: &str = "NPM_SERVICES";
 pub const MAP_DEFERRED: &str = "NPM_DEFERRED";
+/// LRU hash of [`FragKey`] → [`FragValue`]: the verdict of a fragmented datagram's first
+/// fragment, for its later fragments (which carry no ports).
+pub const MAP_FRAGS: &str = "NPM_FRAGS";
 
 /// Program names in the object file.
 pub const PROG_FROM_POD: &str = "npm_from_pod";
@@ -107,6 +110,9 @@ pub const COUNTER_SLOTS: u32 = 2_048;
 pub const METRICS_MAX: u32 = COUNTER_SLOTS * crate::metrics::COUNTER_STRIDE;
 pub const SERVICES_MAX: u32 = 256;
 pub const DEFERRED_MAX: u32 = 65_536;
+/// Fragmented datagrams remembered at once (Cilium's fragment map has as many); the LRU
+/// evicts the oldest, whose later fragments are then judged without ports.
+pub const FRAGS_MAX: u32 = 8_192;
 
 // ---- ENDPOINTS: host-side ifindex (u32) -> EndpointInfo ----
 
@@ -467,6 +473,47 @@ pub struct DeferValue {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<DeferValue>() == 32);
+
+// ---- FRAGS: the first fragment's verdict for the later fragments of its datagram ----
+
+/// How long a first fragment's verdict holds for the rest of its datagram (never refreshed).
+/// A datagram's fragments leave their sender back to back; Linux gives up reassembling after
+/// 30 s (`ipfrag_time`), and the short window keeps a reused IPv4 ID (16 bits) from finding
+/// an old datagram's verdict.
+pub const FRAG_TIMEOUT_NS: u64 = 5 * 1_000_000_000;
+
+/// One fragmented datagram at one endpoint in one direction: what RFC 791 §3.2 and RFC 8200
+/// §4.5 identify a datagram's fragments by (source, destination, protocol, identification),
+/// plus the interface and direction it was judged at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FragKey {
+    pub src: Addr16,
+    pub dst: Addr16,
+    /// The identification's wire bytes read as a native-order word: IPv6's 4 bytes, IPv4's
+    /// 2 bytes followed by two zero bytes.
+    pub id: u32,
+    pub ifindex: u32,
+    pub proto: u8,
+    /// `DIR_*` of the fragments.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 44);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    /// Datapath clock (ns, as `CtValue::expires_ns`) after which the entry is dead: the first
+    /// fragment's time plus [`FRAG_TIMEOUT_NS`].
+    pub expires_ns: u64,
+    /// The counter slot the first fragment was counted under.
+    pub slot: u16,
+    /// The first fragment's (passing) verdict reason; never `REASON_NOT_MANAGED`.
+    pub reason: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 16);
 
 // ---- IP protocol numbers ----
 pub const PROTO_ICMP: u8 = 1;

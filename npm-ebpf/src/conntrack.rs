@@ -7,23 +7,25 @@
 //! (host order of the big-endian wire value); equal pairs put the source first.
 //!
 //! Entries are created for every allowed, untracked packet except ICMP that is not an echo
-//! request (echo replies and ICMP errors would create entries nothing can ever match).
+//! request (echo replies and ICMP errors would create entries nothing can ever match) and
+//! later fragments (ports 0: an entry would be the wrong flow's). An ICMP error about a flow
+//! is related to its entry without touching it ([`related`]).
 //! Creation overwrites (`BPF_ANY`) an absent or expired entry and never a live one, so a
 //! packet that does not match a live entry (e.g. a spoofed direction) cannot steal it.
 
-use aya_ebpf::{bindings::BPF_ANY, maps::LruHashMap};
+use aya_ebpf::{bindings::BPF_ANY, maps::LruHashMap, programs::TcContext};
 use npm_common::{
     maps::{
         CT_ORIGIN_LO, CT_PENDING, CT_SEEN_REPLY, CT_TCP_CLOSING, CT_TIMEOUT_OTHER_NS,
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS,
         CT_TIMEOUT_UDP_NS, CtKey, CtKey4, CtValue, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     },
-    verdict::{REASON_ESTABLISHED, REASON_REPLY},
+    verdict::{DIR_EGRESS, DIR_INGRESS, REASON_ESTABLISHED, REASON_REPLY},
 };
 
 use crate::{
     CONNTRACK, CONNTRACK4, flows,
-    parse::{L4Kind, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, be_words},
+    parse::{self, L4Kind, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, be_words},
 };
 
 /// Do not rewrite an entry only to move its deadline by less than this (saves cache-line
@@ -311,6 +313,67 @@ fn judge(ptr: *mut CtValue, pkt: &Packet, src_is_lo: bool, dir: u8, now: u64) ->
         .saturating_add(REFRESH_SLACK_NS)
         .saturating_sub(timeout);
     (Ct::Hit(reason, u32::from(v.slot)), until)
+}
+
+/// Whether the ICMP error `pkt` (an `IcmpOther` with `inner_off`), seen at `ifindex` in
+/// `dir`, reports on a flow this endpoint tracks. The embedded packet ([`parse::embedded`]) travelled the other way through this
+/// interface, towards the error's sender, and the error goes back to that packet's source;
+/// so:
+/// - entering the pod, the error's destination must be the embedded packet's source (the
+///   pod: the error reports on a packet the pod sent); its source is free (any router on the
+///   path may send it);
+/// - leaving the pod, its two addresses must be the embedded packet's, swapped (the pod
+///   reports on a packet it received, to that packet's sender: a pod is not a router, and
+///   the error may not reach a third party the pod's policy does not allow);
+/// - the embedded packet's flow at this interface must have a live entry that is not pending
+///   (a deferred flow's not yet confirmed after the DNAT) and that packet must match it as a
+///   packet of that flow in its own direction: sent by the originator in the direction the
+///   flow was allowed in, or towards it in the other (an echo request only the former, an
+///   echo reply only the latter).
+///
+/// Read only: the entry is not refreshed (an error does not keep a flow alive) and nothing
+/// is created. Not inlined: the inner packet and its key get their own stack frame.
+#[inline(never)]
+pub(crate) fn related(ctx: &TcContext, pkt: &Packet, ifindex: u32, dir: u8, now: u64) -> bool {
+    let mut inner = Packet::new();
+    if !parse::embedded(ctx, pkt, &mut inner) {
+        return false;
+    }
+    let addresses = if dir == DIR_INGRESS {
+        parse::same_addr(&inner.src, &pkt.dst)
+    } else {
+        parse::same_addr(&inner.src, &pkt.dst) && parse::same_addr(&inner.dst, &pkt.src)
+    };
+    if !addresses {
+        return false;
+    }
+    let inner_dir = if dir == DIR_INGRESS {
+        DIR_EGRESS
+    } else {
+        DIR_INGRESS
+    };
+    let lo = src_is_lo(&inner);
+    // SAFETY: plain-integer values, read once each; a concurrent update can at worst give a
+    // mix of old and new fields for this one packet.
+    let found = if inner.v4 {
+        unsafe { CONNTRACK4.get(key4(&inner, ifindex, lo)) }.copied()
+    } else {
+        unsafe { CONNTRACK.get(key6(&inner, ifindex, lo)) }.copied()
+    };
+    let Some(v) = found else {
+        return false;
+    };
+    if v.expires_ns <= now || v.flags & CT_PENDING != 0 {
+        return false;
+    }
+    let origin_lo = v.flags & CT_ORIGIN_LO != 0;
+    if inner_dir == v.origin_dir && lo == origin_lo {
+        inner.kind != L4Kind::EchoReply
+    } else if inner_dir != v.origin_dir && lo != origin_lo {
+        inner.kind != L4Kind::EchoRequest
+    } else {
+        false
+    }
 }
 
 #[inline(always)]

@@ -38,10 +38,18 @@
 //! `REASON_DROP_MALFORMED` in an isolated direction and passes untracked as
 //! `REASON_NOT_ISOLATED` otherwise.
 //!
-//! Known limits: non-first fragments carry no ports (port 0: they match conntrack or policy
-//! only through port-0 / any-port / any-protocol entries); ICMP errors are not related to the
-//! flow they report on; IPv6 AH/ESP and more than 4 extension headers are not walked
-//! (malformed); headers must lie in the first 512 bytes. Link control passes on its hop
+//! ICMP errors (destination unreachable, fragmentation needed / packet too big, time
+//! exceeded, parameter problem) take their own path (`error_verdict`): after the source
+//! check, in an isolated direction, one that quotes a packet of a live, confirmed flow of
+//! this endpoint passes as a reply of it (`conntrack::related`, read only); any other is
+//! judged by the policy. Later fragments of a datagram pass on the verdict of its first
+//! fragment at this interface and direction (`frags`, `NPM_FRAGS`).
+//!
+//! Known limits: a later fragment whose first fragment did not pass here first (out of order,
+//! or its record expired or was evicted) is judged with ports 0 (it matches only any-port /
+//! any-protocol entries); an ICMPv6 error is related only when the packet it quotes has no
+//! extension headers, and a fragmented ICMP error never; IPv6 AH/ESP and more than 4
+//! extension headers are not walked (malformed); headers must lie in the first 512 bytes. Link control passes on its hop
 //! limit alone, whatever its destination: an egress-isolated pod can send ND-typed ICMPv6 at
 //! hop limit 255 to any address, which the node routes on at 254 (every ND receiver discards
 //! it; a raw ICMPv6 socket there would read it). The source check: a pending endpoint may
@@ -53,6 +61,7 @@
 
 mod conntrack;
 mod flows;
+mod frags;
 mod parse;
 mod service;
 
@@ -75,7 +84,7 @@ use npm_common::{
     verdict::{
         DIR_EGRESS, DIR_INGRESS, REASON_DEFERRED, REASON_DROP_MALFORMED, REASON_DROP_POLICY,
         REASON_DROP_SPOOFED, REASON_HOST, REASON_NOT_ISOLATED, REASON_NOT_MANAGED,
-        REASON_POLICY_ALLOW, REASON_SELF, is_allow,
+        REASON_POLICY_ALLOW, REASON_REPLY, REASON_SELF, is_allow,
     },
 };
 
@@ -246,7 +255,23 @@ pub(crate) fn now_ns() -> u64 {
 fn handle(ctx: &TcContext, dir: u8) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel passed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (reason, slot) = classify(ctx, ifindex, dir);
+    let mut pkt = Packet::new();
+    let (reason, slot) = classify(ctx, &mut pkt, ifindex, dir);
+    // A first fragment that passed at a managed endpoint (or on a conntrack hit) leaves its
+    // verdict for the rest of its datagram (crate::frags). Not a deferred one: the post-DNAT
+    // check judges it again, after kube-proxy reassembled the datagram.
+    if pkt.first_fragment()
+        && is_allow(reason)
+        && reason != REASON_NOT_MANAGED
+        && reason != REASON_DEFERRED
+    {
+        frags::record(
+            &pkt,
+            ifindex,
+            dir,
+            u64::from(reason) << 32 | u64::from(slot),
+        );
+    }
     count(slot, dir, reason, ctx.len());
     if is_allow(reason) {
         TC_ACT_PIPE
@@ -255,9 +280,11 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     }
 }
 
-/// Returns the verdict reason and the counter slot to count it under.
+/// Returns the verdict reason and the counter slot to count it under; leaves the parsed
+/// packet in `pkt` (`Packet::new()` on entry; `frag` is 0 unless the packet was classified
+/// as IP).
 #[inline(always)]
-fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
+fn classify(ctx: &TcContext, pkt: &mut Packet, ifindex: u32, dir: u8) -> (u8, u32) {
     // Headers are read with direct packet access, which sees only the linear part of the
     // skb. Only when they are not all there is the packet pulled (up to PULL_LEN) and parsed
     // again: rare, the stack and veth keep the headers linear. Pulling on demand matters: a
@@ -267,10 +294,9 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     // The second parse needs no fresh `pkt`: parsing is a function of the packet's bytes,
     // which the pull does not change, so the first (cut short) wrote a subset of the same
     // fields with the same values.
-    let mut pkt = Packet::new();
-    let mut parsed = parse::parse(ctx, &mut pkt);
+    let mut parsed = parse::parse(ctx, pkt);
     if !matches!(parsed, Ok(true)) && pull_headers(ctx) {
-        parsed = parse::parse(ctx, &mut pkt);
+        parsed = parse::parse(ctx, pkt);
     }
     // Neighbour discovery, router discovery and MLD on the link pass like ARP (not IP to
     // policy): without them an isolated pod cannot resolve its IPv6 gateway or peers. No
@@ -279,16 +305,31 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     // (`ABI_VERSION`) and the agent's reason labels; `REASON_NOT_MANAGED` is what ARP
     // counts under.
     if !matches!(parsed, Ok(true)) || pkt.kind == L4Kind::LinkControl {
-        let v = unparsed(ctx, &pkt, ifindex, dir, parsed.is_err());
+        pkt.frag = 0;
+        let v = unparsed(ctx, pkt, ifindex, dir, parsed.is_err());
         return ((v >> 32) as u8, v as u32);
+    }
+    let pkt: &Packet = pkt;
+    // ICMP errors take a path of their own (`error_verdict`): nothing to look up in conntrack
+    // or the flow cache for them, nothing to track, nothing to defer.
+    if pkt.inner_off != 0 {
+        let v = error_verdict(ctx, pkt, ifindex, dir);
+        return ((v >> 32) as u8, v as u32);
+    }
+    // A later fragment of a datagram whose first fragment passed here: the same verdict.
+    if pkt.later_fragment() {
+        let v = frags::later(pkt, ifindex, dir);
+        if v != 0 {
+            return ((v >> 32) as u8, v as u32);
+        }
     }
 
     // Tick resolution is plenty for timeouts of seconds (see `now_ns`).
     let now = now_ns();
-    let src_is_lo = conntrack::src_is_lo(&pkt);
+    let src_is_lo = conntrack::src_is_lo(pkt);
     // Conntrack first: the key holds the ifindex, so a hit is a flow this interface's
     // endpoint allowed, and the entry holds the endpoint's counter slot.
-    let live = match conntrack::lookup(&pkt, ifindex, src_is_lo, dir, now) {
+    let live = match conntrack::lookup(pkt, ifindex, src_is_lo, dir, now) {
         Ct::Hit(reason, slot) => return (reason, slot),
         Ct::LiveMismatch => true,
         // A pending (deferred) flow's entry may be overwritten by this packet's verdict.
@@ -308,7 +349,7 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
     // node's), or by the deferred-Service path, which runs after it. A packet matching the
     // entry carries the same two addresses, so its pod-side address is one this check
     // already let through at this interface.
-    if spoofed(&pkt, ifindex, ep.id, dir) {
+    if spoofed(pkt, ifindex, ep.id, dir) {
         return (REASON_DROP_SPOOFED, ep.slot);
     }
     let (isolate_bit, class_bit) = if dir == DIR_INGRESS {
@@ -317,21 +358,54 @@ fn classify(ctx: &TcContext, ifindex: u32, dir: u8) -> (u8, u32) {
         (EP_ISOLATE_EGRESS, EP_CLASS_EGRESS)
     };
     let reason = if ep.flags & isolate_bit != 0 {
-        policy_verdict(ep.id, &pkt, ifindex, dir, ep.flags & class_bit != 0)
+        policy_verdict(ep.id, pkt, ifindex, dir, ep.flags & class_bit != 0)
     } else {
         REASON_NOT_ISOLATED
     };
     // Egress to a Service range: judged again after the DNAT (crate::service).
     if reason == REASON_DROP_POLICY
         && dir == DIR_EGRESS
-        && service::defer(ctx, &pkt, ifindex, src_is_lo, live)
+        && service::defer(ctx, pkt, ifindex, src_is_lo, live)
     {
         return (REASON_DEFERRED, ep.slot);
     }
-    if is_allow(reason) && !live {
-        conntrack::create(&pkt, ifindex, src_is_lo, dir, now, ep.slot);
+    // A later fragment (ports 0) tracks nothing: its entry would be another flow's.
+    if is_allow(reason) && !live && !pkt.later_fragment() {
+        conntrack::create(pkt, ifindex, src_is_lo, dir, now, ep.slot);
     }
     (reason, ep.slot)
+}
+
+/// The verdict of an ICMP error (`Packet::inner_off` set) as reason << 32 | counter slot.
+/// At a managed endpoint the source check comes first, as for any new flow (`spoofed`: a
+/// pod's error leaves from its own address); then, in an isolated direction, an error about
+/// a flow this endpoint tracks passes as a reply of that flow (`conntrack::related`; no pass
+/// reason of its own: the eight pass indexes of a counter slot are taken, see `classify`),
+/// and one about anything else is judged by the policy as any ICMP message is (only a rule
+/// allowing every protocol lets it in). Never tracked, never deferred to the post-DNAT
+/// check. Not inlined: the verifier walks it only for the parser's ICMP error paths, which
+/// then skip the rest of `classify`.
+#[inline(never)]
+fn error_verdict(ctx: &TcContext, pkt: &Packet, ifindex: u32, dir: u8) -> u64 {
+    // SAFETY: plain-integer values, see `classify`.
+    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
+        return u64::from(REASON_NOT_MANAGED) << 32 | u64::from(SLOT_UNMANAGED);
+    };
+    let (isolate_bit, class_bit) = if dir == DIR_INGRESS {
+        (EP_ISOLATE_INGRESS, EP_CLASS_INGRESS)
+    } else {
+        (EP_ISOLATE_EGRESS, EP_CLASS_EGRESS)
+    };
+    let reason = if spoofed(pkt, ifindex, ep.id, dir) {
+        REASON_DROP_SPOOFED
+    } else if ep.flags & isolate_bit == 0 {
+        REASON_NOT_ISOLATED
+    } else if conntrack::related(ctx, pkt, ifindex, dir, now_ns()) {
+        REASON_REPLY
+    } else {
+        policy_verdict(ep.id, pkt, ifindex, dir, ep.flags & class_bit != 0)
+    };
+    u64::from(reason) << 32 | u64::from(ep.slot)
 }
 
 /// Makes the first `PULL_LEN` bytes (or the whole packet, if shorter) linear when they are

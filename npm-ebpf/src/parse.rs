@@ -1,6 +1,8 @@
 //! Header parsing: Ethernet → IPv4/IPv6 (bounded extension-header walk) → TCP/UDP/SCTP/ICMP.
 //! ICMPv6 neighbour and router discovery and MLD that meet the link-local checks of their
-//! RFCs are told apart ([`L4Kind::LinkControl`]): the datapath passes them like ARP.
+//! RFCs are told apart ([`L4Kind::LinkControl`]): the datapath passes them like ARP. Fragments
+//! are told apart by [`Packet::frag`] (with the datagram's identification), ICMP errors by
+//! [`Packet::inner_off`], where the packet they report on starts ([`embedded`] reads it).
 //!
 //! Every read goes through [`ptr_at`], which checks the access against `data_end` (the
 //! verifier insists, and a short packet must never be read past its end). Header structs are
@@ -32,6 +34,19 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
+/// ICMP errors that embed the packet they report on (RFC 792, RFC 1191): destination
+/// unreachable (incl. fragmentation needed), time exceeded, parameter problem. Not redirect
+/// (5), which changes routes rather than reporting on a flow.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// ICMPv6 errors (RFC 4443 §3): destination unreachable (1), packet too big (2), time
+/// exceeded (3), parameter problem (4).
+const ICMPV6_ERROR_FIRST: u8 = 1;
+const ICMPV6_ERROR_LAST: u8 = 4;
+/// Bytes of an ICMP error's header before the embedded packet (type, code, checksum, and 4
+/// bytes of unused / MTU / pointer).
+const ICMP_ERROR_HLEN: usize = 8;
 /// MLD (RFC 2710, RFC 3810): query, v1 report, v1 done, v2 report.
 const ICMPV6_MLD_QUERY: u8 = 130;
 const ICMPV6_MLD_REPORT: u8 = 131;
@@ -50,6 +65,11 @@ const ND_HOP_LIMIT: u8 = 255;
 /// The hop limit RFC 2710 §3 and RFC 3810 §5 give MLD messages: no router forwards them.
 const MLD_HOP_LIMIT: u8 = 1;
 
+/// [`Packet::frag`] bits, IPv4's `frag_off` layout (RFC 791): more fragments, and the
+/// 13-bit offset in 8-byte units.
+const FRAG_MF: u16 = 0x2000;
+const FRAG_OFFSET: u16 = 0x1fff;
+
 /// TCP flag bits (byte 13 of the TCP header).
 pub(crate) const TCP_FIN: u8 = 0x01;
 pub(crate) const TCP_SYN: u8 = 0x02;
@@ -67,7 +87,8 @@ pub(crate) enum L4Kind {
     EchoRequest,
     /// ICMP/ICMPv6 echo reply; both ports are the echo identifier.
     EchoReply,
-    /// Any other ICMP/ICMPv6 type (ports 0, never tracked).
+    /// Any other ICMP/ICMPv6 type (ports 0, never tracked); an error that embeds the packet
+    /// it reports on has [`Packet::inner_off`] set.
     IcmpOther,
     /// ICMPv6 link control: neighbour or router discovery (types 133-137) with hop limit
     /// 255, or MLD (130-132, 143) with hop limit 1 from a link-local (fe80::/10) or the
@@ -99,6 +120,18 @@ pub(crate) struct Packet {
     /// Both addresses are IPv4-mapped (an IPv4 packet, or an IPv6 one with two mapped
     /// addresses): the flow lives in `NPM_CT4`, as `CtKey::to_v4` says.
     pub(crate) v4: bool,
+    /// The datagram's identification (for fragments): the wire bytes as a native-order word
+    /// (IPv4's 2 bytes, then zeros; IPv6's 4).
+    pub(crate) frag_id: u32,
+    /// An ICMP error (destination unreachable, time exceeded, parameter problem; ICMPv6 also
+    /// packet too big): the packet offset of the IP header it embeds; 0 for anything else.
+    pub(crate) inner_off: u16,
+    /// The fragment's offset (8-byte units, bits 0..13) and more-fragments flag (bit 13), as
+    /// in IPv4's `frag_off` (IPv6's fragment header rearranged to match); 0 for a packet
+    /// that is not a fragment. Kept as computed from the packet's bits rather than as a
+    /// constant per case: the verifier then has no reason to explore the rest of the program
+    /// once per fragment state ([`Packet::first_fragment`], [`Packet::later_fragment`]).
+    pub(crate) frag: u16,
 }
 
 const _: () = assert!(core::mem::offset_of!(Packet, src) == 0);
@@ -146,12 +179,13 @@ struct EthHdr {
 }
 const ETH_HLEN: usize = size_of::<EthHdr>();
 
+#[derive(Clone, Copy)]
 #[repr(C)]
 struct Ipv4Hdr {
     ver_ihl: u8,
     _tos: u8,
     _tot_len: [u8; 2],
-    _id: [u8; 2],
+    id: [u8; 2],
     frag_off: [u8; 2],
     _ttl: u8,
     proto: u8,
@@ -160,9 +194,10 @@ struct Ipv4Hdr {
     dst: [u8; 4],
 }
 
+#[derive(Clone, Copy)]
 #[repr(C)]
 struct Ipv6Hdr {
-    _ver_tc_flow: [u8; 4],
+    ver_tc_flow: [u8; 4],
     _payload_len: [u8; 2],
     next_hdr: u8,
     hop_limit: u8,
@@ -170,13 +205,17 @@ struct Ipv6Hdr {
     dst: Addr16,
 }
 
-/// First two bytes of every skipped IPv6 extension header (RFC 8200 §4.2 layout).
+/// First eight bytes of every skipped IPv6 extension header (RFC 8200 §4.2 layout; each is
+/// at least 8 bytes long).
 #[repr(C)]
 struct Ipv6ExtHdr {
     next_hdr: u8,
     hdr_len: u8,
-    /// Fragment header: 13-bit offset + flags; unused for the other headers.
+    /// Fragment header: 13-bit offset + 2 reserved bits + more-fragments; unused for the
+    /// other headers.
     frag_off: [u8; 2],
+    /// Fragment header: the identification; unused for the other headers.
+    ident: [u8; 4],
 }
 
 /// Minimal TCP header (RFC 9293): ports, then flags in byte 13.
@@ -247,7 +286,23 @@ impl Packet {
             kind: L4Kind::NoPorts,
             tcp_flags: 0,
             v4: false,
+            frag_id: 0,
+            inner_off: 0,
+            frag: 0,
         }
+    }
+
+    /// The first fragment of a datagram (offset 0, more fragments follow): it has the L4
+    /// header, the datagram's later fragments do not.
+    #[inline(always)]
+    pub(crate) fn first_fragment(&self) -> bool {
+        self.frag & (FRAG_OFFSET | FRAG_MF) == FRAG_MF
+    }
+
+    /// A later fragment of a datagram (offset > 0): no L4 header, ports 0.
+    #[inline(always)]
+    pub(crate) fn later_fragment(&self) -> bool {
+        self.frag & FRAG_OFFSET != 0
     }
 }
 
@@ -274,7 +329,7 @@ pub(crate) fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, Malformed
 fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
     // SAFETY: `ptr_at` checked bounds; the struct has alignment 1.
-    let (ver_ihl, frag_off) = unsafe { ((*ip).ver_ihl, (*ip).frag_off) };
+    let (ver_ihl, frag_off, id) = unsafe { ((*ip).ver_ihl, (*ip).frag_off, (*ip).id) };
     if ver_ihl >> 4 != 4 {
         return Err(Malformed);
     }
@@ -283,7 +338,10 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
         return Err(Malformed);
     }
     // Non-first fragments carry no L4 header: classify them with ports 0.
-    let first_fragment = u16::from_be_bytes(frag_off) & 0x1fff == 0;
+    let frag_off = u16::from_be_bytes(frag_off);
+    let first_fragment = frag_off & FRAG_OFFSET == 0;
+    pkt.frag = frag_off & (FRAG_OFFSET | FRAG_MF);
+    pkt.frag_id = u32::from(u16::from_ne_bytes(id));
     // SAFETY: `ptr_at` checked bounds; the struct has alignment 1.
     unsafe {
         pkt.src = addr_from_v4((*ip).src);
@@ -318,8 +376,13 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
                 // SAFETY: `ptr_at` checked bounds; alignment 1.
                 let (n, len, frag) = unsafe { ((*ext).next_hdr, (*ext).hdr_len, (*ext).frag_off) };
                 if next == IPV6_FRAGMENT {
-                    // Fixed 8-byte header; offset is the upper 13 bits of bytes 2..4.
-                    if u16::from_be_bytes(frag) >> 3 != 0 {
+                    // Fixed 8-byte header; offset is the upper 13 bits of bytes 2..4, the
+                    // more-fragments flag the lowest bit.
+                    let frag = u16::from_be_bytes(frag);
+                    pkt.frag = frag >> 3 | (frag & 1) << 13;
+                    // SAFETY: as above.
+                    pkt.frag_id = u32::from_ne_bytes(unsafe { (*ext).ident });
+                    if frag >> 3 != 0 {
                         // A non-first fragment: what follows is the middle of the payload,
                         // not headers. Its protocol is the one this header names.
                         first_fragment = false;
@@ -414,6 +477,9 @@ fn parse_l4(ctx: &TcContext, off: usize, pkt: &mut Packet, hop_limit: u8) -> Res
                 let id_be = u16::from_ne_bytes(id);
                 pkt.sport_be = id_be;
                 pkt.dport_be = id_be;
+            } else if icmp_error(pkt.proto, ty) {
+                // `off` passed `ptr_at`, so it is at most MAX_L4_OFFSET.
+                pkt.inner_off = (off + ICMP_ERROR_HLEN) as u16;
             }
             if pkt.kind == L4Kind::LinkControl {
                 // What the message claims (see `Packet::dst`).
@@ -432,6 +498,102 @@ fn parse_l4(ctx: &TcContext, off: usize, pkt: &mut Packet, hop_limit: u8) -> Res
         _ => {}
     }
     Ok(())
+}
+
+/// Whether ICMP (`proto` `PROTO_ICMP`) or ICMPv6 type `ty` is an error that embeds the packet
+/// it reports on.
+#[inline(always)]
+fn icmp_error(proto: u8, ty: u8) -> bool {
+    if proto == PROTO_ICMP {
+        matches!(
+            ty,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        )
+    } else {
+        (ICMPV6_ERROR_FIRST..=ICMPV6_ERROR_LAST).contains(&ty)
+    }
+}
+
+/// Parses the packet the ICMP error `pkt` embeds (at `pkt.inner_off`) into `inner`: its
+/// addresses, protocol, and the ports (TCP, UDP, SCTP) or echo identifier (ICMP echo of the
+/// error's own family) from the first 8 bytes of its L4 header, which every error carries
+/// (RFC 792, RFC 4443 §2.4). False when it cannot be read: truncated, not of the error's
+/// family (IPv4 in ICMP, IPv6 in ICMPv6), a later fragment (no ports), an IPv6 packet with
+/// extension headers (not walked: this first version reads only a fixed header), another
+/// protocol, or an ICMP message that is not an echo (errors are not sent about errors).
+#[inline(always)]
+pub(crate) fn embedded(ctx: &TcContext, pkt: &Packet, inner: &mut Packet) -> bool {
+    // Copied out with `bpf_skb_load_bytes` rather than read in place: the offset then never
+    // takes part in packet-pointer arithmetic, so the verifier need not tell the callers'
+    // offsets apart (it would re-verify this for each), and a quote in the skb's paged part
+    // is read as well.
+    let off = usize::from(pkt.inner_off);
+    let l4 = if pkt.proto == PROTO_ICMP {
+        let Ok(ip) = ctx.load::<Ipv4Hdr>(off) else {
+            return false;
+        };
+        let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
+        if ip.ver_ihl >> 4 != 4
+            || ihl < size_of::<Ipv4Hdr>()
+            || u16::from_be_bytes(ip.frag_off) & FRAG_OFFSET != 0
+        {
+            return false;
+        }
+        inner.src = addr_from_v4(ip.src);
+        inner.dst = addr_from_v4(ip.dst);
+        inner.proto = ip.proto;
+        inner.v4 = true;
+        off + ihl
+    } else {
+        let Ok(ip) = ctx.load::<Ipv6Hdr>(off) else {
+            return false;
+        };
+        if ip.ver_tc_flow[0] >> 4 != 6 {
+            return false;
+        }
+        inner.src = ip.src;
+        inner.dst = ip.dst;
+        inner.proto = ip.next_hdr;
+        inner.v4 = v4_mapped(&inner.src) && v4_mapped(&inner.dst);
+        off + size_of::<Ipv6Hdr>()
+    };
+    // The first 8 bytes of the L4 header: TCP, UDP and SCTP start with the two ports, ICMP
+    // echo has its type first and its identifier at bytes 4..6.
+    let Ok(h) = ctx.load::<[u8; 8]>(l4) else {
+        return false;
+    };
+    match inner.proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            inner.sport_be = u16::from_ne_bytes([h[0], h[1]]);
+            inner.dport_be = u16::from_ne_bytes([h[2], h[3]]);
+            inner.kind = L4Kind::Ports;
+            true
+        }
+        p if p == pkt.proto => {
+            let (req, rep) = if p == PROTO_ICMP {
+                (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
+            } else {
+                (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
+            };
+            inner.kind = if h[0] == req {
+                L4Kind::EchoRequest
+            } else if h[0] == rep {
+                L4Kind::EchoReply
+            } else {
+                return false;
+            };
+            inner.sport_be = u16::from_ne_bytes([h[4], h[5]]);
+            inner.dport_be = inner.sport_be;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Whether two addresses of [`Packet`]s are equal, in two word compares each.
+#[inline(always)]
+pub(crate) fn same_addr(a: &Addr16, b: &Addr16) -> bool {
+    be_words(a) == be_words(b)
 }
 
 /// The sender protocol address of an ARP packet for IPv4 over Ethernet, IPv4-mapped: the

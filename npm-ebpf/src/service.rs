@@ -161,14 +161,12 @@ fn check_deferred(ctx: &TcContext, m: u32) -> bool {
         }
     }
     let src = judge(&pkt, ctx.len());
-    let key = defer_key(&pkt);
-    if src == 0 {
-        let _ = DEFERRED.remove(key);
-        return false;
+    if src != 0 {
+        ctx.set_mark(m & !MARK_DEFERRED);
     }
-    ctx.set_mark(m & !MARK_DEFERRED);
-    confirm(&key, src);
-    true
+    // Confirms the flow (allowed), forgets the side entry either way.
+    confirm(&pkt, src);
+    src != 0
 }
 
 const PARSED: u8 = 0;
@@ -230,12 +228,19 @@ fn pack_src(ifindex: u32, slot: u32) -> u64 {
     u64::from(ifindex) << 32 | u64::from(slot)
 }
 
-/// Confirms the pending conntrack entry of the deferred flow `key` (original tuple at the
-/// client's interface), giving it the client endpoint's counter slot, and forgets the side
-/// entry. `src`: the client's interface and slot ([`pack_src`]). Lean on purpose: it runs three calls deep
-/// under `npm_to_pod`, whose frames share the 512-byte stack.
+/// Confirms the pending conntrack entry of the deferred flow of `pkt` (its `NPM_DEFERRED`
+/// entry names the original tuple at the client's interface), giving it the client
+/// endpoint's counter slot, and forgets the side entry. `src`: the client's interface and
+/// slot ([`pack_src`]), 0 when the post-DNAT check denied the packet (then only the side
+/// entry goes). Lean on purpose: it runs two calls deep under `npm_to_pod`, whose frames
+/// share the 512-byte stack; the key is built here, not in the caller's frame.
 #[inline(never)]
-fn confirm(key: &DeferKey, src: u64) {
+fn confirm(pkt: &Packet, src: u64) {
+    let key = &defer_key(pkt);
+    if src == 0 {
+        let _ = DEFERRED.remove(key);
+        return;
+    }
     let (src_ifindex, slot) = ((src >> 32) as u32, src as u32);
     let Some(v) = DEFERRED.get_ptr(key) else {
         return;
