@@ -5,3 +5,4 @@ pub mod compile;
 pub mod lab;
 pub mod run;
 pub mod steps;
+pub mod uninstall;

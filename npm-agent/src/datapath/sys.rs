@@ -270,3 +270,31 @@ pub(crate) fn tcx_detach(ifindex: u32, hook: TcxHook, prog: BorrowedFd<'_>) -> i
     };
     prog_attach_cmd(BPF_PROG_DETACH, &mut attr)
 }
+
+/// Every interface of the calling thread's network namespace, as (index, name), by index
+/// (`if_nameindex(3)`: glibc asks rtnetlink, so it sees the namespace the thread is in, unlike
+/// `/sys/class/net`, which shows the namespace sysfs was mounted in).
+pub(crate) fn interfaces() -> io::Result<Vec<(u32, String)>> {
+    // SAFETY: no arguments; returns a heap array terminated by a zero entry, or null on error.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut at = list;
+    // SAFETY: `list` is the array if_nameindex returned; every entry up to the terminating
+    // one (index 0, null name) is valid and holds a NUL-terminated name, and the array is
+    // freed exactly once, after the last read.
+    unsafe {
+        while (*at).if_index != 0 && !(*at).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*at).if_name)
+                .to_string_lossy()
+                .into_owned();
+            out.push(((*at).if_index, name));
+            at = at.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out.sort();
+    Ok(out)
+}
