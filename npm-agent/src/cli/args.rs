@@ -36,6 +36,9 @@ pub enum Command {
     /// every ABI version. Run it as root in the node's network namespace after the DaemonSet
     /// is gone (a running agent attaches again). Idempotent; exit 1 if anything failed.
     Uninstall(UninstallArgs),
+    /// What npm enforces on this node, from the pinned maps and the interfaces (works without
+    /// a running agent), plus the agent's own view when its HTTP endpoint answers.
+    Status(StatusArgs),
 }
 
 #[derive(Debug, Args)]

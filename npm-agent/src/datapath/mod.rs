@@ -6,6 +6,7 @@
 
 pub mod attachments;
 mod counters;
+pub mod inspect;
 mod loader;
 mod sys;
 mod upgrade;
