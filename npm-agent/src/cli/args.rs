@@ -30,6 +30,15 @@ pub enum Command {
     /// Compile manifests offline, as if every pod were on this node (pods without a status IP
     /// get placeholder addresses): report problems and what the maps would hold.
     Compile(CompileArgs),
+    /// Remove npm from this node: detach every program of ours from every interface (tcx
+    /// programs and cls_bpf filters, found by name, priority and handle; other tools' are
+    /// kept), remove a clsact qdisc our filters leave empty, and remove the pinned maps of
+    /// every ABI version. Run it as root in the node's network namespace after the DaemonSet
+    /// is gone (a running agent attaches again). Idempotent; exit 1 if anything failed.
+    Uninstall(UninstallArgs),
+    /// What npm enforces on this node, from the pinned maps and the interfaces (works without
+    /// a running agent), plus the agent's own view when its HTTP endpoint answers.
+    Status(StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +186,35 @@ pub struct CompileArgs {
           default_value_t = crate::compiler::DEFAULT_MAX_POLICY_ENTRIES as u64,
           value_parser = clap::value_parser!(u64).range(1..=crate::config::MAX_MAX_POLICY_ENTRIES as u64))]
     pub max_policy_entries: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// bpffs directory of the pinned maps (`run --bpffs-dir`): every `v<N>` directory in it
+    /// is removed, then the directory itself when empty. Refused unless it is on a bpffs.
+    #[arg(long, default_value = "/sys/fs/bpf/npm", value_name = "DIR")]
+    pub bpffs_dir: PathBuf,
+    /// List what would be removed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the result as JSON: {dry_run, bpffs_dir, interfaces: [{name, ifindex, removed,
+    /// kept}], pin_dirs, bpffs_dir_removed, errors}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// bpffs directory of the pinned maps (`run --bpffs-dir`).
+    #[arg(long, default_value = "/sys/fs/bpf/npm", value_name = "DIR")]
+    pub bpffs_dir: PathBuf,
+    /// The agent's HTTP endpoints (`/readyz`, `/debug/state`); unreachable is reported, not
+    /// an error (the pins and interfaces are shown anyway).
+    #[arg(long, default_value = "http://127.0.0.1:10091", value_name = "URL")]
+    pub url: String,
+    /// Print the result as JSON (field names are documented in README.md, "Using it").
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// One `--external` value.

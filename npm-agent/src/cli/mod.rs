@@ -4,4 +4,6 @@ pub mod args;
 pub mod compile;
 pub mod lab;
 pub mod run;
+pub mod status;
 pub mod steps;
+pub mod uninstall;

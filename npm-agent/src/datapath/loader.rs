@@ -60,7 +60,7 @@ pub enum TcMode {
 /// Every program the attach functions put on a TC hook. On one hook, any of them is ours to
 /// replace (as a cls_bpf filter at our priority and handle would be): the baseline gives way
 /// to the classifier and back, and a copy left by a previous agent is replaced, not stacked.
-const OUR_PROGS: [&str; 4] = [PROG_FROM_POD, PROG_TO_POD, PROG_HOST_EGRESS, PROG_PASS];
+pub(super) const OUR_PROGS: [&str; 4] = [PROG_FROM_POD, PROG_TO_POD, PROG_HOST_EGRESS, PROG_PASS];
 
 /// Priority of our TC filters (lower runs first). Fixed, together with [`TC_HANDLE`], so a
 /// new agent finds and replaces the filters of a previous one instead of adding a copy.
@@ -902,7 +902,7 @@ pub fn tcx_programs(ifname: &str, hook: TcAttachType) -> Result<Vec<String>, Dat
         .collect())
 }
 
-fn tcx_query(
+pub(super) fn tcx_query(
     ifname: &str,
     hook: TcAttachType,
 ) -> Result<Vec<aya::programs::ProgramInfo>, DatapathError> {
@@ -950,7 +950,11 @@ fn tcx_detach_err(ifname: &str, prog: &str, source: io::Error) -> DatapathError 
 
 /// Removes the cls_bpf filter at our priority and handle on `hook` of `ifname`, if any
 /// (there is none unless an agent attached in [`TcMode::Netlink`]).
-fn remove_our_filter(ifname: &str, prog: &str, hook: TcAttachType) -> Result<(), DatapathError> {
+pub(super) fn remove_our_filter(
+    ifname: &str,
+    prog: &str,
+    hook: TcAttachType,
+) -> Result<(), DatapathError> {
     let link =
         SchedClassifierLink::attached(ifname, hook, TC_PRIORITY, TcHandle::from(TC_HANDLE), None)
             .map_err(|source| DatapathError::Interface {

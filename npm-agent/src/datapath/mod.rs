@@ -4,7 +4,9 @@
 //! Only this module (and the map programmer's backend) touches aya; only [`sys`] holds
 //! `unsafe` code. The programs' semantics are documented in `npm-ebpf/src/main.rs`.
 
+pub mod attachments;
 mod counters;
+pub mod inspect;
 mod loader;
 mod sys;
 mod upgrade;
@@ -16,4 +18,4 @@ pub use loader::{
     Datapath, DatapathError, LoadOptions, TC_HANDLE, TC_PRIORITY, TcMode, TestRunResult,
     tcx_programs,
 };
-pub use upgrade::{previous_pin_dirs, remove_pin_dir};
+pub use upgrade::{on_bpffs, pin_dirs, previous_pin_dirs, remove_pin_dir};

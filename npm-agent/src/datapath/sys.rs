@@ -270,3 +270,85 @@ pub(crate) fn tcx_detach(ifindex: u32, hook: TcxHook, prog: BorrowedFd<'_>) -> i
     };
     prog_attach_cmd(BPF_PROG_DETACH, &mut attr)
 }
+
+/// Every interface of the calling thread's network namespace, as (index, name), by index
+/// (`if_nameindex(3)`: glibc asks rtnetlink, so it sees the namespace the thread is in, unlike
+/// `/sys/class/net`, which shows the namespace sysfs was mounted in).
+pub(crate) fn interfaces() -> io::Result<Vec<(u32, String)>> {
+    // SAFETY: no arguments; returns a heap array terminated by a zero entry, or null on error.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut at = list;
+    // SAFETY: `list` is the array if_nameindex returned; every entry up to the terminating
+    // one (index 0, null name) is valid and holds a NUL-terminated name, and the array is
+    // freed exactly once, after the last read.
+    unsafe {
+        while (*at).if_index != 0 && !(*at).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*at).if_name)
+                .to_string_lossy()
+                .into_owned();
+            out.push(((*at).if_index, name));
+            at = at.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `BPF_MAP_GET_NEXT_KEY` command number.
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// The `map_elem` member of `union bpf_attr` for `BPF_MAP_GET_NEXT_KEY`.
+#[repr(C)]
+#[allow(dead_code, reason = "fields are read by the kernel")]
+struct MapNextKeyAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
+}
+const _: () = assert!(size_of::<MapNextKeyAttr>() == 24);
+
+/// The keys of the hash, LRU hash or LPM trie map `map` (whose keys are `key_size` bytes),
+/// counted with `BPF_MAP_GET_NEXT_KEY` whatever their type, walking at most `limit`.
+pub(crate) fn count_keys(map: BorrowedFd<'_>, key_size: u32, limit: u32) -> io::Result<u32> {
+    let size = usize::try_from(key_size).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let mut key = vec![0u8; size];
+    let mut next = vec![0u8; size];
+    let mut n = 0u32;
+    let mut first = true;
+    while n < limit {
+        let mut attr = MapNextKeyAttr {
+            map_fd: raw_fd(map)?,
+            _pad: 0,
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.map_elem` of the size we pass; `key` (read, or
+        // null for the first key) and `next` (written) are `key_size` bytes, the map's key
+        // size, and outlive the call; the fd is borrowed for it.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &raw mut attr,
+                size_of::<MapNextKeyAttr>(),
+            )
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            return Err(e);
+        }
+        n += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+    }
+    Ok(n)
+}

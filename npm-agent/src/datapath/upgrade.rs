@@ -40,6 +40,29 @@ pub fn previous_pin_dirs(bpffs_dir: &Path) -> Vec<(u32, PathBuf)> {
     out
 }
 
+/// Every ABI version's pin directory under `bpffs_dir` (`v<N>`, ours included), by version.
+/// A missing `bpffs_dir` has none.
+pub fn pin_dirs(bpffs_dir: &Path) -> Vec<(u32, PathBuf)> {
+    let mut out = previous_pin_dirs(bpffs_dir);
+    let ours = bpffs_dir.join(format!("v{ABI_VERSION}"));
+    if ours.is_dir() {
+        out.push((ABI_VERSION, ours));
+        out.sort();
+    }
+    out
+}
+
+/// Whether `path` (which must exist) is on a bpffs: `uninstall` removes pins only there, so a
+/// mistyped `--bpffs-dir` never deletes ordinary files.
+pub fn on_bpffs(path: &Path) -> Result<bool, DatapathError> {
+    super::sys::fs_type(path)
+        .map(|t| t == super::sys::BPF_FS_MAGIC)
+        .map_err(|source| DatapathError::PinDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
 /// Removes a previous ABI's pin directory: its pinned maps (they are freed once no program
 /// uses them either) and the directory itself.
 pub fn remove_pin_dir(dir: &Path) -> Result<(), DatapathError> {

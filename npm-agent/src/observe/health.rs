@@ -14,6 +14,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use std::collections::BTreeMap;
+
+use crate::model::{ObjRef, Policy};
+
 /// How many recent errors the debug view keeps.
 pub const RECENT_ERRORS: usize = 20;
 
@@ -68,6 +72,33 @@ pub struct DebugState {
     pub maps_error: Option<String>,
     /// Before the first enforcement: what the agent waits for, when it knows.
     pub waiting_for: Option<String>,
+    /// Per NetworkPolicy (`namespace/name`) the agent knows: which version of its content the
+    /// maps hold, and since when.
+    pub policies: std::collections::BTreeMap<String, PolicyRealized>,
+}
+
+/// Where one NetworkPolicy stands (`/debug/state` `policies`). Field names are a contract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PolicyRealized {
+    /// This agent process's count of the policy's contents: 1 for the first it saw, +1 each
+    /// time its spec (selector, rules, policy types) changed. Not the object's
+    /// `metadata.generation` (the model keeps no metadata); a restarted agent starts at 1.
+    pub generation: u64,
+    /// RFC 3339 (UTC): when this agent first saw this generation.
+    pub seen_at: String,
+    /// RFC 3339 (UTC): the first run after `seen_at` that brought every map to the compiled
+    /// contents, so the datapath enforces this generation (its entries, or its failing closed
+    /// when over a limit); null while map writes fail since the change.
+    pub realized_at: Option<String>,
+}
+
+/// What the agent keeps per policy to tell [`PolicyRealized`].
+#[derive(Debug)]
+struct PolicyTrack {
+    spec: Policy,
+    generation: u64,
+    seen_at: SystemTime,
+    realized_at: Option<SystemTime>,
 }
 
 #[derive(Debug, Default)]
@@ -81,6 +112,7 @@ struct State {
     waiting: Option<String>,
     counts: Counts,
     errors: VecDeque<ErrorRecord>,
+    policies: BTreeMap<ObjRef, PolicyTrack>,
 }
 
 /// Shared between the run loop (writer) and the HTTP server (reader).
@@ -133,6 +165,43 @@ impl Health {
                 }
             }
             s.counts = counts;
+        });
+    }
+
+    /// After a run over `policies` (the cluster's, as compiled); `in_step`: every map write
+    /// of it succeeded. A policy whose spec differs from the last one seen gets the next
+    /// generation, unrealized until a run is in step. One comparison per policy per run.
+    pub fn track_policies(&self, policies: &BTreeMap<ObjRef, Policy>, in_step: bool) {
+        let now = SystemTime::now();
+        self.with(|s| {
+            s.policies.retain(|k, _| policies.contains_key(k));
+            for (k, p) in policies {
+                match s.policies.get_mut(k) {
+                    Some(t) if t.spec == *p => {}
+                    Some(t) => {
+                        t.spec = p.clone();
+                        t.generation += 1;
+                        t.seen_at = now;
+                        t.realized_at = None;
+                    }
+                    None => {
+                        s.policies.insert(
+                            k.clone(),
+                            PolicyTrack {
+                                spec: p.clone(),
+                                generation: 1,
+                                seen_at: now,
+                                realized_at: None,
+                            },
+                        );
+                    }
+                }
+            }
+            if in_step {
+                for t in s.policies.values_mut() {
+                    t.realized_at.get_or_insert(now);
+                }
+            }
         });
     }
 
@@ -252,6 +321,20 @@ impl Health {
             maps_failing_since: s.failing.as_ref().map(|(t, _)| rfc3339(*t)),
             maps_error: s.failing.as_ref().map(|(_, e)| e.clone()),
             waiting_for: s.waiting.clone(),
+            policies: s
+                .policies
+                .iter()
+                .map(|(k, t)| {
+                    (
+                        k.to_string(),
+                        PolicyRealized {
+                            generation: t.generation,
+                            seen_at: rfc3339(t.seen_at),
+                            realized_at: t.realized_at.map(rfc3339),
+                        },
+                    )
+                })
+                .collect(),
         })
     }
 }
@@ -371,6 +454,45 @@ mod tests {
         // Waiting reasons no longer apply once enforcing.
         h.set_waiting(Some("late".into()));
         assert!(h.debug_state().waiting_for.is_none());
+    }
+
+    #[test]
+    fn a_policy_is_realized_by_the_first_run_in_step_after_its_change() {
+        use crate::model::Selector;
+        let h = Health::new(Duration::from_secs(60));
+        let policy = |rules: usize| Policy {
+            namespace: "ns".into(),
+            name: "p".into(),
+            pod_selector: Selector::default(),
+            ingress: Some(vec![Default::default(); rules]),
+            egress: None,
+        };
+        let set = |p: Policy| BTreeMap::from([(p.obj_ref(), p)]);
+        let state = |h: &Health| h.debug_state().policies.get("ns/p").cloned();
+
+        h.track_policies(&set(policy(0)), false);
+        let s = state(&h).expect("tracked");
+        assert_eq!(
+            (s.generation, s.realized_at.is_some()),
+            (1, false),
+            "a failed run"
+        );
+        h.track_policies(&set(policy(0)), true);
+        let s = state(&h).expect("tracked");
+        assert_eq!((s.generation, s.realized_at.is_some()), (1, true));
+        let realized = s.realized_at.clone();
+        // Unchanged: the same generation and time.
+        h.track_policies(&set(policy(0)), true);
+        assert_eq!(state(&h).expect("tracked").realized_at, realized);
+        // Changed, and the run failed: the next generation, not realized.
+        h.track_policies(&set(policy(1)), false);
+        let s = state(&h).expect("tracked");
+        assert_eq!((s.generation, s.realized_at), (2, None));
+        h.track_policies(&set(policy(1)), true);
+        assert!(state(&h).expect("tracked").realized_at.is_some());
+        // Deleted: gone.
+        h.track_policies(&BTreeMap::new(), true);
+        assert!(state(&h).is_none());
     }
 
     #[test]

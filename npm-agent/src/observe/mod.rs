@@ -72,6 +72,8 @@ impl Observer {
             self.health
                 .record_error("map_update", format!("{f}; the next run retries them"));
         }
+        self.health
+            .track_policies(&snapshot.policies, failure.is_none());
         self.health.set_ready(counts, failure);
     }
 
