@@ -35,6 +35,8 @@ pub struct ApplyReport {
     /// Time to compile the changes into a plan.
     pub compile_time: Duration,
     pub sync: SyncStats,
+    /// Local pods' counter slots and per-policy local counts, for the metrics.
+    pub local: crate::compiler::LocalView,
 }
 
 /// The incremental compiler and the map programmer, kept in step.
@@ -161,6 +163,7 @@ impl<B: MapBackend> Pipeline<B> {
             map_entries: self.compiler.maps().counts(),
             compile_time,
             sync,
+            local: self.compiler.local_view(),
         }
     }
 }
@@ -171,6 +174,8 @@ pub struct Enforcer {
     pipeline: Pipeline<AyaBackend>,
     /// A second ENDPOINTS handle for [`Enforcer::counters`] (the backend owns the map).
     endpoints_handle: Option<aya::maps::Map>,
+    /// `max_entries` of every map, read at load (before the backend takes its maps).
+    capacities: Vec<(&'static str, u32)>,
 }
 
 impl Enforcer {
@@ -199,6 +204,7 @@ impl Enforcer {
             MAP_SERVICES,
         };
         let mut datapath = Datapath::load_with(pin_dir, options)?;
+        let capacities = datapath.map_capacities()?;
         let endpoints_handle = Some(datapath.map_handle(MAP_ENDPOINTS)?);
         let backend = AyaBackend::new(
             datapath.take_map(MAP_ENDPOINTS)?,
@@ -214,11 +220,12 @@ impl Enforcer {
             datapath,
             pipeline: Pipeline::with_limits(backend, limits)?,
             endpoints_handle,
+            capacities,
         })
     }
 
-    /// The verdict counters and conntrack occupancy, for the metrics (takes the METRICS map:
-    /// once).
+    /// The verdict counters, the maps' sizes and the occupancy of the kernel-written maps, for
+    /// the metrics (takes the METRICS map: once).
     pub fn counters(&mut self) -> Result<DatapathCounters, DatapathError> {
         let metrics = self.datapath.take_map(npm_common::maps::MAP_METRICS)?;
         let endpoints = self
@@ -227,10 +234,15 @@ impl Enforcer {
             .ok_or_else(|| DatapathError::MapMissing {
                 map: npm_common::maps::MAP_ENDPOINTS.to_owned(),
             })?;
-        DatapathCounters::from_maps(metrics, endpoints)?.with_conntrack(
-            self.datapath.map_handle(npm_common::maps::MAP_CONNTRACK4)?,
-            self.datapath.map_handle(npm_common::maps::MAP_CONNTRACK)?,
-        )
+        use npm_common::maps::{MAP_CONNTRACK, MAP_CONNTRACK4, MAP_DEFERRED, MAP_FRAGS};
+        DatapathCounters::from_maps(metrics, endpoints)?
+            .with_conntrack(
+                self.datapath.map_handle(MAP_CONNTRACK4)?,
+                self.datapath.map_handle(MAP_CONNTRACK)?,
+            )?
+            .with_capacities(self.capacities.clone())
+            .with_counted(MAP_DEFERRED, self.datapath.map_handle(MAP_DEFERRED)?)?
+            .with_counted(MAP_FRAGS, self.datapath.map_handle(MAP_FRAGS)?)
     }
 
     /// Attaches the classifiers to a host-side interface in the calling thread's netns.

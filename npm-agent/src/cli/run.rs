@@ -398,6 +398,7 @@ impl<'a> Loop<'a> {
                     let Some(ev) = ev else {
                         anyhow::bail!("the Kubernetes API source stopped");
                     };
+                    let arrived = Instant::now();
                     let mut events = vec![ev];
                     // Batch what arrives together (a burst of pod events) into one compile.
                     if let Some(rx) = api_events.as_mut() {
@@ -408,7 +409,7 @@ impl<'a> Loop<'a> {
                             }
                         }
                     }
-                    let pass = self.on_api_events(events);
+                    let pass = self.on_api_events(events, arrived);
                     if let Some(d) = pass {
                         self.request_pass(d, gathering.is_some());
                     }
@@ -484,7 +485,7 @@ impl<'a> Loop<'a> {
     /// Applies API events (after the first apply) or buffers them (before it). Returns when a
     /// node pass is wanted: at sync, and when one of this node's pods changed (its IP may now
     /// tie an interface to it).
-    fn on_api_events(&mut self, events: Vec<SourceEvent>) -> Option<Duration> {
+    fn on_api_events(&mut self, events: Vec<SourceEvent>, arrived: Instant) -> Option<Duration> {
         let Feed::Api(api) = &mut self.feed else {
             return None;
         };
@@ -523,6 +524,7 @@ impl<'a> Loop<'a> {
         } else if !changes.is_empty() {
             let report = self.enforcer.apply_changes(&changes);
             self.report(&report, Trigger::Change);
+            self.observer.event_applied(arrived, &report);
         }
         pass
     }
@@ -609,6 +611,7 @@ impl<'a> Loop<'a> {
         if !self.ready {
             return self.first_apply(base, &tables, node_ips);
         }
+        let from_cluster = !cluster_changes.is_empty();
         let mut changes = cluster_changes;
         changes.extend(self.place(&base, &tables, node_ips));
         if changes.is_empty() {
@@ -616,6 +619,10 @@ impl<'a> Loop<'a> {
         }
         let report = self.enforcer.apply_changes(&changes);
         self.report(&report, Trigger::Change);
+        if from_cluster {
+            // The manifests' changes arrived with the pass that read them.
+            self.observer.event_applied(self.last_pass, &report);
+        }
         self.sync_service_ranges();
         Ok(())
     }

@@ -606,6 +606,51 @@ impl Incremental {
             .collect()
     }
 
+    /// Per local endpoint pod its counter slot, per policy selecting a local identity the
+    /// local pods it isolates and its entries: O(local pods x their policies + policies
+    /// selecting local identities), no walk over the cluster.
+    pub fn local_view(&self) -> super::LocalView {
+        use npm_common::maps::COUNTER_SLOTS;
+        use npm_common::metrics::SLOT_FIRST;
+        let mut pods = Vec::new();
+        let mut isolated: BTreeMap<&ObjRef, usize> = BTreeMap::new();
+        for (ifindex, claims) in &self.if_claims {
+            let Some(obj) = claims.first() else { continue };
+            let Some(ep) = self.out.maps.endpoints.get(ifindex) else {
+                continue;
+            };
+            if (SLOT_FIRST..COUNTER_SLOTS).contains(&ep.slot) {
+                pods.push((obj.clone(), ep.slot));
+            }
+            if let Some(st) = self.locals.get(&ep.id) {
+                for g in st.groups.iter().filter(|g| g.isolate != 0) {
+                    *isolated.entry(&g.policy).or_default() += 1;
+                }
+            }
+        }
+        pods.sort();
+        let mut policies: BTreeMap<ObjRef, super::PolicyLocal> = self
+            .totals
+            .iter()
+            .map(|(obj, n)| {
+                (
+                    obj.clone(),
+                    super::PolicyLocal {
+                        isolated_pods: 0,
+                        entries: *n,
+                    },
+                )
+            })
+            .collect();
+        for (obj, n) in isolated {
+            policies.entry(obj.clone()).or_default().isolated_pods = n;
+        }
+        super::LocalView {
+            pods,
+            policies: policies.into_iter().collect(),
+        }
+    }
+
     /// The policies that fail closed for exceeding a limit.
     pub fn closed_policies(&self) -> &BTreeMap<ObjRef, Closed> {
         &self.closed

@@ -83,6 +83,27 @@ pub struct PolicyCount {
     pub closed: Option<Closed>,
 }
 
+/// What this node's agent enforces, per local pod and per policy, for the metrics
+/// ([`Incremental::local_view`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalView {
+    /// Each local endpoint pod (the owner of an interface in ENDPOINTS) with its own counter
+    /// slot (`npm_common::metrics::SLOT_FIRST..COUNTER_SLOTS`), in pod order. Pods beyond the
+    /// slot count share the unmanaged slot and are not listed.
+    pub pods: Vec<(crate::model::ObjRef, u32)>,
+    /// Each policy that selects a local identity: the local endpoint pods it isolates (in at
+    /// least one direction) and its POLICY entries on this node (before the merge, as
+    /// [`PolicyCount::entries`]), in policy order.
+    pub policies: Vec<(crate::model::ObjRef, PolicyLocal)>,
+}
+
+/// One policy's share of this node ([`LocalView::policies`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyLocal {
+    pub isolated_pods: usize,
+    pub entries: usize,
+}
+
 /// Why a policy fails closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Closed {

@@ -1,7 +1,7 @@
 //! The compiler checked against a reference implementation of NetworkPolicy semantics:
 //! random small clusters are compiled, the datapath's lookups are simulated over the
 //! resulting maps, and every verdict must equal the reference's.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use npm_common::maps::{EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, PEER_HOST, PROTO_ICMP, PolicyKey};
@@ -530,6 +530,63 @@ fn compiled_maps_agree_with_the_reference_on_random_clusters() {
     assert!(
         denied > checked / 10 && denied < checked * 9 / 10,
         "{denied} of {checked} denied"
+    );
+}
+
+/// The metrics' view of the node: every local endpoint pod with its own ENDPOINTS slot, and
+/// per policy the local pods its selector picks (from the policy's meaning) and its count.
+#[test]
+fn local_view_names_each_local_pods_slot_and_what_each_policy_isolates() {
+    let (mut isolating, mut with_entries) = (0, 0);
+    for seed in 0..200 {
+        let s = random_cluster(seed);
+        let inc = Incremental::new(&s, IdAllocator::default());
+        let view = inc.local_view();
+        let maps = inc.maps();
+        let expected: BTreeSet<&ObjRef> = s
+            .local
+            .iter()
+            .filter(|(_, i)| maps.endpoints.contains_key(*i))
+            .map(|(o, _)| o)
+            .collect();
+        let got: BTreeSet<&ObjRef> = view.pods.iter().map(|(o, _)| o).collect();
+        assert_eq!(got, expected, "seed {seed}");
+        let slots: BTreeSet<u32> = view.pods.iter().map(|(_, slot)| *slot).collect();
+        assert_eq!(slots.len(), view.pods.len(), "seed {seed}: a slot shared");
+        for (obj, slot) in &view.pods {
+            assert_eq!(
+                maps.endpoints[&s.local[obj]].slot, *slot,
+                "seed {seed} {obj}"
+            );
+            assert!(*slot >= npm_common::metrics::SLOT_FIRST, "seed {seed}");
+        }
+        let counts = inc.policy_counts();
+        let by_policy: BTreeMap<&ObjRef, crate::compiler::PolicyLocal> =
+            view.policies.iter().map(|(o, p)| (o, *p)).collect();
+        for (obj, p) in &s.policies {
+            let isolated = view
+                .pods
+                .iter()
+                .filter(|(pod, _)| {
+                    pod.namespace == p.namespace
+                        && p.pod_selector.matches(&s.pods[pod].labels)
+                        && (p.ingress.is_some() || p.egress.is_some())
+                })
+                .count();
+            let local = by_policy.get(obj).copied().unwrap_or_default();
+            assert_eq!(local.isolated_pods, isolated, "seed {seed} {obj}");
+            isolating += usize::from(isolated > 0);
+            with_entries += usize::from(local.entries > 0);
+            if by_policy.contains_key(obj) {
+                assert_eq!(local.entries, counts[obj].entries, "seed {seed} {obj}");
+            } else {
+                assert_eq!(counts[obj].entries, 0, "seed {seed} {obj}");
+            }
+        }
+    }
+    assert!(
+        isolating > 50 && with_entries > 50,
+        "the random clusters exercise little: {isolating} isolating, {with_entries} with entries"
     );
 }
 

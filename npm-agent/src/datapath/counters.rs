@@ -13,6 +13,10 @@
 //! [`CONNTRACK_RECOUNT`] = 30 s, and the walk stops after `max_entries` keys. Under churn the
 //! count is approximate (a key deleted during the walk restarts it from the first key; the
 //! result is clamped to the capacity).
+//!
+//! The other maps only the kernel writes, `NPM_DEFERRED` and `NPM_FRAGS`, are counted the
+//! same way and as rarely ([`MapFill`]); the maps the agent writes are counted by the compiler
+//! (`npm_map_entries`), and every map's `max_entries` is read once, at load.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Mutex;
@@ -40,6 +44,24 @@ pub struct PacketCount {
     pub bytes: u64,
 }
 
+/// One counter slot's packets and bytes for one (direction, reason), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCount {
+    /// `EndpointInfo::slot` (`npm_common::metrics::SLOT_*` for the shared ones).
+    pub slot: u32,
+    pub count: PacketCount,
+}
+
+/// Sizes of the datapath's maps and the occupancy of those only the kernel writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapFill {
+    /// `max_entries` of every map (by its name in `npm_common::maps`).
+    pub capacity: Vec<(&'static str, u32)>,
+    /// Entries of the kernel-written hash maps (conntrack, deferred, fragments), counted by
+    /// walking their keys at most every [`CONNTRACK_RECOUNT`].
+    pub entries: Vec<(&'static str, u32)>,
+}
+
 /// How long a conntrack count is reused before the maps are walked again.
 pub const CONNTRACK_RECOUNT: Duration = Duration::from_secs(30);
 
@@ -64,6 +86,24 @@ pub trait CounterReader: Send + Sync + 'static {
     /// Conntrack occupancy, at most [`CONNTRACK_RECOUNT`] old; `None` when this reader has no
     /// conntrack maps.
     fn conntrack(&self) -> Result<Option<ConntrackCount>, DatapathError> {
+        Ok(None)
+    }
+
+    /// The counters per slot, one entry per (slot, dir, reason) with counts. The default puts
+    /// everything [`CounterReader::read`] gives under the unmanaged slot (no pod's own).
+    fn read_slots(&self) -> Result<Vec<SlotCount>, DatapathError> {
+        Ok(self
+            .read()?
+            .into_iter()
+            .map(|count| SlotCount {
+                slot: SLOT_UNMANAGED,
+                count,
+            })
+            .collect())
+    }
+
+    /// Map sizes and the kernel-written maps' occupancy; `None` when this reader has no maps.
+    fn map_fill(&self) -> Result<Option<MapFill>, DatapathError> {
         Ok(None)
     }
 }
@@ -129,7 +169,15 @@ pub struct DatapathCounters {
     metrics: PerCpuArray<MapData, MetricsValue>,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     conntrack: Option<Conntrack>,
+    /// `max_entries` of every map ([`DatapathCounters::with_capacities`]).
+    capacities: Vec<(&'static str, u32)>,
+    /// Other kernel-written maps to count: (name, map, key size, max_entries).
+    counted: Vec<(&'static str, MapData, u32, u32)>,
+    last_counted: Mutex<Option<(Instant, MapCounts)>>,
 }
+
+/// Entries per map name.
+type MapCounts = Vec<(&'static str, u32)>;
 
 impl std::fmt::Debug for DatapathCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,7 +200,63 @@ impl DatapathCounters {
             metrics: PerCpuArray::try_from(metrics).map_err(map_err(MAP_METRICS))?,
             endpoints: HashMap::try_from(endpoints).map_err(map_err(MAP_ENDPOINTS))?,
             conntrack: None,
+            capacities: Vec::new(),
+            counted: Vec::new(),
+            last_counted: Mutex::new(None),
         })
+    }
+
+    /// The maps' sizes (`Datapath::map_capacities`), reported by [`CounterReader::map_fill`].
+    pub fn with_capacities(mut self, capacities: Vec<(&'static str, u32)>) -> Self {
+        self.capacities = capacities;
+        self
+    }
+
+    /// Adds a kernel-written hash map (`NPM_DEFERRED`, `NPM_FRAGS`; a second handle from
+    /// `Datapath::map_handle`) whose keys [`CounterReader::map_fill`] counts.
+    pub fn with_counted(mut self, name: &'static str, map: Map) -> Result<Self, DatapathError> {
+        let data = match map {
+            Map::LruHashMap(d) | Map::HashMap(d) => d,
+            _ => {
+                return Err(DatapathError::MapMissing {
+                    map: format!("{name} (not a hash map)"),
+                });
+            }
+        };
+        let info = data.info().map_err(map_err(name))?;
+        let (key_size, max_entries) = (info.key_size(), info.max_entries());
+        self.counted.push((name, data, key_size, max_entries));
+        Ok(self)
+    }
+
+    /// Entries of the [`DatapathCounters::with_counted`] maps, reusing a count younger than
+    /// `max_age`.
+    fn counted_entries(
+        &self,
+        max_age: Duration,
+    ) -> Result<Vec<(&'static str, u32)>, DatapathError> {
+        use std::os::fd::AsFd as _;
+        let mut last = self.last_counted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, counts)) = last.as_ref()
+            && at.elapsed() < max_age
+        {
+            return Ok(counts.clone());
+        }
+        let mut counts = Vec::with_capacity(self.counted.len());
+        for (name, data, key_size, max_entries) in &self.counted {
+            let n = super::sys::count_keys(data.fd().as_fd(), *key_size, *max_entries).map_err(
+                |io_error| DatapathError::Map {
+                    map: (*name).to_owned(),
+                    source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_get_next_key",
+                        io_error,
+                    })),
+                },
+            )?;
+            counts.push((*name, n));
+        }
+        *last = Some((Instant::now(), counts.clone()));
+        Ok(counts)
     }
 
     /// Adds the conntrack maps (`NPM_CT4`, `NPM_CT`; second handles from
@@ -211,6 +315,22 @@ impl DatapathCounters {
 impl CounterReader for DatapathCounters {
     fn read(&self) -> Result<Vec<PacketCount>, DatapathError> {
         let mut sums: BTreeMap<(u8, u8), PacketCount> = BTreeMap::new();
+        for SlotCount { count: c, .. } in self.read_slots()? {
+            let sum = sums
+                .entry((c.dir, c.reason))
+                .or_insert_with(|| PacketCount {
+                    dir: c.dir,
+                    reason: c.reason,
+                    ..PacketCount::default()
+                });
+            sum.packets = sum.packets.wrapping_add(c.packets);
+            sum.bytes = sum.bytes.wrapping_add(c.bytes);
+        }
+        Ok(sums.into_values().collect())
+    }
+
+    fn read_slots(&self) -> Result<Vec<SlotCount>, DatapathError> {
+        let mut out = Vec::new();
         for slot in self.slots()? {
             for i in 0..COUNTER_STRIDE {
                 let per_cpu = self
@@ -226,21 +346,36 @@ impl CounterReader for DatapathCounters {
                     continue;
                 }
                 // COUNTER_STRIDE is 2 * COUNTER_REASONS: both fit a u8.
-                let dir = (i / COUNTER_REASONS) as u8;
-                let reason = reason_of_index(i % COUNTER_REASONS);
-                let sum = sums.entry((dir, reason)).or_insert_with(|| PacketCount {
-                    dir,
-                    reason,
-                    ..PacketCount::default()
+                out.push(SlotCount {
+                    slot,
+                    count: PacketCount {
+                        dir: (i / COUNTER_REASONS) as u8,
+                        reason: reason_of_index(i % COUNTER_REASONS),
+                        packets,
+                        bytes,
+                    },
                 });
-                sum.packets = sum.packets.wrapping_add(packets);
-                sum.bytes = sum.bytes.wrapping_add(bytes);
             }
         }
-        Ok(sums.into_values().collect())
+        Ok(out)
     }
 
     fn conntrack(&self) -> Result<Option<ConntrackCount>, DatapathError> {
         self.conntrack_count(CONNTRACK_RECOUNT)
+    }
+
+    fn map_fill(&self) -> Result<Option<MapFill>, DatapathError> {
+        if self.capacities.is_empty() && self.counted.is_empty() {
+            return Ok(None);
+        }
+        let mut entries = self.counted_entries(CONNTRACK_RECOUNT)?;
+        if let Some(c) = self.conntrack_count(CONNTRACK_RECOUNT)? {
+            entries.push((MAP_CONNTRACK4, c.ipv4));
+            entries.push((MAP_CONNTRACK, c.ipv6));
+        }
+        Ok(Some(MapFill {
+            capacity: self.capacities.clone(),
+            entries,
+        }))
     }
 }

@@ -701,6 +701,28 @@ impl Datapath {
             })
     }
 
+    /// `max_entries` of every map of the object still held (call before maps are taken), as
+    /// the kernel has it: an adopted pin keeps the size it was created with.
+    pub fn map_capacities(&self) -> Result<Vec<(&'static str, u32)>, DatapathError> {
+        use aya::maps::Map;
+        let mut out = Vec::with_capacity(MAPS.len());
+        for name in MAPS {
+            let Some(map) = self.ebpf.map(name) else {
+                continue;
+            };
+            let data = match map {
+                Map::Array(d)
+                | Map::PerCpuArray(d)
+                | Map::HashMap(d)
+                | Map::LruHashMap(d)
+                | Map::LpmTrie(d) => d,
+                _ => continue,
+            };
+            out.push((name, data.info().map_err(map_error(name))?.max_entries()));
+        }
+        Ok(out)
+    }
+
     /// A second handle of map `name` (its file descriptor duplicated), which stays usable
     /// after the map itself is taken. For maps two owners write or read (METRICS: the
     /// programmer resets slots, the metrics read them).

@@ -171,8 +171,10 @@ impl Health {
     /// After a run over `policies` (the cluster's, as compiled); `in_step`: every map write
     /// of it succeeded. A policy whose spec differs from the last one seen gets the next
     /// generation, unrealized until a run is in step. One comparison per policy per run.
-    pub fn track_policies(&self, policies: &BTreeMap<ObjRef, Policy>, in_step: bool) {
+    /// Returns how many of `policies` are new to this agent (not tracked before).
+    pub fn track_policies(&self, policies: &BTreeMap<ObjRef, Policy>, in_step: bool) -> usize {
         let now = SystemTime::now();
+        let mut added = 0;
         self.with(|s| {
             s.policies.retain(|k, _| policies.contains_key(k));
             for (k, p) in policies {
@@ -185,6 +187,7 @@ impl Health {
                         t.realized_at = None;
                     }
                     None => {
+                        added += 1;
                         s.policies.insert(
                             k.clone(),
                             PolicyTrack {
@@ -203,6 +206,7 @@ impl Health {
                 }
             }
         });
+        added
     }
 
     /// Before the first enforcement: what the agent waits for (`None`: nothing said).

@@ -72,9 +72,25 @@ impl Observer {
             self.health
                 .record_error("map_update", format!("{f}; the next run retries them"));
         }
-        self.health
+        let added = self
+            .health
             .track_policies(&snapshot.policies, failure.is_none());
+        if added > 0 {
+            // Azure NPM's npm_add_policy_exec_time: the time of the run that added them. A
+            // failed run still counts: its policies are added (the refused writes are retried).
+            self.metrics
+                .observe_policies_added(added, report.compile_time + report.sync.elapsed);
+        }
         self.health.set_ready(counts, failure);
+        self.metrics.set_ready(self.health.readiness().ok);
+    }
+
+    /// A cluster event (or a batch of them) that arrived at `arrived` was applied with
+    /// `report`: observed in `npm_event_to_maps_seconds` when every map write succeeded.
+    pub fn event_applied(&self, arrived: std::time::Instant, report: &ApplyReport) {
+        if report.sync.failed == 0 {
+            self.metrics.observe_event_to_maps(arrived.elapsed());
+        }
     }
 
     /// Before the first enforcement: what the loop waits for (shown by `/readyz`).
@@ -132,6 +148,14 @@ mod tests {
         observer.applied(pipe.compiler().snapshot(), &report, Trigger::Change);
         let r = observer.health.readiness();
         assert!(!r.ok, "ready with a full map: {}", r.body);
+        let ready = |o: &Observer| {
+            o.metrics
+                .encode_node()
+                .expect("encode")
+                .lines()
+                .find_map(|l| l.strip_prefix("npm_ready ").map(str::to_owned))
+        };
+        assert_eq!(ready(&observer).as_deref(), Some("0"));
         assert!(
             r.body.contains("map updates failed") && r.body.contains("NPM_POLICY"),
             "{}",
@@ -157,6 +181,7 @@ mod tests {
         );
         observer.applied(pipe.compiler().snapshot(), &report, Trigger::Change);
         assert!(observer.health.readiness().ok);
+        assert_eq!(ready(&observer).as_deref(), Some("1"));
         assert_eq!(
             &pipe.programmer().backend().maps,
             pipe.compiler().maps(),
