@@ -6,7 +6,8 @@ set -euo pipefail
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 need_apt=()
-# prometheus: a real Prometheus server for npm-agent/tests/http_endpoints.rs (scrapes the agent).
+# prometheus: a real Prometheus server for npm-agent/tests/http_endpoints.rs and
+# grafana_dashboards.rs (scrapes the agent; the latter runs every dashboard query).
 # iperf3 and sockperf: the lab traffic figures of `cargo xtask bench`.
 # nftables: kube-proxy-like Service DNAT rules in npm-agent/tests/service_dnat.rs.
 # build-essential, pkg-config: the C compiler and linker cargo's builds use, and library
