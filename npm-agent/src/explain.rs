@@ -128,6 +128,12 @@ pub enum ExplainError {
     PortWithIcmp,
     #[error("protocol {0:?}: expected TCP, UDP, SCTP or ICMP")]
     BadProtocol(String),
+    #[error("query parameter {0:?} is missing")]
+    MissingParameter(&'static str),
+    #[error("query parameter {0:?}: unknown (expected from, to, port, protocol)")]
+    UnknownParameter(String),
+    #[error("port {0:?}: expected a number from 0 to 65535")]
+    BadPort(String),
     #[error(
         "{to} is inside a Service range: egress to it is judged after kube-proxy's DNAT, against the backend; explain the backend pod instead"
     )]
@@ -143,6 +149,81 @@ pub fn parse_protocol(s: &str) -> Result<ProbeProtocol, ExplainError> {
         "ICMP" => Ok(ProbeProtocol::Icmp),
         _ => Err(ExplainError::BadProtocol(s.to_owned())),
     }
+}
+
+impl Query {
+    /// From a URL query (`from=NS/POD&to=10.0.0.5&port=80&protocol=TCP`, values
+    /// percent-encoded; protocol defaults to TCP): the `/debug/explain` parameters.
+    pub fn parse_url_query(query: &str) -> Result<Query, ExplainError> {
+        let (mut from, mut to, mut port, mut protocol) = (None, None, None, None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v);
+            match k {
+                "from" => from = Some(v),
+                "to" => to = Some(v),
+                "port" => port = Some(v.parse::<u16>().map_err(|_| ExplainError::BadPort(v))?),
+                "protocol" => protocol = Some(parse_protocol(&v)?),
+                other => return Err(ExplainError::UnknownParameter(other.to_owned())),
+            }
+        }
+        Ok(Query {
+            from: from.ok_or(ExplainError::MissingParameter("from"))?,
+            to: to.ok_or(ExplainError::MissingParameter("to"))?,
+            protocol: protocol.unwrap_or(ProbeProtocol::Tcp),
+            port,
+        })
+    }
+
+    /// The inverse of [`Query::parse_url_query`].
+    pub fn to_url_query(&self) -> String {
+        let mut q = format!(
+            "from={}&to={}&protocol={}",
+            percent_encode(&self.from),
+            percent_encode(&self.to),
+            self.protocol.as_str()
+        );
+        if let Some(p) = self.port {
+            q.push_str(&format!("&port={p}"));
+        }
+        q
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `%XX` decoded (a malformed escape is kept as written); `+` is a space.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 3 <= b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The answer. Field names are a contract (`--json`, `/debug/explain`): extend, never rename.
@@ -598,7 +679,7 @@ impl State {
                 };
                 check.why = match rule {
                     Some((_, r)) => format!(
-                        "allowed by {} {} rule {} (peer {}) on {port_text}; isolated by {}",
+                        "{} {} rule {} (peer {}) allows {port_text}; isolated by {}",
                         r.policy,
                         dir_name(r.dir),
                         r.index,
@@ -614,7 +695,7 @@ impl State {
                         names(&check.isolated_by)
                     ),
                     None => format!(
-                        "allowed by a POLICY entry without a known rule ({via} {}); isolated by {}",
+                        "a POLICY entry without a known rule ({via} {}) allows it; isolated by {}",
                         hit.peer_id,
                         names(&check.isolated_by)
                     ),
