@@ -11,6 +11,7 @@ pub mod config;
 pub mod datapath;
 pub mod enforcer;
 pub mod expect;
+pub mod explain;
 pub mod k8s;
 pub mod lab;
 pub mod model;

@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
         match args.command {
             Command::Run(a) => cli::run::run(a).await.map(|()| 0),
             Command::Compile(a) => cli::compile::run(a),
+            Command::Explain(a) => cli::explain::run(a),
             Command::Uninstall(a) => cli::uninstall::run(a),
             Command::Status(a) => cli::status::run(a),
             Command::Lab(a) => {

@@ -264,3 +264,125 @@ fn run_takes_kubeconfig_or_manifests_and_names_a_bad_kubeconfig() {
         "{err}"
     );
 }
+
+#[test]
+fn explain_gives_the_verdict_the_rule_and_the_isolating_policies_and_exits_zero() {
+    let dir = repo().join("examples/azure-npm");
+    let dir = dir.to_str().expect("utf8");
+    let explain = |to: &str, port: &str, json: bool| {
+        let mut args = vec![
+            "explain",
+            "--manifests",
+            dir,
+            "--from",
+            "default/busybox",
+            "--to",
+            to,
+            "--port",
+            port,
+        ];
+        if json {
+            args.push("--json");
+        }
+        agent(&args)
+    };
+    let (code, out, err) = explain("default/src-ip-internal", "8080", true);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["verdict"], "allowed");
+    assert_eq!(v["view"], "all_pods_local");
+    assert_eq!(v["complete"], true);
+    assert_eq!(v["protocol"], "TCP");
+    assert_eq!(v["port"], 8080);
+    assert_eq!(v["from"]["pod"], "default/busybox");
+    assert!(
+        v["from"]["ip"]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("10.244."))
+    );
+    let ingress = &v["ingress"];
+    assert_eq!(ingress["verdict"], "allowed");
+    assert_eq!(ingress["pod"], "default/src-ip-internal");
+    assert_eq!(ingress["rule"]["policy"], "default/allow-src-ip");
+    assert_eq!(ingress["rule"]["direction"], "ingress");
+    assert_eq!(ingress["rule"]["index"], 0);
+    assert_eq!(ingress["peer"]["via"], "identity");
+    assert_eq!(
+        ingress["peer"]["matched"][0]["peer"],
+        "podSelector {app=busybox}"
+    );
+    let isolating: Vec<&str> = ingress["isolated_by"]
+        .as_array()
+        .expect("isolated_by")
+        .iter()
+        .filter_map(|p| p["policy"].as_str())
+        .collect();
+    assert_eq!(
+        isolating,
+        vec!["default/allow-src-ip", "default/deny-all-inbound"]
+    );
+    assert_eq!(v["egress"]["verdict"], "allowed");
+    assert_eq!(v["egress"]["peer"]["via"], "cidr_class");
+
+    // Human output: the verdict first, then one line per direction.
+    let (code, out, err) = explain("default/src-ip-internal", "8081", false);
+    assert_eq!(code, 0, "denied is an answer: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("denied: default/busybox -> default/src-ip-internal 8081/TCP"),
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("ingress at default/src-ip-internal: denied")),
+        "{out}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("default/deny-all-inbound")),
+        "{out}"
+    );
+}
+
+#[test]
+fn explain_exits_two_naming_an_unknown_pod_or_a_bad_address() {
+    let dir = repo().join("examples/azure-npm");
+    let dir = dir.to_str().expect("utf8");
+    for (from, to, proto, want) in [
+        (
+            "default/nope",
+            "default/busybox",
+            "TCP",
+            "--from default/nope: no such pod",
+        ),
+        (
+            "default/busybox",
+            "10.1.2.300",
+            "TCP",
+            "--to \"10.1.2.300\": expected NAMESPACE/POD or an IP address",
+        ),
+        (
+            "default/busybox",
+            "default/other",
+            "GRE",
+            "protocol \"GRE\"",
+        ),
+    ] {
+        let (code, out, err) = agent(&[
+            "explain",
+            "--manifests",
+            dir,
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            "80",
+            "--protocol",
+            proto,
+        ]);
+        assert_eq!(code, 2, "{from} -> {to}: {out}{err}");
+        assert!(err.contains(want), "{from} -> {to}: {err}");
+        assert!(out.is_empty(), "{out}");
+    }
+}

@@ -30,6 +30,12 @@ pub enum Command {
     /// Compile manifests offline, as if every pod were on this node (pods without a status IP
     /// get placeholder addresses): report problems and what the maps would hold.
     Compile(CompileArgs),
+    /// Whether a new flow from one pod (or address) to another is allowed, and why: the
+    /// policies isolating each side, the rule and peer that allow it. Evaluated on the
+    /// compiled maps as the datapath decides, offline on manifests (every pod local) or by a
+    /// running agent (`--url`, its /debug/explain; EnableHTTPDebugAPI on). Exit 0 when
+    /// evaluated (allowed or denied), 2 for bad input.
+    Explain(ExplainArgs),
     /// Remove npm from this node: detach every program of ours from every interface (tcx
     /// programs and cls_bpf filters, found by name, priority and handle; other tools' are
     /// kept), remove a clsact qdisc our filters leave empty, and remove the pinned maps of
@@ -186,6 +192,38 @@ pub struct CompileArgs {
           default_value_t = crate::compiler::DEFAULT_MAX_POLICY_ENTRIES as u64,
           value_parser = clap::value_parser!(u64).range(1..=crate::config::MAX_MAX_POLICY_ENTRIES as u64))]
     pub max_policy_entries: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Offline: a directory of Kubernetes YAML, compiled as `compile` does (every pod on one
+    /// node; pods without a status IP get placeholder addresses).
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "url",
+        required_unless_present = "url"
+    )]
+    pub manifests: Option<PathBuf>,
+    /// Ask a running agent instead (`http://HOST:PORT`, its /debug/explain): the answer is
+    /// that node's, from the maps it enforces.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// The source: NAMESPACE/POD or an IP address.
+    #[arg(long, value_name = "NS/POD|IP")]
+    pub from: String,
+    /// The destination: NAMESPACE/POD or an IP address.
+    #[arg(long, value_name = "NS/POD|IP")]
+    pub to: String,
+    /// Destination port (required for TCP, UDP, SCTP; none for ICMP).
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+    /// TCP, UDP, SCTP, or ICMP (echo).
+    #[arg(long, default_value = "TCP", value_name = "PROTO")]
+    pub protocol: String,
+    /// Print the answer as JSON (fields documented in README.md, "Using it").
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

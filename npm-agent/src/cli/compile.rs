@@ -32,12 +32,11 @@ struct PolicyEntries {
     fails_closed: Option<&'static str>,
 }
 
-/// Returns the process exit code: 0 when every object compiled, 1 when any had a problem.
-pub fn run(args: CompileArgs) -> anyhow::Result<i32> {
-    let (mut snapshot, mut problems) = manifests::load_dir(&args.manifests)
-        .with_context(|| format!("reading {}", args.manifests.display()))?;
-    // Pods without an IP yet (manifests often have no status) get placeholder addresses from
-    // 10.244.0.0/16, as the lab does, so their policies compile.
+/// Makes `snapshot` one node holding every pod: pods without an IP yet (manifests often have
+/// no status) get placeholder addresses from 10.244.0.0/16, as the lab does, so their policies
+/// compile, and every endpoint pod a synthetic interface (1000, 1001, ...) so its policy is
+/// compiled. Shared with `explain --manifests`.
+pub(crate) fn all_pods_local(snapshot: &mut crate::state::ClusterSnapshot) {
     let mut next = 1u32;
     for pod in snapshot.pods.values_mut() {
         if pod.ips.is_empty() && !pod.host_network && !pod.finished {
@@ -47,7 +46,6 @@ pub fn run(args: CompileArgs) -> anyhow::Result<i32> {
             next += 1;
         }
     }
-    // Give every endpoint pod a synthetic interface so its policy is compiled.
     snapshot.local = snapshot
         .pods
         .values()
@@ -55,6 +53,13 @@ pub fn run(args: CompileArgs) -> anyhow::Result<i32> {
         .enumerate()
         .map(|(i, p)| (p.obj_ref(), 1000 + i as u32))
         .collect::<BTreeMap<_, _>>();
+}
+
+/// Returns the process exit code: 0 when every object compiled, 1 when any had a problem.
+pub fn run(args: CompileArgs) -> anyhow::Result<i32> {
+    let (mut snapshot, mut problems) = manifests::load_dir(&args.manifests)
+        .with_context(|| format!("reading {}", args.manifests.display()))?;
+    all_pods_local(&mut snapshot);
     let limits = Limits {
         max_policy_entries: usize::try_from(args.max_policy_entries)
             .context("--max-policy-entries")?,

@@ -54,7 +54,10 @@ fn read_expect(args: &LabArgs) -> anyhow::Result<Option<Expectation>> {
 
 /// Hosts outside the node: `--external`s and the expectations' `external` lines, by IP.
 /// Without ports, an external serves every port/protocol any pod declares.
-fn externals<'a>(pods: &[Pod], args: impl Iterator<Item = &'a ExternalArg>) -> Vec<External> {
+pub(crate) fn externals<'a>(
+    pods: &[Pod],
+    args: impl Iterator<Item = &'a ExternalArg>,
+) -> Vec<External> {
     let default_ports: BTreeSet<(u16, Protocol)> = pods
         .iter()
         .flat_map(|p| p.ports.iter().map(|c| (c.port, c.protocol)))

@@ -2,6 +2,7 @@
 //! a contract with users' scripts: extend them, never rename them.
 pub mod args;
 pub mod compile;
+pub mod explain;
 pub mod lab;
 pub mod run;
 pub mod status;

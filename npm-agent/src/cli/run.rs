@@ -99,7 +99,10 @@ impl Agent {
         // Liveness: the loop ticks every poll interval; allow slow applies on big clusters.
         let stall_after =
             Duration::from_millis(args.poll_interval_ms.max(50) * 10).max(Duration::from_secs(60));
-        let observer = Arc::new(Observer::new(stall_after, config_view));
+        let observer = Arc::new(
+            Observer::new(stall_after, config_view)
+                .with_explain(settings.enable_http_debug_api && !args.once),
+        );
         let server = if args.once {
             None
         } else {
@@ -1183,6 +1186,9 @@ impl<'a> Loop<'a> {
     fn report(&self, report: &ApplyReport, trigger: Trigger) {
         let snapshot = self.enforcer.compiler().snapshot();
         self.observer.applied(snapshot, report, trigger);
+        self.observer.publish_explain(report, || {
+            crate::explain::State::of_node(self.enforcer.compiler())
+        });
         for d in &report.diagnostics {
             tracing::debug!(problem = %d, "policy problem");
         }

@@ -290,7 +290,7 @@ fn read_agent(url: &str) -> Agent {
 }
 
 /// A plain HTTP/1.1 GET of `path` on `base` (`http://HOST:PORT`): (status, body).
-fn http_get(base: &str, path: &str) -> Result<(u16, String), String> {
+pub(crate) fn http_get(base: &str, path: &str) -> Result<(u16, String), String> {
     let what = format!("{}{path}", base.trim_end_matches('/'));
     let authority = base
         .strip_prefix("http://")

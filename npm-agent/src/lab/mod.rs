@@ -33,7 +33,7 @@ mod report;
 mod responder;
 mod sctp;
 mod services;
-mod topology;
+pub(crate) mod topology;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

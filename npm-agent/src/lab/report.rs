@@ -2,13 +2,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::Protocol;
 
 /// What a probe speaks: one of the Kubernetes port protocols, or ICMP echo (ping; it has no
 /// port, and its results carry port 0). Serializes as `"TCP"`, `"UDP"`, `"SCTP"`, `"ICMP"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum ProbeProtocol {
     Tcp,

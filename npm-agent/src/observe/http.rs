@@ -8,6 +8,7 @@
 //! | `/node-metrics` | this agent's metrics (OpenMetrics text); 404 when EnablePrometheusMetrics is off |
 //! | `/cluster-metrics` | cluster gauges (policies, pods, namespaces); 404 likewise |
 //! | `/debug/state` | JSON: readiness, source, counts, recent errors, config; 404 when EnableHTTPDebugAPI is off |
+//! | `/debug/explain?from=&to=&port=&protocol=` | JSON: one new flow's verdict and why, from the maps as last applied (`crate::explain`); 400 for bad input, 503 before the first apply; 404 when EnableHTTPDebugAPI is off |
 //!
 //! Deliberately small: no keep-alive, no request bodies, bounded request heads. The port is
 //! on the host network, so every pod of the cluster can reach it; the kubelet's probes must
@@ -273,7 +274,7 @@ async fn connection(
                 }
                 Some((method, path)) => {
                     let head_only = method == "HEAD";
-                    let r = if is_cheap(path) {
+                    let r = if is_cheap(path.split('?').next().unwrap_or(path)) {
                         route(observer, endpoints, path)
                     } else {
                         slow_route(observer, endpoints, path.to_owned(), slow).await
@@ -341,7 +342,7 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n")
 }
 
-/// `METHOD TARGET HTTP/1.x` → (method, path without query).
+/// `METHOD TARGET HTTP/1.x` → (method, target without fragment: the path and its query).
 fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
     let text = std::str::from_utf8(head).ok()?;
     let line = text.lines().next()?;
@@ -350,12 +351,14 @@ fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
     if parts.next().is_some() || !version.starts_with("HTTP/1.") || !target.starts_with('/') {
         return None;
     }
-    let path = target.split(['?', '#']).next().unwrap_or(target);
+    let path = target.split('#').next().unwrap_or(target);
     Some((method, path))
 }
 
-/// The answer for `path` (pure: no I/O besides the metrics collectors' reads).
-pub fn route(observer: &Observer, endpoints: Endpoints, path: &str) -> Response {
+/// The answer for `target` (a path and its query; pure: no I/O besides the metrics
+/// collectors' reads).
+pub fn route(observer: &Observer, endpoints: Endpoints, target: &str) -> Response {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let probe =
         |a: super::health::ProbeAnswer| Response::text(if a.ok { 200 } else { 503 }, a.body);
     let metrics = |encoded: Result<String, std::fmt::Error>| match encoded {
@@ -388,7 +391,26 @@ pub fn route(observer: &Observer, endpoints: Endpoints, path: &str) -> Response 
                 Err(e) => Response::text(500, format!("{e}\n")),
             }
         }
+        "/debug/explain" if endpoints.debug => explain(observer, query),
         _ => Response::text(404, "not found\n"),
+    }
+}
+
+/// `/debug/explain`: evaluated on the state the loop published last.
+fn explain(observer: &Observer, query: &str) -> Response {
+    let Some(state) = observer.explain() else {
+        return Response::text(503, "nothing compiled yet\n");
+    };
+    match crate::explain::Query::parse_url_query(query).and_then(|q| state.explain(&q)) {
+        Ok(answer) => match serde_json::to_string_pretty(&answer) {
+            Ok(body) => Response {
+                status: 200,
+                content_type: "application/json",
+                body: body + "\n",
+            },
+            Err(e) => Response::text(500, format!("{e}\n")),
+        },
+        Err(e) => Response::text(400, format!("{e}\n")),
     }
 }
 
@@ -445,10 +467,53 @@ mod tests {
     }
 
     #[test]
+    fn explain_answers_from_the_published_state_only_with_the_debug_api() {
+        use crate::compiler::{IdAllocator, Incremental};
+        let mut snap = crate::synth::synthetic_cluster(4, 1, 1, 4);
+        snap.node_name = Some("n1".into());
+        let inc = Incremental::new(&snap, IdAllocator::default());
+        let (a, b) = {
+            let mut pods = snap.pods.keys();
+            (
+                pods.next().expect("pod").to_string(),
+                pods.next().expect("pod").to_string(),
+            )
+        };
+        let target = format!("/debug/explain?from={a}&to={b}&port=80");
+        let off = Endpoints {
+            metrics: true,
+            debug: false,
+        };
+        let o = observer().with_explain(true);
+        assert_eq!(route(&o, off, &target).status, 404);
+        assert_eq!(route(&o, ALL, &target).status, 503, "nothing published yet");
+        o.publish_explain(&ApplyReport::default(), || {
+            crate::explain::State::of_node(&inc)
+        });
+        let r = route(&o, ALL, &target);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        assert_eq!(v["view"], "node");
+        assert_eq!(v["node"], "n1");
+        assert_eq!(v["from"]["pod"], a.as_str());
+        assert!(v["verdict"] == "allowed" || v["verdict"] == "denied");
+        let r = route(&o, ALL, "/debug/explain?from=x/nope&to=1.2.3.4&port=80");
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("x/nope: no such pod"), "{}", r.body);
+        assert_eq!(route(&o, ALL, "/debug/explain?to=1.2.3.4").status, 400);
+        // Off unless asked for: nothing is published.
+        let quiet = observer();
+        quiet.publish_explain(&ApplyReport::default(), || {
+            unreachable!("copied with explain off")
+        });
+        assert!(quiet.explain().is_none());
+    }
+
+    #[test]
     fn request_lines() {
         assert_eq!(
-            parse_request_line(b"GET /readyz?verbose=1 HTTP/1.1\r\nHost: x"),
-            Some(("GET", "/readyz"))
+            parse_request_line(b"GET /readyz?verbose=1#top HTTP/1.1\r\nHost: x"),
+            Some(("GET", "/readyz?verbose=1"))
         );
         assert_eq!(parse_request_line(b"GET /x HTTP/2"), None);
         assert_eq!(parse_request_line(b"GET http://x/ HTTP/1.1"), None);

@@ -7,6 +7,7 @@ pub mod http;
 pub mod metrics;
 
 use std::fmt::Display;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use health::{Counts, Health};
@@ -22,6 +23,12 @@ pub struct Observer {
     pub health: Health,
     /// Shown under `config` in `/debug/state` (effective settings, ignored/unknown keys).
     config: serde_json::Value,
+    /// Whether the loop publishes [`Observer::explain`]'s state (EnableHTTPDebugAPI).
+    explain_on: bool,
+    /// The compiler's state as of the last apply, for `/debug/explain`: an `Arc` swapped in
+    /// by the loop, cloned out by a request; the lock is held for neither the copy nor the
+    /// evaluation.
+    explain: Mutex<Option<Arc<crate::explain::State>>>,
 }
 
 impl Observer {
@@ -31,7 +38,47 @@ impl Observer {
             metrics: Metrics::new(),
             health: Health::new(stall_after),
             config,
+            explain_on: false,
+            explain: Mutex::new(None),
         }
+    }
+
+    /// Keep a copy of the compiler's state for `/debug/explain` (on with the debug API).
+    pub fn with_explain(mut self, on: bool) -> Self {
+        self.explain_on = on;
+        self
+    }
+
+    /// After an apply: publishes `make()` (a copy of the compiler's state, O(entries)) when
+    /// explain is on and the apply changed something or nothing is published yet.
+    pub fn publish_explain(
+        &self,
+        report: &ApplyReport,
+        make: impl FnOnce() -> crate::explain::State,
+    ) {
+        if !self.explain_on {
+            return;
+        }
+        let unchanged = report.changes == 0 && report.sync.upserts == 0 && report.sync.deletes == 0;
+        if unchanged
+            && self
+                .explain
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+        {
+            return;
+        }
+        let state = Arc::new(make());
+        *self.explain.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+    }
+
+    /// The last published state (None before the first apply, or with explain off).
+    pub fn explain(&self) -> Option<Arc<crate::explain::State>> {
+        self.explain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn config(&self) -> &serde_json::Value {
