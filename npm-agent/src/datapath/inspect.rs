@@ -4,30 +4,13 @@ use std::os::fd::AsFd as _;
 use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, MapType};
-use npm_common::maps::{
-    Addr16, EndpointInfo, MAP_CIDRS, MAP_CLOCK, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_DEFERRED,
-    MAP_ENDPOINTS, MAP_FLOWS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES,
-    PeerInfo,
-};
+use npm_common::maps::{Addr16, EndpointInfo, MAP_ENDPOINTS, MAP_IDENTITIES, PeerInfo};
 
 use super::loader::{DatapathError, map_error};
 use super::sys;
 
-/// Every map the agent pins, in the order `status` shows them.
-pub const PINNED_MAPS: [&str; 12] = [
-    MAP_ENDPOINTS,
-    MAP_IDENTITIES,
-    MAP_CIDRS,
-    MAP_POLICY,
-    MAP_PAIRS,
-    MAP_SERVICES,
-    MAP_CONNTRACK4,
-    MAP_CONNTRACK,
-    MAP_DEFERRED,
-    MAP_FLOWS,
-    MAP_METRICS,
-    MAP_CLOCK,
-];
+/// Every map the agent pins (the loader's list), in the order `status` shows them.
+pub const PINNED_MAPS: [&str; 13] = super::loader::MAPS;
 
 /// One pinned map's occupancy.
 #[derive(Clone, Debug, PartialEq, Eq)]
