@@ -370,6 +370,12 @@ impl<'a> Loop<'a> {
 
         loop {
             self.observer.tick();
+            if self.ready {
+                // A change the last copy missed (copies are rate-limited).
+                self.observer.publish_explain(None, || {
+                    crate::explain::State::of_node(self.enforcer.compiler())
+                });
+            }
             if gathering.is_none() && Instant::now() >= self.next_pass {
                 let source = match &mut self.feed {
                     Feed::Manifests(s) => s.take(),
@@ -1186,7 +1192,7 @@ impl<'a> Loop<'a> {
     fn report(&self, report: &ApplyReport, trigger: Trigger) {
         let snapshot = self.enforcer.compiler().snapshot();
         self.observer.applied(snapshot, report, trigger);
-        self.observer.publish_explain(report, || {
+        self.observer.publish_explain(Some(report), || {
             crate::explain::State::of_node(self.enforcer.compiler())
         });
         for d in &report.diagnostics {

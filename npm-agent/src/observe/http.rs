@@ -487,7 +487,7 @@ mod tests {
         let o = observer().with_explain(true);
         assert_eq!(route(&o, off, &target).status, 404);
         assert_eq!(route(&o, ALL, &target).status, 503, "nothing published yet");
-        o.publish_explain(&ApplyReport::default(), || {
+        o.publish_explain(Some(&ApplyReport::default()), || {
             crate::explain::State::of_node(&inc)
         });
         let r = route(&o, ALL, &target);
@@ -503,7 +503,7 @@ mod tests {
         assert_eq!(route(&o, ALL, "/debug/explain?to=1.2.3.4").status, 400);
         // Off unless asked for: nothing is published.
         let quiet = observer();
-        quiet.publish_explain(&ApplyReport::default(), || {
+        quiet.publish_explain(Some(&ApplyReport::default()), || {
             unreachable!("copied with explain off")
         });
         assert!(quiet.explain().is_none());

@@ -29,7 +29,14 @@ pub struct Observer {
     /// by the loop, cloned out by a request; the lock is held for neither the copy nor the
     /// evaluation.
     explain: Mutex<Option<Arc<crate::explain::State>>>,
+    /// When the state was last published, and whether an apply changed the maps since.
+    explain_stale: Mutex<(Option<std::time::Instant>, bool)>,
 }
+
+/// `/debug/explain`'s copy of the compiler's state costs O(map entries): it is taken at most
+/// this often (and at the first apply), so a busy cluster's events keep costing what they
+/// touch; an answer may lag the maps by this much.
+pub const EXPLAIN_PUBLISH_EVERY: Duration = Duration::from_secs(2);
 
 impl Observer {
     /// `stall_after`: liveness fails after this long without a [`Observer::tick`].
@@ -40,6 +47,7 @@ impl Observer {
             config,
             explain_on: false,
             explain: Mutex::new(None),
+            explain_stale: Mutex::new((None, false)),
         }
     }
 
@@ -49,25 +57,34 @@ impl Observer {
         self
     }
 
-    /// After an apply: publishes `make()` (a copy of the compiler's state, O(entries)) when
-    /// explain is on and the apply changed something or nothing is published yet.
+    /// After an apply, and on every turn of the loop: publishes `make()` (a copy of the
+    /// compiler's state, O(entries)) when explain is on and nothing is published yet, or an
+    /// apply changed something and the last copy is [`EXPLAIN_PUBLISH_EVERY`] old. `report`:
+    /// the apply just made (`None`: a turn of the loop).
     pub fn publish_explain(
         &self,
-        report: &ApplyReport,
+        report: Option<&ApplyReport>,
         make: impl FnOnce() -> crate::explain::State,
     ) {
         if !self.explain_on {
             return;
         }
-        let unchanged = report.changes == 0 && report.sync.upserts == 0 && report.sync.deletes == 0;
-        if unchanged
-            && self
-                .explain
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some()
+        let now = std::time::Instant::now();
         {
-            return;
+            let mut stale = self.explain_stale.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = report
+                && (r.changes > 0 || r.sync.upserts > 0 || r.sync.deletes > 0)
+            {
+                stale.1 = true;
+            }
+            let due = match stale.0 {
+                None => report.is_some(),
+                Some(at) => stale.1 && now.duration_since(at) >= EXPLAIN_PUBLISH_EVERY,
+            };
+            if !due {
+                return;
+            }
+            *stale = (Some(now), false);
         }
         let state = Arc::new(make());
         *self.explain.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
@@ -234,5 +251,45 @@ mod tests {
             pipe.compiler().maps(),
             "the maps hold the compiled contents"
         );
+    }
+
+    #[test]
+    fn the_explain_copy_is_rate_limited_and_a_missed_change_is_published_later() {
+        let o = Observer::new(Duration::from_secs(60), serde_json::Value::Null).with_explain(true);
+        let copies = std::cell::Cell::new(0);
+        let make = || {
+            copies.set(copies.get() + 1);
+            crate::explain::State::of_node(&crate::compiler::Incremental::new(
+                &ClusterSnapshot::default(),
+                crate::compiler::IdAllocator::default(),
+            ))
+        };
+        let changed = ApplyReport {
+            changes: 1,
+            ..ApplyReport::default()
+        };
+        o.publish_explain(None, make);
+        assert_eq!(
+            copies.get(),
+            0,
+            "a turn of the loop before any apply copies nothing"
+        );
+        o.publish_explain(Some(&ApplyReport::default()), make);
+        assert_eq!(copies.get(), 1, "the first apply is published at once");
+        o.publish_explain(Some(&changed), make);
+        o.publish_explain(None, make);
+        assert_eq!(copies.get(), 1, "a change within the window waits");
+        std::thread::sleep(EXPLAIN_PUBLISH_EVERY + Duration::from_millis(50));
+        o.publish_explain(None, make);
+        assert_eq!(
+            copies.get(),
+            2,
+            "the loop publishes the missed change once due"
+        );
+        o.publish_explain(None, make);
+        std::thread::sleep(EXPLAIN_PUBLISH_EVERY + Duration::from_millis(50));
+        o.publish_explain(None, make);
+        assert_eq!(copies.get(), 2, "nothing changed: no copy");
+        assert!(o.explain().is_some());
     }
 }
