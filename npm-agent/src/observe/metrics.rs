@@ -398,7 +398,7 @@ pub(crate) fn unix_seconds(t: SystemTime) -> f64 {
 }
 
 /// Label values for a verdict reason code (`npm_common::verdict`).
-fn reason_label(reason: u8) -> &'static str {
+pub(crate) fn reason_label(reason: u8) -> &'static str {
     match reason {
         REASON_NOT_MANAGED => "not_managed",
         REASON_NOT_ISOLATED => "not_isolated",
