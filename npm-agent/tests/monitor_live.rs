@@ -175,4 +175,28 @@ fn monitor_prints_a_real_drop_with_pod_names_port_protocol_and_policies() {
         e["time"].as_str().is_some_and(|t| t.ends_with('Z')),
         "{e:#}"
     );
+
+    // The suppressed-event counters are on the node metrics page (a few drops: none
+    // suppressed; the flood is tests/datapath.rs's).
+    let out = output_within(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{node}"))
+            .args([
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("{URL}/node-metrics"),
+            ]),
+        Duration::from_secs(10),
+    );
+    let page = String::from_utf8_lossy(&out.stdout);
+    for cause in ["rate_limit", "ring_full"] {
+        let series = format!("npm_events_suppressed_total{{cause=\"{cause}\"}} ");
+        let v = page
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("no {series}in\n{page}"));
+        assert_eq!(v.trim(), "0", "{series}");
+    }
 }
