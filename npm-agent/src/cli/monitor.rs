@@ -319,6 +319,70 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<i32> {
 mod tests {
     use super::*;
 
+    fn line(ns: Option<&str>, pod: Option<&str>) -> Line {
+        Line {
+            time: String::new(),
+            r#type: "drop",
+            direction: "ingress",
+            reason: "policy_deny",
+            namespace: ns.map(str::to_owned),
+            pod: pod.map(str::to_owned),
+            pod_address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            interface: None,
+            ifindex: 2,
+            peer: Peer {
+                address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+                namespace: None,
+                pod: None,
+            },
+            protocol: "TCP".into(),
+            port: Some(80),
+            source_port: Some(40000),
+            length: 60,
+            isolated_by: None,
+        }
+    }
+
+    fn args(ns: Option<&str>, pod: Option<&str>) -> MonitorArgs {
+        MonitorArgs {
+            bpffs_dir: "/x".into(),
+            url: String::new(),
+            r#type: EventType::Drop,
+            namespace: ns.map(str::to_owned),
+            pod: pod.map(str::to_owned),
+            json: true,
+            count: None,
+            duration: None,
+        }
+    }
+
+    #[test]
+    fn namespace_and_pod_filters_match_the_dropping_pod_and_unknown_names_never() {
+        let web = line(Some("default"), Some("web"));
+        assert!(wanted(&args(None, None), &web));
+        assert!(wanted(&args(Some("default"), None), &web));
+        assert!(wanted(&args(Some("default"), Some("web")), &web));
+        assert!(!wanted(&args(Some("kube-system"), None), &web));
+        assert!(!wanted(&args(None, Some("db")), &web));
+        let unknown = line(None, None);
+        assert!(wanted(&args(None, None), &unknown));
+        assert!(!wanted(&args(Some("default"), None), &unknown));
+    }
+
+    #[test]
+    fn addresses_and_protocols_print_as_users_know_them() {
+        assert_eq!(
+            addr(&npm_common::maps::addr_from_v4([10, 1, 2, 3])),
+            "10.1.2.3".parse::<IpAddr>().expect("ip")
+        );
+        let v6: Addr16 = "fd00::1".parse::<Ipv6Addr>().expect("ip").octets();
+        assert_eq!(addr(&v6), "fd00::1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(protocol(PROTO_ICMPV6), "ICMPv6");
+        assert_eq!(protocol(47), "47");
+        assert_eq!(split(Some("ns/p")), (Some("ns".into()), Some("p".into())));
+        assert_eq!(split(None), (None, None));
+    }
+
     #[test]
     fn rfc3339_formats_utc() {
         let t = UNIX_EPOCH + Duration::from_millis(1_765_152_000_123);
