@@ -19,7 +19,7 @@ pub const PINNED_MAPS: [&str; 15] = super::loader::MAPS;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapOccupancy {
     pub name: &'static str,
-    /// `hash`, `lru_hash`, `lpm_trie`, `array`, `percpu_array` (or the kernel's type number).
+    /// `hash`, `lru_hash`, `lpm_trie`, `array`, `percpu_array`, `ringbuf` (or the kernel's type number).
     pub kind: String,
     /// Keys present; `None` for arrays (every index exists).
     pub entries: Option<u32>,
