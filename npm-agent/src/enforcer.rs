@@ -234,7 +234,9 @@ impl Enforcer {
             .ok_or_else(|| DatapathError::MapMissing {
                 map: npm_common::maps::MAP_ENDPOINTS.to_owned(),
             })?;
-        use npm_common::maps::{MAP_CONNTRACK, MAP_CONNTRACK4, MAP_DEFERRED, MAP_FRAGS};
+        use npm_common::maps::{
+            MAP_CONNTRACK, MAP_CONNTRACK4, MAP_DEFERRED, MAP_EVENT_STATS, MAP_FRAGS,
+        };
         DatapathCounters::from_maps(metrics, endpoints)?
             .with_conntrack(
                 self.datapath.map_handle(MAP_CONNTRACK4)?,
@@ -242,7 +244,8 @@ impl Enforcer {
             )?
             .with_capacities(self.capacities.clone())
             .with_counted(MAP_DEFERRED, self.datapath.map_handle(MAP_DEFERRED)?)?
-            .with_counted(MAP_FRAGS, self.datapath.map_handle(MAP_FRAGS)?)
+            .with_counted(MAP_FRAGS, self.datapath.map_handle(MAP_FRAGS)?)?
+            .with_events(self.datapath.map_handle(MAP_EVENT_STATS)?)
     }
 
     /// Attaches the classifiers to a host-side interface in the calling thread's netns.

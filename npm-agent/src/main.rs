@@ -23,6 +23,7 @@ fn main() -> anyhow::Result<()> {
             Command::Explain(a) => cli::explain::run(a),
             Command::Uninstall(a) => cli::uninstall::run(a),
             Command::Status(a) => cli::status::run(a),
+            Command::Monitor(a) => cli::monitor::run(a),
             Command::Lab(a) => {
                 let job = tokio::task::spawn_blocking(move || cli::lab::run(a));
                 tokio::select! {

@@ -25,8 +25,9 @@ use npm_common::{
         Addr16, CIDR_CLASS_BIT, CT_ORIGIN_LO, CT_PENDING, CT_SEEN_REPLY, CT_TCP_CLOSING,
         CT_TIMEOUT_TCP_CLOSING_NS, CT_TIMEOUT_TCP_ESTABLISHED_NS, CT_TIMEOUT_TCP_SYN_NS, CtKey,
         CtKey4, CtValue, DeferKey, DeferValue, EP_CLASS_EGRESS, EP_CLASS_INGRESS,
-        EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EndpointInfo, FragKey, FragValue, MAP_CIDRS,
-        MAP_CLOCK, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_FLOWS,
+        EP_ISOLATE_EGRESS, EP_ISOLATE_INGRESS, EVENT_DROP, EVENTS_BURST, EVENTS_PER_SEC,
+        EndpointInfo, Event, EventStats, FragKey, FragValue, MAP_CIDRS, MAP_CLOCK, MAP_CONNTRACK,
+        MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_EVENT_STATS, MAP_EVENTS, MAP_FLOWS,
         MAP_FRAGS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, MARK_DEFERRED,
         PAIR_TRIE, PEER_HOST, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
         PROG_BENCH_BUMP, PROG_BENCH_NEW, PROG_CLOCK, PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS,
@@ -3868,4 +3869,148 @@ fn later_fragments_follow_the_policy_verdict_of_their_first_fragment() {
         .insert(keys[0], value, 0)
         .expect("expire the record");
     env.deny(PROG_TO_POD, &later(7), REASON_DROP_POLICY);
+}
+
+/// Reads every event waiting in the ring buffer.
+fn drain_events(ring: &mut aya::maps::RingBuf<MapData>) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        out.push(npm_agent::datapath::inspect::event_from_bytes(&item).expect("an Event record"));
+    }
+    out
+}
+
+fn event_stats(stats: &PerCpuArray<MapData, EventStats>) -> (u64, u64, u64) {
+    let v = stats.get(&0, 0).expect("event stats");
+    v.iter().fold((0, 0, 0), |(w, s, l), e| {
+        (w + e.written, s + e.suppressed, l + e.lost)
+    })
+}
+
+#[test]
+fn drops_write_events_passes_none_and_a_flood_is_rate_limited_without_changing_verdicts() {
+    use std::time::Instant;
+    let mut env = Env::new().endpoint(EP_ISOLATE_INGRESS | EP_ISOLATE_EGRESS);
+    env.identity(v4(PEER), PEER_ID, 0, 0);
+    env.allow(PEER_ID, DIR_INGRESS, PROTO_TCP, 80, POLICY_PREFIX_FULL);
+    let mut ring = aya::maps::RingBuf::try_from(env.dp.take_map(MAP_EVENTS).expect("events map"))
+        .expect("ring buffer");
+    let stats: PerCpuArray<MapData, EventStats> =
+        PerCpuArray::try_from(env.dp.take_map(MAP_EVENT_STATS).expect("event stats map"))
+            .expect("per-CPU array");
+
+    // Allowed packets write nothing.
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40000, 80, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    env.pass(
+        PROG_FROM_POD,
+        &ipv4(POD, PEER, PROTO_TCP, &tcp(80, 40000, TCP_ACK)),
+        REASON_REPLY,
+    );
+    assert!(
+        drain_events(&mut ring).is_empty(),
+        "an allowed packet wrote an event"
+    );
+
+    // A denied one writes one event with what the datapath judged.
+    let denied = ipv4(PEER, POD, PROTO_UDP, &udp(40001, 53));
+    env.deny(PROG_TO_POD, &denied, REASON_DROP_POLICY);
+    let ev = drain_events(&mut ring);
+    assert_eq!(ev.len(), 1, "one drop, one event: {ev:?}");
+    let e = ev[0];
+    assert_eq!(
+        (e.kind, e.dir, e.reason, e.ifindex, e.slot),
+        (EVENT_DROP, DIR_INGRESS, REASON_DROP_POLICY, IFINDEX, SLOT)
+    );
+    assert_eq!((e.src, e.dst, e.proto), (v4(PEER), v4(POD), PROTO_UDP));
+    assert_eq!(
+        (u16::from_be(e.sport_be), u16::from_be(e.dport_be)),
+        (40001, 53)
+    );
+    assert_eq!(e.len as usize, denied.len());
+    assert_ne!(e.time_ns, 0);
+    // Egress, IPv6: the direction and the 16-byte addresses.
+    env.deny(
+        PROG_FROM_POD,
+        &ipv6(
+            v6(POD6),
+            v6("fd00::99"),
+            PROTO_TCP,
+            &tcp(40002, 8443, TCP_SYN),
+        ),
+        REASON_DROP_POLICY,
+    );
+    let ev = drain_events(&mut ring);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(
+        (
+            ev[0].dir,
+            ev[0].src,
+            ev[0].dst,
+            ev[0].proto,
+            u16::from_be(ev[0].dport_be)
+        ),
+        (DIR_EGRESS, v6(POD6), v6("fd00::99"), PROTO_TCP, 8443)
+    );
+    assert_eq!(event_stats(&stats), (2, 0, 0));
+
+    // A flood: every packet still dropped, at most the buckets' allowance written, the
+    // rest counted as suppressed.
+    const FLOOD: u64 = 3_000;
+    let start = Instant::now();
+    for i in 0..FLOOD {
+        let p = ipv4(PEER, POD, PROTO_TCP, &tcp(1024 + i as u16, 81, TCP_SYN));
+        let r = env
+            .dp
+            .test_run(PROG_TO_POD, &p, IFINDEX, 1)
+            .expect("test run");
+        assert_eq!(r.retval, TC_ACT_SHOT, "packet {i} of the flood");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpus = aya::util::nr_cpus().expect("cpus") as u64;
+    // Each CPU the test ran on: its bucket (at most full) plus what refilled while it ran
+    // (the datapath clock ticks in jiffies: one more tick's worth, 10 ms at HZ=100).
+    let allowance = cpus * (EVENTS_BURST + ((secs + 0.01) * EVENTS_PER_SEC as f64).ceil() as u64);
+    let (written, suppressed, lost) = event_stats(&stats);
+    let flood_written = written - 2;
+    assert_eq!(
+        flood_written + suppressed + lost,
+        FLOOD,
+        "every drop is accounted for"
+    );
+    assert_eq!(lost, 0, "the ring buffer has room for the allowance");
+    assert!(
+        flood_written <= allowance,
+        "{flood_written} events written in {secs:.3} s, allowance {allowance}"
+    );
+    assert!(
+        flood_written >= EVENTS_BURST.min(FLOOD),
+        "the burst is written: {flood_written}"
+    );
+    assert!(suppressed >= FLOOD - allowance, "suppressed {suppressed}");
+    let ev = drain_events(&mut ring);
+    assert_eq!(ev.len() as u64, flood_written, "read what was written");
+    assert!(
+        ev.iter()
+            .all(|e| e.reason == REASON_DROP_POLICY && u16::from_be(e.dport_be) == 81)
+    );
+    // An empty bucket changes no verdict: allowed still passes, denied still drops.
+    env.pass(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40003, 80, TCP_SYN)),
+        REASON_POLICY_ALLOW,
+    );
+    env.deny(
+        PROG_TO_POD,
+        &ipv4(PEER, POD, PROTO_TCP, &tcp(40004, 82, TCP_SYN)),
+        REASON_DROP_POLICY,
+    );
+    assert_eq!(
+        env.counter(IFINDEX, DIR_INGRESS, REASON_DROP_POLICY)
+            .packets,
+        FLOOD + 2
+    );
 }

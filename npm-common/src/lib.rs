@@ -21,7 +21,7 @@ mod pod;
 /// directory). Release builds never set it.
 pub const ABI_VERSION: u32 = match option_env!("NPM_ABI_VERSION_OVERRIDE") {
     Some(v) => parse_version(v),
-    None => 6,
+    None => 7,
 };
 
 /// The oldest `ABI_VERSION` whose conntrack maps (`NPM_CT4`, `NPM_CT`: keys, values, flags

@@ -515,6 +515,79 @@ pub struct FragValue {
 }
 const _: () = assert!(core::mem::size_of::<FragValue>() == 16);
 
+// ---- drop events (`NPM_EVENTS`, `NPM_EVENT_STATS`) ----
+
+/// Ring buffer of [`Event`]s: one per dropped packet (`handle` in the datapath), written only
+/// when this CPU's token bucket ([`EventStats`]) allows it. One consumer at a time
+/// (`npm-agent monitor`): a record read by one reader is gone for every other.
+pub const MAP_EVENTS: &str = "NPM_EVENTS";
+/// Bytes of `NPM_EVENTS` (a power of two, a multiple of the page size): about 3,600 events
+/// of 72 bytes (64 + the ring's 8-byte header).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// Per-CPU array of one [`EventStats`]: the rate limit's bucket and the event counters.
+pub const MAP_EVENT_STATS: &str = "NPM_EVENT_STATS";
+/// Events a CPU may write per second, sustained.
+pub const EVENTS_PER_SEC: u64 = 1_000;
+/// Events a CPU may write at once after a quiet spell (the bucket's depth).
+pub const EVENTS_BURST: u64 = 128;
+/// The bucket's credit one event costs (ns of the datapath clock).
+pub const EVENT_COST_NS: u64 = 1_000_000_000 / EVENTS_PER_SEC;
+/// `Event::kind` of a dropped packet.
+pub const EVENT_DROP: u8 = 1;
+
+/// One dropped packet, as the datapath judged it. Addresses as in the maps (IPv4 mapped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// The datapath clock (`now_ns`: jiffies × ns per jiffy) when it was judged.
+    pub time_ns: u64,
+    pub src: Addr16,
+    pub dst: Addr16,
+    /// The interface the program ran on: a pod's host-side veth (the ENDPOINTS key).
+    pub ifindex: u32,
+    /// The counter slot the drop was counted under (0: unmanaged).
+    pub slot: u32,
+    /// Ports in network byte order; 0 for protocols without.
+    pub sport_be: u16,
+    pub dport_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `DIR_*`: egress = leaving the pod, ingress = entering it.
+    pub dir: u8,
+    /// `REASON_DROP_*`.
+    pub reason: u8,
+    /// `EVENT_DROP`.
+    pub kind: u8,
+    /// The packet's length in bytes.
+    pub len: u32,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 64);
+// Userspace decodes the record by these offsets (`inspect::event_from_bytes`).
+const _: () = assert!(core::mem::offset_of!(Event, src) == 8);
+const _: () = assert!(core::mem::offset_of!(Event, ifindex) == 40);
+const _: () = assert!(core::mem::offset_of!(Event, sport_be) == 48);
+const _: () = assert!(core::mem::offset_of!(Event, proto) == 52);
+const _: () = assert!(core::mem::offset_of!(Event, len) == 56);
+
+/// One CPU's event bucket and counters (`NPM_EVENT_STATS`, index 0). Written only by the
+/// datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventStats {
+    /// The bucket: credit in ns, at most `EVENTS_BURST × EVENT_COST_NS`.
+    pub credit_ns: u64,
+    /// The datapath clock of the last drop seen on this CPU.
+    pub last_ns: u64,
+    /// Events written to `NPM_EVENTS`.
+    pub written: u64,
+    /// Drops with no event because the bucket was empty.
+    pub suppressed: u64,
+    /// Drops with no event because the ring buffer was full (no reader, or a slow one).
+    pub lost: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventStats>() == 40);
+
 // ---- IP protocol numbers ----
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;

@@ -4,8 +4,8 @@
 //! arrays, has no implicit padding (checked by the size assertions next to each type), and
 //! every bit pattern is a valid value.
 use crate::maps::{
-    CtKey, CtKey4, CtValue, DeferKey, DeferValue, EndpointInfo, FlowEntry, FragKey, FragValue,
-    PairKey, PairValue, PeerInfo, PolicyKey, PolicyValue,
+    CtKey, CtKey4, CtValue, DeferKey, DeferValue, EndpointInfo, Event, EventStats, FlowEntry,
+    FragKey, FragValue, PairKey, PairValue, PeerInfo, PolicyKey, PolicyValue,
 };
 use crate::metrics::MetricsValue;
 
@@ -24,3 +24,5 @@ unsafe impl aya::Pod for DeferKey {}
 unsafe impl aya::Pod for DeferValue {}
 unsafe impl aya::Pod for FragKey {}
 unsafe impl aya::Pod for FragValue {}
+unsafe impl aya::Pod for Event {}
+unsafe impl aya::Pod for EventStats {}

@@ -69,16 +69,17 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_PIPE, TC_ACT_SHOT},
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
 use npm_common::{
     maps::{
         Addr16, CIDRS_MAX, CLOCK_ENTRIES, CLOCK_NS_PER_JIFFY, CONNTRACK_MAX, CtKey, CtKey4,
         CtValue, ENDPOINTS_MAX, EP_CLASS_EGRESS, EP_CLASS_INGRESS, EP_ISOLATE_EGRESS,
-        EP_ISOLATE_INGRESS, EndpointInfo, ID_PENDING, IDENTITIES_MAX, METRICS_MAX, PAIR_TRIE,
-        PAIRS_MAX, PEER_HOST, POLICY_MAX, POLICY_PREFIX_FULL, PairKey, PairValue, PeerInfo,
-        PolicyKey, PolicyValue,
+        EP_ISOLATE_INGRESS, EVENT_COST_NS, EVENT_DROP, EVENTS_BURST, EVENTS_BYTES, EndpointInfo,
+        Event, EventStats, ID_PENDING, IDENTITIES_MAX, METRICS_MAX, PAIR_TRIE, PAIRS_MAX,
+        PEER_HOST, POLICY_MAX, POLICY_PREFIX_FULL, PairKey, PairValue, PeerInfo, PolicyKey,
+        PolicyValue,
     },
     metrics::{MetricsValue, SLOT_UNMANAGED, counter_index},
     verdict::{
@@ -137,6 +138,14 @@ pub(crate) static CLOCK: Array<u64> = Array::with_max_entries(CLOCK_ENTRIES, 0);
 
 #[map(name = "NPM_METRICS")]
 static METRICS: PerCpuArray<MetricsValue> = PerCpuArray::with_max_entries(METRICS_MAX, 0);
+
+/// Drop events (`Event`), one consumer: `npm-agent monitor`. Written only through [`emit`].
+#[map(name = "NPM_EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Per CPU: the event rate limit's bucket and the written / suppressed / lost counters.
+#[map(name = "NPM_EVENT_STATS")]
+static EVENT_STATS: PerCpuArray<EventStats> = PerCpuArray::with_max_entries(1, 0);
 
 #[classifier]
 pub fn npm_from_pod(ctx: TcContext) -> i32 {
@@ -276,8 +285,69 @@ fn handle(ctx: &TcContext, dir: u8) -> i32 {
     if is_allow(reason) {
         TC_ACT_PIPE
     } else {
+        // The verdict is taken: the event path only reads it.
+        emit(
+            &pkt,
+            ifindex,
+            u32::from(dir) << 8 | u32::from(reason),
+            slot,
+            ctx.len(),
+        );
         TC_ACT_SHOT
     }
+}
+
+/// Writes a drop event to `NPM_EVENTS` if this CPU's token bucket has the credit (else
+/// counts it `suppressed`); a full ring buffer fails the reserve (`lost`). The bucket holds
+/// at most `EVENTS_BURST` events' worth of credit (`EVENT_COST_NS` each) and refills with the
+/// datapath clock, so a CPU writes at most `EVENTS_BURST` at once and `EVENTS_PER_SEC`
+/// sustained whatever the drop rate: a flood costs a per-CPU array lookup and a few
+/// arithmetic instructions per packet. `dir_reason`: dir << 8 | reason (five arguments at
+/// most). Not inlined: its own frame, and nothing of it on the paths that pass.
+#[inline(never)]
+fn emit(pkt: &Packet, ifindex: u32, dir_reason: u32, slot: u32, len: u32) {
+    let Some(st) = EVENT_STATS.get_ptr_mut(0) else {
+        return;
+    };
+    let now = now_ns();
+    let cap = EVENTS_BURST * EVENT_COST_NS;
+    // SAFETY: this CPU's element from a successful lookup; only this CPU writes it (a nested
+    // run on the same CPU could at worst miscount one event).
+    let st = unsafe { &mut *st };
+    let elapsed = now.wrapping_sub(st.last_ns);
+    st.last_ns = now;
+    let credit = if elapsed >= cap || st.credit_ns >= cap - elapsed {
+        cap
+    } else {
+        st.credit_ns + elapsed
+    };
+    if credit < EVENT_COST_NS {
+        st.credit_ns = credit;
+        st.suppressed += 1;
+        return;
+    }
+    st.credit_ns = credit - EVENT_COST_NS;
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        st.lost += 1;
+        return;
+    };
+    entry.write(Event {
+        time_ns: now,
+        src: pkt.src,
+        dst: pkt.dst,
+        ifindex,
+        slot,
+        sport_be: pkt.sport_be,
+        dport_be: pkt.dport_be,
+        proto: pkt.proto,
+        dir: (dir_reason >> 8) as u8,
+        reason: dir_reason as u8,
+        kind: EVENT_DROP,
+        len,
+        _pad: [0; 4],
+    });
+    entry.submit(0);
+    st.written += 1;
 }
 
 /// Returns the verdict reason and the counter slot to count it under; leaves the parsed

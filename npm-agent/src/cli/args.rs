@@ -45,6 +45,10 @@ pub enum Command {
     /// What npm enforces on this node, from the pinned maps and the interfaces (works without
     /// a running agent), plus the agent's own view when its HTTP endpoint answers.
     Status(StatusArgs),
+    /// Stream the datapath's drop events (rate-limited per CPU) with pod names, peer, port,
+    /// protocol, direction and the policies isolating the pod (names from the agent's
+    /// /debug/explain when it answers). One monitor at a time sees the events.
+    Monitor(MonitorArgs),
 }
 
 #[derive(Debug, Args)]
@@ -253,6 +257,41 @@ pub struct StatusArgs {
     /// Print the result as JSON (field names are documented in README.md, "Using it").
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventType {
+    Drop,
+    /// Not produced by this datapath (refused with an error).
+    Flow,
+}
+
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    /// bpffs directory of the pinned maps (`run --bpffs-dir`).
+    #[arg(long, default_value = "/sys/fs/bpf/npm", value_name = "DIR")]
+    pub bpffs_dir: PathBuf,
+    /// The agent's HTTP endpoint, for pod names and policies (`/debug/explain`).
+    #[arg(long, default_value = "http://127.0.0.1:10091", value_name = "URL")]
+    pub url: String,
+    /// Which events.
+    #[arg(long = "type", value_enum, default_value = "drop")]
+    pub r#type: EventType,
+    /// Only events of pods in this namespace (needs the agent for names).
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Only events of pods with this name (needs the agent for names).
+    #[arg(long, value_name = "NAME")]
+    pub pod: Option<String>,
+    /// One JSON object per line (fields in README.md, "Using it").
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<u64>,
 }
 
 /// One `--external` value.

@@ -4,6 +4,7 @@ pub mod args;
 pub mod compile;
 pub mod explain;
 pub mod lab;
+pub mod monitor;
 pub mod run;
 pub mod status;
 pub mod steps;

@@ -68,7 +68,7 @@ struct PinDir {
 #[derive(Debug, Serialize)]
 struct MapOut {
     name: &'static str,
-    /// `hash`, `lru_hash`, `lpm_trie`, `array`, `percpu_array`.
+    /// `hash`, `lru_hash`, `lpm_trie`, `array`, `percpu_array`, `ringbuf` (`NPM_EVENTS`).
     kind: String,
     /// Keys present; null for arrays (every index exists).
     entries: Option<u32>,

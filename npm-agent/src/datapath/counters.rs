@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use npm_common::maps::{
-    COUNTER_SLOTS, CtKey, CtKey4, CtValue, EndpointInfo, MAP_CONNTRACK, MAP_CONNTRACK4,
-    MAP_ENDPOINTS, MAP_METRICS,
+    COUNTER_SLOTS, CtKey, CtKey4, CtValue, EndpointInfo, EventStats, MAP_CONNTRACK, MAP_CONNTRACK4,
+    MAP_ENDPOINTS, MAP_EVENT_STATS, MAP_METRICS,
 };
 use npm_common::metrics::{
     COUNTER_REASONS, COUNTER_STRIDE, MetricsValue, SLOT_RETIRED, SLOT_UNMANAGED, reason_of_index,
@@ -106,6 +106,22 @@ pub trait CounterReader: Send + Sync + 'static {
     fn map_fill(&self) -> Result<Option<MapFill>, DatapathError> {
         Ok(None)
     }
+
+    /// The drop-event counters (`NPM_EVENT_STATS`) summed over CPUs; `None` when this reader
+    /// has no such map.
+    fn events(&self) -> Result<Option<EventCounts>, DatapathError> {
+        Ok(None)
+    }
+}
+
+/// Drop events since the map was created (`NPM_EVENT_STATS`, summed over CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventCounts {
+    pub written: u64,
+    /// Not written: the CPU's token bucket was empty.
+    pub rate_limited: u64,
+    /// Not written: the ring buffer was full.
+    pub ring_full: u64,
 }
 
 /// The two conntrack maps and their last count.
@@ -174,6 +190,8 @@ pub struct DatapathCounters {
     /// Other kernel-written maps to count: (name, map, key size, max_entries).
     counted: Vec<(&'static str, MapData, u32, u32)>,
     last_counted: Mutex<Option<(Instant, MapCounts)>>,
+    /// `NPM_EVENT_STATS` ([`DatapathCounters::with_events`]).
+    events: Option<PerCpuArray<MapData, EventStats>>,
 }
 
 /// Entries per map name.
@@ -203,7 +221,15 @@ impl DatapathCounters {
             capacities: Vec::new(),
             counted: Vec::new(),
             last_counted: Mutex::new(None),
+            events: None,
         })
+    }
+
+    /// Adds `NPM_EVENT_STATS` (a second handle from `Datapath::map_handle`) for
+    /// [`CounterReader::events`].
+    pub fn with_events(mut self, stats: Map) -> Result<Self, DatapathError> {
+        self.events = Some(PerCpuArray::try_from(stats).map_err(map_err(MAP_EVENT_STATS))?);
+        Ok(self)
     }
 
     /// The maps' sizes (`Datapath::map_capacities`), reported by [`CounterReader::map_fill`].
@@ -377,5 +403,19 @@ impl CounterReader for DatapathCounters {
             capacity: self.capacities.clone(),
             entries,
         }))
+    }
+
+    fn events(&self) -> Result<Option<EventCounts>, DatapathError> {
+        let Some(map) = &self.events else {
+            return Ok(None);
+        };
+        let values = map.get(&0, 0).map_err(map_err(MAP_EVENT_STATS))?;
+        Ok(Some(values.iter().fold(EventCounts::default(), |t, v| {
+            EventCounts {
+                written: t.written.wrapping_add(v.written),
+                rate_limited: t.rate_limited.wrapping_add(v.suppressed),
+                ring_full: t.ring_full.wrapping_add(v.lost),
+            }
+        })))
     }
 }

@@ -15,9 +15,9 @@ use aya::{
 };
 use npm_common::maps::{
     CLOCK_NS_PER_JIFFY, CtKey, CtKey4, CtValue, FLOWS_GEN_ACTIVE, FLOWS_GEN_LAST, MAP_CIDRS,
-    MAP_CLOCK, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_FLOWS, MAP_FRAGS,
-    MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY, MAP_SERVICES, PROG_CLOCK, PROG_FROM_POD,
-    PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD,
+    MAP_CLOCK, MAP_CONNTRACK, MAP_CONNTRACK4, MAP_DEFERRED, MAP_ENDPOINTS, MAP_EVENT_STATS,
+    MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_IDENTITIES, MAP_METRICS, MAP_PAIRS, MAP_POLICY,
+    MAP_SERVICES, PROG_CLOCK, PROG_FROM_POD, PROG_HOST_EGRESS, PROG_PASS, PROG_TO_POD,
 };
 use npm_common::maps::{PROG_BENCH_BUMP, PROG_BENCH_NEW};
 
@@ -27,7 +27,7 @@ use super::sys;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npm"));
 
 /// Every map of the object; all are pinned by name when a pin directory is given.
-pub(super) const MAPS: [&str; 13] = [
+pub(super) const MAPS: [&str; 15] = [
     MAP_ENDPOINTS,
     MAP_IDENTITIES,
     MAP_CIDRS,
@@ -41,6 +41,8 @@ pub(super) const MAPS: [&str; 13] = [
     MAP_SERVICES,
     MAP_DEFERRED,
     MAP_FRAGS,
+    MAP_EVENTS,
+    MAP_EVENT_STATS,
 ];
 
 /// How the programs are attached to the TC hooks of an interface.

@@ -12,8 +12,8 @@ mod sys;
 mod upgrade;
 
 pub use counters::{
-    CONNTRACK_RECOUNT, ConntrackCount, CounterReader, DatapathCounters, MapFill, PacketCount,
-    SlotCount,
+    CONNTRACK_RECOUNT, ConntrackCount, CounterReader, DatapathCounters, EventCounts, MapFill,
+    PacketCount, SlotCount,
 };
 pub use loader::{
     Datapath, DatapathError, LoadOptions, TC_HANDLE, TC_PRIORITY, TcMode, TestRunResult,

@@ -72,6 +72,11 @@ struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FamilyLabels {
     family: &'static str,
 }
@@ -398,7 +403,7 @@ pub(crate) fn unix_seconds(t: SystemTime) -> f64 {
 }
 
 /// Label values for a verdict reason code (`npm_common::verdict`).
-fn reason_label(reason: u8) -> &'static str {
+pub(crate) fn reason_label(reason: u8) -> &'static str {
     match reason {
         REASON_NOT_MANAGED => "not_managed",
         REASON_NOT_ISOLATED => "not_isolated",
@@ -900,9 +905,44 @@ impl DatapathCollector {
     }
 }
 
+impl DatapathCollector {
+    /// `npm_events_suppressed_total{cause}`: drops with no event (`rate_limit`: the CPU's
+    /// bucket was empty; `ring_full`: no room in `NPM_EVENTS`).
+    fn encode_events(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counts = {
+            let guard = self.reader.read().ok();
+            match guard.as_ref().and_then(|g| g.as_ref()).map(|r| r.events()) {
+                Some(Ok(Some(c))) => c,
+                Some(Err(error)) => {
+                    tracing::warn!(error = %error, "reading the event counters");
+                    self.count_error("datapath_events");
+                    return Ok(());
+                }
+                _ => return Ok(()),
+            }
+        };
+        let mut metric = encoder.encode_descriptor(
+            "events_suppressed",
+            "Dropped packets with no drop event (npm-agent monitor): rate_limit (the CPU's token \
+             bucket, 128 at once and 1000/s per CPU, was empty) or ring_full (no room in the ring \
+             buffer: no reader, or a slow one); verdicts are not affected",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (cause, v) in [
+            ("rate_limit", counts.rate_limited),
+            ("ring_full", counts.ring_full),
+        ] {
+            ConstCounter::new(v).encode(metric.encode_family(&CauseLabels { cause })?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.encode_conntrack(&mut encoder)?;
+        self.encode_events(&mut encoder)?;
         self.encode_maps(&mut encoder)?;
         self.encode_policies(&mut encoder)?;
         let Some(counts) = self.slot_counts() else {
