@@ -22,3 +22,18 @@ pub mod programmer;
 pub mod source;
 pub mod state;
 pub mod synth;
+
+/// `error: cause: cause`, for logs and the health endpoint.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}

@@ -6,7 +6,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use npm_agent::lab::{Lab, LabSpec};
@@ -65,27 +65,7 @@ fn explain(node: &str, args: &[&str]) -> (i32, String, String) {
 }
 
 fn spawn_agent(node: &str, manifests: &Path, bpffs: &Path, debug: bool) -> KillOnDrop {
-    KillOnDrop(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{node}"))
-            .arg(env!("CARGO_BIN_EXE_npm-agent"))
-            .args(["run", "--poll-interval-ms", "200"])
-            .args(["--listen-address", "127.0.0.1", "--listen-port", "10091"])
-            .args([
-                "--enable-http-debug-api",
-                if debug { "true" } else { "false" },
-            ])
-            .arg("--manifests")
-            .arg(manifests)
-            .arg("--bpffs-dir")
-            .arg(bpffs)
-            .env_remove("NPM_CONFIG")
-            .env_remove("NPM_ENABLE_HTTP_DEBUG_API")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn agent"),
-    )
+    support::spawn_manifests_agent(node, manifests, bpffs, debug)
 }
 
 #[test]

@@ -14,32 +14,17 @@ mod objects;
 mod support;
 use objects::{api_pod, lab_pod, web_from_client};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
-use support::{KillOnDrop, RemoveOnDrop, eventually, log_tail};
+use support::{
+    KillOnDrop, RemoveOnDrop, eventually, log_tail, pinned_entries, spawn_kube_agent, stop_agent,
+};
 
 use aya::programs::TcAttachType;
 use fake_apiserver::{FakeApi, Res};
 use http::http_get;
 use npm_agent::lab::{Lab, LabSpec};
 use npm_agent::model::Protocol;
-use serde_json::{Value, json};
-
-/// Entries of a pinned map, through bpftool.
-fn map_entries(pinned: &Path) -> usize {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(pinned)
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    v.as_array().map(Vec::len).unwrap_or(0)
-}
+use serde_json::json;
 
 #[test]
 fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() {
@@ -100,7 +85,7 @@ fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() 
         "pods listed and watched already"
     );
     assert_eq!(
-        map_entries(&endpoints),
+        pinned_entries(&endpoints),
         0,
         "enforced before the policy list arrived:\n{}",
         log_tail(&agent_log)
@@ -115,7 +100,7 @@ fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() 
     );
     assert!(allowed("default/client"));
     assert_eq!(
-        map_entries(&endpoints),
+        pinned_entries(&endpoints),
         3,
         "the three local pods (not node-2's)"
     );
@@ -134,7 +119,7 @@ fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() 
     std::thread::sleep(Duration::from_secs(2));
     assert!(!allowed("default/intruder"), "flushed after losing the API");
     assert!(allowed("default/client"));
-    assert_eq!(map_entries(&endpoints), 3);
+    assert_eq!(pinned_entries(&endpoints), 3);
     assert!(
         eventually(20, || get("/readyz").is_ok_and(
             |(code, body)| code == 200 && body.contains("disconnected")
@@ -177,7 +162,7 @@ fn run_with_kubeconfig_waits_for_sync_enforces_and_survives_a_lost_api_server() 
     std::thread::sleep(Duration::from_secs(2));
     assert!(!allowed("default/intruder"), "restart without API flushed");
     assert!(!allowed("default/client"));
-    assert_eq!(map_entries(&endpoints), 3);
+    assert_eq!(pinned_entries(&endpoints), 3);
     let log2 = std::fs::read_to_string(&agent_log2).unwrap_or_default();
     assert!(
         !log2.contains("maps in step"),
@@ -239,7 +224,7 @@ fn a_failed_first_node_read_keeps_the_adopted_enforcement_and_is_not_ready() {
         "policy never enforced:\n{}",
         log_tail(&log1)
     );
-    assert_eq!(map_entries(&endpoints), 3);
+    assert_eq!(pinned_entries(&endpoints), 3);
     stop_agent(agent);
 
     // The next agent lists the cluster but cannot read the node's tables (no iproute2 on its
@@ -257,7 +242,7 @@ fn a_failed_first_node_read_keeps_the_adopted_enforcement_and_is_not_ready() {
     );
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
-        map_entries(&endpoints),
+        pinned_entries(&endpoints),
         3,
         "the adopted endpoints were deleted:\n{}",
         log_tail(&log2)
@@ -368,8 +353,7 @@ fn spawn_agent(node: &str, kubeconfig: &Path, bpffs: &Path, log: &Path) -> KillO
     spawn_agent_with(node, kubeconfig, bpffs, log, None)
 }
 
-/// [`spawn_agent`] with `PATH` set to `path` when given (an agent without iproute2 on its
-/// `PATH` cannot read the node's tables).
+/// [`spawn_agent`] with `PATH` set to `path` when given.
 fn spawn_agent_with(
     node: &str,
     kubeconfig: &Path,
@@ -377,47 +361,6 @@ fn spawn_agent_with(
     log: &Path,
     path: Option<&str>,
 ) -> KillOnDrop {
-    // nsenter itself is found on our PATH (a child's PATH would be searched for it).
-    let nsenter = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join("nsenter"))
-        .find(|p| p.exists())
-        .expect("nsenter on PATH (util-linux; scripts/setup.sh installs it)");
-    let mut cmd = Command::new(nsenter);
-    if let Some(p) = path {
-        cmd.env("PATH", p);
-    }
-    let child = cmd
-        .arg(format!("--net=/run/netns/{node}"))
-        .arg(env!("CARGO_BIN_EXE_npm-agent"))
-        .args([
-            "run",
-            "--poll-interval-ms",
-            "200",
-            "--node-name",
-            "node-1",
-            "--kubeconfig",
-        ])
-        .arg(kubeconfig)
-        .arg("--bpffs-dir")
-        .arg(bpffs)
-        .env("NPM_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("spawn agent");
-    KillOnDrop(child)
-}
-
-/// SIGTERM to the agent we started (nsenter execs it: same pid), then waits for it (bounded).
-fn stop_agent(mut agent: KillOnDrop) {
-    let pid = agent.0.id().to_string();
-    let ok = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
-    assert!(
-        eventually(10, || matches!(agent.0.try_wait(), Ok(Some(_)))),
-        "agent did not stop on SIGTERM"
-    );
+    let bin = Path::new(env!("CARGO_BIN_EXE_npm-agent"));
+    spawn_kube_agent(bin, node, kubeconfig, bpffs, log, path)
 }

@@ -74,23 +74,6 @@ fn status_json(node: &str, bpffs: &Path) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-/// Entries of a pinned map as `bpftool map dump pinned PATH` lists them (independent of the
-/// agent's code).
-fn bpftool_entries(path: &Path) -> u64 {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    v.as_array().expect("list").len() as u64
-}
-
 fn map_entries(status: &Value) -> BTreeMap<String, Option<u64>> {
     status["maps"]
         .as_array()
@@ -231,7 +214,7 @@ fn status_shows_endpoints_attachments_and_maps_with_and_without_the_agent() {
     ] {
         assert_eq!(
             counts[map],
-            Some(bpftool_entries(&pin_dir.join(map))),
+            Some(support::pinned_entries(&pin_dir.join(map)) as u64),
             "{map}: {live:#}"
         );
     }

@@ -32,7 +32,10 @@ use npm_agent::lab::{Lab, LabSpec};
 use npm_agent::model::Protocol;
 use objects::{api_pod, lab_pod};
 use serde_json::json;
-use support::{KillOnDrop, RemoveOnDrop, eventually, log_tail, output_within, require_root};
+use support::{
+    KillOnDrop, RemoveOnDrop, eventually, log_tail, output_within, pinned_entries, require_root,
+    spawn_kube_agent, stop_agent,
+};
 
 const WEB: &str = "10.246.0.2";
 const PUSH_PORT: u16 = 8080;
@@ -62,58 +65,7 @@ fn next_abi_agent() -> PathBuf {
 }
 
 fn spawn_agent(bin: &Path, node: &str, kubeconfig: &Path, bpffs: &Path, log: &Path) -> KillOnDrop {
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{node}"))
-        .arg(bin)
-        .args([
-            "run",
-            "--poll-interval-ms",
-            "200",
-            "--node-name",
-            "node-1",
-            "--kubeconfig",
-        ])
-        .arg(kubeconfig)
-        .arg("--bpffs-dir")
-        .arg(bpffs)
-        .env("NPM_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("spawn agent");
-    KillOnDrop(child)
-}
-
-/// SIGTERM to the agent we started (nsenter execs it: same pid), then waits (bounded).
-fn stop_agent(mut agent: KillOnDrop) {
-    let pid = agent.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    assert!(
-        eventually(10, || matches!(agent.0.try_wait(), Ok(Some(_)))),
-        "agent did not stop on SIGTERM"
-    );
-}
-
-/// Entries of a pinned map, through bpftool.
-fn map_entries(pinned: &Path) -> usize {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(pinned)
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    v.as_array().map(Vec::len).unwrap_or(0)
+    spawn_kube_agent(bin, node, kubeconfig, bpffs, log, None)
 }
 
 /// The next pushed message, within 1 s: true when it is message `n`.
@@ -293,7 +245,7 @@ fn an_upgrade_to_another_abi_never_opens_a_gap_nor_breaks_a_tracked_flow() {
         );
         talk_for(&mut conn, Duration::from_secs(4), &mut missed);
         assert_eq!(
-            map_entries(&new_endpoints),
+            pinned_entries(&new_endpoints),
             0,
             "enforced without a list:\n{}",
             log_tail(&log_new)

@@ -109,17 +109,4 @@ pub fn client(config: Config, liveness: Arc<Liveness>) -> Result<Client, ClientE
         .build())
 }
 
-/// `error: cause: cause`, for logs and the health endpoint.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
-}
+pub use crate::error_chain;

@@ -31,18 +31,6 @@ pub struct SyncStats {
 /// up in one line (a full map refuses every insert of a big plan).
 const FAILURES_LOGGED: usize = 5;
 
-/// `e` and its sources, `: `-separated (the kernel's reason is the innermost one).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
-}
-
 /// Owns a backend and a cache of what the maps hold.
 pub struct Programmer<B: MapBackend> {
     backend: B,
@@ -100,10 +88,10 @@ impl<B: MapBackend> Programmer<B> {
                 Err(e) => {
                     stats.failed += 1;
                     if stats.failed <= FAILURES_LOGGED {
-                        tracing::warn!(error = %chain(&e), ?op, "map update failed");
+                        tracing::warn!(error = %crate::error_chain(&e), ?op, "map update failed");
                     }
                     if stats.first_failure.is_none() {
-                        stats.first_failure = Some(chain(&e));
+                        stats.first_failure = Some(crate::error_chain(&e));
                     }
                 }
             }

@@ -161,3 +161,109 @@ pub(crate) fn log_tail(path: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
+
+/// Entries of a pinned map as `bpftool map dump pinned PATH` lists them (independent of the
+/// agent's code).
+pub(crate) fn pinned_entries(path: &Path) -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(path)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array().map(Vec::len).unwrap_or(0)
+}
+
+/// `bin run --kubeconfig KUBECONFIG` as node-1 (200 ms polls, info log to `log`) in the
+/// network namespace `node`, through nsenter (not `ip netns exec`, which remounts /sys and
+/// would hide bpffs). `path`: the `PATH` the agent sees, when given (an agent without
+/// iproute2 on it cannot read the node's tables).
+pub(crate) fn spawn_kube_agent(
+    bin: &Path,
+    node: &str,
+    kubeconfig: &Path,
+    bpffs: &Path,
+    log: &Path,
+    path: Option<&str>,
+) -> KillOnDrop {
+    // nsenter itself is found on our PATH (a child's PATH would be searched for it).
+    let nsenter = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("nsenter"))
+        .find(|p| p.exists())
+        .expect("nsenter on PATH (util-linux; scripts/setup.sh installs it)");
+    let mut cmd = Command::new(nsenter);
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
+    let child = cmd
+        .arg(format!("--net=/run/netns/{node}"))
+        .arg(bin)
+        .args([
+            "run",
+            "--poll-interval-ms",
+            "200",
+            "--node-name",
+            "node-1",
+            "--kubeconfig",
+        ])
+        .arg(kubeconfig)
+        .arg("--bpffs-dir")
+        .arg(bpffs)
+        .env("NPM_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn agent");
+    KillOnDrop(child)
+}
+
+/// SIGTERM to an agent we started (nsenter execs it: same pid), then waits for it (bounded).
+pub(crate) fn stop_agent(mut agent: KillOnDrop) {
+    let pid = agent.0.id().to_string();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    assert!(
+        eventually(10, || matches!(agent.0.try_wait(), Ok(Some(_)))),
+        "agent did not stop on SIGTERM"
+    );
+}
+
+/// `npm-agent run --manifests DIR` in the network namespace `node` (through nsenter), its
+/// HTTP endpoints on 127.0.0.1:10091 with the debug API on or off, 200 ms polls, output
+/// dropped; configuration from the environment cleared so only these flags count.
+pub(crate) fn spawn_manifests_agent(
+    node: &str,
+    manifests: &Path,
+    bpffs: &Path,
+    debug_api: bool,
+) -> KillOnDrop {
+    KillOnDrop(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{node}"))
+            .arg(env!("CARGO_BIN_EXE_npm-agent"))
+            .args(["run", "--poll-interval-ms", "200"])
+            .args(["--listen-address", "127.0.0.1", "--listen-port", "10091"])
+            .args([
+                "--enable-http-debug-api",
+                if debug_api { "true" } else { "false" },
+            ])
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--bpffs-dir")
+            .arg(bpffs)
+            .env_remove("NPM_CONFIG")
+            .env_remove("NPM_ENABLE_HTTP_DEBUG_API")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn agent"),
+    )
+}
