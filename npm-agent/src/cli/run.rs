@@ -271,13 +271,12 @@ struct Loop<'a> {
     /// The earliest the next move to tcx may start.
     next_move: Instant,
     pod_links: PodLinks,
-    /// The first apply happened: the maps follow the cluster from here on.
+    /// The first apply happened and our programs are on: the maps follow the cluster from
+    /// here on. Until then nothing is attached by link events or passes (`first_apply`
+    /// attaches): the programs already there (a previous agent's, with its pinned maps, of
+    /// this ABI or another) keep enforcing, and ours, whose maps may be empty (a new ABI
+    /// version's pin directory), would pass everything as not managed.
     ready: bool,
-    /// Our maps have been filled for the first time, so our programs may go on links. Until
-    /// then nothing is attached: the programs already there (a previous agent's, with its
-    /// pinned maps, of this ABI or another) keep enforcing, and ours, whose maps may be empty
-    /// (a new ABI version's pin directory), would pass everything as not managed.
-    attach_ok: bool,
     /// Where the pin directories of every ABI version live (`--bpffs-dir`).
     bpffs_dir: std::path::PathBuf,
     resync_every: Duration,
@@ -319,7 +318,6 @@ impl<'a> Loop<'a> {
                 prefixes: args.pod_interface_prefixes.clone(),
             }),
             ready: false,
-            attach_ok: false,
             bpffs_dir: args.bpffs_dir.clone(),
             resync_every: agent.resync_every(),
             last_resync: now,
@@ -353,7 +351,7 @@ impl<'a> Loop<'a> {
             }
         };
         // The candidate pod interfaces as they are now; nothing is attached before the first
-        // apply has filled the maps (`attach_ok`).
+        // apply has filled the maps (`ready`).
         match links::dump_links() {
             Ok(all) => {
                 self.pod_links.relist(&all);
@@ -690,7 +688,6 @@ impl<'a> Loop<'a> {
 
         // The switch.
         self.carry_conntrack(&previous);
-        self.attach_ok = true;
         let mut targets: BTreeMap<u32, String> = self
             .pod_links
             .links()
@@ -793,7 +790,7 @@ impl<'a> Loop<'a> {
     /// With Service ranges configured, attaches `npm_host_egress` to `link` when it is one of
     /// the node's other links: not loopback, not a (candidate or attached) pod interface.
     fn host_link(&mut self, link: &links::Link) {
-        if !self.attach_ok
+        if !self.ready
             || self.service_cidrs.is_empty()
             || link.name == "lo"
             || self.attached.contains_key(&link.ifindex)
@@ -960,7 +957,7 @@ impl<'a> Loop<'a> {
         for d in deltas {
             match d {
                 // Before the first apply: attached by it (`first_apply`).
-                PodLinkDelta::Appeared(_) if !self.attach_ok => {}
+                PodLinkDelta::Appeared(_) if !self.ready => {}
                 PodLinkDelta::Appeared(link) => match self.attach_appeared(link.ifindex, quick) {
                     Ok((name, mode)) => {
                         self.attached.insert(link.ifindex, name.clone());
